@@ -1,0 +1,32 @@
+# The two commands: `make demo` and `make test`. Each creates .venv and installs the package
+# into it when missing, so either one works as the first command on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# torch is pinned: the CPU wheel of this version lies on disk here; an unpinned torch would pull
+# a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test install clean bench
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/reasonedit run configs/experiment/shapes_tiny.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/synth.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

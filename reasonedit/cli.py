@@ -1,0 +1,216 @@
+"""The `reasonedit` command.
+
+Exit codes: 0 done; 1 bad input or a failed run (the message names the key, file or field);
+2 a usage error; 3 the part asked for is not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_BUILT = 1, 2, 3
+
+# subcommands whose part is planned but not built, and the issue that builds each
+PLANNED = {
+    "train": ("train one stage (reasoning, editing or unified) with torchrun or deepspeed", 5),
+    "sweep": ("expand a sweep config into runs and launch them", 5),
+    "edit": ("edit an image with think -> edit -> reflect", 6),
+    "serve": ("serve the generator and the loop over HTTP", 6),
+    "eval": ("score a model on shapes, GEdit, ImgEdit, KRIS or RISE", 7),
+}
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, every 10% otherwise."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.tty = stream, stream.isatty()
+        self.started = time.perf_counter()
+        self.last_draw, self.last_tenth = 0.0, -1
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        tenth = done * 10 // total
+        if self.tty and (now - self.last_draw > 0.2 or done == total):
+            rate = done / max(now - self.started, 1e-9)
+            self.stream.write(f"\r  {done}/{total} records ({rate:.0f}/s) {label:<28}")
+            if done == total:
+                self.stream.write("\n")
+            self.last_draw = now
+        elif not self.tty and tenth != self.last_tenth:
+            rate = done / max(now - self.started, 1e-9)
+            self.stream.write(f"  {done}/{total} records ({rate:.0f}/s) {label}\n")
+            self.last_tenth = tenth
+        self.stream.flush()
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. world.grid=5 data.n=50 model=qwen-image-edit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reasonedit", description=(
+        "ReasonEdit: train and run reasoning-enhanced image editing models (think -> edit -> reflect)."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    data = sub.add_parser("data", help="make, check and preview datasets",
+                          description="Make, check and preview datasets of the four sample kinds.")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    synth = dsub.add_parser("synth", help="write synthetic shapes-world shards", description=(
+        "Write webdataset shards of thinking pairs, reflection samples, edit pairs and text-to-image "
+        "samples from the synthetic shapes world, deterministically from the seed. --n records of each "
+        "kind in each split. The world and data settings come from --config and key=value overrides."))
+    synth.add_argument("--out", required=True, type=Path, help="output directory (created; must be empty)")
+    synth.add_argument("--n", type=int, help="records of each kind in each split (data.n)")
+    synth.add_argument("--seed", type=int, help="generation seed (data.seed)")
+    synth.add_argument("--splits", help="comma-separated splits among train,val,test (data.splits)")
+    synth.add_argument("--kinds", help="comma-separated kinds among thinking_pair,reflection,edit_pair,"
+                       "text_to_image (data.kinds)")
+    synth.add_argument("--shard-size", type=int, help="records per shard (data.shard_size)")
+    synth.add_argument("--config", type=Path, help="an experiment YAML to take world and data settings from")
+    synth.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    _add_overrides(synth)
+
+    verify = dsub.add_parser("verify", help="score a dataset with the exact oracle", description=(
+        "Read every image of a synthesized dataset back from its pixels and print how often the oracle "
+        "agrees with what was generated; exits 1 on any disagreement."))
+    verify.add_argument("path", type=Path)
+    verify.add_argument("--split", help="only this split")
+
+    sheet = dsub.add_parser("sheet", help="write a PNG contact sheet of a dataset")
+    sheet.add_argument("path", type=Path)
+    sheet.add_argument("--out", type=Path, required=True, help="PNG to write")
+    sheet.add_argument("--rows", type=int, default=3, help="records of each kind")
+    sheet.add_argument("--split", default="train")
+
+    dsub.add_parser("import", help="import JSONL / sharegpt / folders into shards (not built yet)",
+                    description="Not built yet (planned in issue #4).")
+
+    config = sub.add_parser("config", help="print the resolved config of an experiment", description=(
+        "Merge an experiment YAML with key=value overrides, validate it and print the result."))
+    config.add_argument("config", type=Path)
+    _add_overrides(config)
+
+    run = sub.add_parser("run", help="run an experiment's steps", description=(
+        "Run the steps of an experiment config (data, models, preview today; stage1-3 and eval when "
+        "they are built), saving the resolved config and every output under output_dir."))
+    run.add_argument("config", type=Path)
+    _add_overrides(run)
+
+    for name, (what, issue) in PLANNED.items():
+        p = sub.add_parser(name, help=f"{what} (not built yet)",
+                           description=f"{what[0].upper() + what[1:]}. Not built yet: planned in issue #{issue}.")
+    return parser
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.shapes import ShapesWorld
+    from .data.synth import synthesize
+
+    overrides = list(args.overrides)
+    for flag, key in (("n", "n"), ("seed", "seed"), ("shard_size", "shard_size")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"data.{key}={getattr(args, flag)}")
+    for flag in ("splits", "kinds"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"data.{flag}=[{getattr(args, flag)}]")
+    _, cfg = load_config(args.config, overrides)
+    started = time.perf_counter()
+    print(f"writing {cfg.data.n} records x {len(cfg.data.kinds)} kinds x {len(cfg.data.splits)} splits "
+          f"to {args.out}", file=sys.stderr)
+    manifest = synthesize(args.out, cfg.data, ShapesWorld(cfg.world), overwrite=args.overwrite, progress=Progress())
+    n_shards = sum(len(v) for s in manifest["shards"].values() for v in s.values())
+    print(f"wrote {args.out} ({n_shards} shards) in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .data.verify import verify_dataset
+
+    agreement = verify_dataset(args.path, args.split)
+    print(agreement.table())
+    if not agreement.all_agree:
+        for name, t in agreement.rows():
+            if t.failures:
+                print(f"disagreements in '{name}': {', '.join(t.failures)}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .experiment import run_experiment
+
+    tree, cfg = load_config(args.config, args.overrides)
+    print(f"experiment {cfg.name}: steps {', '.join(cfg.steps)} -> {cfg.output_dir}")
+    result = run_experiment(tree, cfg, progress=Progress())
+    for step, seconds in result.timings.items():
+        print(f"  {step:<8} {seconds:6.1f}s")
+    for name, path in result.artifacts.items():
+        print(f"  {name}: {path}")
+    if result.agreement is not None:
+        print(result.agreement.table())
+        if not result.agreement.all_agree:
+            print("the oracle disagrees with the generated data", file=sys.stderr)
+            return EXIT_ERROR
+    print(f"resolved config: {result.output_dir / 'config.yaml'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in PLANNED:  # a planned command accepts anything, then says no
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .config import ConfigError
+    from .data.samples import SchemaError
+    from .data.synth import SynthError
+    from .errors import NotBuiltError
+
+    try:
+        if args.command in PLANNED:
+            what, issue = PLANNED[args.command]
+            raise NotBuiltError(f"`reasonedit {args.command}` ({what})", issue)
+        if args.command == "data":
+            if args.data_command == "synth":
+                return _cmd_synth(args)
+            if args.data_command == "verify":
+                return _cmd_verify(args)
+            if args.data_command == "sheet":
+                from .data.preview import dataset_sheet
+                print(dataset_sheet(args.path, args.out, args.rows, args.split))
+                return 0
+            raise NotBuiltError("`reasonedit data import`", 4)
+        if args.command == "config":
+            from omegaconf import OmegaConf
+
+            from .config import load_config
+            tree, _ = load_config(args.config, args.overrides)
+            print(OmegaConf.to_yaml(tree, resolve=True), end="")
+            return 0
+        if args.command == "run":
+            return _cmd_run(args)
+    except NotBuiltError as e:
+        print(f"reasonedit: {e}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except (ConfigError, SynthError, SchemaError, FileNotFoundError, ValueError) as e:
+        print(f"reasonedit: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

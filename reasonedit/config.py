@@ -1,0 +1,211 @@
+"""Experiment configs: typed dataclass schemas merged with YAML files and `key=value` overrides.
+
+A YAML file may start with `defaults:`, a list of `group: name` entries that pull in
+`configs/<group>/<name>.yaml` under that key (`- model: tiny`). On the command line,
+`model=qwen-image-edit` swaps a whole group; `world.grid=5` sets one value. Every value remembers
+the file or override it came from, so an error names both the key and its source.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .data.shapes import WorldConfig
+from .data.synth import SynthConfig
+from .models.config import ModelConfig
+
+GROUPS = ("model",)
+PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# what `reasonedit run` can do today, in order; later steps are listed as not built yet
+RUN_STEPS = ("data", "models", "preview")
+PLANNED_STEPS = {"stage1": 5, "stage2": 5, "stage3": 5, "eval": 7}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: names the key and the file or override it came from."""
+
+
+@dataclass
+class PreviewConfig:
+    rows: int = 3  # samples of each kind on the contact sheet
+    split: str = "train"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    output_dir: str = "runs/${name}"
+    seed: int = 0
+    steps: tuple[str, ...] = RUN_STEPS
+    model: ModelConfig = field(default_factory=ModelConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: SynthConfig = field(default_factory=SynthConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.world.validate()
+        self.data.validate()
+        unknown = [s for s in self.steps if s not in RUN_STEPS and s not in PLANNED_STEPS]
+        if unknown:
+            raise ValueError(f"steps: unknown {unknown}; choose from {list(RUN_STEPS) + list(PLANNED_STEPS)}")
+        if self.preview.rows <= 0:
+            raise ValueError(f"preview.rows: must be positive, got {self.preview.rows}")
+        if self.preview.split not in self.data.splits:
+            raise ValueError(f"preview.split: {self.preview.split!r} is not among data.splits {list(self.data.splits)}")
+
+
+def _flatten(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        keys = []
+        for k, v in node.items():
+            keys += _flatten(v, f"{prefix}{k}.") or [f"{prefix}{k}"]
+        return keys
+    return []
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(doc).__name__}")
+    return doc
+
+
+def _group_file(group: str, name: str, root: Path, origin: str) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        return (root / name) if not Path(name).is_absolute() else Path(name)
+    path = root / group / f"{name}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        raise ConfigError(f"{origin}: no {group} preset {name!r} in {root / group}; have {have}")
+    return path
+
+
+class ConfigLoader:
+    """Merges sources onto the schema one at a time, recording where each key was set."""
+
+    def __init__(self, schema: type = ExperimentConfig, root: Path | None = None):
+        self.schema, self.root = schema, root
+        self.cfg: DictConfig = OmegaConf.structured(schema)
+        self.origin: dict[str, str] = {}
+
+    def merge(self, data: dict, label: str) -> None:
+        try:
+            self.cfg = OmegaConf.merge(self.cfg, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{label}: {_explain(e, self.cfg)}") from None
+        for key in _flatten(data):
+            self.origin[key] = label
+
+    def merge_file(self, path: Path, under: str | None = None) -> None:
+        doc = _read_yaml(path)
+        root = self.root or path.resolve().parent.parent
+        if under is None and self.root is None:
+            self.root = root  # group presets named later (on the command line) come from here too
+        for entry in doc.pop("defaults", []) or []:
+            if not isinstance(entry, dict) or len(entry) != 1:
+                raise ConfigError(f"{path}: each `defaults` entry must be `group: name`, got {entry!r}")
+            (group, name), = entry.items()
+            if group not in GROUPS:
+                raise ConfigError(f"{path}: unknown defaults group {group!r}; choose from {list(GROUPS)}")
+            self.merge_file(_group_file(group, str(name), root, str(path)), under=group)
+        self.merge({under: doc} if under else doc, str(path))
+
+    def merge_override(self, text: str) -> None:
+        label = f"command-line override `{text}`"
+        if "=" not in text:
+            raise ConfigError(f"{label}: expected key=value")
+        key, value = text.split("=", 1)
+        if key in GROUPS and value and not value.startswith(("{", "[")):
+            # a swapped group starts again from the schema, not from the preset it replaces
+            self.cfg[key] = OmegaConf.structured(self.schema)[key]
+            self.origin = {k: v for k, v in self.origin.items() if not k.startswith(key + ".")}
+            self.merge_file(_group_file(key, value, self.root or PACKAGE_CONFIGS, label), under=key)
+            return
+        try:
+            parsed = OmegaConf.from_dotlist([text])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{label}: {e}") from None
+        self.merge(OmegaConf.to_container(parsed), label)
+
+    def source_of(self, key: str) -> str:
+        """The file or override that set `key` (or one of its parents), else the schema default."""
+        parts = key.split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            hits = [v for k, v in self.origin.items() if k == prefix or k.startswith(prefix + ".")]
+            if hits:
+                return hits[-1]
+        return "the built-in default"
+
+    def build(self) -> tuple[DictConfig, Any]:
+        try:
+            OmegaConf.resolve(self.cfg)
+            obj = OmegaConf.to_object(self.cfg)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or ""
+            raise ConfigError(f"{self.source_of(key)}: {_explain(e, self.cfg)}") from None
+        try:
+            obj.validate()
+        except ValueError as e:
+            key = str(e).split(":", 1)[0].strip()
+            raise ConfigError(f"{self.source_of(key)}: {e}") from None
+        return self.cfg, obj
+
+
+def _explain(e: OmegaConfBaseException, cfg: DictConfig) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if type(e).__name__ == "ConfigKeyError" and key:
+        parent, _, leaf = key.rpartition(".")
+        try:
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            close = difflib.get_close_matches(leaf, list(node.keys()), n=1) if isinstance(node, DictConfig) else []
+        except OmegaConfBaseException:
+            close = []
+        hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
+        return f"unknown key '{key}'{hint}"
+    if key:
+        return f"key '{key}': {first}"
+    return first
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                root: str | Path | None = None) -> tuple[DictConfig, ExperimentConfig]:
+    """The merged, resolved and validated config: as an omegaconf tree and as dataclasses."""
+    loader = ConfigLoader(ExperimentConfig, Path(root) if root else None)
+    if path is not None:
+        loader.merge_file(Path(path))
+    for text in overrides:
+        loader.merge_override(text)
+    return loader.build()
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a saved config is an ordinary file
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["ConfigError", "ConfigLoader", "ExperimentConfig", "PLANNED_STEPS", "PreviewConfig", "RUN_STEPS",
+           "load_config", "save_config"]

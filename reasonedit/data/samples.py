@@ -1,0 +1,184 @@
+"""The four sample kinds and their webdataset encoding.
+
+A record is stored as `<key>.json` (every text and number field, plus `kind` and
+`schema_version`) and one `<key>.<name>.png` per image field. `docs/data.md` documents each
+kind's fields; `from_wds` refuses a record that does not match the schema, naming the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+
+SCHEMA_VERSION = 1
+
+
+class SchemaError(ValueError):
+    """A stored record that does not match its kind's schema."""
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buf, format="PNG", compress_level=1)  # flat colours: level 1 is 2x faster, ~2 KB
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+@dataclass
+class Record:
+    """Base of the sample kinds: a key, typed fields, images as (H, W, 3) uint8 arrays."""
+
+    KIND: ClassVar[str] = ""
+    IMAGES: ClassVar[tuple[str, ...]] = ()
+
+    def to_wds(self) -> dict[str, Any]:
+        sample: dict[str, Any] = {"__key__": self.key}
+        doc = {"kind": self.KIND, "schema_version": SCHEMA_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.IMAGES:
+                sample[f"{f.name}.png"] = encode_png(value)
+            elif f.name != "key":
+                doc[f.name] = value
+        sample["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
+        return sample
+
+    @classmethod
+    def from_wds(cls, sample: dict[str, Any], where: str = "") -> "Record":
+        key = sample.get("__key__", "?")
+        at = f"{where}: record {key}" if where else f"record {key}"
+        if "json" not in sample:
+            raise SchemaError(f"{at}: missing field 'json'")
+        try:
+            doc = json.loads(sample["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SchemaError(f"{at}: field 'json' is not valid JSON ({e})") from None
+        if doc.get("kind") != cls.KIND:
+            raise SchemaError(f"{at}: kind {doc.get('kind')!r} is not {cls.KIND!r}")
+        if doc.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaError(f"{at}: schema_version {doc.get('schema_version')!r}, "
+                              f"this reader knows {SCHEMA_VERSION}")
+        values: dict[str, Any] = {"key": key}
+        for f in fields(cls):
+            if f.name == "key":
+                continue
+            if f.name in cls.IMAGES:
+                blob = sample.get(f"{f.name}.png")
+                if blob is None:
+                    raise SchemaError(f"{at}: missing image field '{f.name}.png'")
+                try:
+                    values[f.name] = decode_png(blob)
+                except Exception as e:  # PIL raises several types for bad bytes
+                    raise SchemaError(f"{at}: image field '{f.name}.png' cannot be decoded ({e})") from None
+            elif f.name in doc:
+                values[f.name] = doc[f.name]
+            else:
+                raise SchemaError(f"{at}: missing field '{f.name}'")
+        return cls(**values)
+
+    def equals(self, other: "Record") -> bool:
+        """Field by field, images byte by byte."""
+        if type(self) is not type(other):
+            return False
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name in self.IMAGES:
+                if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+                    return False
+            elif a != b:
+                return False
+        return True
+
+
+@dataclass
+class ThinkingPair(Record):
+    """An abstract request and the concrete steps that carry it out."""
+
+    KIND: ClassVar[str] = "thinking_pair"
+    IMAGES: ClassVar[tuple[str, ...]] = ("image", "target")
+    key: str
+    image: np.ndarray
+    abstract_instruction: str
+    concrete_instruction: str
+    steps: list[str]
+    category: str
+    target: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReflectionSample(Record):
+    """A candidate edit judged against the expected target, with the decision to take."""
+
+    KIND: ClassVar[str] = "reflection"
+    IMAGES: ClassVar[tuple[str, ...]] = ("source", "candidate")
+    key: str
+    source: np.ndarray
+    instruction: str
+    candidate: np.ndarray
+    target_description: str
+    score: int
+    reason: str
+    thought: str
+    decision: str  # Success | Reflection | Failed
+    new_instruction: str  # the corrective instruction for Reflection, "" otherwise
+    error_type: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class EditPair(Record):
+    """A source image, a concrete instruction and its exact target."""
+
+    KIND: ClassVar[str] = "edit_pair"
+    IMAGES: ClassVar[tuple[str, ...]] = ("source", "target")
+    key: str
+    source: np.ndarray
+    instruction: str
+    target: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class TextToImage(Record):
+    """A caption and its image."""
+
+    KIND: ClassVar[str] = "text_to_image"
+    IMAGES: ClassVar[tuple[str, ...]] = ("image",)
+    key: str
+    caption: str
+    image: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+RECORD_KINDS: dict[str, type[Record]] = {
+    cls.KIND: cls for cls in (ThinkingPair, ReflectionSample, EditPair, TextToImage)}
+
+
+def record_from_wds(sample: dict[str, Any], where: str = "") -> Record:
+    """Decode a stored sample of any kind, dispatching on its `kind` field."""
+    at = f"{where}: record {sample.get('__key__', '?')}"
+    if "json" not in sample:
+        raise SchemaError(f"{at}: missing field 'json'")
+    try:
+        kind = json.loads(sample["json"]).get("kind")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise SchemaError(f"{at}: field 'json' is not a valid JSON object ({e})") from None
+    if kind not in RECORD_KINDS:
+        raise SchemaError(f"{at}: unknown kind {kind!r} in field 'json'; expected one of {list(RECORD_KINDS)}")
+    return RECORD_KINDS[kind].from_wds(sample, where)
+
+
+__all__ = ["EditPair", "RECORD_KINDS", "Record", "ReflectionSample", "SCHEMA_VERSION", "SchemaError",
+           "TextToImage", "ThinkingPair", "decode_png", "encode_png", "record_from_wds"]

@@ -1,0 +1,124 @@
+"""Webdataset tar shards: deterministic writing, typed reading.
+
+Shards are written byte-reproducibly (fixed mtime, owner and mode; members in a fixed order), so
+the same records always give the same bytes, and each shard appears under its final name only
+once it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import webdataset as wds
+
+from .samples import Record, SchemaError, record_from_wds
+
+MANIFEST = "manifest.json"
+
+
+class ShardWriter:
+    """Writes records into `<dir>/<prefix>-00000.tar`, ... with at most `shard_size` records each."""
+
+    def __init__(self, directory: Path, prefix: str, shard_size: int = 1000):
+        if shard_size <= 0:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
+        self.directory, self.prefix, self.shard_size = Path(directory), prefix, shard_size
+        self.shards: list[dict] = []  # {"path", "count", "sha256"} of each finished shard
+        self._stream = self._writer = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):05d}.tar"
+        self._final = self.directory / name
+        self._tmp = self.directory / f".{name}.tmp"
+        self._stream = open(self._tmp, "wb")
+        self._writer = wds.TarWriter(self._stream, user="", group="", mode=0o644, encoder=False, mtime=0)
+        self._count = 0
+
+    def write(self, record: Record) -> None:
+        if self._writer is None:
+            self._open()
+        self._writer.write(record.to_wds())
+        self._count += 1
+        if self._count == self.shard_size:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._writer.close()  # ends the tar; the stream is ours to close
+        self._stream.close()
+        digest = hashlib.sha256(self._tmp.read_bytes()).hexdigest()
+        os.replace(self._tmp, self._final)
+        self.shards.append({"path": self._final.name, "count": self._count, "sha256": digest})
+        self._writer = self._stream = None
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written; finished shards are the caller's to remove."""
+        if self._stream is not None:
+            try:
+                self._writer.close()
+            except OSError:
+                pass
+            self._stream.close()
+            self._tmp.unlink(missing_ok=True)
+            self._writer = self._stream = None
+
+
+def write_records(records: Iterable[Record], directory: Path, prefix: str, shard_size: int = 1000) -> list[dict]:
+    writer = ShardWriter(directory, prefix, shard_size)
+    try:
+        for r in records:
+            writer.write(r)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def shard_paths(path: str | Path, split: str | None = None, kind: str | None = None) -> list[Path]:
+    """The shards of a dataset directory (via its manifest), of a folder of tars, or one tar."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset at {path}: run `reasonedit data synth --out {path}` first")
+    if path.is_file():
+        return [path]
+    manifest = path / MANIFEST
+    if manifest.exists():
+        doc = json.loads(manifest.read_text())
+        out = []
+        for s, kinds in doc["shards"].items():
+            if split is not None and s != split:
+                continue
+            for k, shards in kinds.items():
+                if kind is None or k == kind:
+                    out += [path / s / sh["path"] for sh in shards]
+        if split is not None and split not in doc["shards"]:
+            raise FileNotFoundError(f"{manifest}: no split {split!r}; it has {list(doc['shards'])}")
+        return out
+    tars = sorted(path.rglob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"{path} holds no manifest.json and no .tar shards")
+    return tars
+
+
+def read_records(path: str | Path, split: str | None = None, kind: str | None = None) -> Iterator[Record]:
+    """Every record of a dataset in stored order, decoded into its typed kind."""
+    for shard in shard_paths(path, split, kind):
+        for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
+            # webdataset adds bookkeeping keys (__url__, __local_path__) next to __key__
+            fields = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+            record = record_from_wds(fields, where=str(shard))
+            if kind is not None and record.KIND != kind:
+                raise SchemaError(f"{shard}: record {record.key} is a {record.KIND}, expected {kind}")
+            yield record
+
+
+__all__ = ["MANIFEST", "ShardWriter", "read_records", "shard_paths", "write_records"]

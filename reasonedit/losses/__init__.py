@@ -1,0 +1,1 @@
+"""Next-token, flow-matching and joint losses (issue #5): not built yet."""

@@ -1,0 +1,128 @@
+"""Model settings: the reasoner, the generator and the VAE (the `model` section of a config).
+
+`configs/model/tiny.yaml` builds random models that run on a CPU in seconds;
+`configs/model/qwen-image-edit.yaml` names the real sizes and loads weights from a local folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+SOURCES = ("tiny", "diffusers")
+VAE_KINDS = ("patch", "qwen_image")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # the language model's attention projections only; the vision tower is never adapted
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class ReasonerConfig:
+    """Qwen2.5-VL. For source=tiny the sizes below build it; otherwise they must match the weights."""
+
+    path: Optional[str] = None  # a local Hugging Face folder; overrides model.path/text_encoder
+    vocab_size: int = 1024  # tiny only: the byte-level BPE vocabulary learned from the corpus
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    vision_heads: int = 2
+    vision_intermediate_size: int = 64
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class GeneratorConfig:
+    """The MMDiT, with the names and meaning of diffusers' QwenImageTransformer2DModel config."""
+
+    path: Optional[str] = None  # a diffusers transformer folder; overrides model.path/transformer
+    patch_size: int = 2
+    in_channels: int = 768  # latent channels * patch_size**2: latents enter as 2x2 patches
+    out_channels: int = 192  # latent channels
+    num_layers: int = 2
+    attention_head_dim: int = 16
+    num_attention_heads: int = 2
+    joint_attention_dim: int = 64
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+
+
+@dataclass
+class VAEConfig:
+    kind: str = "patch"  # patch: parameter-free codec for the shapes world; qwen_image: the real VAE
+    path: Optional[str] = None
+    patch_size: int = 8  # patch codec: pixels per latent side (3 * 8 * 8 = 192 latent channels)
+    latent_channels: int = 192
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    source: str = "tiny"  # tiny: build random models; diffusers: load a local Qwen-Image-Edit folder
+    path: Optional[str] = None  # the local diffusers folder when source=diffusers
+    dtype: str = "float32"
+    reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is wrong."""
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"model.{key}: {why}")
+
+        if self.source not in SOURCES:
+            raise bad("source", f"{self.source!r} is not one of {list(SOURCES)}")
+        if self.source == "diffusers" and not self.path:
+            raise bad("path", "source=diffusers needs the local Qwen-Image-Edit folder: set model.path=DIR")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"{self.dtype!r} is not one of {list(DTYPES)}")
+        if self.vae.kind not in VAE_KINDS:
+            raise bad("vae.kind", f"{self.vae.kind!r} is not one of {list(VAE_KINDS)}")
+        r, g = self.reasoner, self.generator
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                    "vision_depth", "vision_hidden_size", "vision_heads", "vision_intermediate_size"):
+            if getattr(r, key) <= 0:
+                raise bad(f"reasoner.{key}", f"must be positive, got {getattr(r, key)}")
+        if r.hidden_size % r.num_heads or r.num_heads % r.num_kv_heads:
+            raise bad("reasoner.num_heads", f"hidden_size {r.hidden_size} must split into num_heads "
+                      f"{r.num_heads}, which must be a multiple of num_kv_heads {r.num_kv_heads}")
+        head = r.hidden_size // r.num_heads
+        if head % 2 or head < 6:
+            raise bad("reasoner.hidden_size", f"head size {head} must be even and at least 6 so the 3-axis "
+                      "RoPE sections fit it")
+        if r.vision_hidden_size % r.vision_heads:
+            raise bad("reasoner.vision_heads", f"vision_hidden_size {r.vision_hidden_size} is not divisible "
+                      f"by vision_heads {r.vision_heads}")
+        if r.lora.rank <= 0 or not 0.0 <= r.lora.dropout < 1.0:
+            raise bad("reasoner.lora", f"rank must be positive and dropout in [0, 1), got {r.lora}")
+        if sum(g.axes_dims_rope) != g.attention_head_dim:
+            raise bad("generator.axes_dims_rope", f"{list(g.axes_dims_rope)} must sum to "
+                      f"attention_head_dim={g.attention_head_dim}")
+        if g.joint_attention_dim != r.hidden_size:
+            raise bad("generator.joint_attention_dim", f"{g.joint_attention_dim} must equal the reasoner's "
+                      f"hidden_size={r.hidden_size}: the reasoner's states are the generator's text stream")
+        v = self.vae
+        if v.kind == "patch" and v.latent_channels != 3 * v.patch_size ** 2:
+            raise bad("vae.latent_channels", f"the patch codec makes 3 * patch_size**2 = {3 * v.patch_size ** 2} "
+                      f"channels, not {v.latent_channels}")
+        if g.out_channels != v.latent_channels:
+            raise bad("generator.out_channels", f"{g.out_channels} must equal vae.latent_channels={v.latent_channels}")
+        if g.in_channels != v.latent_channels * g.patch_size ** 2:
+            raise bad("generator.in_channels", f"{g.in_channels} must equal vae.latent_channels * "
+                      f"generator.patch_size**2 = {v.latent_channels * g.patch_size ** 2}")
+        for key in ("patch_size", "in_channels", "out_channels", "num_layers", "num_attention_heads"):
+            if getattr(g, key) <= 0:
+                raise bad(f"generator.{key}", f"must be positive, got {getattr(g, key)}")
+
+
+__all__ = ["DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "VAEConfig",
+           "VAE_KINDS"]

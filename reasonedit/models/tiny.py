@@ -1,0 +1,203 @@
+"""Tiny random Qwen2.5-VL reasoners built locally, and loading any reasoner back from a directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
+
+from reasonedit.models.tokenizer import (
+    ENDOFTEXT_TOKEN,
+    IMAGE_PAD_TOKEN,
+    VIDEO_PAD_TOKEN,
+    VISION_END_TOKEN,
+    VISION_START_TOKEN,
+    build_tokenizer,
+    single_token_id,
+)
+
+logger = logging.getLogger(__name__)
+
+# Real Qwen2.5-VL pads its embedding table past the tokenizer; rounding keeps matmuls aligned too.
+VOCAB_MULTIPLE = 64
+# Qwen2.5-VL's vision geometry: 14-px patches, 2x2 merge, 2-frame temporal patches, 112-px windows.
+PATCH_SIZE = 14
+SPATIAL_MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+WINDOW_SIZE = 112
+ROPE_THETA = 1_000_000.0
+MAX_POSITIONS = 32768
+# Files without which a directory is not a loadable reasoner (weights are checked separately).
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def mrope_section_for(head_dim: int) -> list[int]:
+    """Split head_dim / 2 rotary frequencies over (t, h, w) in Qwen's 1/4, 3/8, 3/8 proportions."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"head_dim={head_dim} must be even and at least 6 to split over 3 rope axes")
+    half = head_dim // 2
+    temporal = half // 4 or 1
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
+def tiny_reasoner_config(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_depth: int = 2,
+    vision_hidden_size: int = 32,
+    vision_heads: int = 2,
+    vision_intermediate_size: int = 64,
+) -> Qwen2_5_VLConfig:
+    """A tiny Qwen2.5-VL config whose vocabulary and special ids fit `tokenizer`."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+    if vision_hidden_size % vision_heads:
+        raise ValueError(f"vision_hidden_size={vision_hidden_size} is not divisible by vision_heads={vision_heads}")
+    head_dim = hidden_size // num_heads
+    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    endoftext_id = single_token_id(tokenizer, ENDOFTEXT_TOKEN)
+    # Qwen has no bos token; its configs name <|endoftext|> as bos, and so do we.
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else endoftext_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else endoftext_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token; Qwen chat models use <|im_end|>")
+
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": MAX_POSITIONS,
+        "use_sliding_window": False,
+        "max_window_layers": num_layers,
+        # transformers 5 reads rope settings from rope_parameters; "default" is plain rope split into
+        # mrope_section over the (t, h, w) position axes.
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": ROPE_THETA,
+            "mrope_section": mrope_section_for(head_dim),
+        },
+        "bos_token_id": bos_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": pad_id,
+    }
+    vision_config = {
+        "depth": vision_depth,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": vision_intermediate_size,
+        "num_heads": vision_heads,
+        "patch_size": PATCH_SIZE,
+        "spatial_merge_size": SPATIAL_MERGE_SIZE,
+        "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+        "out_hidden_size": hidden_size,
+        "window_size": WINDOW_SIZE,
+        # Like the released models: windowed blocks with full attention closing the stack; the
+        # default indexes (7, 15, 23, 31) would name blocks a tiny tower does not have.
+        "fullatt_block_indexes": [vision_depth - 1],
+        "tokens_per_second": 2,
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=single_token_id(tokenizer, IMAGE_PAD_TOKEN),
+        video_token_id=single_token_id(tokenizer, VIDEO_PAD_TOKEN),
+        vision_start_token_id=single_token_id(tokenizer, VISION_START_TOKEN),
+        vision_end_token_id=single_token_id(tokenizer, VISION_END_TOKEN),
+        tie_word_embeddings=False,
+    )
+
+
+def init_tiny_reasoner(
+    texts: Iterable[str], *, vocab_size: int = 1024, seed: int = 0, **config_kwargs: int
+) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerBase]:
+    """A tokenizer trained on `texts` and a tiny Qwen2.5-VL with weights drawn from `seed`, in memory."""
+    tokenizer = build_tokenizer(texts, vocab_size=vocab_size)
+    config = tiny_reasoner_config(tokenizer, **config_kwargs)
+    # fork_rng keeps the caller's global RNG untouched by the seeded init.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.eval()  # as from_pretrained returns it
+    return model, tokenizer
+
+
+def build_tiny_reasoner(
+    out_dir: str | os.PathLike,
+    texts: Iterable[str],
+    *,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    **config_kwargs: int,
+) -> Path:
+    """Build a tokenizer and a random tiny Qwen2.5-VL reasoner from `texts` and save both to `out_dir`.
+
+    Written to a temporary sibling and renamed into place, so `out_dir` is either whole or absent.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"reasoner directory {out_dir} already exists; remove it or pick another out_dir")
+    model, tokenizer = init_tiny_reasoner(texts, vocab_size=vocab_size, seed=seed, **config_kwargs)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; the finished model is an ordinary folder
+        try:
+            staging.rename(out_dir)
+        except OSError as err:  # another writer got there first
+            raise FileExistsError(f"reasoner directory {out_dir} appeared while building it") from err
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("saved tiny reasoner (%d parameters, vocab %d) to %s", n_params, len(tokenizer), out_dir)
+    return out_dir
+
+
+def load_reasoner(
+    path: str | os.PathLike, **model_kwargs: object
+) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerBase]:
+    """Load a Qwen2.5-VL reasoner and its tokenizer from a local directory (never the hub).
+
+    `model_kwargs` go to `from_pretrained` (for example `dtype` or `attn_implementation`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"reasoner directory {path} does not exist")
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    if missing:
+        raise FileNotFoundError(f"reasoner directory {path} lacks {', '.join(missing)}")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        raise ValueError(
+            f"tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{model.config.text_config.vocab_size}; resize the embeddings and save again"
+        )
+    return model, tokenizer

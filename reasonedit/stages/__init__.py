@@ -1,0 +1,1 @@
+"""The three training stages (issue #5): not built yet."""

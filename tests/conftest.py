@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def world():
+    from reasonedit.data.shapes import ShapesWorld
+    return ShapesWorld()
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory, world):
+    """40 records of each kind in each split, written once for the whole session."""
+    from reasonedit.data.synth import SynthConfig, synthesize
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    synthesize(out, SynthConfig(n=40, seed=7, shard_size=15), world)
+    return out
+
+
+def run_cli(*args, cwd=ROOT):
+    """Run `python -m reasonedit ARGS` as a user would; returns the CompletedProcess."""
+    import subprocess
+    return subprocess.run([sys.executable, "-m", "reasonedit", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)

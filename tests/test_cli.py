@@ -1,0 +1,96 @@
+import json
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+
+DEMO = ROOT / "configs" / "experiment" / "shapes_tiny.yaml"
+
+
+@pytest.mark.parametrize("args", [[], ["data"], ["data", "synth"], ["data", "verify"], ["data", "sheet"],
+                                  ["config"], ["run"], ["train"], ["sweep"], ["edit"], ["serve"], ["eval"]])
+def test_every_command_has_help(args):
+    res = run_cli(*args, "--help")
+    assert res.returncode == 0, res.stderr
+    assert "usage: reasonedit" in res.stdout
+
+
+@pytest.mark.parametrize("args,issue", [(["train"], 5), (["sweep", "configs/sweep/x.yaml"], 5), (["edit"], 6),
+                                        (["serve"], 6), (["eval", "--bench", "shapes"], 7), (["data", "import"], 4)])
+def test_commands_not_built_yet_say_so_and_exit_3(args, issue):
+    res = run_cli(*args)
+    assert res.returncode == 3
+    assert "not built yet" in res.stderr and f"issue #{issue}" in res.stderr
+
+
+def test_synth_verify_and_sheet(tmp_path):
+    out = tmp_path / "d"
+    res = run_cli("data", "synth", "--out", out, "--n", 4, "--splits", "train,val", "--seed", 3, "--shard-size", 3)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {s: {k: 4 for k in ("thinking_pair", "reflection", "edit_pair", "text_to_image")}
+                                  for s in ("train", "val")}
+    assert manifest["synth"]["seed"] == 3 and len(manifest["shards"]["train"]["edit_pair"]) == 2
+    assert "records" in res.stderr  # progress is shown
+    res = run_cli("data", "verify", out)
+    assert res.returncode == 0 and "reflection decisions agree" in res.stdout
+    res = run_cli("data", "sheet", out, "--out", tmp_path / "sheet.png", "--rows", 2)
+    assert res.returncode == 0 and (tmp_path / "sheet.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--n", "0"], "data.n: must be a positive"),
+    (["--n", "-3"], "data.n: must be a positive"),
+    (["world.gird=3"], "unknown key 'world.gird'"),
+    (["data.n=abc"], "key 'data.n'"),
+    (["--splits", "train,dev"], "data.splits"),
+    (["--config", "missing.yaml"], "config file not found: missing.yaml"),
+])
+def test_bad_synth_input_is_a_clear_error_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "d"
+    res = run_cli("data", "synth", "--out", out, *args)
+    assert res.returncode == 1, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    res = run_cli("data", "synth", "--out", tmp_path / "afile" / "d", "--n", 2)
+    assert res.returncode == 1 and "cannot write the dataset" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_verify_of_a_missing_dataset_names_the_path(tmp_path):
+    res = run_cli("data", "verify", tmp_path / "nope")
+    assert res.returncode == 1 and "nope" in res.stderr
+
+
+def test_config_prints_the_resolved_config():
+    res = run_cli("config", DEMO, "world.grid=8", "name=sweep1")
+    assert res.returncode == 0, res.stderr
+    doc = yaml.safe_load(res.stdout)
+    assert doc["world"]["grid"] == 8 and doc["output_dir"] == "runs/sweep1" and doc["model"]["name"] == "tiny"
+
+
+def test_run_with_a_step_not_built_yet_stops_before_writing(tmp_path):
+    res = run_cli("run", DEMO, f"output_dir={tmp_path / 'run'}", "steps=[data,stage1]")
+    assert res.returncode == 3 and "issue #5" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_builds_data_models_and_preview_and_saves_its_config(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("run", DEMO, f"output_dir={out}", "data.n=6", "data.shard_size=4", "preview.rows=2")
+    assert res.returncode == 0, res.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["n"] == 6 and saved["output_dir"] == str(out)
+    assert (out / "preview" / "contact_sheet.png").is_file()
+    assert "reflection decisions agree" in res.stdout
+
+    from reasonedit.models.tiny import load_reasoner
+    from reasonedit.models.tokenizer import DECISION_TOKENS
+    model, tok = load_reasoner(out / "models" / "reasoner")
+    assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in DECISION_TOKENS)
+    assert model.config.text_config.hidden_size == 64
