@@ -1,0 +1,201 @@
+"""Chat messages for each of the reasoner's roles, and parsers for its scored and decided answers.
+
+Roles: `condition` (what the generator is conditioned on), `think` (abstract instruction to concrete
+steps), `describe_target`, `score` (edited image alone against a description), `decide` (think,
+then exactly one of Success, Reflection + new instruction, Failed). Each builder takes an optional
+`answer`, appended as the assistant turn, so the same builders make stage-1 training text.
+
+The condition prompt is Qwen-Image-Edit's: a fixed system prompt whose tokens, up to and including
+`<|im_start|>user\\n`, are dropped from the states (64 tokens with the Qwen2.5-VL tokenizer; see
+`condition_prefix_length` for any other tokenizer).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+from transformers import PreTrainedTokenizerBase
+
+from reasonedit.models.processor import Image, Messages
+from reasonedit.models.tokenizer import (
+    DECISION_TOKENS,
+    FAILED_TOKEN,
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    REFLECTION_TOKEN,
+    SUCCESS_TOKEN,
+    THINK_TOKEN,
+)
+
+# Qwen-Image-Edit's fixed system prompt, verbatim: real generator weights were trained on states of it.
+CONDITION_SYSTEM_PROMPT = (
+    "Describe the key features of the input image (color, shape, size, texture, objects, background), then "
+    "explain how the user's text instruction should alter or modify the image. Generate a new image that meets "
+    "the user's requirements while maintaining consistency with the original input where appropriate."
+)
+THINK_SYSTEM_PROMPT = "Rewrite the editing request as concrete edit steps, one per line."
+DESCRIBE_SYSTEM_PROMPT = "Describe the image as it should look after the edit."
+SCORE_SYSTEM_PROMPT = "Score how well the image matches the description, from 0 to 10."
+DECIDE_SYSTEM_PROMPT = (
+    "Think, then decide: <#Success> if the edit is done, <#Reflection> and a better instruction if it can be "
+    "fixed, <#Failed> to start again."
+)
+QWEN_IMAGE_EDIT_PREFIX_TOKENS = 64  # len(condition prefix) under the released Qwen2.5-VL tokenizer
+
+MIN_SCORE, MAX_SCORE = 0, 10
+DECISION_KINDS = {SUCCESS_TOKEN: "success", REFLECTION_TOKEN: "reflection", FAILED_TOKEN: "failed"}
+
+
+def _user(images: Sequence[Image], text: str) -> dict:
+    """A user turn: the images (labelled "Picture i: " when there are several, as Qwen-Image-Edit-Plus
+    does; bare for one, as Qwen-Image-Edit does), then the text."""
+    parts: list[dict] = []
+    for i, image in enumerate(images, start=1):
+        if len(images) > 1:
+            parts.append({"type": "text", "text": f"Picture {i}: "})
+        parts.append({"type": "image", "image": image})
+    parts.append({"type": "text", "text": text})
+    return {"role": "user", "content": parts}
+
+
+def _conversation(system: str, user: dict, answer: Optional[str]) -> Messages:
+    messages = [{"role": "system", "content": system}, user]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def _as_images(images: Image | Sequence[Image]) -> list[Image]:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("a prompt needs at least one image; got an empty list")
+        return list(images)
+    return [images]
+
+
+def condition(images: Image | Sequence[Image], instruction: str) -> Messages:
+    """What the generator is conditioned on: source image(s) and the instruction, under the fixed system prompt."""
+    return _conversation(CONDITION_SYSTEM_PROMPT, _user(_as_images(images), instruction), None)
+
+
+def condition_prefix() -> str:
+    """The fixed text every condition prompt starts with; its tokens are dropped from the states."""
+    return f"{IM_START_TOKEN}system\n{CONDITION_SYSTEM_PROMPT}{IM_END_TOKEN}\n{IM_START_TOKEN}user\n"
+
+
+def condition_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many tokens the fixed condition prefix is under `tokenizer` (64 for Qwen2.5-VL's)."""
+    return len(tokenizer.encode(condition_prefix(), add_special_tokens=False))
+
+
+def think(image: Image, instruction: str, answer: Optional[str] = None) -> Messages:
+    """Abstract instruction to concrete, executable steps."""
+    return _conversation(THINK_SYSTEM_PROMPT, _user([image], f"Request: {instruction}"), answer)
+
+
+def describe_target(source: Image, instruction: str, answer: Optional[str] = None) -> Messages:
+    """Source and instruction to a description of the expected target."""
+    return _conversation(DESCRIBE_SYSTEM_PROMPT, _user([source], f"Edit: {instruction}"), answer)
+
+
+def score(edited: Image, description: str, answer: Optional[str] = None) -> Messages:
+    """The edited image alone against the expected description; answered as `format_score` writes."""
+    text = f"Expected: {description}\nAnswer as:\nscore: N\nreason: why"
+    return _conversation(SCORE_SYSTEM_PROMPT, _user([edited], text), answer)
+
+
+def decide(
+    source: Image, instruction: str, description: str, score_value: int, reason: str, answer: Optional[str] = None
+) -> Messages:
+    """Source, instruction, expected description and the edit's score to a decision (see `format_decision`)."""
+    text = f"Edit: {instruction}\nExpected: {description}\nscore: {score_value}\nreason: {reason}"
+    return _conversation(DECIDE_SYSTEM_PROMPT, _user([source], text), answer)
+
+
+def template_texts() -> list[str]:
+    """The fixed prompt texts, for training a tiny tokenizer that encodes them compactly."""
+    return [CONDITION_SYSTEM_PROMPT, THINK_SYSTEM_PROMPT, DESCRIBE_SYSTEM_PROMPT, SCORE_SYSTEM_PROMPT,
+            DECIDE_SYSTEM_PROMPT, "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Picture 1: "]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Answers: writers and strict parsers
+
+
+class ParseError(ValueError):
+    """A reasoner answer that is not in the expected format; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "success" | "reflection" | "failed"
+    thought: str
+    new_instruction: Optional[str] = None  # only for "reflection"
+
+
+_SCORE_RE = re.compile(r"\s*score:[ \t]*(\S+)[ \t]*\r?\n\s*reason:[ \t]*(.*?)\s*", re.IGNORECASE | re.DOTALL)
+_TAG_RE = re.compile(r"<#[^<>\s]*>")
+
+
+def format_score(value: int, reason: str) -> str:
+    """The answer `parse_score` reads back."""
+    return f"score: {value}\nreason: {reason}"
+
+
+def parse_score(text: str) -> tuple[int, str]:
+    """Read "score: N\\nreason: ..." with N an integer in 0-10 and a non-empty reason; raise ParseError."""
+    match = _SCORE_RE.fullmatch(text)
+    if match is None:
+        raise ParseError(f"score answer is not 'score: N\\nreason: ...': {text[:80]!r}")
+    raw, reason = match.groups()
+    if not re.fullmatch(r"[+-]?\d+", raw):
+        raise ParseError(f"score {raw!r} is not an integer")
+    value = int(raw)
+    if not MIN_SCORE <= value <= MAX_SCORE:
+        raise ParseError(f"score {value} is outside {MIN_SCORE}-{MAX_SCORE}")
+    if not reason:
+        raise ParseError("score answer has an empty reason")
+    return value, reason
+
+
+def format_decision(decision: Decision) -> str:
+    """The answer `parse_decision` reads back."""
+    tag = {kind: tag for tag, kind in DECISION_KINDS.items()}[decision.kind]
+    text = f"{THINK_TOKEN} {decision.thought} {tag}"
+    return f"{text} {decision.new_instruction}" if decision.kind == "reflection" else text
+
+
+def parse_decision(text: str) -> Decision:
+    """Read `<#Think> thought` then exactly one of `<#Success>`, `<#Reflection> new instruction`, `<#Failed>`.
+
+    Raise ParseError (naming what is wrong) for a missing or repeated tag, an unknown tag, text after
+    Success or Failed, or a Reflection without a new instruction.
+    """
+    tags = _TAG_RE.findall(text)
+    unknown = [t for t in tags if t not in DECISION_TOKENS]
+    if unknown:
+        raise ParseError(f"unknown tag {unknown[0]!r}; the tags are {', '.join(DECISION_TOKENS)}")
+    if tags.count(THINK_TOKEN) != 1 or not text.lstrip().startswith(THINK_TOKEN):
+        raise ParseError(f"a decision starts with one {THINK_TOKEN}; found {tags.count(THINK_TOKEN)} in {text[:80]!r}")
+    decisions = [t for t in tags if t in DECISION_KINDS]
+    if len(decisions) != 1:
+        raise ParseError(f"a decision has exactly one of {', '.join(DECISION_KINDS)}; found {decisions or 'none'}")
+    tag = decisions[0]
+    before, after = text.lstrip()[len(THINK_TOKEN):].split(tag)
+    thought, after = before.strip(), after.strip()
+    kind = DECISION_KINDS[tag]
+    if kind == "reflection":
+        if not after:
+            raise ParseError(f"{REFLECTION_TOKEN} must be followed by a new instruction")
+        return Decision(kind, thought, after)
+    if after:
+        raise ParseError(f"unexpected text after {tag}: {after[:80]!r}")
+    return Decision(kind, thought, None)
+
+
+__all__ = ["CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "ParseError", "QWEN_IMAGE_EDIT_PREFIX_TOKENS",
+           "condition", "condition_prefix", "condition_prefix_length", "decide", "describe_target",
+           "format_decision", "format_score", "parse_decision", "parse_score", "score", "template_texts", "think"]
