@@ -107,3 +107,22 @@ def test_compiled_flex_forward_and_backward_match_dense_on_gpu():
     assert (flex - dense).abs().max() <= 1e-4
     for a, b in zip(grads_flex, grads_dense):
         assert (a - b).abs().max() <= 1e-4
+
+
+def test_split_documents_fall_back_to_one_dense_mask():
+    # document 0 appears in two separate runs: only the whole-row mask is right
+    layout = TokenLayout.from_segments([Segment(0, 4, False), Segment(1, 3, True), Segment(0, 5, True)])
+    attn = PackedAttention(layout, "sdpa")
+    assert attn.blocks is None
+    q, k, v = qkv(len(layout), seed=9)
+    want, _ = reference(layout, q, k, v)
+    assert torch.allclose(attn(q, k, v), want, atol=1e-6)
+
+
+def test_per_document_sdpa_with_padding_equals_the_dense_mask():
+    layout = TokenLayout.from_segments(MIXED).padded(64)
+    q, k, v = qkv(len(layout), seed=5)
+    per_doc = PackedAttention(layout, "sdpa")
+    assert per_doc.blocks is not None
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense())
+    assert (per_doc(q, k, v) - dense).abs().max() <= 1e-6

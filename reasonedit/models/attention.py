@@ -109,6 +109,34 @@ class TokenLayout:
         return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
+def _document_blocks(layout: TokenLayout) -> list[tuple[int, int, torch.Tensor | None, bool]] | None:
+    """(start, end, local mask or None, is_causal) per contiguous document; None when a document
+    is split into several runs (then only the dense mask over the whole row is right)."""
+    doc = layout.doc.tolist()
+    runs, start = [], 0
+    for i in range(1, len(doc) + 1):
+        if i == len(doc) or doc[i] != doc[start] or doc[start] < 0:
+            runs.append((start, i))
+            start = i
+    real = [doc[s] for s, _ in runs if doc[s] >= 0]
+    if len(real) != len(set(real)):
+        return None
+    blocks = []
+    for s, e in runs:
+        if doc[s] < 0:
+            blocks.append((s, e, None, False))
+            continue
+        full = layout.full[s:e]
+        if not bool(full.any()):
+            blocks.append((s, e, None, True))  # plain causal
+        elif bool(full.all()) and torch.unique(layout.span[s:e]).numel() == 1:
+            blocks.append((s, e, None, False))  # one full span: no mask at all
+        else:
+            sub = TokenLayout(layout.doc[s:e], layout.span[s:e], full)
+            blocks.append((s, e, sub.dense(), False))
+    return blocks
+
+
 def flash_available() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -155,15 +183,28 @@ class PackedAttention:
                                                 self.padded_length, device=layout.doc.device)
             self._flex = _compiled_flex() if compile_flex else flex_attention
         elif self.backend == "sdpa":
-            self.dense = layout.dense()
+            self.blocks = _document_blocks(layout)
+            self.dense = layout.dense() if self.blocks is None else None
         else:
+            if bool((layout.doc < 0).any()):
+                raise ValueError("attention backend 'flash' takes a layout without padding tokens")
             self.cu_seqlens, self.max_len = layout.cu_seqlens()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != 1 or q.shape[2] != self.length:
             raise ValueError(f"expected (1, H, {self.length}, D) tensors for this packed row, got {tuple(q.shape)}")
         if self.backend == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
+            if self.blocks is None:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
+            # One call per document, each with its own small mask: sum(L_i^2) work, not L^2.
+            outs = []
+            for start, end, mask, causal in self.blocks:
+                if mask is None and end - start == 1 and not causal:
+                    outs.append(v[:, :, start:end])  # a padding token sees only itself
+                    continue
+                outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                           attn_mask=mask, is_causal=causal))
+            return torch.cat(outs, dim=2)
         if self.backend == "flex":
             pad = self.padded_length - self.length
             if pad:
