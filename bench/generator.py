@@ -23,14 +23,14 @@ from reasonedit.models.attention import resolve_backend
 from reasonedit.models.generator import GeneratorSample, PackedQwenImageTransformer, patchify
 
 
-def make_samples(n: int, channels: int, text_dim: int, seed: int) -> list[GeneratorSample]:
-    """A mix of edit samples: latent sides 8-24, 0-2 source images, 16-96 text tokens."""
+def make_samples(n: int, channels: int, text_dim: int, seed: int, side_scale: int = 1) -> list[GeneratorSample]:
+    """A mix of edit samples: latent sides (8-24) x side_scale, 0-2 source images, 16-96 text tokens."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(options):
         return options[int(torch.randint(len(options), (1,), generator=g))]
 
-    sides = [8, 12, 16, 20, 24]
+    sides = [side * side_scale for side in (8, 12, 16, 20, 24)]
     samples = []
     for _ in range(n):
         samples.append(GeneratorSample(
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--latent-channels", type=int, default=16)
     ap.add_argument("--text-dim", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--side-scale", type=int, default=1, help="multiply the latent sides (8-24): 4 gives 32-96, real-model sizes")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -96,7 +97,7 @@ def main() -> None:
     packed_model.load_state_dict(padded_model.state_dict(), strict=True)
     packed_model.to(device)
 
-    samples = make_samples(args.samples, args.latent_channels, args.text_dim, args.seed)
+    samples = make_samples(args.samples, args.latent_channels, args.text_dim, args.seed, args.side_scale)
     batch = packed_model.pack(samples).to(device)
     padded = padded_inputs(samples, device)
     lengths = [t + x for t, x in zip(batch.text_lengths, torch.bincount(batch.image_sample).tolist())]
