@@ -50,26 +50,22 @@ def step_data(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
 
 def step_models(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
     if cfg.model.source != "tiny":
-        raise NotBuiltError(f"loading model.source={cfg.model.source} weights", 3)
-    import shutil
-
+        # ReasonEditModel.from_diffusers loads such a folder; a run that trains from it comes with the stages
+        raise NotBuiltError(f"the models step for model.source={cfg.model.source}", 5)
     from .data.corpus import dataset_texts
-    from .models.tiny import build_tiny_reasoner
+    from .models.model import ReasonEditModel
 
     data = out / "data"
     if not (data / MANIFEST).is_file():
         raise FileNotFoundError(f"{data} holds no dataset: the models step learns the tokenizer from it, "
                                 "so run the data step first (steps: [data, models, ...])")
-    r = cfg.model.reasoner
-    path = out / "models" / "reasoner"
-    if path.exists():
-        shutil.rmtree(path)
-    build_tiny_reasoner(path, dataset_texts(data, split="train"), vocab_size=r.vocab_size, seed=cfg.seed,
-                        hidden_size=r.hidden_size, num_layers=r.num_layers, num_heads=r.num_heads,
-                        num_kv_heads=r.num_kv_heads, intermediate_size=r.intermediate_size,
-                        vision_depth=r.vision_depth, vision_hidden_size=r.vision_hidden_size,
-                        vision_heads=r.vision_heads, vision_intermediate_size=r.vision_intermediate_size)
-    result.artifacts["reasoner"] = str(path)
+    model = ReasonEditModel.tiny(cfg.model, dataset_texts(data, split="train"), seed=cfg.seed)
+    path = model.save_pretrained(out / "model")
+    n = {name: sum(p.numel() for p in part.parameters())
+         for name, part in (("reasoner", model.reasoner.model), ("generator", model.generator))}
+    log.info("models: tiny reasoner (%d parameters) and generator (%d parameters) saved to %s",
+             n["reasoner"], n["generator"], path)
+    result.artifacts["model"] = str(path)
 
 
 def step_preview(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:

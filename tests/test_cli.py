@@ -89,11 +89,12 @@ def test_run_builds_data_models_and_preview_and_saves_its_config(tmp_path):
     assert (out / "preview" / "contact_sheet.png").is_file()
     assert "reflection decisions agree" in res.stdout
 
-    from reasonedit.models.tiny import load_reasoner
+    from reasonedit.models.model import ReasonEditModel
     from reasonedit.models.tokenizer import DECISION_TOKENS
-    model, tok = load_reasoner(out / "models" / "reasoner")
+    model = ReasonEditModel.from_pretrained(out / "model")
+    tok = model.reasoner.tokenizer
     assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in DECISION_TOKENS)
-    assert model.config.text_config.hidden_size == 64
+    assert model.reasoner.hidden_size == 64 and model.generator.config.num_layers == 2
 
 
 def test_synth_is_byte_identical_across_processes_and_hash_seeds(tmp_path):

@@ -12,6 +12,7 @@ from typing import Optional
 SOURCES = ("tiny", "diffusers")
 VAE_KINDS = ("patch", "qwen_image")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "flash")  # as reasonedit.models.attention.BACKENDS
 
 
 @dataclass
@@ -70,6 +71,7 @@ class ModelConfig:
     source: str = "tiny"  # tiny: build random models; diffusers: load a local Qwen-Image-Edit folder
     path: Optional[str] = None  # the local diffusers folder when source=diffusers
     dtype: str = "float32"
+    attention_backend: str = "auto"  # auto: compiled flex on CUDA, SDPA on CPU; or flex | sdpa | flash
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -85,6 +87,8 @@ class ModelConfig:
             raise bad("path", "source=diffusers needs the local Qwen-Image-Edit folder: set model.path=DIR")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {list(DTYPES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise bad("attention_backend", f"{self.attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
         if self.vae.kind not in VAE_KINDS:
             raise bad("vae.kind", f"{self.vae.kind!r} is not one of {list(VAE_KINDS)}")
         r, g = self.reasoner, self.generator
@@ -124,5 +128,5 @@ class ModelConfig:
                 raise bad(f"generator.{key}", f"must be positive, got {getattr(g, key)}")
 
 
-__all__ = ["DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "VAEConfig",
+__all__ = ["ATTENTION_BACKENDS", "DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "VAEConfig",
            "VAE_KINDS"]

@@ -1,0 +1,256 @@
+"""ReasonEditModel: the Qwen2.5-VL reasoner, the packed MMDiT generator and the VAE as one object.
+
+The reasoner's last-layer states over the condition prompt (system prefix dropped) are the
+generator's text stream. `save_pretrained(dir)` writes one folder:
+
+    dir/reasonedit.json   {"format": "reasonedit", "version": 1, "model": <ModelConfig>, "components": [...]}
+    dir/reasoner/         Qwen2.5-VL in Hugging Face format, tokenizer, preprocessor_config.json
+    dir/reasoner/lora/    the LoRA adapter in peft format, when there is one
+    dir/generator/        the MMDiT in diffusers format (config.json, diffusion_pytorch_model.safetensors)
+    dir/vae/              diffusers AutoencoderKLQwenImage, or patch_codec.json for the patch codec
+
+`from_pretrained(dir, components=...)` loads any subset (stage 1 never loads the generator), and
+`from_diffusers(dir)` loads a local diffusers Qwen-Image-Edit folder (text_encoder, tokenizer,
+transformer, vae).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from .config import ModelConfig
+from .generator import GeneratorSample, PackedQwenImageTransformer, load_diffusers_transformer
+from .reasoner import Reasoner
+from .vae import PatchCodec, QwenImageVAE, load_codec, to_pixels, to_uint8
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "reasonedit.json"
+FORMAT_VERSION = 1
+COMPONENTS = ("reasoner", "generator", "vae")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _config_dict(config: ModelConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def _config_from_dict(data: dict, where: str) -> ModelConfig:
+    from omegaconf.errors import OmegaConfBaseException
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), data))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{where}: 'model': {str(e).splitlines()[0]} (key {getattr(e, 'full_key', '?')})") from None
+    return cfg
+
+
+def build_generator(config: ModelConfig, seed: int = 0) -> PackedQwenImageTransformer:
+    """A random generator of the configured size."""
+    g = config.generator
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = PackedQwenImageTransformer(
+            patch_size=g.patch_size, in_channels=g.in_channels, out_channels=g.out_channels,
+            num_layers=g.num_layers, attention_head_dim=g.attention_head_dim,
+            num_attention_heads=g.num_attention_heads, joint_attention_dim=g.joint_attention_dim,
+            axes_dims_rope=tuple(g.axes_dims_rope))
+    return model
+
+
+def build_codec(config: ModelConfig) -> PatchCodec | QwenImageVAE:
+    v = config.vae
+    if v.kind == "patch":
+        return PatchCodec(v.patch_size)
+    if v.path is None:
+        raise ValueError("model.vae.path: the qwen_image VAE loads from a local folder; set model.vae.path=DIR")
+    return QwenImageVAE.from_pretrained(v.path)
+
+
+class ReasonEditModel(torch.nn.Module):
+    """Reasoner + generator + VAE. Any of generator and VAE may be absent (stage 1 needs neither)."""
+
+    def __init__(self, reasoner: Reasoner, generator: PackedQwenImageTransformer | None = None,
+                 vae: PatchCodec | QwenImageVAE | None = None, config: ModelConfig | None = None):
+        super().__init__()
+        self.reasoner = reasoner
+        self.reasoner_model = reasoner.model  # registered, so .to() / .parameters() reach it
+        self.generator = generator
+        self.vae = vae
+        self.config = config or ModelConfig()
+        if generator is not None:
+            joint = generator.config.joint_attention_dim
+            if joint != reasoner.hidden_size:
+                raise ValueError(f"generator.joint_attention_dim={joint} does not match the reasoner's "
+                                 f"hidden_size={reasoner.hidden_size}: the reasoner's states are the text stream")
+            generator.attention_backend = self.config.attention_backend
+        if generator is not None and vae is not None:
+            latent = vae.latent_channels
+            if generator.config.out_channels != latent:
+                raise ValueError(f"generator.out_channels={generator.config.out_channels} does not match the "
+                                 f"VAE's {latent} latent channels")
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, config: ModelConfig, texts: Iterable[str], seed: int = 0,
+             components: Sequence[str] = COMPONENTS) -> "ReasonEditModel":
+        """Random models of the configured (tiny) sizes; the tokenizer is learned from `texts`."""
+        config.validate()
+        r = config.reasoner
+        reasoner = Reasoner.tiny(texts, vocab_size=r.vocab_size, seed=seed, hidden_size=r.hidden_size,
+                                 num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
+                                 intermediate_size=r.intermediate_size, vision_depth=r.vision_depth,
+                                 vision_hidden_size=r.vision_hidden_size, vision_heads=r.vision_heads,
+                                 vision_intermediate_size=r.vision_intermediate_size)
+        generator = build_generator(config, seed) if "generator" in components else None
+        vae = build_codec(config) if "vae" in components else None
+        return cls(reasoner, generator, vae, config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, components: Sequence[str] = COMPONENTS,
+                        dtype: torch.dtype | None = None, lora_trainable: bool = False) -> "ReasonEditModel":
+        path = Path(path)
+        meta_file = path / CONFIG_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found: {path} is not a folder written by "
+                                    "ReasonEditModel.save_pretrained")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != "reasonedit" or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                             f"this code reads reasonedit version {FORMAT_VERSION}")
+        unknown = [c for c in components if c not in COMPONENTS]
+        if unknown:
+            raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
+        config = _config_from_dict(meta.get("model", {}), str(meta_file))
+        saved = meta.get("components", [])
+        missing = [c for c in components if c != "reasoner" and c not in saved]
+        if missing:
+            raise FileNotFoundError(f"{path} was saved without {missing}; load components={saved}")
+        for c in ["reasoner"] + [c for c in components if c != "reasoner"]:
+            if not (path / c).is_dir():
+                raise FileNotFoundError(f"{path / c} is missing: the folder is incomplete")
+        reasoner = Reasoner.from_pretrained(path / "reasoner", dtype=dtype, lora_trainable=lora_trainable)
+        generator = vae = None
+        if "generator" in components:
+            generator = PackedQwenImageTransformer.from_pretrained(path / "generator", local_files_only=True,
+                                                                   **({"torch_dtype": dtype} if dtype else {}))
+            generator.eval()
+        if "vae" in components:
+            vae = load_codec(path / "vae")
+        return cls(reasoner, generator, vae, config)
+
+    @classmethod
+    def from_diffusers(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "ReasonEditModel":
+        """Load a local diffusers Qwen-Image-Edit folder: text_encoder + tokenizer, transformer, vae."""
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+        from .processor import ReasonerProcessor, build_image_processor
+        path = Path(path)
+        for sub in ("text_encoder", "tokenizer", "transformer", "vae"):
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(f"{path / sub} is missing: not a diffusers Qwen-Image-Edit folder")
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder",
+                                                                          local_files_only=True, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        vision = text_encoder.config.vision_config
+        image_processor = build_image_processor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                                temporal_patch_size=vision.temporal_patch_size)
+        reasoner = Reasoner(text_encoder, ReasonerProcessor(tokenizer, image_processor))
+        reasoner.add_decision_tokens()
+        generator = load_diffusers_transformer(path / "transformer", torch_dtype=dtype)
+        vae = QwenImageVAE.from_pretrained(path / "vae", **({"torch_dtype": dtype} if dtype else {}))
+        g, t = generator.config, text_encoder.config.text_config
+        config = ModelConfig(name=path.name, source="diffusers", path=str(path),
+                             dtype={v: k for k, v in DTYPES.items()}.get(dtype or torch.float32, "float32"))
+        config.reasoner.hidden_size, config.reasoner.num_layers = t.hidden_size, t.num_hidden_layers
+        config.reasoner.num_heads, config.reasoner.num_kv_heads = t.num_attention_heads, t.num_key_value_heads
+        config.reasoner.intermediate_size = t.intermediate_size
+        config.reasoner.vision_depth, config.reasoner.vision_hidden_size = vision.depth, vision.hidden_size
+        config.reasoner.vision_heads, config.reasoner.vision_intermediate_size = vision.num_heads, vision.intermediate_size
+        for key in ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
+                    "num_attention_heads", "joint_attention_dim"):
+            setattr(config.generator, key, getattr(g, key))
+        config.generator.axes_dims_rope = tuple(g.axes_dims_rope)
+        config.vae.kind, config.vae.path, config.vae.latent_channels = "qwen_image", str(path / "vae"), vae.latent_channels
+        return cls(reasoner, generator.eval(), vae, config)
+
+    # -- save -----------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the whole model folder; it appears under `path` only once complete."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+        try:
+            self.reasoner.save_pretrained(staging / "reasoner")
+            components = ["reasoner"]
+            if self.generator is not None:
+                self.generator.save_pretrained(staging / "generator")
+                components.append("generator")
+            if self.vae is not None:
+                self.vae.save_pretrained(staging / "vae")
+                components.append("vae")
+            meta = {"format": "reasonedit", "version": FORMAT_VERSION, "model": _config_dict(self.config),
+                    "components": components}
+            (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            staging.chmod(0o755)
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{os.getpid()}"
+                os.replace(path, old)
+                os.replace(staging, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+    # -- the model's two jobs: condition states and latents ------------------------------------
+    def encode_condition(self, images: Sequence, instructions: Sequence[str], packed: bool = True) -> list[torch.Tensor]:
+        """The generator's text stream for each (source image(s), instruction): (T_i, hidden) tensors."""
+        return self.reasoner.condition_states(images, instructions, packed=packed,
+                                              backend=self.config.attention_backend)
+
+    def encode_images(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 (H, W, 3) images -> one (C, h, w) latent each (sizes may differ)."""
+        self._need("vae")
+        out = []
+        for image in images:
+            t = torch.as_tensor(np.asarray(image))[None]
+            out.append(self.vae.encode(to_pixels(t).to(self._vae_device()))[0])
+        return out
+
+    def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        self._need("vae")
+        return [to_uint8(self.vae.decode(z[None].to(self._vae_device()).float()))[0].cpu().numpy() for z in latents]
+
+    def predict(self, samples: Sequence[GeneratorSample], sources_at_t0: bool = False) -> list[torch.Tensor]:
+        """The generator's prediction (the flow velocity) for each sample's noisy target, packed in one row."""
+        from .generator import target_predictions
+        self._need("generator")
+        batch = self.generator.pack(samples, sources_at_t0=sources_at_t0)
+        device = next(self.generator.parameters()).device
+        batch = batch.to(device)
+        return target_predictions(batch, self.generator(batch))
+
+    def _need(self, component: str) -> None:
+        if getattr(self, component) is None:
+            raise ValueError(f"this ReasonEditModel was loaded without its {component}; "
+                             f"load it with components including {component!r}")
+
+    def _vae_device(self) -> torch.device:
+        params = list(self.vae.parameters())
+        return params[0].device if params else torch.device("cpu")
+
+
+__all__ = ["COMPONENTS", "CONFIG_FILE", "ReasonEditModel", "build_codec", "build_generator"]
