@@ -220,3 +220,20 @@ def test_build_refuses_existing_directory_and_leaves_no_staging(reasoner_dir):
     with pytest.raises(FileExistsError, match=re.escape(str(reasoner_dir))):
         build_tiny_reasoner(reasoner_dir, CORPUS)
     assert [p.name for p in reasoner_dir.parent.iterdir()] == [reasoner_dir.name]
+
+
+def test_load_refuses_missing_and_unexpected_weights(tmp_path):
+    """transformers would only warn and initialise the missing weights at random."""
+    from safetensors.torch import load_file, save_file
+
+    from reasonedit.models.tiny import WeightMismatchError, build_tiny_reasoner, load_reasoner
+    path = build_tiny_reasoner(tmp_path / "r", ["make the red circle blue", "remove the star"], seed=0)
+    weights = load_file(path / "model.safetensors")
+    dropped = next(k for k in weights if "layers.0.self_attn.q_proj.weight" in k)
+    weights.pop(dropped)
+    weights["model.extra_head.weight"] = torch.zeros(2, 2)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightMismatchError) as info:
+        load_reasoner(path)
+    assert "missing keys" in str(info.value) and "q_proj" in str(info.value)
+    assert "unexpected keys" in str(info.value) and "extra_head" in str(info.value)

@@ -151,16 +151,16 @@ class ReasonEditModel(torch.nn.Module):
     @classmethod
     def from_diffusers(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "ReasonEditModel":
         """Load a local diffusers Qwen-Image-Edit folder: text_encoder + tokenizer, transformer, vae."""
-        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoTokenizer
 
         from .processor import ReasonerProcessor, build_image_processor
+        from .tiny import load_qwen_strict
         path = Path(path)
         for sub in ("text_encoder", "tokenizer", "transformer", "vae"):
             if not (path / sub).is_dir():
                 raise FileNotFoundError(f"{path / sub} is missing: not a diffusers Qwen-Image-Edit folder")
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder",
-                                                                          local_files_only=True, **kwargs)
+        text_encoder = load_qwen_strict(path / "text_encoder", **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
         vision = text_encoder.config.vision_config
         image_processor = build_image_processor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,

@@ -178,6 +178,29 @@ def build_tiny_reasoner(
     return out_dir
 
 
+class WeightMismatchError(ValueError):
+    """A checkpoint whose weights do not fit the model: lists the keys."""
+
+
+def load_qwen_strict(path: str | os.PathLike, **model_kwargs: object) -> Qwen2_5_VLForConditionalGeneration:
+    """`from_pretrained` that refuses missing, unexpected or mis-shaped weights instead of warning.
+
+    transformers only logs such keys and initialises the missing ones at random; a reasoner that
+    silently lost weights would train and evaluate as if nothing were wrong.
+    """
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, output_loading_info=True, **model_kwargs)
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind, ()) or ())
+        if keys:
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise WeightMismatchError(f"weights in {path} do not fit the Qwen2.5-VL config there: " + "; ".join(problems))
+    return model
+
+
 def load_reasoner(
     path: str | os.PathLike, **model_kwargs: object
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerBase]:
@@ -193,7 +216,7 @@ def load_reasoner(
         missing.append(" or ".join(WEIGHT_FILES))
     if missing:
         raise FileNotFoundError(f"reasoner directory {path} lacks {', '.join(missing)}")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, **model_kwargs)
+    model = load_qwen_strict(path, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if len(tokenizer) > model.config.text_config.vocab_size:
         raise ValueError(
