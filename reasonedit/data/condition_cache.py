@@ -1,0 +1,119 @@
+"""A disk cache of the frozen reasoner's condition states, for stage 2.
+
+Each entry is keyed by two hashes: the reasoner's **fingerprint** (every weight, the tokenizer's
+vocabulary and chat template, the image processor's settings) and the **sample** (the exact token
+ids of the rendered condition prompt and the pixel values the processor made). Any change to the
+weights, the template, the processor or the sample gives a different key, so a stale entry is
+never reused; it is simply not found. Entries are written atomically (temporary file, rename),
+so concurrent ranks can share one cache folder.
+
+    root/<fingerprint>/<key[:2]>/<key>.safetensors    {"states": (T, hidden)}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+def reasoner_fingerprint(reasoner) -> str:
+    """A hash of everything that decides the condition states except the sample itself."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(reasoner.model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    tok = reasoner.tokenizer
+    h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode())
+    h.update((tok.chat_template or "").encode())
+    h.update(json.dumps(reasoner.processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
+    h.update(str(reasoner.condition_prefix_length).encode())
+    return h.hexdigest()
+
+
+def sample_key(inputs: dict[str, torch.Tensor]) -> str:
+    """A hash of one sample's processed condition inputs (token ids, pixels, image grid)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("input_ids", "pixel_values", "image_grid_thw"):
+        t = inputs.get(name)
+        if t is None:
+            h.update(f"{name}:none".encode())
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    unreadable: int = 0  # entries that could not be read and were computed again
+
+
+class ConditionCache:
+    """Condition states of a frozen reasoner, computed once per sample and read back after."""
+
+    def __init__(self, root: str | os.PathLike, reasoner, packed: bool = True, backend: str = "auto"):
+        self.reasoner, self.packed, self.backend = reasoner, packed, backend
+        self.fingerprint = reasoner_fingerprint(reasoner)
+        self.dir = Path(root) / self.fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stats = CacheStats()
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def _read(self, path: Path) -> torch.Tensor | None:
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)["states"]
+        except Exception as e:  # a torn or foreign file: recompute rather than trust it
+            self.stats.unreadable += 1
+            log.warning("condition cache entry %s is unreadable (%s); computing it again", path, e)
+            return None
+
+    def _write(self, path: Path, states: torch.Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        try:
+            save_file({"states": states.detach().to("cpu").contiguous()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @torch.no_grad()
+    def states(self, images: Sequence, instructions: Sequence[str]) -> list[torch.Tensor]:
+        """One (T_i, hidden) tensor per sample: from disk where cached, else computed and stored."""
+        inputs = self.reasoner.condition_inputs(images, instructions)
+        keys = [sample_key(x) for x in inputs]
+        out: list[torch.Tensor | None] = [self._read(self._path(k)) for k in keys]
+        missing = [i for i, s in enumerate(out) if s is None]
+        self.stats.hits += len(keys) - len(missing)
+        self.stats.misses += len(missing)
+        if missing:
+            computed = self.reasoner.condition_states([images[i] for i in missing],
+                                                      [instructions[i] for i in missing],
+                                                      packed=self.packed, backend=self.backend)
+            for i, states in zip(missing, computed):
+                self._write(self._path(keys[i]), states)
+                out[i] = states.detach().to("cpu")
+        return [s.to(self.reasoner.device) for s in out]
+
+
+__all__ = ["CacheStats", "ConditionCache", "reasoner_fingerprint", "sample_key"]
