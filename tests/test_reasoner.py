@@ -397,3 +397,17 @@ def test_sampled_generation_is_reproducible_with_a_seed(reasoner):
     draw = [reasoner.generate(messages, 12, do_sample=True, temperature=1.5, top_p=0.95, seed=s) for s in (1, 1, 2)]
     assert draw[0] == draw[1]
     assert draw[0] != draw[2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs a CUDA device")
+@torch.no_grad()
+def test_packed_flex_condition_states_equal_each_sample_alone_on_gpu(reasoner, samples):
+    reasoner.to("cuda")
+    try:
+        images, instructions = zip(*samples)
+        packed = reasoner.condition_states(images, instructions, packed=True, backend="flex")
+        for (image, instruction), got in zip(samples, packed):
+            want = reasoner.condition_states([image], [instruction])[0]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    finally:
+        reasoner.to("cpu")

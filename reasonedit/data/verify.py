@@ -62,7 +62,11 @@ def world_of(path: str | Path) -> ShapesWorld:
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} not found: is {path} a dataset written by `reasonedit data synth`?")
-    world = json.loads(manifest.read_text())["world"]
+    doc = json.loads(manifest.read_text())
+    if "world" not in doc:
+        raise ValueError(f"{manifest} has no shapes world (it was made by {doc.get('importer', 'an importer')}): "
+                         "only datasets written by `reasonedit data synth` can be checked by the oracle")
+    world = doc["world"]
     return ShapesWorld(WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in world.items()}))
 
 
