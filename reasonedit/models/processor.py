@@ -173,7 +173,7 @@ def collate(samples: Sequence[dict[str, torch.Tensor]], *, pad_id: int, padding_
     for s in samples:
         pad = length - s["input_ids"].shape[1]
         for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
-            filler = torch.full((1, pad), fill, dtype=s[key].dtype)
+            filler = torch.full((1, pad), fill, dtype=s[key].dtype, device=s[key].device)
             pair = (filler, s[key]) if padding_side == "left" else (s[key], filler)
             batch[key].append(torch.cat(pair, dim=1))
     out: dict[str, torch.Tensor] = {key: torch.cat(rows) for key, rows in batch.items()}
