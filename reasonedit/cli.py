@@ -188,6 +188,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"  {step:<8} {seconds:6.1f}s")
     for name, path in result.artifacts.items():
         print(f"  {name}: {path}")
+    if result.batches:
+        print(f"{'packed stream':<14} {'records':>8} {'segments':>9} {'batches':>8} {'budget':>7} "
+              f"{'utilisation':>12} {'padding if padded':>18} {'oversize':>9} {'corrupt':>8}")
+        for name, r in result.batches.items():
+            print(f"{name:<14} {r['records']:>8} {r['segments']:>9} {r['batches']:>8} {r['budget']:>7} "
+                  f"{r['utilisation']:>12.3f} {r['padded_share']:>18.1%} {r['oversize']:>9} {r['skipped_records']:>8}")
     if result.agreement is not None:
         print(result.agreement.table())
         if not result.agreement.all_agree:

@@ -26,7 +26,7 @@ from .models.config import ModelConfig
 GROUPS = ("model",)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # what `reasonedit run` can do today, in order; later steps are listed as not built yet
-RUN_STEPS = ("data", "models", "preview")
+RUN_STEPS = ("data", "models", "batches", "preview")
 PLANNED_STEPS = {"stage1": 5, "stage2": 5, "stage3": 5, "eval": 7}
 
 
@@ -41,6 +41,29 @@ class PreviewConfig:
 
 
 @dataclass
+class BatchesConfig:
+    """How the batches step streams, preprocesses and packs the train split."""
+
+    reasoner_budget: int = 4096  # tokens per packed reasoner row (a multiple of 128)
+    generator_budget: int = 2048  # tokens per packed generator row
+    window: int = 64  # samples the packer looks ahead over
+    pixel_budget: int = 224 * 224  # size buckets' pixel budget
+    text_dropout: float = 0.1  # classifier-free guidance: drop the instruction
+    image_dropout: float = 0.05  # ... or the source image
+    shuffle_buffer: int = 100
+
+    def validate(self) -> None:
+        for key in ("reasoner_budget", "generator_budget"):
+            if getattr(self, key) <= 0 or getattr(self, key) % 128:
+                raise ValueError(f"batches.{key}: must be a positive multiple of 128, got {getattr(self, key)}")
+        for key in ("text_dropout", "image_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"batches.{key}: must lie in [0, 1), got {getattr(self, key)}")
+        if self.window <= 0 or self.shuffle_buffer <= 0 or self.pixel_budget <= 0:
+            raise ValueError("batches.window: window, shuffle_buffer and pixel_budget must be positive")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs/${name}"
@@ -49,10 +72,12 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: SynthConfig = field(default_factory=SynthConfig)
+    batches: BatchesConfig = field(default_factory=BatchesConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        self.batches.validate()
         self.world.validate()
         self.data.validate()
         unknown = [s for s in self.steps if s not in RUN_STEPS and s not in PLANNED_STEPS]

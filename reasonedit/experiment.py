@@ -25,6 +25,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     agreement: object = None  # data.verify.Agreement of the preview step
+    batches: dict | None = None  # packing figures of the batches step, per stream
 
 
 def _same_dataset(path: Path, cfg: ExperimentConfig) -> bool:
@@ -78,7 +79,50 @@ def step_preview(cfg: ExperimentConfig, out: Path, result: RunResult, progress: 
     result.agreement = verify_dataset(data)
 
 
-STEPS = {"data": step_data, "models": step_models, "preview": step_preview}
+def step_batches(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
+    """One epoch of the train split through the loader, preprocessing and the packer, as stages 1-3
+    will see it: the reasoner stream (thinking pairs, reflection samples) and the generator stream
+    (edit pairs, text-to-image), each mixed 50/50 and packed into its token budget."""
+    from .data.loader import DatasetSpec, make_loader
+    from .data.packing import Packer
+    from .data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+    from .models.model import ReasonEditModel
+
+    b = cfg.batches
+    data, model_dir = out / "data", out / "model"
+    if not (model_dir / "reasonedit.json").is_file():
+        raise FileNotFoundError(f"{model_dir} holds no model: run the models step first (steps: [data, models, ...])")
+    model = ReasonEditModel.from_pretrained(model_dir)
+    pre = Preprocessor.from_model(model, PreprocessConfig(
+        buckets=buckets_for(model, b.pixel_budget), dropout=ConditionDropout(b.text_dropout, b.image_dropout),
+        seed=cfg.seed))
+    streams = {
+        "reasoner": ([("thinking_pair", 0.5), ("reflection", 0.5)], b.reasoner_budget, pre.reasoner_segments),
+        "generator": ([("edit_pair", 0.5), ("text_to_image", 0.5)], b.generator_budget, pre.generator_segments),
+    }
+    report = {}
+    for name, (kinds, budget, segments) in streams.items():
+        specs = [DatasetSpec(kind, data, split="train", kind=kind, weight=w) for kind, w in kinds]
+        loader = make_loader(specs, seed=cfg.seed, epochs=1, shuffle_buffer=b.shuffle_buffer)
+        packer = Packer(budget, window=b.window, name=name)
+        batches, padded = [], 0
+        for sample in loader:
+            for segment in segments(sample.record):
+                batches += packer.add(segment)
+        batches += packer.flush()
+        for batch in batches:  # the same items per step, padded to the longest instead of packed
+            padded += len(batch.items) * max(n[0] for n in batch.lengths)
+        stats = packer.stats
+        real = sum(stats.tokens)
+        report[name] = {"records": sum(loader.stats().yielded.values()), "segments": stats.items,
+                        "batches": stats.batches, "budget": budget, "utilisation": stats.utilisation,
+                        "padded_share": 1 - real / padded if padded else 0.0, "oversize": stats.oversize,
+                        "skipped_records": loader.stats().total_skipped}
+        log.info("batches: %s stream: %s", name, report[name])
+    result.batches = report
+
+
+STEPS = {"data": step_data, "models": step_models, "batches": step_batches, "preview": step_preview}
 
 
 def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable | None = None) -> RunResult:

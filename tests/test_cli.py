@@ -88,6 +88,9 @@ def test_run_builds_data_models_and_preview_and_saves_its_config(tmp_path):
     assert saved["data"]["n"] == 6 and saved["output_dir"] == str(out)
     assert (out / "preview" / "contact_sheet.png").is_file()
     assert "reflection decisions agree" in res.stdout
+    rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith(("reasoner ", "generator "))}
+    assert rows["reasoner"][1] == "12" and rows["reasoner"][2] == "24"  # 6 thinking pairs + 6 reflections -> 6 + 18
+    assert rows["generator"][1] == "12" and 0 < float(rows["generator"][5]) <= 1
 
     from reasonedit.models.model import ReasonEditModel
     from reasonedit.models.tokenizer import DECISION_TOKENS
