@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(run)
 
     for name, (what, issue) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{what} (not built yet)",
-                           description=f"{what[0].upper() + what[1:]}. Not built yet: planned in issue #{issue}.")
+        sub.add_parser(name, help=f"{what} (not built yet)",
+                       description=f"{what[0].upper() + what[1:]}. Not built yet: planned in issue #{issue}.")
     return parser
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .samples import SCHEMA_VERSION, EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
-from .shards import MANIFEST, write_records
-from .synth import KINDS, SPLITS, SynthError, _prepare_out, _publish
+from .shards import DatasetDirError, building_dataset, write_manifest, write_records
+from .synth import KINDS, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -662,13 +661,10 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
             group = [p for p in planned if p.split == s and p.kind == kind]
             if group:
                 groups.setdefault(s, {})[kind] = group
-    try:
-        tmp = _prepare_out(out, overwrite)
-    except SynthError as e:
-        raise DataImportError(str(e)) from None
     done, total = 0, len(planned)
     shards: dict[str, dict[str, list]] = {}
-    try:
+
+    def write(tmp: Path) -> dict:
         for s, kinds in groups.items():
             (tmp / s).mkdir()
             shards[s] = {}
@@ -692,11 +688,14 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
             "skipped": {"count": len(ctx.skipped), "first": ctx.skipped[:20]},
             "shards": shards,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
+        return manifest
+
+    try:
+        with building_dataset(out, overwrite) as tmp:
+            manifest = write(tmp)
+    except DatasetDirError as e:
+        raise DataImportError(str(e)) from None
     log.info("imported %d records from %d %s input(s) into %s%s", total, len(paths), format, out,
              f"; skipped {len(ctx.skipped)} rows that fit no record kind" if ctx.skipped else "")
     return manifest

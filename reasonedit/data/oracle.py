@@ -11,7 +11,6 @@ add, remove, background) that turn one into the other; each is a named error. Fr
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np

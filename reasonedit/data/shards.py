@@ -7,9 +7,11 @@ once it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -72,6 +74,61 @@ class ShardWriter:
             self._writer = self._stream = None
 
 
+class DatasetDirError(ValueError):
+    """The output directory of a dataset cannot be used."""
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """Check the output can be written and return the temporary directory to build it in."""
+    if out.exists() and not out.is_dir():
+        raise DatasetDirError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DatasetDirError(f"--out {out} is not empty; pass --overwrite to replace it")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        probe = tmp / ".probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DatasetDirError(f"cannot write the dataset to {out}: {e.strerror or e}") from None
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def building_dataset(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden sibling directory to build a dataset in; it replaces `out` only if the block
+    completes (with its manifest written by `write_manifest`), and is removed if anything fails."""
+    out = Path(out)
+    tmp = _prepare_out(out, overwrite)
+    try:
+        yield tmp
+        if not (tmp / MANIFEST).is_file():
+            raise RuntimeError(f"dataset built for {out} has no {MANIFEST}; call write_manifest first")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
 def write_records(records: Iterable[Record], directory: Path, prefix: str, shard_size: int = 1000) -> list[dict]:
     writer = ShardWriter(directory, prefix, shard_size)
     try:
@@ -121,4 +178,4 @@ def read_records(path: str | Path, split: str | None = None, kind: str | None = 
             yield record
 
 
-__all__ = ["MANIFEST", "ShardWriter", "read_records", "shard_paths", "write_records"]
+__all__ = ["DatasetDirError", "MANIFEST", "ShardWriter", "building_dataset", "write_manifest", "read_records", "shard_paths", "write_records"]

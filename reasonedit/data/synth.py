@@ -7,11 +7,8 @@ held-out splits never contain a source scene that train has.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +19,7 @@ from .language import caption, describe, join_steps, phrase
 from .oracle import decide, scene_errors, score_from_errors
 from .samples import SCHEMA_VERSION, EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
 from .shapes import OPS, Edit, EditError, Scene, ShapesWorld, apply_edit, apply_edits, random_edit
-from .shards import MANIFEST, write_records
+from .shards import DatasetDirError, building_dataset, write_manifest, write_records
 
 log = logging.getLogger(__name__)
 
@@ -278,35 +275,35 @@ def make_candidate(world: ShapesWorld, source: Scene, steps: list[Edit], target:
 
 
 # -- writing a dataset ---------------------------------------------------------------------------
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """Check the output can be written and return the temporary directory to build it in."""
-    if out.exists() and not out.is_dir():
-        raise SynthError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise SynthError(f"--out {out} is not empty; pass --overwrite to replace it")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        probe = tmp / ".probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SynthError(f"cannot write the dataset to {out}: {e.strerror or e}") from None
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
+def _write_splits(tmp: Path, config: SynthConfig, world: ShapesWorld, synth: Synthesizer,
+                  progress: Callable[[str, int, int], None] | None, total: int) -> dict:
+    """Every split's shards and the manifest, into the directory being built; returns the manifest."""
+    done = 0
+    shards: dict[str, dict[str, list]] = {}
+    for split in config.splits:
+        (tmp / split).mkdir()
+        shards[split] = {}
+        for kind in config.kinds:
+            def counted(records: Iterator[Record]) -> Iterator[Record]:
+                nonlocal done
+                for r in records:
+                    yield r
+                    done += 1
+                    if progress is not None:
+                        progress(f"{split}/{kind}", done, total)
+            shards[split][kind] = write_records(counted(synth.stream(kind, split, config.n)),
+                                                tmp / split, kind, config.shard_size)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "generator": "reasonedit.data.synth",
+        "synth": {**asdict(config), "splits": list(config.splits), "kinds": list(config.kinds)},
+        "world": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(world.config).items()},
+        "split_ranges": SPLITS,
+        "counts": {s: {k: config.n for k in config.kinds} for s in config.splits},
+        "shards": shards,
+    }
+    write_manifest(tmp, manifest)
+    return manifest
 
 
 def synthesize(out: str | Path, config: SynthConfig, world: ShapesWorld, overwrite: bool = False,
@@ -318,38 +315,13 @@ def synthesize(out: str | Path, config: SynthConfig, world: ShapesWorld, overwri
     """
     config.validate()
     out = Path(out)
-    tmp = _prepare_out(out, overwrite)
     synth = Synthesizer(world, config.seed, config.abstract_share)
-    total, done, started = config.n * len(config.kinds) * len(config.splits), 0, time.perf_counter()
-    shards: dict[str, dict[str, list]] = {}
+    total, started = config.n * len(config.kinds) * len(config.splits), time.perf_counter()
     try:
-        for split in config.splits:
-            (tmp / split).mkdir()
-            shards[split] = {}
-            for kind in config.kinds:
-                def counted(records: Iterator[Record]) -> Iterator[Record]:
-                    nonlocal done
-                    for r in records:
-                        yield r
-                        done += 1
-                        if progress is not None:
-                            progress(f"{split}/{kind}", done, total)
-                shards[split][kind] = write_records(counted(synth.stream(kind, split, config.n)),
-                                                    tmp / split, kind, config.shard_size)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "generator": "reasonedit.data.synth",
-            "synth": {**asdict(config), "splits": list(config.splits), "kinds": list(config.kinds)},
-            "world": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(world.config).items()},
-            "split_ranges": SPLITS,
-            "counts": {s: {k: config.n for k in config.kinds} for s in config.splits},
-            "shards": shards,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with building_dataset(out, overwrite) as tmp:
+            manifest = _write_splits(tmp, config, world, synth, progress, total)
+    except DatasetDirError as e:
+        raise SynthError(str(e)) from None
     log.info("wrote %d records to %s in %.1fs", total, out, time.perf_counter() - started)
     return manifest
 
