@@ -17,8 +17,6 @@ EXIT_ERROR, EXIT_USAGE, EXIT_NOT_BUILT = 1, 2, 3
 
 # subcommands whose part is planned but not built, and the issue that builds each
 PLANNED = {
-    "train": ("train one stage (reasoning, editing or unified) with torchrun or deepspeed", 5),
-    "sweep": ("expand a sweep config into runs and launch them", 5),
     "edit": ("edit an image with think -> edit -> reflect", 6),
     "serve": ("serve the generator and the loop over HTTP", 6),
     "eval": ("score a model on shapes, GEdit, ImgEdit, KRIS or RISE", 7),
@@ -119,6 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path)
     _add_overrides(run)
 
+    from . import sweep as sweep_module
+    sweep_module.add_arguments(sub.add_parser("sweep", help="expand a sweep config into runs; run them here or "
+                                              "write their cluster launch lines", description=(
+        "Expand a sweep YAML (configs/sweep/NAME.yaml: an experiment, a grid and/or a list of runs) into runs with "
+        "their own names, output directories and resolved configs; run them here one after another (re-running "
+        "skips finished runs) or, with --emit, write one torchrun/deepspeed launch line per run.")))
+    train = sub.add_parser("train", help="train one stage (1 reasoning, 2 editing, 3 unified)", description=(
+        "Train one stage of an experiment, alone or under torchrun (DDP or FSDP2 via train.parallel). "
+        "By default it starts from OUTPUT_DIR/model (stage 1) or OUTPUT_DIR/stage<N-1>/model, reads "
+        "OUTPUT_DIR/data and writes OUTPUT_DIR/stage<N>/ (checkpoints/, model/); an existing checkpoint of "
+        "the same starting model is resumed."))
+    train.add_argument("--config", required=True, type=Path, help="the experiment YAML")
+    train.add_argument("--stage", required=True, type=int, choices=(1, 2, 3))
+    train.add_argument("--start", type=Path, help="model folder to start from (default: the previous stage's)")
+    train.add_argument("--data", type=Path, help="dataset folder (default: OUTPUT_DIR/data)")
+    train.add_argument("--out", type=Path, help="stage folder to write (default: OUTPUT_DIR/stage<N>)")
+    _add_overrides(train)
+
     for name, (what, issue) in PLANNED.items():
         sub.add_parser(name, help=f"{what} (not built yet)",
                        description=f"{what[0].upper() + what[1:]}. Not built yet: planned in issue #{issue}.")
@@ -203,6 +219,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training import TrainingStopped, train_stage
+
+    _, cfg = load_config(args.config, args.overrides)
+    out_dir = Path(cfg.output_dir)
+    n = args.stage
+    start = args.start or (out_dir / "model" if n == 1 else out_dir / f"stage{n - 1}" / "model")
+    data = args.data or out_dir / "data"
+    if not (start / "reasonedit.json").is_file():
+        raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json); train stage "
+                                f"{n - 1 if n > 1 else 'the models step'} first or pass --start DIR")
+    if not (data / "manifest.json").is_file():
+        raise FileNotFoundError(f"--data {data}: no dataset (no manifest.json); run `reasonedit data synth` or pass --data")
+    try:
+        res = train_stage(cfg, n, start, data, args.out or out_dir / f"stage{n}")
+    except TrainingStopped as e:
+        print(f"reasonedit: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if res.history:
+        first, last = res.history[0], res.history[-1]
+        terms = [k for k in first if k not in ("lr",)]
+        print(f"stage{n}: {res.steps} steps in {res.seconds:.1f}s; " +
+              ", ".join(f"{k} {first[k]:.4f} -> {last[k]:.4f}" for k in terms))
+    if res.interrupted:
+        print(f"stage{n}: stopped by SIGTERM at step {res.steps}; run the same command to resume")
+    else:
+        print(f"model: {res.model}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -239,6 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "train":
+            return _cmd_train(args)
+        if args.command == "sweep":
+            from . import sweep as sweep_module
+            return sweep_module.run(args)
     except NotBuiltError as e:
         print(f"reasonedit: {e}", file=sys.stderr)
         return EXIT_NOT_BUILT

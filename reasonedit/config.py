@@ -21,13 +21,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data.shapes import WorldConfig
 from .data.synth import SynthConfig
+from .losses.flow_matching import FlowMatchingConfig
 from .models.config import ModelConfig
 
 GROUPS = ("model",)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # what `reasonedit run` can do today, in order; later steps are listed as not built yet
-RUN_STEPS = ("data", "models", "batches", "preview")
-PLANNED_STEPS = {"stage1": 5, "stage2": 5, "stage3": 5, "eval": 7}
+RUN_STEPS = ("data", "models", "batches", "preview", "stage1", "stage2", "stage3")
+PLANNED_STEPS = {"eval": 7}
+PARALLEL = ("auto", "none", "ddp", "fsdp", "deepspeed")
+STAGE_KINDS = ("thinking_pair", "reflection", "edit_pair", "text_to_image")
 
 
 class ConfigError(ValueError):
@@ -64,6 +67,85 @@ class BatchesConfig:
 
 
 @dataclass
+class StageConfig:
+    """One training stage: its optimiser schedule, data mix and token budgets.
+
+    `steps` and `gpus` express the paper's scale (50k / 28k / 12k steps on 32 / 128 / 128 GPUs);
+    `gpus` is what the run is planned for and is checked against nothing but documentation."""
+
+    lr: float = 1e-4
+    steps: int = 100
+    gpus: int = 1
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_accum: int = 1  # micro-batches per optimiser step on each rank
+    mix: dict[str, float] = field(default_factory=dict)  # record kind -> weight; empty: the stage's default
+    reasoner_budget: int = 4096  # tokens per packed reasoner row
+    generator_budget: int = 2048  # tokens per packed generator row
+    ntp_weight: float = 0.1  # stage 3: L = L_FM + ntp_weight * L_NTP
+    condition_cache: bool = False  # stage 2: read the frozen reasoner's states from a ConditionCache
+
+    def validate(self, name: str) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"{name}.lr: must be positive, got {self.lr}")
+        for key in ("steps", "gpus", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{name}.{key}: must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"{name}.warmup_steps: must lie in [0, steps={self.steps}], got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"{name}.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio}")
+        for key in ("reasoner_budget", "generator_budget"):
+            if getattr(self, key) <= 0 or getattr(self, key) % 128:
+                raise ValueError(f"{name}.{key}: must be a positive multiple of 128, got {getattr(self, key)}")
+        bad = [k for k in self.mix if k not in STAGE_KINDS]
+        if bad:
+            raise ValueError(f"{name}.mix: unknown record kinds {bad}; choose from {list(STAGE_KINDS)}")
+        if any(not w > 0 for w in self.mix.values()):
+            raise ValueError(f"{name}.mix: weights must be positive, got {dict(self.mix)}")
+        if self.ntp_weight < 0:
+            raise ValueError(f"{name}.ntp_weight: must be non-negative, got {self.ntp_weight}")
+
+
+@dataclass
+class TrainConfig:
+    """The trainer runtime, shared by the three stages."""
+
+    parallel: str = "auto"  # auto (ddp when launched on several ranks) | none | ddp | fsdp | deepspeed
+    zero_stage: int = 2  # deepspeed only: 2 or 3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    activation_checkpointing: bool = False
+    ema_decay: float = 0.999  # EMA of the generator; 0 disables it
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end (and on SIGTERM)
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 1
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    wandb: bool = False  # offline when no WANDB_API_KEY is set
+    tensorboard: bool = False
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"train.parallel: {self.parallel!r}; choose from {list(PARALLEL)}")
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"train.zero_stage: 2 or 3, got {self.zero_stage}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay: must lie in [0, 1), got {self.ema_decay}")
+        for key in ("checkpoint_every", "grad_clip", "weight_decay", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}: must be non-negative, got {getattr(self, key)}")
+        for key in ("keep_last", "log_every", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
+
+
+def _stage(lr: float, steps: int, gpus: int, **kw: Any) -> Any:
+    return field(default_factory=lambda: StageConfig(lr=lr, steps=steps, gpus=gpus, **kw))
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs/${name}"
@@ -74,9 +156,19 @@ class ExperimentConfig:
     data: SynthConfig = field(default_factory=SynthConfig)
     batches: BatchesConfig = field(default_factory=BatchesConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    # the paper's defaults: lr 1e-4 / 1e-5 / 6e-6, 50k / 28k / 12k steps on 32 / 128 / 128 GPUs
+    stage1: StageConfig = _stage(1e-4, 50_000, 32, warmup_steps=500)
+    stage2: StageConfig = _stage(1e-5, 28_000, 128, warmup_steps=500)
+    stage3: StageConfig = _stage(6e-6, 12_000, 128, warmup_steps=200)
 
     def validate(self) -> None:
         self.model.validate()
+        self.train.validate()
+        self.flow_matching.validate()
+        for name in ("stage1", "stage2", "stage3"):
+            getattr(self, name).validate(name)
         self.batches.validate()
         self.world.validate()
         self.data.validate()
@@ -98,9 +190,10 @@ def _flatten(node: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a mapping; every failure is a ConfigError naming the file."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -137,7 +230,7 @@ class ConfigLoader:
             self.origin[key] = label
 
     def merge_file(self, path: Path, under: str | None = None) -> None:
-        doc = _read_yaml(path)
+        doc = read_yaml_mapping(path)
         root = self.root or path.resolve().parent.parent
         if under is None and self.root is None:
             self.root = root  # group presets named later (on the command line) come from here too
@@ -233,4 +326,5 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
 
 
 __all__ = ["ConfigError", "ConfigLoader", "ExperimentConfig", "PLANNED_STEPS", "PreviewConfig", "RUN_STEPS",
+           "StageConfig", "TrainConfig",
            "load_config", "save_config"]

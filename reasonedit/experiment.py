@@ -26,6 +26,7 @@ class RunResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     agreement: object = None  # data.verify.Agreement of the preview step
     batches: dict | None = None  # packing figures of the batches step, per stream
+    stages: dict = field(default_factory=dict)  # training.StageResult per stage step
 
 
 def _same_dataset(path: Path, cfg: ExperimentConfig) -> bool:
@@ -122,7 +123,25 @@ def step_batches(cfg: ExperimentConfig, out: Path, result: RunResult, progress: 
     result.batches = report
 
 
-STEPS = {"data": step_data, "models": step_models, "batches": step_batches, "preview": step_preview}
+def _stage_step(number: int) -> Callable:
+    def step(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
+        """Train stage N from the previous stage's model (stage 1: the models step's) on the train split."""
+        from .training import train_stage
+
+        start = out / "model" if number == 1 else out / f"stage{number - 1}" / "model"
+        if not (start / "reasonedit.json").is_file():
+            before = "models" if number == 1 else f"stage{number - 1}"
+            raise FileNotFoundError(f"{start} holds no model: stage{number} starts from the {before} step's "
+                                    f"model, so run that step first (steps: [..., {before}, stage{number}])")
+        res = train_stage(cfg, number, start, out / "data", out / f"stage{number}")
+        result.stages[f"stage{number}"] = res
+        if res.model is not None:
+            result.artifacts[f"stage{number}"] = str(res.model)
+    return step
+
+
+STEPS = {"data": step_data, "models": step_models, "batches": step_batches, "preview": step_preview,
+         "stage1": _stage_step(1), "stage2": _stage_step(2), "stage3": _stage_step(3)}
 
 
 def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable | None = None) -> RunResult:

@@ -16,7 +16,7 @@ def test_every_command_has_help(args):
     assert "usage: reasonedit" in res.stdout
 
 
-@pytest.mark.parametrize("args,issue", [(["train"], 5), (["sweep", "configs/sweep/x.yaml"], 5), (["edit"], 6),
+@pytest.mark.parametrize("args,issue", [(["edit"], 6),
                                         (["serve"], 6), (["eval", "--bench", "shapes"], 7)])
 def test_commands_not_built_yet_say_so_and_exit_3(args, issue):
     res = run_cli(*args)
@@ -75,14 +75,15 @@ def test_config_prints_the_resolved_config():
 
 
 def test_run_with_a_step_not_built_yet_stops_before_writing(tmp_path):
-    res = run_cli("run", DEMO, f"output_dir={tmp_path / 'run'}", "steps=[data,stage1]")
-    assert res.returncode == 3 and "issue #5" in res.stderr
+    res = run_cli("run", DEMO, f"output_dir={tmp_path / 'run'}", "steps=[data,eval]")
+    assert res.returncode == 3 and "issue #7" in res.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_run_builds_data_models_and_preview_and_saves_its_config(tmp_path):
     out = tmp_path / "run"
-    res = run_cli("run", DEMO, f"output_dir={out}", "data.n=6", "data.shard_size=4", "preview.rows=2")
+    res = run_cli("run", DEMO, f"output_dir={out}", "data.n=6", "data.shard_size=4", "preview.rows=2",
+                  "steps=[data,models,batches,preview]")  # the stages have their own tests
     assert res.returncode == 0, res.stderr
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["n"] == 6 and saved["output_dir"] == str(out)
@@ -139,3 +140,11 @@ def test_import_errors_name_the_file_and_line(tmp_path):
     assert not (tmp_path / "out").exists()
     res = run_cli("data", "import", "--format", "csv", "--out", tmp_path / "out", rows)
     assert res.returncode == 1 and "--format 'csv'" in res.stderr
+
+
+def test_sweep_command_expands_and_validates_without_writing(tmp_path):
+    res = run_cli("sweep", "configs/sweep/shapes_grid.yaml", "--dry-run", "--output-dir", tmp_path / "sw")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("python -m reasonedit run") == 4 and not (tmp_path / "sw").exists()
+    res = run_cli("sweep", tmp_path / "missing.yaml")
+    assert res.returncode == 1 and "sweep file not found" in res.stderr

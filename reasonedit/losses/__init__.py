@@ -1,1 +1,16 @@
-"""Next-token, flow-matching and joint losses (issue #5): not built yet."""
+"""Losses as plain functions over flat tensors, each returning a (sum, count) pair.
+
+Normalisation is a separate, visible step (`normalise` with `global_count`): the count is summed
+over gradient-accumulation micro-steps and all-reduced over ranks before any division, so every
+token weighs the same however samples are packed or sharded.
+"""
+
+from .flow_matching import (FlowMatchingConfig, flow_matching_loss, logit_normal, resolution_mu, sample_timesteps,
+                            shift_timesteps, timestep_weights)
+from .joint import joint_loss
+from .next_token import next_token_loss
+from .normalise import LossSum, global_count, normalise
+
+__all__ = ["FlowMatchingConfig", "LossSum", "flow_matching_loss", "global_count", "joint_loss", "logit_normal",
+           "next_token_loss", "normalise", "resolution_mu", "sample_timesteps", "shift_timesteps",
+           "timestep_weights"]

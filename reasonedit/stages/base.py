@@ -1,0 +1,102 @@
+"""What a stage is: what it loads and trains, its data mix, how it packs, and its loss terms.
+
+A stage never owns the loop: the trainer asks it for a packer and segments, the token counts a
+batch will contribute to each loss term (known before any forward), and the (sum, count) of each
+term for one micro-batch. The trainer normalises each term by its global count and `combine`s them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import torch
+
+from reasonedit.data.packing import Packer, PackedBatch
+from reasonedit.data.preprocess import GeneratorSegment, Preprocessor, ReasonerSegment
+from reasonedit.losses import FlowMatchingConfig, LossSum, flow_matching_loss, sample_timesteps, timestep_weights
+
+if TYPE_CHECKING:
+    from reasonedit.config import StageConfig
+    from reasonedit.models.model import ReasonEditModel
+
+
+@dataclass
+class StageContext:
+    """What a stage's loss needs besides the model and the batch."""
+
+    flow_matching: FlowMatchingConfig
+    generator: torch.Generator  # noise and timesteps: seeded per (step, micro-batch), so resume is exact
+    device: torch.device
+    condition_cache: Any = None  # a ConditionCache for stage 2, or None
+
+
+class Stage:
+    """One of the three stages; subclasses fill in the class attributes and the three methods."""
+
+    number: ClassVar[int]
+    name: ClassVar[str]
+    components: ClassVar[tuple[str, ...]]  # what ReasonEditModel.from_pretrained loads for training
+    trains: ClassVar[str]  # a line for people: what gets gradients
+    from_previous: ClassVar[str]  # a line for people: what comes from the previous stage's checkpoint
+    default_mix: ClassVar[dict[str, float]]
+    terms: ClassVar[tuple[str, ...]]  # loss terms, in log order
+
+    def __init__(self, config: "StageConfig"):
+        self.config = config
+
+    @property
+    def mix(self) -> dict[str, float]:
+        return dict(self.config.mix) or dict(self.default_mix)
+
+    # -- model ----------------------------------------------------------------------------------
+    def prepare(self, model: "ReasonEditModel") -> None:
+        """Set requires_grad on exactly the parameters this stage trains (and add adapters)."""
+        raise NotImplementedError
+
+    # -- data -----------------------------------------------------------------------------------
+    def packer(self, window: int) -> Packer:
+        return Packer(self.config.reasoner_budget, window=window, name=self.name)
+
+    def segments(self, pre: Preprocessor, record: Any) -> list:
+        raise NotImplementedError
+
+    def counts(self, batch: PackedBatch) -> dict[str, int]:
+        """Tokens each loss term covers in this batch, before any forward."""
+        raise NotImplementedError
+
+    # -- loss -----------------------------------------------------------------------------------
+    def loss_sums(self, model: "ReasonEditModel", batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
+        raise NotImplementedError
+
+    def combine(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(normalised.values())
+
+
+def answer_tokens(segments: Sequence[ReasonerSegment]) -> int:
+    """Labelled next-token positions: the first label of each sample never counts (it is -100 packed)."""
+    return int(sum((s.labels[0, 1:] != -100).sum() for s in segments))
+
+
+def generator_flow_matching(model: "ReasonEditModel", segments: Sequence[GeneratorSegment],
+                            states: Sequence[torch.Tensor], ctx: StageContext) -> LossSum:
+    """Noise the segments' targets at logit-normal shifted timesteps, predict the velocity, sum the loss."""
+    from reasonedit.data.packing import generator_inputs
+    from reasonedit.models.generator import patchify
+
+    gen = model.generator
+    s = sample_timesteps([seg.target_tokens for seg in segments], ctx.flow_matching, ctx.generator)  # (B,)
+    noise = [torch.randn(seg.target_latent.shape, generator=ctx.generator) for seg in segments]
+    inputs = generator_inputs(segments, [x.float() for x in states], s, gen, noise=noise)
+    batch = inputs.batch.to(ctx.device)
+    out = gen(batch)  # (N_img, p * p * C)
+    pred = out[batch.target_index]  # (N_target, p * p * C): loss on noisy target tokens only
+    p = gen.config.patch_size
+    target = torch.cat([patchify(v, p) for v in inputs.velocity]).to(pred.device)  # (N_target, p * p * C)
+    per_sample = torch.cat([torch.full((seg.target_tokens,), float(w))
+                            for seg, w in zip(segments, timestep_weights(s, ctx.flow_matching.weighting))])
+    weights = None if ctx.flow_matching.weighting == "none" else per_sample
+    return flow_matching_loss(pred, target, weights)
+
+
+__all__ = ["Stage", "StageContext", "answer_tokens", "generator_flow_matching"]

@@ -1,0 +1,62 @@
+"""Stage 3, unified: reasoner (its LoRA) and generator train together on mixed packed batches with
+L = L_FM + w * L_NTP. One reasoner forward over a row holding both the next-token segments and the
+generator segments' condition prompts gives the logits and, with gradients, the condition states."""
+
+from __future__ import annotations
+
+import torch
+
+from reasonedit.data.packing import PackedBatch, Packer, mixed_inputs
+from reasonedit.data.preprocess import GeneratorSegment, ReasonerSegment, stage3_lengths
+from reasonedit.losses import LossSum, joint_loss, next_token_loss
+from reasonedit.models.model import ReasonEditModel
+
+from .base import Stage, StageContext, answer_tokens, generator_flow_matching
+from .reasoning import train_only_lora
+
+
+class UnifiedStage(Stage):
+    number, name = 3, "stage3"
+    components = ("reasoner", "generator", "vae")
+    trains = "the reasoner's LoRA adapters and every generator parameter"
+    from_previous = "stage 2's whole model (stage 1's LoRA, made trainable again, and stage 2's generator)"
+    default_mix = {"thinking_pair": 0.25, "reflection": 0.25, "edit_pair": 0.25, "text_to_image": 0.25}
+    terms = ("fm", "ntp")
+
+    def prepare(self, model: ReasonEditModel) -> None:
+        train_only_lora(model)
+        for p in model.generator.parameters():
+            p.requires_grad_(True)
+
+    def packer(self, window: int) -> Packer:
+        return Packer((self.config.reasoner_budget, self.config.generator_budget), window=window,
+                      length=stage3_lengths, name=self.name)
+
+    def segments(self, pre, record) -> list:
+        gen = pre.generator_segments(record)
+        pre.encode_latents(gen)
+        return pre.reasoner_segments(record) + gen
+
+    def counts(self, batch: PackedBatch) -> dict[str, int]:
+        return {"fm": sum(s.target_tokens for s in batch.items if isinstance(s, GeneratorSegment)),
+                "ntp": answer_tokens([s for s in batch.items if isinstance(s, ReasonerSegment)])}
+
+    def loss_sums(self, model: ReasonEditModel, batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
+        mixed = mixed_inputs(batch.items, model.reasoner)
+        row = mixed.row.to(ctx.device)
+        out = model.reasoner.model(**model.reasoner._packed_kwargs(row, model.config.attention_backend),
+                                   output_hidden_states=True)
+        sums = {"ntp": next_token_loss(out.logits, row.labels)}
+        if mixed.generator_segments:
+            states = mixed.condition_states(out.hidden_states[-1])  # with gradients into the reasoner
+            sums["fm"] = generator_flow_matching(model, mixed.generator_segments, states, ctx)
+        else:  # no generator sample: a zero term that still touches the generator (DDP expects its grads)
+            zero = sum(p.sum() for p in model.generator.parameters() if p.requires_grad) * 0.0
+            sums["fm"] = LossSum(zero, torch.zeros(()))
+        return sums
+
+    def combine(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
+        return joint_loss(normalised["fm"], normalised["ntp"], self.config.ntp_weight)
+
+
+__all__ = ["UnifiedStage"]

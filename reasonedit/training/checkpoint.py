@@ -1,0 +1,116 @@
+"""Training checkpoints: written to a hidden staging folder and renamed, so none is ever half-written.
+
+    checkpoints/step_00000012/
+        model.pt       trainable parameters only, full (unsharded) tensors by name (frozen ones come
+                       from the stage's starting model)
+        optimizer.pt   the optimizer state, full, keyed by parameter name
+        trainer.pt     step, scheduler, skipped-step counters, loss history
+        rank<r>.pt     per rank: the batch stream (loader + packer + packed-but-unused batches), the
+                       EMA (this rank's local tensors) and every RNG state (python, numpy, torch, cuda)
+The last `keep_last` are kept. `latest(root)` is the highest complete step folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from .distributed import World, barrier
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sharded(module: torch.nn.Module) -> bool:
+    """FSDP2 parameters are DTensors: their optimizer state is gathered by name, not saved per rank."""
+    return any(hasattr(p, "to_local") for p in module.parameters())
+
+
+def latest(root: Path) -> Path | None:
+    steps = sorted(p for p in root.glob("step_*") if STEP_DIR.match(p.name) and p.is_dir()) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(root: Path, step: int, world: World, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainable: set[str], trainer_state: dict[str, Any], rank_state: dict[str, Any],
+                    keep_last: int) -> Path:
+    final = root / f"step_{step:08d}"
+    staging = root / f".step_{step:08d}.partial"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(module, options=options)  # every rank joins the gather
+    optim_sd = (get_optimizer_state_dict(module, optimizer, options=options) if _sharded(module)
+                else optimizer.state_dict())  # replicated (one process, DDP): the plain, id-keyed state
+    if world.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    if world.is_main:
+        kept = {k: v for k, v in model_sd.items() if k in trainable}
+        if len(kept) != len(trainable):
+            raise KeyError(f"checkpoint: {len(trainable) - len(kept)} trainable parameters are not in the model's "
+                           f"state dict, e.g. {sorted(trainable - set(kept))[:2]}")
+        torch.save(kept, staging / "model.pt")
+        torch.save(optim_sd, staging / "optimizer.pt")
+        torch.save(trainer_state, staging / "trainer.pt")
+    torch.save({**rank_state, "rng": rng_state()}, staging / f"rank{world.rank}.pt")
+    barrier()
+    if world.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in sorted(p for p in root.glob("step_*") if STEP_DIR.match(p.name))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: %s", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, world: World, module: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Restore model and optimizer in place; return (trainer state, this rank's state)."""
+    for name in ("model.pt", "optimizer.pt", "trainer.pt", f"rank{world.rank}.pt"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: the checkpoint is incomplete or was written by "
+                                    f"a run with another number of ranks")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(module, torch.load(path / "model.pt", weights_only=False), options=options)
+    optim_sd = torch.load(path / "optimizer.pt", weights_only=False)
+    if _sharded(module):
+        # a parameter that never got a gradient (the last block's text output) has no state
+        set_optimizer_state_dict(module, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True,
+                                                                                        strict=False))
+    else:
+        optimizer.load_state_dict(optim_sd)
+    trainer_state = torch.load(path / "trainer.pt", weights_only=False)
+    rank_state = torch.load(path / f"rank{world.rank}.pt", weights_only=False)
+    set_rng_state(rank_state["rng"])
+    return trainer_state, rank_state
+
+
+__all__ = ["latest", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]

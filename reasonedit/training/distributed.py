@@ -1,0 +1,83 @@
+"""Process group setup and the data-parallel wrapping of the stage module (DDP or FSDP2)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world() -> World:
+    """Join the process group torchrun or deepspeed set up in the environment (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(rank, world_size, local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` holds on any rank (SIGTERM on one rank stops them all together)."""
+    return bool(all_reduce_sum(torch.tensor(float(flag))).item() > 0)
+
+
+def resolve_parallel(parallel: str, world: World) -> str:
+    if parallel == "auto":
+        return "ddp" if world.world_size > 1 else "none"
+    if parallel == "none" and world.world_size > 1:
+        raise ValueError(f"train.parallel: 'none' on {world.world_size} ranks; use ddp, fsdp or deepspeed")
+    return parallel
+
+
+def wrap(module: torch.nn.Module, parallel: str, world: World) -> torch.nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on each transformer block, then the root); 'none' returns it as is."""
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [world.local_rank] if world.device.type == "cuda" else None
+        # a stage-3 micro-batch may hold no generator sample, so some parameters can go unused
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for sub in module.modules():
+            if type(sub).__name__ in ("GeneratorBlock", "Qwen2_5_VLDecoderLayer"):
+                fully_shard(sub)
+        fully_shard(module)
+        return module
+    return module
+
+
+__all__ = ["World", "all_reduce_sum", "any_rank", "barrier", "init_world", "resolve_parallel", "wrap"]

@@ -1,0 +1,67 @@
+"""The trainer runtime: exact resume after a crash, non-finite losses skipped then stopping, the schedule."""
+
+import pytest
+import torch
+
+from reasonedit.training.schedule import warmup_cosine
+from tests.test_stages import stage_cfg, start_model  # noqa: F401  (the module-scoped fixture)
+
+
+class Crash(Exception):
+    pass
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / "generator" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(start_model, small_dataset, tmp_path, monkeypatch):
+    from reasonedit.training import data as data_mod
+    from reasonedit.training import train_stage
+
+    extra = ["train.checkpoint_every=1", "train.keep_last=2"]
+    whole = train_stage(stage_cfg(tmp_path / "a", 2, steps=4, extra=extra), 2, start_model, small_dataset,
+                        tmp_path / "a" / "stage2")
+    real_next, calls = data_mod.BatchStream.next, {"n": 0}
+
+    def crashing_next(self):
+        calls["n"] += 1
+        if calls["n"] == 3:  # dies inside step 3, after checkpoint 2: what SIGKILL leaves behind
+            raise Crash()
+        return real_next(self)
+
+    cfg = stage_cfg(tmp_path / "b", 2, steps=4, extra=extra)
+    monkeypatch.setattr(data_mod.BatchStream, "next", crashing_next)
+    with pytest.raises(Crash):
+        train_stage(cfg, 2, start_model, small_dataset, tmp_path / "b" / "stage2")
+    assert not list((tmp_path / "b" / "stage2" / "checkpoints").glob(".*partial"))
+    monkeypatch.setattr(data_mod.BatchStream, "next", real_next)
+    resumed = train_stage(cfg, 2, start_model, small_dataset, tmp_path / "b" / "stage2")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    wa, wb = weights(whole.model), weights(resumed.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(start_model, small_dataset, tmp_path, monkeypatch):
+    from reasonedit.stages.editing import EditingStage
+    from reasonedit.training import TrainingStopped, train_stage
+
+    real = EditingStage.loss_sums
+
+    def nan_loss(self, model, batch, ctx):
+        out = real(self, model, batch, ctx)
+        out["fm"].sum = out["fm"].sum * float("nan")
+        return out
+
+    monkeypatch.setattr(EditingStage, "loss_sums", nan_loss)
+    cfg = stage_cfg(tmp_path, 2, steps=5, extra=["train.max_bad_steps=2"])
+    with pytest.raises(TrainingStopped, match="2 non-finite losses in a row"):
+        train_stage(cfg, 2, start_model, small_dataset, tmp_path / "stage2")
+
+
+def test_warmup_then_cosine():
+    assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
