@@ -57,6 +57,15 @@ def latest(root: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def _remove(path: Path) -> None:
+    """Rename a step folder to a hidden name first, then delete it: a kill mid-delete must not leave a
+    visible `step_N` with some of its files gone (it would be taken for a complete checkpoint)."""
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(root: Path, step: int, world: World, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainable: set[str], trainer_state: dict[str, Any], rank_state: dict[str, Any],
                     keep_last: int) -> Path:
@@ -82,10 +91,10 @@ def save_checkpoint(root: Path, step: int, world: World, module: torch.nn.Module
     barrier()
     if world.is_main:
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(staging, final)
         for old in sorted(p for p in root.glob("step_*") if STEP_DIR.match(p.name))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         log.info("checkpoint: %s", final)
     barrier()
     return final
