@@ -5,11 +5,8 @@
 #      NNODES > 1: HOSTFILE (/job/hostfile, MPI style), MASTER_ADDR, MASTER_PORT (29500). Run it on node 0,
 #      which reaches the others over ssh; or, without ssh, on every node with NODE_RANK set.
 set -euo pipefail
-if [ $# -lt 2 ]; then
-    echo "usage: $0 STAGE CONFIG [key=value ...]   (STAGE is 1, 2 or 3)" >&2
-    exit 2
-fi
-STAGE=$1 CONFIG=$2
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 shift 2
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DS_CONFIG=${DS_CONFIG:-$HERE/deepspeed/zero2.json}

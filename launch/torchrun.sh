@@ -4,11 +4,8 @@
 # env: NNODES (1), NPROC_PER_NODE (1), and with NNODES > 1: MASTER_ADDR, MASTER_PORT (29500) and
 #      NODE_RANK (or SLURM_NODEID) on each node. Run it on every node of the job.
 set -euo pipefail
-if [ $# -lt 2 ]; then
-    echo "usage: $0 STAGE CONFIG [key=value ...]   (STAGE is 1, 2 or 3)" >&2
-    exit 2
-fi
-STAGE=$1 CONFIG=$2
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 shift 2
 NNODES=${NNODES:-1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
