@@ -23,6 +23,14 @@ setup(
         "webdataset==1.0.2",
         "wandb==0.31.0",
         "omegaconf==2.4.0",
+        "tensorboard==2.21.0",
+        # the edit service and the HTTP clients (editors, thinkers, judges)
+        "fastapi==0.163.2",
+        "uvicorn==0.54.0",
+        "python-multipart==0.0.34",
+        "httpx==0.28.1",
+        # eval reports
+        "matplotlib==3.11.2",
         "pyyaml>=6",
         "safetensors>=0.6",
         "pillow>=11",

@@ -15,12 +15,30 @@ from typing import Sequence
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_BUILT = 1, 2, 3
 
-# subcommands whose part is planned but not built, and the issue that builds each
-PLANNED = {
-    "edit": ("edit an image with think -> edit -> reflect", 6),
-    "serve": ("serve the generator and the loop over HTTP", 6),
-    "eval": ("score a model on shapes, GEdit, ImgEdit, KRIS or RISE", 7),
+# subcommands that live in their own module (`add_arguments(parser)` and `run(args) -> int`); until that
+# module exists the command is planned: it says which issue builds it and exits 3
+PLUGINS = {
+    "edit": ("reasonedit.inference.cli", "edit an image with think -> edit -> reflect", 6),
+    "serve": ("reasonedit.serve.cli", "serve the generator and the loop over HTTP", 6),
+    "eval": ("reasonedit.eval.cli", "score a model on shapes, GEdit, ImgEdit, KRIS or RISE", 7),
 }
+
+
+def _plugin_module(name: str):
+    """The command's module, or None while it is not built."""
+    import importlib
+    import importlib.util
+    module = PLUGINS[name][0]
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+    except ModuleNotFoundError:  # the parent package does not exist yet
+        return None
+    return importlib.import_module(module)
+
+
+def planned_commands() -> dict[str, tuple[str, int]]:
+    return {name: (what, issue) for name, (_, what, issue) in PLUGINS.items() if _plugin_module(name) is None}
 
 
 class Progress:
@@ -135,9 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="stage folder to write (default: OUTPUT_DIR/stage<N>)")
     _add_overrides(train)
 
-    for name, (what, issue) in PLANNED.items():
-        sub.add_parser(name, help=f"{what} (not built yet)",
-                       description=f"{what[0].upper() + what[1:]}. Not built yet: planned in issue #{issue}.")
+    for name, (_, what, issue) in PLUGINS.items():
+        module = _plugin_module(name)
+        if module is None:
+            sub.add_parser(name, help=f"{what} (not built yet)",
+                           description=f"{what[0].upper() + what[1:]}. Not built yet: planned in issue #{issue}.")
+        else:
+            module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__))
     return parser
 
 
@@ -253,7 +275,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in PLANNED:  # a planned command accepts anything, then says no
+    planned = planned_commands()
+    if extra and args.command not in planned:  # a planned command accepts anything, then says no
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -263,9 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import NotBuiltError
 
     try:
-        if args.command in PLANNED:
-            what, issue = PLANNED[args.command]
+        if args.command in planned:
+            what, issue = planned[args.command]
             raise NotBuiltError(f"`reasonedit {args.command}` ({what})", issue)
+        if args.command in PLUGINS:
+            return _plugin_module(args.command).run(args)
         if args.command == "data":
             if args.data_command == "synth":
                 return _cmd_synth(args)

@@ -1,0 +1,1 @@
+"""Inference: the sampler, editors and thinkers, and the think -> edit -> reflect loop."""
