@@ -232,6 +232,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for name, r in result.batches.items():
             print(f"{name:<14} {r['records']:>8} {r['segments']:>9} {r['batches']:>8} {r['budget']:>7} "
                   f"{r['utilisation']:>12.3f} {r['padded_share']:>18.1%} {r['oversize']:>9} {r['skipped_records']:>8}")
+    if result.validation:
+        print(f"{'validation (val split, fixed noise)':<36} {'start':>8} {'end':>8} {'change':>8}")
+        for stage, report in result.validation.items():
+            if report is None:
+                continue
+            for term, before in report["before"].items():
+                after = report["after"][term]
+                print(f"{stage + ' ' + term:<36} {before:>8.4f} {after:>8.4f} {after - before:>+8.4f}")
     if result.agreement is not None:
         print(result.agreement.table())
         if not result.agreement.all_agree:

@@ -27,6 +27,7 @@ class RunResult:
     agreement: object = None  # data.verify.Agreement of the preview step
     batches: dict | None = None  # packing figures of the batches step, per stream
     stages: dict = field(default_factory=dict)  # training.StageResult per stage step
+    validation: dict = field(default_factory=dict)  # per stage step: {"before": {term: loss}, "after": {...}}
 
 
 def _same_dataset(path: Path, cfg: ExperimentConfig) -> bool:
@@ -137,7 +138,33 @@ def _stage_step(number: int) -> Callable:
         result.stages[f"stage{number}"] = res
         if res.model is not None:
             result.artifacts[f"stage{number}"] = str(res.model)
+            result.validation[f"stage{number}"] = _validate_stage(cfg, number, start, res.model, out)
     return step
+
+
+def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, out: Path) -> dict | None:
+    """The stage's loss on the val split for the model it started from and the one it saved, with the same
+    batches, noise and timesteps; written to stage<N>/validation.json."""
+    from .stages import stage_for
+    from .stages.validation import validation_batches, validation_losses
+    from .training.trainer import load_stage_model
+
+    if "val" not in cfg.data.splits:
+        log.info("stage%d: no val split (data.splits), so no validation loss", number)
+        return None
+    stage = stage_for(number, cfg)
+    before = load_stage_model(stage, start)
+    batches = validation_batches(stage, before, cfg, out / "data", split="val")
+    report = {"split": "val", "batches": len(batches), "before": validation_losses(stage, before, batches, cfg)}
+    del before
+    report["after"] = validation_losses(stage, load_stage_model(stage, end), batches, cfg)
+    path = out / f"stage{number}" / "validation.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    log.info("stage%d: val loss %s", number, ", ".join(
+        f"{t} {report['before'][t]:.4f} -> {report['after'][t]:.4f}" for t in stage.terms))
+    return report
 
 
 STEPS = {"data": step_data, "models": step_models, "batches": step_batches, "preview": step_preview,

@@ -24,6 +24,18 @@ def small_dataset(tmp_path_factory, world):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(small_dataset, tmp_path_factory):
+    """The demo's tiny model (random weights, tokenizer from small_dataset's train texts), saved once."""
+    from reasonedit.config import load_config
+    from reasonedit.data.corpus import dataset_texts
+    from reasonedit.models.model import ReasonEditModel
+
+    _, cfg = load_config(ROOT / "configs" / "experiment" / "shapes_tiny.yaml")
+    model = ReasonEditModel.tiny(cfg.model, dataset_texts(small_dataset, split="train"), seed=0)
+    return model.save_pretrained(tmp_path_factory.mktemp("tiny") / "model")
+
+
 def run_cli(*args, cwd=ROOT):
     """Run `python -m reasonedit ARGS` as a user would; returns the CompletedProcess."""
     import subprocess

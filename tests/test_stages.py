@@ -11,13 +11,8 @@ DEMO = ROOT / "configs" / "experiment" / "shapes_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def start_model(small_dataset, tmp_path_factory):
-    from reasonedit.data.corpus import dataset_texts
-    from reasonedit.models.model import ReasonEditModel
-
-    _, cfg = load_config(DEMO)
-    model = ReasonEditModel.tiny(cfg.model, dataset_texts(small_dataset, split="train"), seed=0)
-    return model.save_pretrained(tmp_path_factory.mktemp("start") / "model")
+def start_model(tiny_model_dir):
+    return tiny_model_dir
 
 
 def stage_cfg(tmp_path, n, steps=2, extra=()):

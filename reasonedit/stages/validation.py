@@ -1,0 +1,75 @@
+"""A stage's loss on held-out data with fixed noise and timesteps, so two models compare on equal terms.
+
+Training losses are noisy (each step draws its own timesteps, noise and records), so a short run can fall
+by less than that noise. The validation loss reads the same held-out records, packs them the same way and
+draws the same noise and timesteps for every model it scores: the difference between the model a stage
+started from and the one it ended with is the stage's progress on unseen data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from reasonedit.data.loader import DatasetSpec, make_loader
+from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+from reasonedit.losses import LossSum
+
+from .base import Stage, StageContext
+
+if TYPE_CHECKING:
+    from reasonedit.config import ExperimentConfig
+    from reasonedit.models.model import ReasonEditModel
+
+
+def validation_batches(stage: Stage, model: "ReasonEditModel", cfg: "ExperimentConfig", data: Path,
+                       split: str = "val", records_per_kind: int = 16) -> list:
+    """Packed batches of the first `records_per_kind` records of each kind in the stage's mix (read in order,
+    no condition dropout), so every kind counts whatever its weight."""
+    b = cfg.batches
+    pre = Preprocessor.from_model(model, PreprocessConfig(buckets=buckets_for(model, b.pixel_budget),
+                                                          dropout=ConditionDropout(0.0, 0.0), seed=cfg.seed))
+    packer = stage.packer(b.window)
+    batches: list = []
+    for kind in stage.mix:
+        loader = make_loader([DatasetSpec(kind, data, split=split, kind=kind)], seed=cfg.seed, rank=0,
+                             world_size=1, shuffle_buffer=1, epochs=1)
+        for n, sample in enumerate(loader):
+            if n == records_per_kind:
+                break
+            for segment in stage.segments(pre, sample.record):
+                batches.extend(packer.add(segment))
+    batches.extend(packer.flush())
+    if not batches:
+        raise ValueError(f"{data}: split {split!r} holds no records of {sorted(stage.mix)}; "
+                         f"validation needs some (data.splits)")
+    return batches
+
+
+def _batch_generator(seed: int, index: int) -> torch.Generator:
+    digest = hashlib.sha256(f"validation/{seed}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@torch.no_grad()
+def validation_losses(stage: Stage, model: "ReasonEditModel", batches: list, cfg: "ExperimentConfig",
+                      device: torch.device | str = "cpu") -> dict[str, float]:
+    """Each loss term over all `batches`, token-weighted, with noise and timesteps fixed per batch index."""
+    was_training = model.training
+    model.eval()
+    totals = {term: LossSum(torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+              for term in stage.terms}
+    try:
+        for i, batch in enumerate(batches):
+            ctx = StageContext(cfg.flow_matching, _batch_generator(cfg.seed, i), torch.device(device))
+            for term, s in stage.loss_sums(model, batch, ctx).items():
+                totals[term] = totals[term] + LossSum(s.sum.detach().double().cpu(), s.count.double().cpu())
+    finally:
+        model.train(was_training)
+    return {term: float(t.sum / t.count) if t.count > 0 else float("nan") for term, t in totals.items()}
+
+
+__all__ = ["validation_batches", "validation_losses"]
