@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .config import ConfigError
     from .data.samples import SchemaError
     from .data.synth import SynthError
-    from .errors import NotBuiltError
+    from .errors import NotBuiltError, RemoteServiceError
 
     try:
         if args.command in planned:
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotBuiltError as e:
         print(f"reasonedit: {e}", file=sys.stderr)
         return EXIT_NOT_BUILT
-    except (ConfigError, SynthError, SchemaError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, SynthError, SchemaError, FileNotFoundError, ValueError, RemoteServiceError) as e:
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     parser.error(f"unknown command {args.command}")

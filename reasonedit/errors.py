@@ -7,3 +7,7 @@ class NotBuiltError(RuntimeError):
     def __init__(self, what: str, issue: int):
         super().__init__(f"{what} is not built yet (planned in issue #{issue}); nothing was run")
         self.issue = issue
+
+
+class RemoteServiceError(RuntimeError):
+    """A remote service (editor, thinker, judge) could not answer after every retry; names the URL(s)."""

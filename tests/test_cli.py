@@ -25,14 +25,6 @@ def test_a_command_whose_module_is_missing_says_not_built_and_exits_3(monkeypatc
     assert "not built yet" in err and "issue #7" in err
 
 
-@pytest.mark.parametrize("name", sorted(__import__("reasonedit.cli").cli.planned_commands()))
-def test_commands_not_built_yet_say_so_and_exit_3(name):
-    from reasonedit import cli
-    res = run_cli(name)
-    assert res.returncode == 3
-    assert "not built yet" in res.stderr and f"issue #{cli.PLUGINS[name][2]}" in res.stderr
-
-
 def test_synth_verify_and_sheet(tmp_path):
     out = tmp_path / "d"
     res = run_cli("data", "synth", "--out", out, "--n", 4, "--splits", "train,val", "--seed", 3, "--shard-size", 3)

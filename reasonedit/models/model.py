@@ -19,14 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from reasonedit.publish import staged_folder
 
 from .config import ModelConfig
 from .generator import GeneratorSample, PackedQwenImageTransformer, load_diffusers_transformer
@@ -187,10 +187,7 @@ class ReasonEditModel(torch.nn.Module):
     # -- save -----------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the whole model folder; it appears under `path` only once complete."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-        try:
+        with staged_folder(path) as staging:
             self.reasoner.save_pretrained(staging / "reasoner")
             components = ["reasoner"]
             if self.generator is not None:
@@ -202,18 +199,7 @@ class ReasonEditModel(torch.nn.Module):
             meta = {"format": "reasonedit", "version": FORMAT_VERSION, "model": _config_dict(self.config),
                     "components": components}
             (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            staging.chmod(0o755)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{os.getpid()}"
-                os.replace(path, old)
-                os.replace(staging, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return path
+        return Path(path)
 
     # -- the model's two jobs: condition states and latents ------------------------------------
     def encode_condition(self, images: Sequence, instructions: Sequence[str], packed: bool = True) -> list[torch.Tensor]:
@@ -243,6 +229,51 @@ class ReasonEditModel(torch.nn.Module):
         batch = batch.to(device)
         return target_predictions(batch, self.generator(batch))
 
+    # -- think -> edit -> reflect (reasonedit.inference); one sample, or lists of samples --------
+    def think(self, source, instruction):
+        """The concrete instruction for (source, abstract instruction); lists in, list out."""
+        from reasonedit.inference.builtin import ReasonerThinker
+        sources, instructions, single = _as_batch(source, instruction)
+        out = ReasonerThinker(self).think(sources, instructions)
+        return out[0] if single else out
+
+    def edit(self, source, instruction, *, seed: int = 0, guidance_scale: float = 4.0,
+             num_inference_steps: int = 28, negative_prompt: str = " ", sampler=None):
+        """Edited uint8 (H, W, 3) image(s) from the generator alone; lists run as one packed batch."""
+        from reasonedit.inference.builtin import GeneratorEditor
+        from reasonedit.inference.types import EditRequest
+        sources, instructions, single = _as_batch(source, instruction)
+        requests = [EditRequest(image=s, prompt=i, seed=seed, guidance_scale=guidance_scale,
+                                num_inference_steps=num_inference_steps, negative_prompt=negative_prompt)
+                    for s, i in zip(sources, instructions)]
+        out = GeneratorEditor(self, sampler).edit(requests)
+        return out[0] if single else out
+
+    def reflect(self, source, edited, instruction, previous=None):
+        """A `Reflection` (description, score, reason, decision) on each edited image."""
+        from reasonedit.inference.builtin import ReasonerThinker
+        sources, instructions, single = _as_batch(source, instruction)
+        edits = [edited] if single else list(edited)
+        prev = [previous] * len(sources) if previous is None or isinstance(previous, str) else list(previous)
+        out = ReasonerThinker(self).reflect(sources, edits, instructions, prev)
+        return out[0] if single else out
+
+    def edit_with_reasoning(self, source, instruction, *, think: bool = True, reflect: bool = True,
+                            rounds: int = 3, seed: int = 0, guidance_scale: float = 4.0,
+                            num_inference_steps: int = 28, negative_prompt: str = " ", sampler=None,
+                            generate=None, progress=None):
+        """The think -> edit -> reflect loop with this model as editor and thinker: a `Trace` per sample.
+        `generate` replaces the reasoner's text generation (a `messages_batch -> list[str]` callable)."""
+        from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
+        from reasonedit.inference.loop import edit_with_reasoning
+        sources, instructions, single = _as_batch(source, instruction)
+        thinker = ReasonerThinker(self, generate=generate) if (think or reflect) else None
+        traces = edit_with_reasoning(GeneratorEditor(self, sampler), thinker, sources, instructions, think=think,
+                                     reflect=reflect, rounds=rounds, seed=seed, guidance_scale=guidance_scale,
+                                     num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+                                     progress=progress)
+        return traces[0] if single else traces
+
     def _need(self, component: str) -> None:
         if getattr(self, component) is None:
             raise ValueError(f"this ReasonEditModel was loaded without its {component}; "
@@ -251,6 +282,16 @@ class ReasonEditModel(torch.nn.Module):
     def _vae_device(self) -> torch.device:
         params = list(self.vae.parameters())
         return params[0].device if params else torch.device("cpu")
+
+
+def _as_batch(source, instruction) -> tuple[list, list[str], bool]:
+    """(sources, instructions, single): one image and one string, or two lists of the same length."""
+    if isinstance(instruction, str):
+        return [source], [instruction], True
+    sources, instructions = list(source), list(instruction)
+    if len(sources) != len(instructions):
+        raise ValueError(f"{len(sources)} source images for {len(instructions)} instructions")
+    return sources, instructions, False
 
 
 __all__ = ["COMPONENTS", "CONFIG_FILE", "ReasonEditModel", "build_codec", "build_generator"]

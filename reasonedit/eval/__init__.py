@@ -1,0 +1,1 @@
+"""The eval harness: benchmark readers (`benchmarks/`), their interface (`benchmark.py`), official scoring and reports."""

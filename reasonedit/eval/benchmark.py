@@ -1,0 +1,376 @@
+"""The interface every benchmark implements, and the records that flow between generation, judging and scoring.
+
+Contract (the runner, the judge client and the CLI rely on exactly this):
+
+1. ``bench = get_benchmark(name, **options)`` (or ``BENCHMARKS[name](**options)``); names are
+   ``shapes``, ``gedit``, ``imgedit``, ``kris``, ``rise``.
+2. ``bench.load(data_dir)`` reads the user's local copy in the benchmark's official layout and
+   validates it; a missing directory, file or field raises ``BenchmarkDataError`` (a ValueError)
+   naming the path and the field. ``shapes`` also accepts ``None``: scenes made on the fly from
+   its seed (held out: only scenes of the synth ``test`` split).
+3. ``bench.samples()`` -> the ``BenchSample`` list, in a stable order (keys are unique).
+   ``bench.source_images(sample)`` -> the input image(s) as uint8 (H, W, 3) arrays, in order.
+4. ``bench.output_path(images_dir, sample, model_name)`` -> where the edited image goes, in the
+   layout the benchmark's official scoring scripts read (so they can score the same images).
+   ``bench.find_output(images_dir, sample, model_name)`` -> that file, or the same stem with another
+   image extension (.jpg, ...), or None: the sample is "missing". Scoring images made elsewhere
+   (``--images``) is the same call.
+5. Per sample with an edited image present:
+   - ``bench.uses_judge`` False (shapes): ``bench.oracle_scores(sample, edited_path)`` -> scores.
+   - ``bench.uses_judge`` True: ``bench.judge_queries(sample, edited_path)`` -> ``JudgeQuery`` list;
+     send each (prompt text + images in order) to the judge, then ``parse_reply(query, text)`` ->
+     ``{metric: float}``; it raises ``ParseError`` on anything it cannot read (never guesses).
+     Merge the dicts of all queries of the sample into ``SampleResult.scores``.
+6. Build one ``SampleResult`` per sample: status "ok" (every query parsed), "missing" (no edited
+   image) or "failed" (a reply did not parse, the judge gave up, or the oracle could not read the
+   image; ``error`` says why). Copy the sample's ``category``, ``language`` and ``meta`` (scoring
+   reads e.g. GEdit's "intersection", RISE's "consistency_free" and "binary" from it), the judge id
+   and temperature. Scores of a failed sample are ignored by ``score``. ``to_dict``/``from_dict``
+   round-trip it through JSON (for resumable JSONL files).
+7. ``bench.score(results)`` -> the report dict below, as the benchmark's
+   official protocol defines it. Missing and failed samples are counted in every category they
+   belong to and are left out of the means (as the official scripts leave out what they cannot
+   score); they are never given a guessed score.
+8. ``reasonedit.eval.report.write_reports(out_dir, {mode: report}, Stamp(...), {mode: results})``
+   writes results.json, report.md and the charts; ``ablation_table({mode: shapes report})`` is the
+   paper's ablation table.
+
+Report dict (JSON-serialisable)::
+
+    {"benchmark": "gedit",
+     "metrics": ["SC", "PQ", "O"],          # table column order
+     "primary": "O",                        # the headline metric, the one charts compare
+     "counts": {"total": n, "ok": n, "missing": n, "failed": n},
+     "sections": {                          # e.g. "en/fullset", "en/intersection"; "all" when one
+        NAME: {"overall": {metric: value},  # value None when nothing was scored
+               "by_category": {category: {metric: value, "n": total, "ok": n, "missing": n, "failed": n}}}},
+     "notes": ["how overall is computed", ...]}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+STATUSES = ("ok", "missing", "failed")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class BenchmarkDataError(ValueError):
+    """A benchmark directory that is missing or not in the official layout; names the path and field."""
+
+
+class ParseError(ValueError):
+    """A judge reply that cannot be read as the scores the query asked for."""
+
+
+@dataclass
+class BenchSample:
+    """One benchmark item. `sources` are the input image paths in order (empty for generated scenes)."""
+
+    key: str
+    category: str
+    instruction: str
+    sources: list[Path] = field(default_factory=list)
+    language: str = "en"
+    # benchmark-specific: GEdit "intersection"; KRIS "gt_image", "explanation", "group", "knowledge";
+    # RISE "reference_text", "reference_image", "consistency_free", "binary"; shapes "target_scene", ...
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeQuery:
+    """One request to the judge: a prompt and images, and how its reply turns into named scores.
+
+    `reply_format` selects the parser in `REPLY_PARSERS`; `metrics` are the names it yields, in
+    reply order; `scale` is the (low, high) range every score must lie in.
+    """
+
+    name: str
+    prompt: str
+    images: list[Path]
+    metrics: tuple[str, ...]
+    reply_format: str
+    scale: tuple[float, float] = (0.0, 10.0)
+    system: str | None = None
+
+
+@dataclass
+class SampleResult:
+    """What happened to one sample: its scores, or why it has none."""
+
+    key: str
+    category: str
+    status: str  # ok | missing | failed
+    scores: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    judge: str | None = None  # judge model id ("oracle" for shapes)
+    temperature: float | None = None
+    language: str = "en"
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"SampleResult {self.key}: status {self.status!r} is not one of {STATUSES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SampleResult":
+        missing = [k for k in ("key", "category", "status") if k not in d]
+        if missing:
+            raise ValueError(f"result record {d.get('key', '?')}: missing field(s) {missing}")
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# -- judge replies ------------------------------------------------------------------------------
+def _json_object(text: str) -> dict:
+    """The JSON object in a reply, allowing a ```json fence or prose around one {...} block."""
+    import json
+    body = text.strip()
+    if "```" in body:
+        parts = body.split("```")
+        if len(parts) >= 3:
+            body = parts[1]
+            if body.lstrip().lower().startswith("json"):
+                body = body.lstrip()[4:]
+    start, end = body.find("{"), body.rfind("}")
+    if start < 0 or end < start:
+        raise ParseError("no JSON object in the reply")
+    try:
+        doc = json.loads(body[start:end + 1])
+    except json.JSONDecodeError as e:
+        raise ParseError(f"the JSON object in the reply does not parse ({e.msg})") from None
+    if not isinstance(doc, dict):
+        raise ParseError("the reply's JSON is not an object")
+    return doc
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ParseError(f"{what} is {value!r}, not a number")
+    if not math.isfinite(value):
+        raise ParseError(f"{what} is {value!r}, not a finite number")
+    return float(value)
+
+
+def parse_score_list(query: JudgeQuery, text: str) -> list[float]:
+    """A JSON object whose "score" is a list with one number per metric (VIEScore's format)."""
+    doc = _json_object(text)
+    if "score" not in doc:
+        raise ParseError('the reply has no "score" field')
+    raw = doc["score"]
+    if not isinstance(raw, list):
+        raw = [raw]
+    if len(raw) != len(query.metrics):
+        raise ParseError(f'"score" has {len(raw)} value(s); {query.name} asks for {len(query.metrics)}')
+    return [_number(v, f'"score"[{i}]') for i, v in enumerate(raw)]
+
+
+def parse_score_fields(query: JudgeQuery, text: str) -> list[float]:
+    """A JSON object with one numeric field per metric, named as the metric."""
+    doc = _json_object(text)
+    out = []
+    for m in query.metrics:
+        if m not in doc:
+            raise ParseError(f'the reply has no "{m}" field')
+        out.append(_number(doc[m], f'"{m}"'))
+    return out
+
+
+def parse_score_lines(query: JudgeQuery, text: str) -> list[float]:
+    """Lines "<label>: <integer>" (ImgEdit's format): exactly one per metric, taken in reply order."""
+    import re
+    hits = re.findall(r"^[ \t*#-]*([^:\n\d][^:\n]*?)[ \t*]*[:：][ \t*]*(\d+)[ \t*]*$", text, flags=re.MULTILINE)
+    if len(hits) != len(query.metrics):
+        found = ", ".join(f"{label.strip()}: {v}" for label, v in hits) or "none"
+        raise ParseError(f'expected {len(query.metrics)} lines "<criterion>: <integer>", found {len(hits)} ({found})')
+    return [float(v) for _, v in hits]
+
+
+def parse_final_score(query: JudgeQuery, text: str) -> list[float]:
+    """One "Final Score: N" line (RISEBench's format); one metric per query."""
+    import re
+    if len(query.metrics) != 1:
+        raise ValueError(f"{query.name}: reply_format final_score yields one metric, not {len(query.metrics)}")
+    hits = re.findall(r"final\s+score\**\s*[:：]?\s*\**\s*(-?\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
+    if not hits:
+        raise ParseError('the reply has no "Final Score: <number>" line')
+    if len(set(float(h) for h in hits)) > 1:
+        raise ParseError(f'the reply gives more than one final score ({", ".join(hits)})')
+    return [float(hits[0])]
+
+
+REPLY_PARSERS: dict[str, Callable[[JudgeQuery, str], list[float]]] = {
+    "score_list": parse_score_list,
+    "score_fields": parse_score_fields,
+    "score_lines": parse_score_lines,
+    "final_score": parse_final_score,
+}
+
+
+def parse_reply(query: JudgeQuery, text: str) -> dict[str, float]:
+    """The named scores in a judge reply; ParseError when the reply does not hold exactly them in range."""
+    if not isinstance(text, str) or not text.strip():
+        raise ParseError(f"{query.name}: the reply is empty")
+    try:
+        parser = REPLY_PARSERS[query.reply_format]
+    except KeyError:
+        raise ValueError(f"{query.name}: unknown reply_format {query.reply_format!r}; "
+                         f"known: {sorted(REPLY_PARSERS)}") from None
+    try:
+        values = parser(query, text)
+    except ParseError as e:
+        raise ParseError(f"{query.name}: {e}") from None
+    lo, hi = query.scale
+    for m, v in zip(query.metrics, values):
+        if not lo <= v <= hi:
+            raise ParseError(f"{query.name}: {m} = {v:g} is outside the scale [{lo:g}, {hi:g}]")
+    return dict(zip(query.metrics, values))
+
+
+# -- the interface ------------------------------------------------------------------------------
+class Benchmark:
+    """Base of every benchmark: read the official layout, place outputs, ask the judge, score."""
+
+    name: str = ""
+    uses_judge: bool = True
+
+    def __init__(self) -> None:
+        self._samples: list[BenchSample] | None = None
+        self.data_dir: Path | None = None
+
+    def load(self, data_dir: str | Path | None) -> "Benchmark":
+        raise NotImplementedError
+
+    def samples(self) -> list[BenchSample]:
+        if self._samples is None:
+            raise RuntimeError(f"{self.name}: call load(data_dir) before samples()")
+        return self._samples
+
+    def source_images(self, sample: BenchSample) -> list[np.ndarray]:
+        """The input images of a sample as uint8 (H, W, 3) arrays."""
+        from PIL import Image
+        out = []
+        for p in sample.sources:
+            with Image.open(p) as im:
+                out.append(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+        return out
+
+    def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
+        raise NotImplementedError
+
+    def find_output(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path | None:
+        """The edited image of a sample if present: `output_path`, or the same stem with another image
+        extension (the official scripts accept .png and .jpg); None when it is missing."""
+        path = self.output_path(images_dir, sample, model_name)
+        for candidate in [path] + [path.with_suffix(ext) for ext in IMAGE_EXTENSIONS if ext != path.suffix]:
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
+        raise NotImplementedError(f"{self.name} has no judge queries")
+
+    def oracle_scores(self, sample: BenchSample, edited_path: Path) -> dict[str, float]:
+        raise NotImplementedError(f"{self.name} is scored by a judge, not an oracle")
+
+    def score(self, results: Sequence[SampleResult]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+# -- helpers the benchmarks share -----------------------------------------------------------------
+def mean(values: Iterable[float]) -> float | None:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else None
+
+
+def counts(results: Iterable[SampleResult]) -> dict[str, int]:
+    out = {"n": 0, "ok": 0, "missing": 0, "failed": 0}
+    for r in results:
+        out["n"] += 1
+        out[r.status] += 1
+    return out
+
+
+def total_counts(results: Sequence[SampleResult]) -> dict[str, int]:
+    c = counts(results)
+    return {"total": c["n"], "ok": c["ok"], "missing": c["missing"], "failed": c["failed"]}
+
+
+def group_by(results: Iterable[SampleResult], key: Callable[[SampleResult], str | None]) -> dict[str, list[SampleResult]]:
+    out: dict[str, list[SampleResult]] = {}
+    for r in results:
+        k = key(r)
+        if k is not None:
+            out.setdefault(k, []).append(r)
+    return out
+
+
+def row(results: Sequence[SampleResult], metrics: dict[str, float | None]) -> dict[str, Any]:
+    """One table row: the metric values and the sample counts behind them."""
+    return {**metrics, **counts(results)}
+
+
+def ok_only(results: Iterable[SampleResult]) -> list[SampleResult]:
+    return [r for r in results if r.status == "ok"]
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file of the benchmark; a missing or unparsable one is a BenchmarkDataError naming it."""
+    import json
+    if not path.is_file():
+        raise BenchmarkDataError(f"{what}: {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchmarkDataError(f"{what}: {path} is not valid JSON ({e})") from None
+
+
+def require(record: dict, fields: Sequence[str], where: str, types: dict[str, type | tuple] | None = None) -> None:
+    """Every field present (and of its type where given); otherwise a BenchmarkDataError naming it."""
+    if not isinstance(record, dict):
+        raise BenchmarkDataError(f"{where}: expected an object, got {type(record).__name__}")
+    for f in fields:
+        if f not in record or record[f] is None:
+            raise BenchmarkDataError(f"{where}: missing field {f!r}")
+        if types and f in types and not isinstance(record[f], types[f]):
+            raise BenchmarkDataError(f"{where}: field {f!r} is {record[f]!r}, expected {types[f]}")
+
+
+def existing_file(root: Path, rel: str, where: str, field_name: str) -> Path:
+    path = root / rel
+    if not path.is_file():
+        raise BenchmarkDataError(f"{where}: field {field_name!r} names {path}, which does not exist")
+    return path
+
+
+def get_benchmark(name: str, **options: Any) -> Benchmark:
+    """A fresh benchmark by name (not loaded yet)."""
+    from .benchmarks import BENCHMARKS as registry
+    if name not in registry:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(registry)}")
+    return registry[name](**options)
+
+
+def __getattr__(name: str) -> Any:
+    # the registry lives with the benchmarks, which import this module; resolve it lazily
+    if name == "BENCHMARKS":
+        from .benchmarks import BENCHMARKS as registry
+        return registry
+    raise AttributeError(name)
+
+
+__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkDataError", "BenchSample", "JudgeQuery", "ParseError",
+           "REPLY_PARSERS", "STATUSES", "SampleResult", "get_benchmark", "parse_reply"]

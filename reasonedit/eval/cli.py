@@ -1,0 +1,182 @@
+"""Score a model on shapes, GEdit-Bench, ImgEdit-Bench, KRIS-Bench or RISE-Bench.
+
+Generate and score:  reasonedit eval --bench B --data DIR --model MODEL_DIR --modes base,think,think_reflect
+External services:   reasonedit eval --bench B --data DIR --editor URL[,URL] [--thinker URL --thinker-model M]
+Score images only:   reasonedit eval --bench B --data DIR --images IMAGES_DIR [--model-name NAME]
+Images go to OUT/images/<mode>/ in the benchmark's official output layout; reports (results.json,
+report.md, PNG charts) to OUT. Re-running skips every image already there and every judge reply
+already in OUT/judge_cache.jsonl. Judged benchmarks need --judge-url/--judge-model (or
+REASONEDIT_JUDGE_BASE_URL/_MODEL/_API_KEY, falling back to OPENAI_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .runner import MODES, GenerationSettings, ModeRun, Shard, build_agents, default_model_name
+
+RESIZE_POLICY = "none"  # edits keep the source size; the judge gets the image files as written
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--bench", required=True, help="shapes | gedit | imgedit | kris | rise")
+    p.add_argument("--data", type=Path, help="the benchmark's local copy in its official layout "
+                   "(shapes: a `reasonedit data synth` dataset, or leave out to make held-out scenes)")
+    g = p.add_argument_group("what makes the images")
+    g.add_argument("--model", type=Path, help="a ReasonEditModel folder (editor and thinker)")
+    g.add_argument("--modes", default="base", help=f"comma-separated among {','.join(MODES)} (default base)")
+    g.add_argument("--editor", help="HTTP editing service URL(s), comma-separated (round robin)")
+    g.add_argument("--thinker", help="OpenAI-compatible chat base URL used as the thinker (e.g. http://host:8000/v1)")
+    g.add_argument("--thinker-model", help="the thinker's model name (or OPENAI_MODEL)")
+    g.add_argument("--thinker-key", help="the thinker's API key (or OPENAI_API_KEY)")
+    g.add_argument("--thinker-contract", default="reasonedit", help="reasonedit | editthinker")
+    g.add_argument("--images", type=Path, help="score images generated elsewhere, laid out as the benchmark's "
+                   "official scripts expect (no generation)")
+    g.add_argument("--model-name", help="the model's folder name in the output layout (default: from --model, "
+                   "'editor' for --editor, the only folder under --images)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--rounds", type=int, default=3, help="think_reflect: at most this many edit rounds")
+    g.add_argument("--steps", type=int, default=28, help="sampling steps per edit")
+    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    g.add_argument("--seed", type=int, default=0, help="base seed (each sample's seed also depends on its key)")
+    g.add_argument("--batch-size", type=int, default=4, help="samples edited at once")
+    g.add_argument("--shard", default="0/1", help="i/n: this process takes samples i, i+n, ... (generation only "
+                   "when n > 1; score with one run without --shard once every shard is done)")
+    g.add_argument("--limit", type=int, help="only the first N samples of each category (task type, kind)")
+    g = p.add_argument_group("judge (gedit, imgedit, kris, rise)")
+    g.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    g.add_argument("--judge-model", help="e.g. gpt-4.1")
+    g.add_argument("--judge-key", help="API key (better: REASONEDIT_JUDGE_API_KEY)")
+    g.add_argument("--judge-temperature", type=float, default=0.0)
+    g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request")
+    g.add_argument("--judge-retries", type=int, default=4, help="retries after a timeout, 429 or 5xx")
+    g.add_argument("--concurrency", type=int, default=8, help="judge (and HTTP editor) requests in flight at once")
+    g.add_argument("--judge-cache", type=Path, help="reply cache (default OUT/judge_cache.jsonl)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/eval/<bench>)")
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes {text!r}: choose from {','.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def _bench(args: argparse.Namespace):
+    from .benchmark import get_benchmark
+
+    if args.bench == "shapes" and args.data is None and args.limit is not None:
+        bench = get_benchmark("shapes", n=args.limit)  # make only the scenes the run will use
+    else:
+        bench = get_benchmark(args.bench)
+    return bench.load(args.data)
+
+
+def _judge(args: argparse.Namespace, bench, out: Path):
+    if not bench.uses_judge:
+        return None
+    from .judge import Judge, JudgeSettings
+
+    settings = JudgeSettings.resolve(args.judge_url, args.judge_model, args.judge_key,
+                                     temperature=args.judge_temperature, timeout=args.judge_timeout,
+                                     retries=args.judge_retries, concurrency=args.concurrency)
+    return Judge(settings, cache=args.judge_cache or out / "judge_cache.jsonl")
+
+
+def _images_model_name(images: Path, given: Optional[str]) -> str:
+    if given:
+        return given
+    if not images.is_dir():
+        raise FileNotFoundError(f"--images {images}: no such folder")
+    names = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(names) != 1:
+        raise ValueError(f"--images {images}: holds {len(names)} model folders ({', '.join(names) or 'none'}); "
+                         "name the one to score with --model-name")
+    return names[0]
+
+
+def print_reports(bench_name: str, reports: dict, stamp) -> None:
+    from .report import ablation_table, comparison_table, section_table
+
+    print(stamp.line())
+    if bench_name == "shapes":
+        print(ablation_table(reports))
+        return
+    first = next(iter(reports.values()))
+    for section in first["sections"]:
+        if len(reports) > 1:
+            print(comparison_table(reports, section))
+        else:
+            print(f"{section}\n\n{section_table(first, section)}")
+        print()
+
+
+def run(args: argparse.Namespace) -> int:
+    from reasonedit.cli import Progress
+
+    from .report import Stamp, write_reports
+    from .runner import score
+
+    shard = Shard.parse(args.shard)
+    bench, limit = _bench(args), args.limit
+    out = args.out or Path("runs") / "eval" / bench.name
+    progress = Progress()
+    judge = None if shard.count > 1 else _judge(args, bench, out)
+    try:
+        if args.images is not None:
+            if args.model is not None or args.editor is not None:
+                raise ValueError("--images scores images made elsewhere: leave out --model and --editor")
+            if shard.count > 1:
+                raise ValueError("--shard splits generation; --images scores every sample in one run: leave it out")
+            name = _images_model_name(args.images, args.model_name)
+            print(f"scoring {bench.name} images of {name} under {args.images}", file=sys.stderr)
+            run_ = ModeRun(name, args.images)
+            run_.results, run_.scoring = score(bench, args.images, name, judge, limit, shard, progress)
+            run_.report = bench.score(run_.results)
+            runs, model_label = {name: run_}, name
+        else:
+            from .runner import run_modes
+
+            modes = _modes(args.modes)
+            editor, thinker = build_agents(args.model, args.editor, args.thinker, modes,
+                                           thinker_model=args.thinker_model, thinker_key=args.thinker_key,
+                                           thinker_contract=args.thinker_contract, concurrency=args.concurrency)
+            name = args.model_name or default_model_name(args.model, args.editor)
+            settings = GenerationSettings(rounds=args.rounds, steps=args.steps, guidance=args.guidance,
+                                          seed=args.seed, batch_size=args.batch_size, limit=limit, shard=shard)
+            runs = run_modes(bench, editor, thinker, modes, out, name, settings, judge,
+                             score_images=shard.count == 1, progress=progress)
+            for mode, r in runs.items():
+                g = r.generation
+                print(f"{mode}: generated {g.generated} of {g.total} ({g.done_before} already done) in "
+                      f"{g.seconds:.1f}s -> {r.images_dir}", file=sys.stderr)
+            model_label = f"{name} ({', '.join(filter(None, [str(args.model or ''), args.editor or '']))})"
+            if shard.count > 1:
+                print(f"shard {shard}: images written; once every shard is done, run the same command "
+                      "without --shard to score them")
+                return 0
+    finally:
+        if judge is not None:
+            judge.close()
+    stamp = Stamp(model=model_label, judge=judge.settings.judge_id if judge else "oracle",
+                  temperature=judge.settings.temperature if judge else None, resize_policy=RESIZE_POLICY)
+    reports = {m: r.report for m, r in runs.items()}
+    paths = write_reports(out, reports, stamp, {m: r.results for m, r in runs.items()})
+    print_reports(bench.name, reports, stamp)
+    for r in runs.values():
+        c = r.report["counts"]
+        if c["missing"] or c["failed"]:
+            print(f"{r.mode}: {c['missing']} missing and {c['failed']} failed of {c['total']} samples "
+                  f"(see {paths['results']})", file=sys.stderr)
+    if judge is not None:
+        s = judge.stats
+        print(f"judge: {s.requests} requests, {s.cache_hits} cached replies, {s.retries} retries, "
+              f"{s.failures} gave up", file=sys.stderr)
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+    return 0

@@ -1,0 +1,407 @@
+"""An OpenAI-compatible vision judge: chat completions with images as base64 data URLs.
+
+`Judge.ask(requests)` sends each `JudgeRequest` (a prompt and images, in order) to
+`{base_url}/chat/completions`, at most `concurrency` at a time, retrying timeouts, transport errors,
+429 and 5xx with exponential backoff (and the server's Retry-After, when it sends one). Every reply
+is appended to a persistent cache keyed by (model, system, prompt, images' SHA-256, temperature,
+max_tokens), so a run killed at any point resumes without asking for a reply it already has. A
+request that still fails after its retries comes back as a `JudgeReply` with `error` set (and is not
+cached, so the next run asks again); the caller records it as a failed sample, never a guess.
+
+Settings come from arguments, else the environment: REASONEDIT_JUDGE_BASE_URL / _API_KEY / _MODEL,
+falling back to OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from reasonedit.errors import RemoteServiceError
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+ENV_PREFIXES = ("REASONEDIT_JUDGE_", "OPENAI_")
+
+
+class JudgeError(RemoteServiceError):
+    """A judge request that failed for good (after retries, or at once for a non-retryable status)."""
+
+
+@dataclass
+class JudgeSettings:
+    """Where the judge is and how to talk to it."""
+
+    base_url: str  # e.g. https://api.openai.com/v1 (the part before /chat/completions)
+    model: str
+    api_key: Optional[str] = None
+    temperature: float = 0.0
+    max_tokens: Optional[int] = 1024
+    timeout: float = 120.0  # seconds per request
+    retries: int = 4  # attempts after the first
+    backoff: float = 1.0  # first wait in seconds; doubles each retry, plus up to as much jitter
+    max_backoff: float = 60.0
+    concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"judge base URL {self.base_url!r} must start with http:// or https://")
+        if self.concurrency < 1:
+            raise ValueError(f"judge concurrency must be at least 1, got {self.concurrency}")
+        if self.retries < 0:
+            raise ValueError(f"judge retries must be 0 or more, got {self.retries}")
+
+    @property
+    def judge_id(self) -> str:
+        """The id recorded with every score: the model and the endpoint that served it."""
+        return f"{self.model}@{self.base_url.rstrip('/')}"
+
+    @classmethod
+    def resolve(cls, base_url: Optional[str] = None, model: Optional[str] = None, api_key: Optional[str] = None,
+                env: Optional[dict] = None, **kwargs) -> "JudgeSettings":
+        """Fill base URL, model and key from the arguments, else REASONEDIT_JUDGE_*, else OPENAI_*."""
+        env = os.environ if env is None else env
+
+        def pick(value, name):
+            if value:
+                return value
+            for prefix in ENV_PREFIXES:
+                if env.get(prefix + name):
+                    return env[prefix + name]
+            return None
+
+        base_url, model, api_key = pick(base_url, "BASE_URL"), pick(model, "MODEL"), pick(api_key, "API_KEY")
+        if not base_url:
+            raise ValueError("no judge base URL: pass --judge-url or set REASONEDIT_JUDGE_BASE_URL (or OPENAI_BASE_URL)")
+        if not model:
+            raise ValueError("no judge model: pass --judge-model or set REASONEDIT_JUDGE_MODEL (or OPENAI_MODEL)")
+        return cls(base_url=base_url, model=model, api_key=api_key, **kwargs)
+
+
+@dataclass
+class JudgeRequest:
+    """One question to the judge: a prompt and its images, in the order the prompt refers to them."""
+
+    prompt: str
+    images: Sequence[ImageInput] = ()
+    system: Optional[str] = None
+
+
+@dataclass
+class JudgeReply:
+    """The judge's answer to one request: `text`, or `error` when none came back."""
+
+    text: Optional[str]
+    judge: str  # JudgeSettings.judge_id
+    temperature: float
+    error: Optional[str] = None
+    cached: bool = False
+    attempts: int = 0  # HTTP requests this reply cost in this run (0 when it came from the cache)
+    seconds: float = 0.0
+    served_model: Optional[str] = None  # the `model` field of the server's reply
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class JudgeStats:
+    """What a judge did in this process: the figures a report prints beside its scores."""
+
+    requests: int = 0  # HTTP requests sent, retries included
+    replies: int = 0  # replies received and cached
+    cache_hits: int = 0
+    retries: int = 0
+    failures: int = 0  # requests given up on
+    by_error: dict[str, int] = field(default_factory=dict)
+
+
+def image_bytes(image: ImageInput) -> bytes:
+    """The bytes sent for an image: a file's bytes as they are, an array encoded as PNG."""
+    if isinstance(image, np.ndarray):
+        from PIL import Image
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"judge images must be uint8 (H, W, 3|4) arrays, got {image.dtype} {image.shape}")
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        return buf.getvalue()
+    if isinstance(image, bytes):
+        return _sendable(image, "judge image bytes")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"judge image {path} does not exist")
+    return _sendable(path.read_bytes(), str(path))
+
+
+def _sendable(data: bytes, what: str) -> bytes:
+    """PNG, JPEG, WebP and GIF go as they are; any other image PIL reads (BMP, TIFF...) is re-encoded as PNG."""
+    try:
+        _mime(data)
+        return data
+    except ValueError:
+        pass
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            buf = io.BytesIO()
+            im.convert("RGB").save(buf, format="PNG")
+    except (UnidentifiedImageError, OSError):
+        raise ValueError(f"{what} is not an image file") from None
+    return buf.getvalue()
+
+
+def _mime(data: bytes) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    raise ValueError("not a PNG, JPEG, WebP or GIF file")
+
+
+def data_url(data: bytes) -> str:
+    return f"data:{_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def cache_key(settings: JudgeSettings, request: JudgeRequest, images: Sequence[bytes]) -> str:
+    """SHA-256 over everything that changes the judge's answer (never the key or the URL)."""
+    doc = {"model": settings.model, "system": request.system, "prompt": request.prompt,
+           "images": [hashlib.sha256(b).hexdigest() for b in images],
+           "temperature": settings.temperature, "max_tokens": settings.max_tokens}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class ReplyCache:
+    """An append-only JSONL file of judge replies, one line per reply, keyed by `cache_key`.
+
+    Each line goes out in one unbuffered O_APPEND write, so a process killed mid-run leaves whole lines
+    plus at most one torn last line, which the next load skips (and reports). Several processes
+    (shards) may append to the same file.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._replies: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.torn_lines = 0
+        if self.path.exists():
+            self._load()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if self.torn_lines:
+            os.write(self._fd, b"\n")  # end the torn line so the next record starts on its own line
+
+    def _load(self) -> None:
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    self._replies[record["key"]] = record
+                except (ValueError, KeyError, TypeError):
+                    self.torn_lines += 1
+                    log.warning("judge cache %s line %d is not a whole record (a killed run?); it is ignored",
+                                self.path, number)
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def get(self, key: str) -> Optional[dict]:
+        return self._replies.get(key)
+
+    def put(self, key: str, record: dict) -> None:
+        record = {"key": key, **record}
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        with self._lock:
+            os.write(self._fd, line)
+            self._replies[key] = record
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Judge:
+    """A vision judge behind an OpenAI-compatible chat-completions endpoint."""
+
+    def __init__(self, settings: JudgeSettings, cache: Union[ReplyCache, str, os.PathLike, None] = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        import httpx
+
+        self.settings = settings
+        self.cache = ReplyCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
+        self.stats = JudgeStats()
+        self._sleep = sleep
+        self._stats_lock = threading.Lock()
+        headers = {"Content-Type": "application/json"}
+        if settings.api_key:
+            headers["Authorization"] = f"Bearer {settings.api_key}"
+        limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
+        self._client = httpx.Client(headers=headers, timeout=settings.timeout, limits=limits)
+        self.url = settings.base_url.rstrip("/") + "/chat/completions"
+
+    def close(self) -> None:
+        self._client.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> "Judge":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for name, n in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def _count_error(self, kind: str) -> None:
+        with self._stats_lock:
+            self.stats.by_error[kind] = self.stats.by_error.get(kind, 0) + 1
+
+    def ask(self, requests: Sequence[JudgeRequest],
+            on_reply: Optional[Callable[[int, JudgeReply], None]] = None) -> list[JudgeReply]:
+        """One reply per request, in order; `on_reply(index, reply)` is called as each one lands."""
+        s = self.settings
+        replies: list[Optional[JudgeReply]] = [None] * len(requests)
+        pending: dict[str, list[int]] = {}  # identical requests in one call are sent once
+        for i, request in enumerate(requests):
+            try:
+                key = cache_key(s, request, [image_bytes(im) for im in request.images])
+            except (OSError, ValueError) as e:  # an unreadable image fails its request, not the whole call
+                self._count(failures=1)
+                self._count_error("bad_image")
+                replies[i] = JudgeReply(text=None, judge=s.judge_id, temperature=s.temperature, error=str(e))
+                if on_reply:
+                    on_reply(i, replies[i])
+                continue
+            hit = self.cache.get(key) if self.cache is not None else None
+            if hit is not None:
+                self._count(cache_hits=1)
+                replies[i] = JudgeReply(text=hit["text"], judge=s.judge_id, temperature=s.temperature, cached=True,
+                                        served_model=hit.get("served_model"))
+                if on_reply:
+                    on_reply(i, replies[i])
+                continue
+            pending.setdefault(key, []).append(i)
+
+        def work(key: str) -> None:
+            # the body (base64 images) is built here, not above, so only `concurrency` of them live at once
+            request = requests[pending[key][0]]
+            reply = self._send(self._body(request, [image_bytes(im) for im in request.images]))
+            if reply.ok and self.cache is not None:
+                self.cache.put(key, {"text": reply.text, "model": s.model, "temperature": s.temperature,
+                                     "served_model": reply.served_model, "time": time.time()})
+            for i in pending[key]:
+                replies[i] = reply
+                if on_reply:
+                    on_reply(i, reply)
+
+        if pending:
+            with ThreadPoolExecutor(max_workers=min(s.concurrency, len(pending)),
+                                    thread_name_prefix="judge") as pool:
+                for future in [pool.submit(work, key) for key in list(pending)]:
+                    future.result()
+        return replies  # type: ignore[return-value]
+
+    def _body(self, request: JudgeRequest, images: Sequence[bytes]) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": data_url(b)}} for b in images]
+        content.append({"type": "text", "text": request.prompt})
+        messages = [{"role": "system", "content": request.system}] if request.system else []
+        messages.append({"role": "user", "content": content})
+        body = {"model": self.settings.model, "messages": messages, "temperature": self.settings.temperature}
+        if self.settings.max_tokens is not None:
+            body["max_tokens"] = self.settings.max_tokens
+        return body
+
+    def _wait(self, attempt: int, retry_after: Optional[float]) -> None:
+        s = self.settings
+        delay = min(s.max_backoff, s.backoff * 2 ** attempt)
+        delay += random.uniform(0, delay)  # jitter: many workers do not come back in step
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, s.max_backoff))
+        self._count(retries=1)
+        self._sleep(delay)
+
+    def _send(self, body: dict) -> JudgeReply:
+        import httpx
+
+        s = self.settings
+        started = time.perf_counter()
+        error, kind, retry_after = "", "", None
+        for attempt in range(s.retries + 1):
+            if attempt:
+                self._wait(attempt - 1, retry_after)
+            retry_after = None
+            self._count(requests=1)
+            try:
+                response = self._client.post(self.url, json=body)
+            except httpx.TimeoutException as e:
+                error, kind = f"timed out after {s.timeout:g}s ({type(e).__name__})", "timeout"
+                continue
+            except httpx.TransportError as e:
+                error, kind = f"{type(e).__name__}: {e}", "transport"
+                continue
+            if response.status_code != 200:
+                error, kind = f"HTTP {response.status_code}: {response.text[:200]}", f"http_{response.status_code}"
+                if response.status_code in RETRY_STATUS:
+                    retry_after = _retry_after(response)
+                    continue
+                if response.status_code in (401, 403):
+                    error += " (check --judge-key / REASONEDIT_JUDGE_API_KEY)"
+                break  # a request the server will never accept: retrying cannot help
+            try:
+                doc = response.json()
+                text = doc["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                error, kind = f"malformed response body: {response.text[:200]!r}", "malformed_body"
+                continue
+            if not isinstance(text, str):
+                error, kind = f"reply has no text content: {str(doc)[:200]}", "no_content"
+                continue
+            self._count(replies=1)
+            return JudgeReply(text=text, judge=s.judge_id, temperature=s.temperature, attempts=attempt + 1,
+                              seconds=time.perf_counter() - started, served_model=doc.get("model"))
+        self._count(failures=1)
+        self._count_error(kind)
+        log.warning("judge request to %s failed: %s", self.url, error)
+        return JudgeReply(text=None, judge=s.judge_id, temperature=s.temperature, error=f"{self.url}: {error}",
+                          attempts=attempt + 1, seconds=time.perf_counter() - started)
+
+
+def _retry_after(response) -> Optional[float]:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: our own backoff is good enough
+
+
+def settings_dict(settings: JudgeSettings) -> dict:
+    """The settings a report records (never the key)."""
+    d = asdict(settings)
+    d.pop("api_key")
+    d["judge"] = settings.judge_id
+    return d

@@ -1,0 +1,385 @@
+"""Generation over a benchmark, and scoring of the images it (or anyone else) wrote.
+
+Two separate paths, so images made elsewhere score the same way as ours:
+
+- `generate(bench, editor, thinker, images_dir, model_name, settings)` edits every sample of its
+  shard that has no image yet at `bench.output_path(...)` (the benchmark's official layout), in
+  batches, writing each image to a temporary file and renaming it into place: a killed run leaves
+  only whole images, and the next run skips them. Mode `base` is a plain edit; `think` rewrites
+  the instruction first; `think_reflect` runs the whole think -> edit -> reflect loop.
+- `score(bench, images_dir, model_name, judge)` gives one `SampleResult` per sample: "missing"
+  when its image is absent (never dropped), "failed" when the judge gave up or a reply did not
+  parse (never guessed), else "ok" with the scores and the judge's id and temperature.
+
+`run_modes` does both for each mode (base, think, think_reflect) into OUT/images/<mode>/, and
+`build_agents` makes the editor and thinker from a model folder and/or HTTP services.
+
+Shards: `--shard i/n` takes the samples whose index in the benchmark's stable order is i mod n,
+so n shards are disjoint and together complete. Seeds are per sample (the run's seed and the
+sample's key), so a sample's image does not depend on the shard, the batch or the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .benchmark import Benchmark, BenchSample, JudgeQuery, ParseError, SampleResult, parse_reply
+
+log = logging.getLogger(__name__)
+
+MODES = ("base", "think", "think_reflect")
+Progress = Callable[[str, int, int], None]  # (label, done, total), as reasonedit.cli.Progress
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """'i/n' with 0 <= i < n."""
+        try:
+            i, n = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"--shard {text!r}: need n >= 1 and 0 <= i < n")
+        return cls(i, n)
+
+    def take(self, samples: Sequence[BenchSample]) -> list[BenchSample]:
+        return [s for k, s in enumerate(samples) if k % self.count == self.index]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass
+class GenerationSettings:
+    """How images are made. `steps`, `guidance` and `seed` go into every edit request."""
+
+    mode: str = "base"
+    rounds: int = 3  # think_reflect: at most this many edit rounds
+    steps: int = 28
+    guidance: float = 4.0
+    seed: int = 0
+    batch_size: int = 4
+    limit: Optional[int] = None  # the first N samples of each category (before sharding)
+    shard: Shard = field(default_factory=Shard)
+    traces_dir: Optional[Path] = None  # think/think_reflect: write each sample's trace JSON here
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        for name in ("rounds", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+
+
+@dataclass
+class GenerationStats:
+    total: int = 0  # samples in this shard
+    done_before: int = 0  # already at their output path (skipped)
+    generated: int = 0
+    multi_source: int = 0  # samples with several inputs, edited from the first (editors take one image)
+    seconds: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def select(bench: Benchmark, limit: Optional[int] = None, shard: Shard = Shard()) -> list[BenchSample]:
+    """The benchmark's samples (the first `limit` of each category, so a short run still covers them all),
+    then this shard's share."""
+    samples = bench.samples()
+    if limit is not None:
+        seen: dict[str, int] = {}
+        kept = []
+        for s in samples:
+            seen[s.category] = seen.get(s.category, 0) + 1
+            if seen[s.category] <= limit:
+                kept.append(s)
+        samples = kept
+    return shard.take(samples)
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """A per-sample seed that does not depend on the shard, batch or limit."""
+    return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 31)
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    """Write an image atomically (temporary file in the same folder, then rename); format from the suffix."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, doc) -> None:
+    """Write JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _edit_batch(editor, thinker, sources: list[np.ndarray], instructions: list[str], seeds: list[int],
+                settings: GenerationSettings) -> tuple[list[np.ndarray], list]:
+    """Edited images (and traces, for the reasoning modes) for one batch."""
+    from reasonedit.inference.types import EditRequest
+
+    if settings.mode == "base":
+        requests = [EditRequest(image=s, prompt=p, seed=seed, guidance_scale=settings.guidance,
+                                num_inference_steps=settings.steps)
+                    for s, p, seed in zip(sources, instructions, seeds)]
+        return editor.edit(requests), []
+    if thinker is None:
+        raise ValueError(f"mode {settings.mode} needs a thinker (a model, or --thinker URL)")
+    from reasonedit.inference.loop import edit_with_reasoning
+
+    traces = edit_with_reasoning(editor, thinker, sources, instructions, think=True,
+                                 reflect=settings.mode == "think_reflect", rounds=settings.rounds,
+                                 seed=seeds, guidance_scale=settings.guidance, num_inference_steps=settings.steps)
+    return [t.image for t in traces], traces
+
+
+def generate(bench: Benchmark, editor, thinker, images_dir: str | os.PathLike, model_name: str,
+             settings: GenerationSettings, progress: Optional[Progress] = None) -> GenerationStats:
+    """Edit every sample of the shard that has no image yet; see the module docstring."""
+    images_dir = Path(images_dir)
+    samples = select(bench, settings.limit, settings.shard)
+    stats = GenerationStats(total=len(samples))
+    todo = []
+    for s in samples:
+        if bench.output_path(images_dir, s, model_name).is_file():
+            stats.done_before += 1
+        else:
+            todo.append(s)
+    log.info("%s %s shard %s: %d samples, %d already done, %d to generate", bench.name, settings.mode,
+             settings.shard, stats.total, stats.done_before, len(todo))
+    started = time.perf_counter()
+    for start in range(0, len(todo), settings.batch_size):
+        batch = todo[start:start + settings.batch_size]
+        sources = []
+        for s in batch:
+            images = bench.source_images(s)
+            if not images:
+                raise ValueError(f"{bench.name} sample {s.key}: no source image")
+            if len(images) > 1:
+                stats.multi_source += 1
+                log.warning("%s sample %s has %d source images; editing the first (an Editor takes one image)",
+                            bench.name, s.key, len(images))
+            sources.append(images[0])
+        edited, traces = _edit_batch(editor, thinker, sources, [s.instruction for s in batch],
+                                     [sample_seed(settings.seed, s.key) for s in batch], settings)
+        for k, (s, image) in enumerate(zip(batch, edited)):
+            if settings.traces_dir is not None and traces:
+                write_json(Path(settings.traces_dir) / f"{_safe(s.key)}.json", traces[k].to_dict())
+            write_image(bench.output_path(images_dir, s, model_name), image)
+        stats.generated += len(batch)
+        if progress:
+            progress(f"{bench.name} {settings.mode}", stats.generated, len(todo))
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+@dataclass
+class ScoreStats:
+    total: int = 0
+    missing: int = 0
+    failed: int = 0
+    queries: int = 0
+    seconds: float = 0.0
+
+
+def score(bench: Benchmark, images_dir: str | os.PathLike, model_name: str, judge=None,
+          limit: Optional[int] = None, shard: Shard = Shard(),
+          progress: Optional[Progress] = None) -> tuple[list[SampleResult], ScoreStats]:
+    """One SampleResult per selected sample, in order; see the module docstring."""
+    images_dir = Path(images_dir)
+    samples = select(bench, limit, shard)
+    stats = ScoreStats(total=len(samples))
+    started = time.perf_counter()
+    results: list[Optional[SampleResult]] = [None] * len(samples)
+    asks: list[tuple[int, JudgeQuery]] = []  # (sample index, query), all sent to the judge in one call
+    for i, s in enumerate(samples):
+        path = bench.find_output(images_dir, s, model_name)  # the official name, or the same stem as .jpg etc.
+        if path is None:
+            results[i] = _result(s, "missing", error=f"no image at {bench.output_path(images_dir, s, model_name)}")
+            continue
+        if not bench.uses_judge:
+            try:
+                results[i] = _result(s, "ok", scores=bench.oracle_scores(s, path), judge="oracle")
+            except (ValueError, OSError) as e:  # an unreadable image is this sample's failure, not the run's
+                results[i] = _result(s, "failed", error=f"{path}: {e}", judge="oracle")
+            if progress:
+                progress(f"{bench.name} oracle", i + 1, len(samples))
+            continue
+        if judge is None:
+            raise ValueError(f"{bench.name} is scored by a judge: give --judge-url and --judge-model "
+                             "(or REASONEDIT_JUDGE_BASE_URL / _MODEL)")
+        asks.extend((i, q) for q in bench.judge_queries(s, path))
+    if asks:
+        _judge_all(bench, samples, results, asks, judge, progress)
+    stats.queries = len(asks)
+    for r in results:
+        stats.missing += r.status == "missing"
+        stats.failed += r.status == "failed"
+    stats.seconds = time.perf_counter() - started
+    return results, stats  # type: ignore[return-value]
+
+
+def _judge_all(bench: Benchmark, samples: Sequence[BenchSample], results: list, asks: list, judge,
+               progress: Optional[Progress]) -> None:
+    from .judge import JudgeRequest
+
+    requests = [JudgeRequest(prompt=q.prompt, images=list(q.images), system=q.system) for _, q in asks]
+    landed, lock = [0], threading.Lock()
+
+    def on_reply(_index, _reply) -> None:  # called from the judge's worker threads
+        with lock:
+            landed[0] += 1
+            if progress:
+                progress(f"{bench.name} judge", landed[0], len(requests))
+
+    replies = judge.ask(requests, on_reply=on_reply)
+    per_sample: dict[int, list] = {}
+    for (i, q), reply in zip(asks, replies):
+        per_sample.setdefault(i, []).append((q, reply))
+    s_judge, temperature = judge.settings.judge_id, judge.settings.temperature
+    for i, pairs in per_sample.items():
+        s, scores, errors = samples[i], {}, []
+        for q, reply in pairs:
+            if not reply.ok:
+                errors.append(f"{q.name}: judge gave no reply ({reply.error})")
+                continue
+            try:
+                scores.update(parse_reply(q, reply.text))
+            except ParseError as e:
+                errors.append(f"{e} (reply: {reply.text[:120]!r})")
+        status = "failed" if errors else "ok"
+        results[i] = _result(s, status, scores=scores if status == "ok" else {}, error="; ".join(errors) or None,
+                             judge=s_judge, temperature=temperature)
+
+
+def _result(sample: BenchSample, status: str, scores: Optional[dict] = None, error: Optional[str] = None,
+            judge: Optional[str] = None, temperature: Optional[float] = None) -> SampleResult:
+    return SampleResult(key=sample.key, category=sample.category, status=status, scores=scores or {},
+                        meta=dict(sample.meta), error=error, judge=judge, temperature=temperature,
+                        language=sample.language)
+
+
+# -- editors and thinkers ----------------------------------------------------------------------------
+def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_url: Optional[str],
+                 modes: list[str], *, thinker_model: Optional[str] = None, thinker_key: Optional[str] = None,
+                 thinker_contract: str = "reasonedit", concurrency: int = 8):
+    """(editor, thinker) from a model folder and/or HTTP services; a thinker only when a mode needs one."""
+    needs_thinker = any(m != "base" for m in modes)
+    if model_dir is None and editor_url is None:
+        raise ValueError("give --model DIR, --editor URL, or --images DIR (to score images made elsewhere)")
+    if needs_thinker and model_dir is None and thinker_url is None:
+        raise ValueError(f"--modes {','.join(modes)} needs a thinker: give --model DIR or --thinker URL")
+    model = None
+    if model_dir is not None and (editor_url is None or (needs_thinker and thinker_url is None)):
+        from reasonedit.models.model import ReasonEditModel
+
+        components = ("reasoner",) if editor_url is not None else ("reasoner", "generator", "vae")
+        model = ReasonEditModel.from_pretrained(model_dir, components=components)
+    if editor_url is not None:
+        from reasonedit.inference.remote import HttpEditor
+        editor = HttpEditor(editor_url, concurrency=concurrency)
+    else:
+        from reasonedit.inference.builtin import GeneratorEditor
+        editor = GeneratorEditor(model)
+    thinker = None
+    if needs_thinker and thinker_url is not None:
+        from reasonedit.inference.remote import OpenAIThinker
+        thinker = OpenAIThinker(thinker_url, thinker_model, thinker_key, contract=thinker_contract,
+                                concurrency=concurrency)
+    elif needs_thinker:
+        from reasonedit.inference.builtin import ReasonerThinker
+        thinker = ReasonerThinker(model)
+    return editor, thinker
+
+
+def default_model_name(model_dir: Optional[Path], editor_url: Optional[str]) -> str:
+    if model_dir is not None:
+        path = Path(model_dir).resolve()
+        # runs/x/stage3/model -> stage3: the folder a model is saved in is usually called `model`
+        return path.parent.name if path.name == "model" and path.parent.name else path.name
+    return "editor"
+
+
+
+# -- generation then scoring, per mode ------------------------------------------------------------------
+@dataclass
+class ModeRun:
+    """One mode's images, how they were made, and how they scored (`report` is `Benchmark.score`'s)."""
+
+    mode: str
+    images_dir: Path
+    generation: Optional[GenerationStats] = None
+    results: list[SampleResult] = field(default_factory=list)
+    scoring: Optional[ScoreStats] = None
+    report: Optional[dict] = None
+
+
+def run_modes(bench: Benchmark, editor, thinker, modes: Sequence[str], out_dir: str | os.PathLike, model_name: str,
+              settings: GenerationSettings, judge=None, score_images: bool = True,
+              progress: Optional[Progress] = None) -> dict[str, ModeRun]:
+    """For each mode: generate into OUT/images/<mode>/ (official layout), then score unless told not to."""
+    out_dir = Path(out_dir)
+    runs = {}
+    for mode in modes:
+        s = replace(settings, mode=mode, traces_dir=None if mode == "base" else out_dir / "traces" / mode)
+        run = ModeRun(mode, out_dir / "images" / mode)
+        run.generation = generate(bench, editor, thinker, run.images_dir, model_name, s, progress)
+        log.info("%s %s: generated %d (%.2f samples/s), %d were already done", bench.name, mode,
+                 run.generation.generated, run.generation.samples_per_second, run.generation.done_before)
+        if score_images:
+            run.results, run.scoring = score(bench, run.images_dir, model_name, judge, s.limit, s.shard, progress)
+            run.report = bench.score(run.results)
+        runs[mode] = run
+    return runs
+
+
+__all__ = ["GenerationSettings", "GenerationStats", "MODES", "ModeRun", "ScoreStats", "build_agents",
+           "default_model_name", "run_modes", "Shard", "generate", "sample_seed",
+           "score", "select", "write_image", "write_json"]

@@ -1,0 +1,216 @@
+"""The built-in Editor (our generator) and Thinker (our reasoner), both over one ReasonEditModel.
+
+`GeneratorEditor` conditions the generator on the reasoner's states for (source, prompt) and samples with
+`sampler.sample`; one packed batch per distinct step count. `ReasonerThinker` runs the reasoner's roles
+(think; reflect = describe the target, score the edit alone, decide) as batched generation; its text
+generation is a `generate(messages_batch) -> list[str]` callable, so tests can script the replies while
+the real prompt builders and parsers run.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from reasonedit.inference.sampler import SampleSpec, SamplerConfig, sample
+from reasonedit.inference.types import EditRequest, Reflection
+from reasonedit.inference.vision_cache import VisionCache, cached_generate
+from reasonedit.models import prompts
+from reasonedit.models.prompts import ParseError
+
+if TYPE_CHECKING:
+    from reasonedit.models.model import ReasonEditModel
+
+log = logging.getLogger(__name__)
+
+Generate = Callable[[list], list[str]]  # a batch of chat conversations -> one reply each
+_TAG = re.compile(r"<#[^<>\s]*>")  # any decision-style tag
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    return np.array(PILImage.fromarray(image).resize((width, height), PILImage.BICUBIC))
+
+
+def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """A uint8 (H, W, 3) array, or a ValueError that says what it is instead."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{what}: expected a uint8 (H, W, 3) RGB array, got {image.dtype} {image.shape}")
+    return image
+
+
+class GeneratorEditor:
+    """Our generator as an `Editor`: an edit keeps the source's size (rounded to the model's pixel grid inside)."""
+
+    name = "reasonedit-generator"
+
+    def __init__(self, model: "ReasonEditModel", sampler: SamplerConfig | None = None,
+                 progress: Callable[[int, int], None] | None = None):
+        model._need("generator")
+        model._need("vae")
+        self.model = model
+        self.sampler = sampler or SamplerConfig()
+        self.progress = progress
+        # one latent patch of the generator covers this many pixels per side
+        self.multiple = int(model.vae.downsample) * int(model.generator.config.patch_size)
+
+    def edit(self, requests: Sequence[EditRequest]) -> list[np.ndarray]:
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            check_image(r.image, f"request {i}: image")
+            groups[int(r.num_inference_steps)].append(i)
+        out: list[Optional[np.ndarray]] = [None] * len(requests)
+        for steps, index in groups.items():
+            for i, image in zip(index, self._edit_group([requests[i] for i in index], steps)):
+                out[i] = image
+        return out  # type: ignore[return-value]
+
+    def _edit_group(self, requests: Sequence[EditRequest], steps: int) -> list[np.ndarray]:
+        m, k = self.model, self.multiple
+        sizes = [r.image.shape[:2] for r in requests]
+        # the grid needs sides that are multiples of k: resize in, and back out to the caller's size
+        grid = [(max(k, round(h / k) * k), max(k, round(w / k) * k)) for h, w in sizes]
+        images = [_resize(r.image, gh, gw) for r, (gh, gw) in zip(requests, grid)]
+        guided = [r.guidance_scale > 1.0 for r in requests]
+        neg_index = [i for i, g in enumerate(guided) if g]
+        with torch.no_grad():  # prompts and negative prompts: one packed reasoner forward
+            states = m.encode_condition(images + [images[i] for i in neg_index],
+                                        [r.prompt for r in requests] + [requests[i].negative_prompt or " "
+                                                                        for i in neg_index])
+            neg = dict(zip(neg_index, states[len(requests):]))
+            latents = m.encode_images(images)
+        specs = [SampleSpec(text_states=s, sources=[z], shape=tuple(z.shape), seed=r.seed,
+                            guidance_scale=float(r.guidance_scale), negative_states=neg.get(i))
+                 for i, (r, s, z) in enumerate(zip(requests, states, latents))]
+        clean = sample(m.predict, specs, steps, m.generator.config.patch_size, self.sampler, self.progress)
+        decoded = m.decode_latents(clean)
+        return [_resize(img, h, w) for img, (h, w) in zip(decoded, sizes)]
+
+
+class ReasonerThinker:
+    """Our reasoner as a `Thinker`, speaking the decision format of `prompts`.
+
+    generate: replies to a batch of conversations; default greedy generation by `model.reasoner`, with the
+        vision tower's embeddings of each image computed once and reused (`vision_cache=False`: plain
+        `Reasoner.generate`).
+    A reply that does not parse (empty description, bad score, not exactly one decision tag) is recorded
+    in `Reflection.parse_error`, counted in `parse_errors`, and taken as "failed".
+    """
+
+    name = "reasonedit-reasoner"
+
+    def __init__(self, model: Optional["ReasonEditModel"] = None, generate: Optional[Generate] = None,
+                 max_new_tokens: int = 128, vision_cache: bool = True):
+        self.vision_cache: Optional[VisionCache] = None
+        if generate is None:
+            if model is None:
+                raise ValueError("ReasonerThinker needs a model or a generate callable")
+            reasoner = model.reasoner
+            if vision_cache:  # the source's embeddings serve think, describe and decide of every round
+                cache = self.vision_cache = VisionCache()
+
+                def generate(batch: list) -> list[str]:
+                    return cached_generate(reasoner, batch, cache, max_new_tokens=max_new_tokens)
+            else:
+                def generate(batch: list) -> list[str]:
+                    return reasoner.generate(batch, max_new_tokens=max_new_tokens)
+        self.generate = generate
+        self.parse_errors = 0
+
+    def _ask(self, conversations: list) -> list[str]:
+        if not conversations:
+            return []
+        replies = self.generate(conversations)
+        if len(replies) != len(conversations):
+            raise RuntimeError(f"generate returned {len(replies)} replies for {len(conversations)} conversations")
+        return [str(r) for r in replies]
+
+    def think(self, sources: Sequence[np.ndarray], instructions: Sequence[str]) -> list[str]:
+        replies = self._ask([prompts.think(s, i) for s, i in zip(sources, instructions)])
+        out = []
+        for reply, instruction in zip(replies, instructions):
+            text = reply.strip()
+            if not text:  # nothing to act on: the user's own words are the best instruction we have
+                log.warning("think: empty reply for %r; editing with the instruction as given", instruction)
+                self.parse_errors += 1
+                text = instruction
+            out.append(text)
+        return out
+
+    def reflect(self, sources: Sequence[np.ndarray], edited: Sequence[np.ndarray], instructions: Sequence[str],
+                previous: Sequence[Optional[str]]) -> list[Reflection]:
+        n = len(sources)
+        if not (len(edited) == len(instructions) == len(previous) == n):
+            raise ValueError(f"reflect: {n} sources, {len(edited)} edited, {len(instructions)} instructions, "
+                             f"{len(previous)} previous; give one of each per sample")
+        out = [Reflection(decision="failed") for _ in range(n)]
+
+        # 1. the expected target, from the source and the user's instruction
+        t0 = time.perf_counter()
+        described = self._ask([prompts.describe_target(s, i) for s, i in zip(sources, instructions)])
+        _share(out, range(n), "describe", time.perf_counter() - t0)
+        live = []
+        for k, reply in enumerate(described):
+            out[k].raw["describe"] = reply
+            description = reply.strip()
+            if description and not _TAG.search(description):
+                out[k].description = description
+                live.append(k)
+            else:
+                self._fail(out[k], "describe", f"description is empty or holds a decision tag: {reply[:80]!r}")
+
+        # 2. the edited image alone against that description
+        t0 = time.perf_counter()
+        scored = self._ask([prompts.score(edited[k], out[k].description) for k in live])
+        _share(out, live, "score", time.perf_counter() - t0)
+        still = []
+        for k, reply in zip(live, scored):
+            out[k].raw["score"] = reply
+            try:
+                value, reason = prompts.parse_score(reply)
+            except ParseError as e:
+                self._fail(out[k], "score", str(e))
+                continue
+            out[k].score, out[k].reason = float(value), reason
+            still.append(k)
+
+        # 3. the decision, with exactly one decision tag
+        t0 = time.perf_counter()
+        decided = self._ask([prompts.decide(sources[k], previous[k] or instructions[k], out[k].description,
+                                            int(out[k].score), out[k].reason) for k in still])
+        _share(out, still, "decide", time.perf_counter() - t0)
+        for k, reply in zip(still, decided):
+            out[k].raw["decide"] = reply
+            try:
+                d = prompts.parse_decision(reply)
+            except ParseError as e:
+                self._fail(out[k], "decide", str(e))
+                continue
+            out[k].decision, out[k].thought, out[k].instruction = d.kind, d.thought, d.new_instruction
+            out[k].restart = d.kind == "failed"
+        return out
+
+    def _fail(self, reflection: Reflection, phase: str, message: str) -> None:
+        self.parse_errors += 1
+        reflection.decision, reflection.restart = "failed", True
+        reflection.parse_error = f"{phase}: {message}"
+        log.warning("reflect: %s reply did not parse (%s); taken as failed", phase, message)
+
+
+def _share(out: Sequence[Reflection], index: Sequence[int], phase: str, seconds: float) -> None:
+    """Each sample of a batched phase is charged an equal share of its wall time, so shares sum to the total."""
+    index = list(index)
+    for k in index:
+        out[k].timings[phase] = seconds / len(index)
+
+
+__all__ = ["GeneratorEditor", "Generate", "ReasonerThinker", "check_image"]

@@ -1,0 +1,595 @@
+"""Editors and thinkers over HTTP: `HttpEditor` speaks EditThinker-style editing services (`POST /edit`,
+`GET /health`); `OpenAIThinker` speaks any OpenAI-compatible chat endpoint (vLLM, a hosted model).
+
+Both retry what can pass (connection errors, timeouts, 429 and 5xx, bodies that are not what the API
+returns) with exponential backoff and jitter, and fail with a `ServiceError` that names the URL and says
+what each attempt got. A 4xx other than 429 is the request's fault: no retry. See docs/serve.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import httpx
+import numpy as np
+from PIL import Image as PILImage
+
+from reasonedit.errors import RemoteServiceError
+from reasonedit.inference.types import EditRequest, Reflection
+from reasonedit.models import prompts
+from reasonedit.models.prompts import ParseError
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(RemoteServiceError):
+    """A remote service could not answer after every retry; the message names the URL(s) and each failure."""
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way a later attempt may not."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images on the wire: base64 PNG, optionally as a data URL
+
+
+def encode_png(image: np.ndarray) -> str:
+    """A uint8 (H, W, 3) array as base64 PNG text."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image: expected a uint8 (H, W, 3) RGB array, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    PILImage.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def data_url(image: Any) -> str:
+    """An image (array or PIL) as a `data:image/png;base64,...` URL, as chat APIs take images."""
+    if isinstance(image, PILImage.Image):
+        image = np.asarray(image.convert("RGB"))
+    return "data:image/png;base64," + encode_png(image)
+
+
+def decode_image_bytes(raw: bytes, what: str = "image") -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, WebP...) to a uint8 (H, W, 3) array; ValueError naming `what`."""
+    try:
+        with PILImage.open(io.BytesIO(raw)) as im:
+            im.load()
+            return np.array(im.convert("RGB"))  # writable: torch warns on read-only arrays
+    except (PILImage.UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 text, or a data URL, to bytes; ValueError saying what is wrong."""
+    if text.startswith("data:"):
+        text = text.split(",", 1)[1] if "," in text else ""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"not valid base64 ({e})") from None
+
+
+def decode_base64_image(text: str, what: str = "image") -> np.ndarray:
+    """Base64 (or a data URL) to a uint8 (H, W, 3) array; ValueError naming `what` on bad base64 or bytes."""
+    try:
+        raw = decode_base64(text)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
+    return decode_image_bytes(raw, what)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retries and endpoints
+
+
+@dataclass
+class RetryPolicy:
+    """attempts in all (1 = no retry); the wait before retry k is min(max_backoff, backoff * 2**k), times a
+    random factor in [1 - jitter, 1 + jitter] so clients that failed together do not retry together."""
+
+    attempts: int = 4
+    backoff: float = 0.5
+    max_backoff: float = 10.0
+    jitter: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"retries: attempts must be at least 1, got {self.attempts}")
+        if self.backoff < 0 or self.max_backoff < 0 or not 0 <= self.jitter <= 1:
+            raise ValueError("retries: backoff and max_backoff must be >= 0 and jitter in [0, 1]")
+
+    def wait(self, retry: int, retry_after: Optional[float] = None) -> float:
+        base = min(self.max_backoff, self.backoff * 2 ** retry)
+        if retry_after is not None:  # the server said when; still within our bound
+            base = min(self.max_backoff, max(base, retry_after))
+        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+class EndpointPool:
+    """Round robin over base URLs. An endpoint that fails sits out `cooldown` seconds, then is tried again;
+    when every endpoint sits out, the one back soonest is used rather than waiting."""
+
+    def __init__(self, urls: Sequence[str], cooldown: float = 30.0):
+        self.urls = [u.rstrip("/") for u in urls]
+        if not self.urls:
+            raise ValueError("endpoints: give at least one URL")
+        for u in self.urls:
+            if not re.match(r"^https?://[^/\s]+", u):
+                raise ValueError(f"endpoint {u!r}: not an http(s) URL (e.g. http://127.0.0.1:8000)")
+        self.cooldown = cooldown
+        self._down_until = {u: 0.0 for u in self.urls}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def pick(self) -> str:
+        with self._lock:
+            now = time.monotonic()
+            n = len(self.urls)
+            for i in range(n):
+                url = self.urls[(self._next + i) % n]
+                if self._down_until[url] <= now:
+                    self._next = (self._next + i + 1) % n
+                    return url
+            url = min(self.urls, key=self._down_until.__getitem__)
+            self._next = (self.urls.index(url) + 1) % n
+            return url
+
+    def failed(self, url: str) -> None:
+        with self._lock:
+            self._down_until[url] = time.monotonic() + self.cooldown
+
+    def succeeded(self, url: str) -> None:
+        with self._lock:
+            self._down_until[url] = 0.0
+
+    def is_down(self, url: str) -> bool:
+        with self._lock:
+            return self._down_until[url] > time.monotonic()
+
+
+def _retry_after(response: httpx.Response) -> Optional[float]:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _error_text(response: httpx.Response) -> str:
+    """The server's own words for a failure, short."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            if key in body:
+                value = body[key]
+                if isinstance(value, dict):
+                    value = value.get("message", value)
+                return str(value)[:300]
+    return str(body)[:200]
+
+
+def _call_with_retries(pool: EndpointPool, policy: RetryPolicy, attempt: Callable[[str], Any], what: str) -> Any:
+    """Run `attempt(url)` over the pool until it returns; retry on `_Retryable` and transport errors."""
+    failures: list[str] = []
+    for k in range(policy.attempts):
+        url = pool.pick()
+        try:
+            result = attempt(url)
+        except _Retryable as e:
+            failures.append(f"{url}: {e}")
+            retry_after = e.retry_after
+        except httpx.TimeoutException as e:
+            failures.append(f"{url}: timed out ({type(e).__name__})")
+            retry_after = None
+        except httpx.TransportError as e:
+            failures.append(f"{url}: {type(e).__name__}: {e}")
+            retry_after = None
+        else:
+            pool.succeeded(url)
+            return result
+        pool.failed(url)
+        if k + 1 < policy.attempts:
+            delay = policy.wait(k, retry_after)
+            log.warning("%s failed (%s); retry %d/%d in %.2fs", what, failures[-1], k + 1, policy.attempts - 1, delay)
+            time.sleep(delay)
+    raise ServiceError(f"{what} failed after {policy.attempts} attempt(s): " + "; ".join(failures))
+
+
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> ssl.SSLContext:
+    """One verified TLS context for every client: building one per client costs ~40 ms of CPU."""
+    import certifi
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _auth_headers(token: Optional[str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# HttpEditor
+
+
+class HttpEditor:
+    """An `Editor` over EditThinker-style editing services: `POST {url}/edit` with JSON
+    `{image: base64 PNG, prompt, seed, guidance_scale, num_inference_steps, negative_prompt, **extra}`,
+    answered `{success, edited_image, ...}`.
+
+    endpoints: one URL, a comma-separated list, or a list: requests go round robin, a failing endpoint
+        sits out `cooldown` seconds. A batch is sent as up to `concurrency` requests at once.
+    extra: fields added to every request (e.g. `{"enhance_prompt": False}` for EditThinker's servers).
+    """
+
+    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 600.0, retry: Optional[RetryPolicy] = None,
+                 concurrency: int = 8, cooldown: float = 30.0, token: Optional[str] = None,
+                 extra: Optional[dict[str, Any]] = None, name: Optional[str] = None):
+        urls = [u.strip() for u in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
+        self.pool = EndpointPool([u for u in urls if u], cooldown)
+        if concurrency < 1:
+            raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
+        self.timeout, self.retry, self.concurrency = timeout, retry or RetryPolicy(), concurrency
+        self.extra = dict(extra or {})
+        self.name = name or "http:" + ",".join(self.pool.urls)
+        self._client = httpx.Client(timeout=timeout, headers=_auth_headers(token), verify=_tls_context(),
+                                    limits=httpx.Limits(max_connections=max(concurrency, 1) * len(self.pool.urls)))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "HttpEditor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def health(self) -> dict[str, bool]:
+        """Each endpoint: does `GET /health` answer 200 (one try, short timeout)."""
+        out = {}
+        for url in self.pool.urls:
+            try:
+                out[url] = self._client.get(url + "/health", timeout=min(self.timeout, 5.0)).status_code == 200
+            except httpx.HTTPError:
+                out[url] = False
+        return out
+
+    def edit(self, requests: Sequence[EditRequest]) -> list[np.ndarray]:
+        requests = list(requests)
+        if len(requests) <= 1 or self.concurrency == 1:
+            return [self._edit_one(r) for r in requests]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)), thread_name_prefix="http-edit") as ex:
+            return list(ex.map(self._edit_one, requests))
+
+    def _body(self, request: EditRequest) -> dict[str, Any]:
+        return {"image": encode_png(request.image), "prompt": request.prompt, "seed": int(request.seed),
+                "guidance_scale": float(request.guidance_scale),
+                "num_inference_steps": int(request.num_inference_steps),
+                "negative_prompt": request.negative_prompt, **self.extra}
+
+    def _edit_one(self, request: EditRequest) -> np.ndarray:
+        body = self._body(request)
+
+        def attempt(url: str) -> np.ndarray:
+            response = self._client.post(url + "/edit", json=body)
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Retryable(f"HTTP {response.status_code}: {_error_text(response)}", _retry_after(response))
+            if response.status_code >= 400:  # our request is wrong; another try will not fix it
+                raise ServiceError(f"{url}/edit rejected the request: HTTP {response.status_code}: "
+                                   f"{_error_text(response)}")
+            try:
+                answer = response.json()
+            except ValueError:
+                raise _Retryable(f"answer is not JSON: {response.text[:80]!r}") from None
+            if not isinstance(answer, dict) or not answer.get("success"):
+                error = answer.get("error") if isinstance(answer, dict) else None
+                raise _Retryable(f"success is not true ({error or 'no error given'})")
+            if not isinstance(answer.get("edited_image"), str):
+                raise _Retryable("answer has no edited_image")
+            try:
+                return decode_base64_image(answer["edited_image"], "edited_image")
+            except ValueError as e:
+                raise _Retryable(str(e)) from None
+
+        return _call_with_retries(self.pool, self.retry, attempt, f"edit {request.prompt[:40]!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenAIThinker
+
+
+# Our wording of EditThinker's reflection contract (its model was trained on its own prompt file, which
+# `prompt_template=` loads as is). Placeholders as EditThinker's: {original_instruction}, {rewritten_prompt}.
+EDITTHINKER_TEMPLATE = """You see two images: first the original image, then the image edited from it.
+The user asked: "{original_instruction}"
+The edit was made with this instruction: "{rewritten_prompt}"
+
+Judge the edited image on two 0-10 scales:
+- semantic: does it do what the user asked, while leaving everything else unchanged?
+- quality: does it look natural, without artifacts?
+If the edit is not good enough, write a better instruction for editing the original image; if it is good
+enough, repeat the instruction that was used.
+
+Reply in exactly this form:
+<think>your analysis</think>
+<score>{"semantic": S, "quality": Q}</score>
+<answer>the instruction</answer>"""
+
+CONTRACTS = ("reasonedit", "editthinker")
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_SCORE_RE = re.compile(r"<score>(.*?)</score>", re.DOTALL)
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_DECISION_TAG_RE = re.compile(r"<#[^<>\s]*>")
+
+
+@dataclass
+class EditThinkerVerdict:
+    thought: str
+    semantic: float
+    quality: float
+    answer: str
+
+
+def parse_editthinker(text: str) -> EditThinkerVerdict:
+    """Read `<think>..</think><score>{"semantic": s, "quality": q}</score><answer>..</answer>`; ParseError
+    (naming the part) when a part is missing, repeated or out of range."""
+    parts = {}
+    for name, pattern in (("think", _THINK_RE), ("score", _SCORE_RE), ("answer", _ANSWER_RE)):
+        found = pattern.findall(text)
+        if len(found) != 1:
+            raise ParseError(f"expected one <{name}>...</{name}>, found {len(found)} in {text[:80]!r}")
+        parts[name] = found[0].strip()
+    try:
+        scores = json.loads(parts["score"])
+    except ValueError:
+        raise ParseError(f"<score> is not JSON: {parts['score'][:80]!r}") from None
+    if not isinstance(scores, dict):
+        raise ParseError(f"<score> is not a JSON object: {parts['score'][:80]!r}")
+    values = {}
+    for key in ("semantic", "quality"):
+        v = scores.get(key)
+        if isinstance(v, list) and len(v) == 1:  # some models echo the template's [0-10] brackets
+            v = v[0]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
+            raise ParseError(f"<score> {key} must be a number in 0-10, got {v!r}")
+        values[key] = float(v)
+    if not parts["answer"]:
+        raise ParseError("<answer> is empty")
+    return EditThinkerVerdict(parts["think"], values["semantic"], values["quality"], parts["answer"])
+
+
+def _openai_messages(messages: Sequence[dict]) -> list[dict]:
+    """Our prompt builders' messages ({"type": "image", "image": array}) as OpenAI chat messages (data URLs)."""
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if p.get("type") == "image":
+                    parts.append({"type": "image_url", "image_url": {"url": data_url(p["image"])}})
+                else:
+                    parts.append({"type": "text", "text": p.get("text", "")})
+            content = parts
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+class OpenAIThinker:
+    """A `Thinker` over an OpenAI-compatible chat endpoint.
+
+    base_url / model / api_key: from the arguments, else OPENAI_BASE_URL / OPENAI_MODEL / OPENAI_API_KEY.
+    contract: "reasonedit" (our role prompts: think; reflect = describe_target, score, decide) or
+        "editthinker" (one reply `<think>..</think><score>{semantic, quality}</score><answer>..</answer>`:
+        Success when the answer repeats the previous instruction or both scores reach `threshold`;
+        otherwise Reflection with the answer as the next instruction and restart=True, since EditThinker
+        re-edits the source). An unparsable reply is Failed with `parse_error`; it is not retried.
+    """
+
+    def __init__(self, base_url: Optional[str] = None, model: Optional[str] = None, api_key: Optional[str] = None,
+                 *, contract: str = "reasonedit", timeout: float = 180.0, retry: Optional[RetryPolicy] = None,
+                 concurrency: int = 8, temperature: Optional[float] = None, max_tokens: Optional[int] = None,
+                 threshold: float = 8.0, prompt_template: Optional[str | Path] = None, name: Optional[str] = None):
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        if not base_url:
+            raise ValueError("OpenAIThinker: no base URL; pass base_url (e.g. http://127.0.0.1:8000/v1) "
+                             "or set OPENAI_BASE_URL")
+        self.model = model or os.environ.get("OPENAI_MODEL")
+        if not self.model:
+            raise ValueError("OpenAIThinker: no model name; pass model or set OPENAI_MODEL")
+        if contract not in CONTRACTS:
+            raise ValueError(f"contract {contract!r}: expected one of {', '.join(CONTRACTS)}")
+        if concurrency < 1:
+            raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
+        self.pool = EndpointPool([base_url], cooldown=0.0)
+        self.base_url = self.pool.urls[0]
+        self.contract, self.threshold, self.concurrency = contract, threshold, concurrency
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.retry = retry or RetryPolicy()
+        self.template = self._load_template(prompt_template)
+        self.name = name or f"openai:{self.model}@{self.base_url}" + ("" if contract == "reasonedit" else f" ({contract})")
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self._client = httpx.Client(timeout=timeout, headers=_auth_headers(key), verify=_tls_context(),
+                                    limits=httpx.Limits(max_connections=concurrency))
+        self.parse_errors = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _load_template(template: Optional[str | Path]) -> str:
+        if template is None:
+            return EDITTHINKER_TEMPLATE
+        if isinstance(template, Path) or ("\n" not in str(template) and "{" not in str(template)):
+            path = Path(template)  # a file name: a template itself holds placeholders
+            if not path.is_file():
+                raise FileNotFoundError(f"prompt_template: no such file {path}")
+            text = path.read_text(encoding="utf-8")
+            # EditThinker's file marks where images go with <image>; we send them as parts instead
+            text = text.replace("<image>", "").strip()
+        else:
+            text = str(template)
+        for placeholder in ("{original_instruction}", "{rewritten_prompt}"):
+            if placeholder not in text:
+                raise ValueError(f"prompt_template: missing the placeholder {placeholder}")
+        return text
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "OpenAIThinker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transport
+    def chat(self, messages: list[dict]) -> str:
+        """One completion's text for OpenAI-format `messages`, with retries; ServiceError when none comes."""
+        body: dict[str, Any] = {"model": self.model, "messages": messages}
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+
+        def attempt(url: str) -> str:
+            response = self._client.post(url + "/chat/completions", json=body)
+            if response.status_code == 429 or response.status_code >= 500:
+                raise _Retryable(f"HTTP {response.status_code}: {_error_text(response)}", _retry_after(response))
+            if response.status_code >= 400:
+                raise ServiceError(f"{url}/chat/completions rejected the request: HTTP {response.status_code}: "
+                                   f"{_error_text(response)}")
+            try:
+                content = response.json()["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                raise _Retryable(f"answer is not a chat completion: {response.text[:80]!r}") from None
+            if not isinstance(content, str):
+                raise _Retryable(f"message content is {type(content).__name__}, not text")
+            return content
+
+        return _call_with_retries(self.pool, self.retry, attempt, f"chat ({self.model})")
+
+    def _map(self, fn: Callable[[int], Any], n: int) -> list:
+        if n <= 1 or self.concurrency == 1:
+            return [fn(k) for k in range(n)]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, n), thread_name_prefix="openai-thinker") as ex:
+            return list(ex.map(fn, range(n)))
+
+    def _parse_failed(self, reflection: Reflection, phase: str, message: str) -> Reflection:
+        with self._lock:
+            self.parse_errors += 1
+        reflection.decision, reflection.restart, reflection.parse_error = "failed", True, f"{phase}: {message}"
+        log.warning("%s: %s reply did not parse (%s); taken as failed", self.name, phase, message)
+        return reflection
+
+    # -- Thinker
+    def think(self, sources: Sequence[np.ndarray], instructions: Sequence[str]) -> list[str]:
+        if len(sources) != len(instructions):
+            raise ValueError(f"think: {len(sources)} sources for {len(instructions)} instructions")
+        return self._map(lambda k: self._think_one(sources[k], instructions[k]), len(sources))
+
+    def _think_one(self, source: np.ndarray, instruction: str) -> str:
+        if self.contract == "reasonedit":
+            text, problem = self.chat(_openai_messages(prompts.think(source, instruction))).strip(), "empty reply"
+        else:
+            # EditThinker's first-turn mode: judge the untouched source against an empty instruction
+            try:
+                text, problem = parse_editthinker(self.chat(
+                    self._editthinker_messages(source, source, instruction, ""))).answer, ""
+            except ParseError as e:
+                text, problem = "", str(e)
+        if not text:  # nothing to act on: the user's own words are the best instruction we have
+            with self._lock:
+                self.parse_errors += 1
+            log.warning("%s: think reply for %r did not parse (%s); editing with the instruction as given",
+                        self.name, instruction, problem)
+            return instruction
+        return text
+
+    def reflect(self, sources: Sequence[np.ndarray], edited: Sequence[np.ndarray], instructions: Sequence[str],
+                previous: Sequence[Optional[str]]) -> list[Reflection]:
+        n = len(sources)
+        if not (len(edited) == len(instructions) == len(previous) == n):
+            raise ValueError(f"reflect: {n} sources, {len(edited)} edited, {len(instructions)} instructions, "
+                             f"{len(previous)} previous; give one of each per sample")
+        one = self._reflect_ours if self.contract == "reasonedit" else self._reflect_editthinker
+        return self._map(lambda k: one(sources[k], edited[k], instructions[k], previous[k]), n)
+
+    def _timed_chat(self, reflection: Reflection, phase: str, messages: list[dict]) -> str:
+        t0 = time.perf_counter()
+        reply = self.chat(messages)
+        reflection.timings[phase] = time.perf_counter() - t0
+        reflection.raw[phase] = reply
+        return reply
+
+    def _reflect_ours(self, source: np.ndarray, edited: np.ndarray, instruction: str,
+                      previous: Optional[str]) -> Reflection:
+        r = Reflection(decision="failed")
+        description = self._timed_chat(r, "describe", _openai_messages(prompts.describe_target(source, instruction))).strip()
+        if not description or _DECISION_TAG_RE.search(description):
+            return self._parse_failed(r, "describe", f"description is empty or holds a decision tag: {description[:80]!r}")
+        r.description = description
+        try:
+            value, reason = prompts.parse_score(self._timed_chat(r, "score", _openai_messages(prompts.score(edited, description))))
+        except ParseError as e:
+            return self._parse_failed(r, "score", str(e))
+        r.score, r.reason = float(value), reason
+        reply = self._timed_chat(r, "decide", _openai_messages(
+            prompts.decide(source, previous or instruction, description, value, reason)))
+        try:
+            d = prompts.parse_decision(reply)
+        except ParseError as e:
+            return self._parse_failed(r, "decide", str(e))
+        r.decision, r.thought, r.instruction, r.restart = d.kind, d.thought, d.new_instruction, d.kind == "failed"
+        return r
+
+    def _editthinker_messages(self, source: np.ndarray, edited: np.ndarray, instruction: str, previous: str) -> list[dict]:
+        # str.replace, not format: the template holds JSON braces
+        text = self.template.replace("{original_instruction}", instruction).replace("{rewritten_prompt}", previous)
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(source)}},
+                                             {"type": "image_url", "image_url": {"url": data_url(edited)}},
+                                             {"type": "text", "text": text}]}]
+
+    def _reflect_editthinker(self, source: np.ndarray, edited: np.ndarray, instruction: str,
+                             previous: Optional[str]) -> Reflection:
+        r = Reflection(decision="failed")
+        previous = previous or instruction
+        reply = self._timed_chat(r, "reflect", self._editthinker_messages(source, edited, instruction, previous))
+        try:
+            v = parse_editthinker(reply)
+        except ParseError as e:
+            return self._parse_failed(r, "reflect", str(e))
+        # one 0-10 score for ranking rounds: the geometric mean, as VIEScore combines its two
+        r.score = math.sqrt(v.semantic * v.quality)
+        r.reason = f"semantic {v.semantic:g}, quality {v.quality:g}"
+        r.thought = v.thought
+        satisfied = v.answer.strip() == previous.strip() or (v.semantic >= self.threshold and v.quality >= self.threshold)
+        if satisfied:
+            r.decision = "success"
+        else:
+            r.decision, r.instruction, r.restart = "reflection", v.answer, True
+        return r
+
+
+__all__ = ["CONTRACTS", "EDITTHINKER_TEMPLATE", "EndpointPool", "HttpEditor", "OpenAIThinker", "RetryPolicy",
+           "ServiceError", "data_url", "decode_base64", "decode_base64_image", "decode_image_bytes", "encode_png", "parse_editthinker"]

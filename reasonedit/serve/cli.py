@@ -1,0 +1,88 @@
+"""Serve a model's generator, and the think -> edit -> reflect loop, over HTTP with the API EditThinker's
+editing services speak: POST /edit (JSON with a base64 PNG, or a multipart upload), GET /health,
+GET /status. Concurrent requests are batched; a full queue answers 503, a slow one 504. With
+--compat editthinker, requests exactly as EditThinker's client sends them are accepted. See docs/serve.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="model folder (save_pretrained output)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on /edit and /status "
+                   "(default: $REASONEDIT_SERVE_TOKEN; unset: no authentication)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more are answered 503")
+    p.add_argument("--max-batch", type=int, default=8, help="edits run together in one generator call")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long the first request of a batch waits for company")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queue included (504)")
+    p.add_argument("--compat", choices=["editthinker"], default=None,
+                   help="accept EditThinker's client fields (num_inference_step, enhance_prompt, width, ...): map "
+                        "what has a meaning, ignore the rest and log each once; default: unknown fields are 422")
+    p.add_argument("--steps", type=int, default=28, help="num_inference_steps when a request gives none")
+    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--max-side", type=int, default=2048, help="largest image side accepted, in pixels")
+    p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest image area accepted, in pixels")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-thinker", action="store_true", help="serve plain edits only (no think/reflect)")
+    p.add_argument("--thinker", default=None, metavar="URL",
+                   help="use an OpenAI-compatible chat endpoint (base URL ending in /v1) as the loop's thinker "
+                        "instead of the model's reasoner; key from $OPENAI_API_KEY")
+    p.add_argument("--thinker-model", default=None, help="the chat model's name (default: $OPENAI_MODEL)")
+    p.add_argument("--thinker-contract", choices=["reasonedit", "editthinker"], default="reasonedit",
+                   help="how the chat model replies: our role prompts, or EditThinker's think/score/answer")
+
+
+def _config(args: argparse.Namespace):
+    from reasonedit.serve.app import ServeConfig
+    from reasonedit.serve.schema import Limits
+
+    for flag in ("port", "steps", "max_steps", "max_side", "max_pixels"):
+        if getattr(args, flag) < (0 if flag == "port" else 1):
+            raise ValueError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
+    config = ServeConfig(token=args.token or os.environ.get("REASONEDIT_SERVE_TOKEN") or None,
+                         max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                         timeout=args.timeout, compat=args.compat,
+                         limits=Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                                       default_steps=args.steps))
+    config.validate()
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (args.model / "reasonedit.json").is_file():
+        raise FileNotFoundError(f"--model {args.model}: not a model folder (no reasonedit.json)")
+    config = _config(args)
+    import torch
+    import uvicorn
+
+    from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
+    from reasonedit.models.model import ReasonEditModel
+    from reasonedit.serve.app import create_app
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"loading {args.model} on {device}", file=sys.stderr)
+    model = ReasonEditModel.from_pretrained(args.model).to(device).eval()
+    if args.no_thinker:
+        thinker = None
+    elif args.thinker:
+        from reasonedit.inference.remote import OpenAIThinker
+        thinker = OpenAIThinker(args.thinker, args.thinker_model, contract=args.thinker_contract)
+    else:
+        thinker = ReasonerThinker(model)
+    app = create_app(GeneratorEditor(model), config, thinker, model_name=str(args.model),
+                     thinker_shares_model=not args.thinker)
+    auth = "bearer token required" if config.token else "no authentication"
+    print(f"serving {args.model} on http://{args.host}:{args.port} ({auth}; queue {config.max_queue}, "
+          f"batch {config.max_batch}{', compat ' + config.compat if config.compat else ''})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0

@@ -1,0 +1,213 @@
+"""The edit service's request schema: field types, ranges and defaults, image limits, and the EditThinker
+compatibility mapping. Every error names the field (and, for a misspelling, the field it resembles)."""
+
+from __future__ import annotations
+
+import difflib
+import io
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+from PIL import Image as PILImage
+
+from reasonedit.inference.remote import decode_base64
+from reasonedit.inference.types import EditRequest
+
+log = logging.getLogger(__name__)
+
+COMPAT_MODES = ("editthinker",)
+# EditThinker's client sends these; its servers drop what they do not declare. Renames keep a meaning.
+EDITTHINKER_RENAMES = {"num_inference_step": "num_inference_steps", "text_guidance_scale": "guidance_scale"}
+
+
+class RequestError(ValueError):
+    """A request the service cannot take: answered with `status`, naming `field`."""
+
+    def __init__(self, field: Optional[str], message: str, status: int = 422):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field, self.status = field, status
+
+
+@dataclass
+class Limits:
+    """What one request may hold."""
+
+    max_side: int = 2048  # pixels, either side
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 100
+    max_rounds: int = 8
+    max_prompt_chars: int = 4000
+    default_steps: int = 28
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    kind: type  # str | int | float | bool
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+
+
+FIELDS: dict[str, FieldSpec] = {
+    "image": FieldSpec(str),
+    "prompt": FieldSpec(str),
+    "negative_prompt": FieldSpec(str),
+    "seed": FieldSpec(int, 0, 2 ** 63 - 1),
+    "guidance_scale": FieldSpec(float, 0.0, 30.0),
+    "num_inference_steps": FieldSpec(int, 1, None),  # upper bound: Limits.max_steps
+    "think": FieldSpec(bool),
+    "reflect": FieldSpec(bool),
+    "rounds": FieldSpec(int, 1, None),  # upper bound: Limits.max_rounds
+}
+# multipart uploads name the file field either way (EditThinker's /edit-upload uses image_file)
+UPLOAD_FILE_FIELDS = ("image", "image_file")
+
+
+@dataclass
+class ParsedEdit:
+    """A validated request: the edit, whether to run the loop, and what compat mode dropped."""
+
+    request: EditRequest
+    think: bool = False
+    reflect: bool = False
+    rounds: int = 3
+    ignored: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def loop(self) -> bool:
+        return self.think or self.reflect
+
+
+def suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, list(FIELDS) + ["image_file"], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; the fields are {', '.join(FIELDS)}"
+
+
+class IgnoredFieldLog:
+    """Logs each field that compat mode ignores once per server, not once per request."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, name: str, how: str) -> None:
+        with self._lock:
+            if name in self.seen:
+                return
+            self.seen.add(name)
+        log.info("compat editthinker: field '%s' %s (logged once)", name, how)
+
+
+def _coerce(name: str, value: Any, spec: FieldSpec, from_form: bool) -> Any:
+    """JSON values must have the field's type; form values are text and are parsed."""
+    kind = spec.kind
+    if from_form and isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = text.lower() in ("true", "1", "yes")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise RequestError(name, f"expected {kind.__name__}, got {value[:40]!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise RequestError(name, f"expected {kind.__name__}, got {type(value).__name__} {str(value)[:40]!r}")
+    if kind in (int, float):
+        if spec.lo is not None and value < spec.lo:
+            raise RequestError(name, f"must be at least {spec.lo:g}, got {value}")
+        if spec.hi is not None and value > spec.hi:
+            raise RequestError(name, f"must be at most {spec.hi:g}, got {value}")
+    return value
+
+
+def read_image(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
+    """Encoded image bytes to uint8 (H, W, 3), checking the size from the header before decoding pixels."""
+    try:
+        im = PILImage.open(io.BytesIO(raw))
+        width, height = im.size
+    except (PILImage.UnidentifiedImageError, OSError, ValueError) as e:
+        raise RequestError(name, f"not a readable image ({type(e).__name__})") from None
+    if max(width, height) > limits.max_side:
+        raise RequestError(name, f"{width}x{height} is larger than the {limits.max_side}-pixel side limit")
+    if width * height > limits.max_pixels:
+        raise RequestError(name, f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}")
+    try:
+        im.load()
+        return np.array(im.convert("RGB"))  # writable: torch warns on read-only arrays
+    except (OSError, ValueError) as e:
+        raise RequestError(name, f"image data is damaged ({type(e).__name__}: {e})") from None
+
+
+def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[str] = None,
+               image_bytes: Optional[bytes] = None, from_form: bool = False,
+               ignored_log: Optional[IgnoredFieldLog] = None) -> ParsedEdit:
+    """Validate one request's fields (a JSON object, or form fields plus an uploaded file's bytes)."""
+    if compat is not None and compat not in COMPAT_MODES:
+        raise ValueError(f"compat {compat!r}: expected one of {', '.join(COMPAT_MODES)}")
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+    renamed: dict[str, str] = {}
+    note: Callable[[str, str], None] = ignored_log.note if ignored_log else (lambda n, h: None)
+    for name, value in fields.items():
+        if name in FIELDS:
+            values[name] = value
+        elif compat == "editthinker" and name in EDITTHINKER_RENAMES:
+            target = EDITTHINKER_RENAMES[name]
+            if target in fields:  # the proper name wins
+                ignored.append(name)
+                note(name, f"ignored: '{target}' is also given")
+            else:
+                values[target] = value
+                renamed[name] = target
+                note(name, f"read as '{target}'")
+        elif compat == "editthinker":
+            ignored.append(name)
+            note(name, "ignored, as EditThinker's servers ignore it")
+        else:
+            raise RequestError(name, "unknown field" + suggest(name))
+
+    values = {k: v for k, v in values.items() if v is not None}  # null means "the default"
+    typed = {k: _coerce(k, v, FIELDS[k], from_form) for k, v in values.items()}
+
+    if image_bytes is not None:
+        image = read_image(image_bytes, limits)
+    elif "image" in typed:
+        if not typed["image"]:
+            raise RequestError("image", "is empty")
+        try:
+            raw = decode_base64(typed["image"])
+        except ValueError as e:
+            raise RequestError("image", str(e)) from None
+        image = read_image(raw, limits)
+    else:
+        raise RequestError("image", "missing: send a base64 PNG in 'image' (or upload a file as multipart)")
+
+    prompt = typed.get("prompt")
+    if prompt is None or not prompt.strip():
+        raise RequestError("prompt", "missing or empty: say what to edit")
+    if len(prompt) > limits.max_prompt_chars:
+        raise RequestError("prompt", f"is {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
+    steps = typed.get("num_inference_steps", limits.default_steps)
+    if steps > limits.max_steps:
+        raise RequestError("num_inference_steps", f"must be at most {limits.max_steps}, got {steps}")
+    rounds = typed.get("rounds", 3)
+    if rounds > limits.max_rounds:
+        raise RequestError("rounds", f"must be at most {limits.max_rounds}, got {rounds}")
+    request = EditRequest(image=image, prompt=prompt, seed=typed.get("seed", 0),
+                          guidance_scale=typed.get("guidance_scale", 4.0), num_inference_steps=steps,
+                          negative_prompt=typed.get("negative_prompt", " "))
+    return ParsedEdit(request, think=typed.get("think", False), reflect=typed.get("reflect", False), rounds=rounds,
+                      ignored=ignored, renamed=renamed)
+
+
+__all__ = ["COMPAT_MODES", "EDITTHINKER_RENAMES", "FIELDS", "IgnoredFieldLog", "Limits", "ParsedEdit",
+           "RequestError", "parse_edit", "read_image", "suggest"]
