@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(config)
 
     run = sub.add_parser("run", help="run an experiment's steps", description=(
-        "Run the steps of an experiment config (data, models, preview today; stage1-3 and eval when "
-        "they are built), saving the resolved config and every output under output_dir."))
+        "Run the steps of an experiment config (data, models, batches, preview, stage1-3, edit, eval), "
+        "saving the resolved config and every output under output_dir."))
     run.add_argument("config", type=Path)
     _add_overrides(run)
 
@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "their own names, output directories and resolved configs; run them here one after another (re-running "
         "skips finished runs) or, with --emit, write one torchrun/deepspeed launch line per run.")))
     train = sub.add_parser("train", help="train one stage (1 reasoning, 2 editing, 3 unified)", description=(
-        "Train one stage of an experiment, alone or under torchrun (DDP or FSDP2 via train.parallel). "
+        "Train one stage of an experiment, alone, under torchrun (DDP or FSDP2 via train.parallel) or under "
+        "the deepspeed launcher (ZeRO-2/3 with --deepspeed JSON). "
         "By default it starts from OUTPUT_DIR/model (stage 1) or OUTPUT_DIR/stage<N-1>/model, reads "
         "OUTPUT_DIR/data and writes OUTPUT_DIR/stage<N>/ (checkpoints/, model/); an existing checkpoint of "
         "the same starting model is resumed."))
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--start", type=Path, help="model folder to start from (default: the previous stage's)")
     train.add_argument("--data", type=Path, help="dataset folder (default: OUTPUT_DIR/data)")
     train.add_argument("--out", type=Path, help="stage folder to write (default: OUTPUT_DIR/stage<N>)")
+    train.add_argument("--deepspeed", type=Path, metavar="JSON", help="train with DeepSpeed ZeRO-2/3 from this JSON "
+                       "(launch/deepspeed/zero2.json, zero3.json); same as train.parallel=deepspeed "
+                       "train.deepspeed_config=JSON")
     _add_overrides(train)
 
     for name, (_, what, issue) in PLUGINS.items():
@@ -232,6 +236,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for name, r in result.batches.items():
             print(f"{name:<14} {r['records']:>8} {r['segments']:>9} {r['batches']:>8} {r['budget']:>7} "
                   f"{r['utilisation']:>12.3f} {r['padded_share']:>18.1%} {r['oversize']:>9} {r['skipped_records']:>8}")
+    if result.agreement is not None:
+        print(result.agreement.table())
+        if not result.agreement.all_agree:
+            print("the oracle disagrees with the generated data", file=sys.stderr)
+            return EXIT_ERROR
     if result.validation:
         print(f"{'validation (val split, fixed noise)':<36} {'start':>8} {'end':>8} {'change':>8}")
         for stage, report in result.validation.items():
@@ -240,12 +249,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
             for term, before in report["before"].items():
                 after = report["after"][term]
                 print(f"{stage + ' ' + term:<36} {before:>8.4f} {after:>8.4f} {after - before:>+8.4f}")
-    if result.agreement is not None:
-        print(result.agreement.table())
-        if not result.agreement.all_agree:
-            print("the oracle disagrees with the generated data", file=sys.stderr)
-            return EXIT_ERROR
+    if result.edits:
+        print(f"think -> edit -> reflect with {result.edits['model']} (edit step):")
+        for r in result.edits["samples"]:
+            score = "-" if r["best_score"] is None else f"{r['best_score']:g}"
+            print(f"  {r['category']:<9} {r['instruction'][:48]!r:<50} {r['rounds']} round(s), {r['stopped']}, "
+                  f"best score {score}, {r['parse_errors']} parse error(s) -> {r['trace']}/index.html")
     print(f"resolved config: {result.output_dir / 'config.yaml'}")
+    if result.ablation:
+        print(f"shapes ablation of {result.ablation['model']} (exact oracle; "
+              f"{result.ablation['parse_errors']} thinker replies did not parse and counted as Failed):")
+        print(result.ablation["table"])
+        print(f"  report: {result.ablation['paths'].get('markdown', result.ablation['paths'])}")
     return 0
 
 
@@ -253,7 +268,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .training import TrainingStopped, train_stage
 
-    _, cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.deepspeed is not None:
+        if not args.deepspeed.is_file():
+            raise FileNotFoundError(f"--deepspeed {args.deepspeed}: no such DeepSpeed JSON")
+        overrides += ["train.parallel=deepspeed", f"train.deepspeed_config={args.deepspeed}"]
+    _, cfg = load_config(args.config, overrides)
     out_dir = Path(cfg.output_dir)
     n = args.stage
     start = args.start or (out_dir / "model" if n == 1 else out_dir / f"stage{n - 1}" / "model")

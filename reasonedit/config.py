@@ -27,8 +27,8 @@ from .models.config import ModelConfig
 GROUPS = ("model",)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # what `reasonedit run` can do today, in order; later steps are listed as not built yet
-RUN_STEPS = ("data", "models", "batches", "preview", "stage1", "stage2", "stage3")
-PLANNED_STEPS = {"eval": 7}
+RUN_STEPS = ("data", "models", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
+PLANNED_STEPS: dict[str, int] = {}  # step -> the issue that builds it
 PARALLEL = ("auto", "none", "ddp", "fsdp", "deepspeed")
 STAGE_KINDS = ("thinking_pair", "reflection", "edit_pair", "text_to_image")
 
@@ -41,6 +41,43 @@ class ConfigError(ValueError):
 class PreviewConfig:
     rows: int = 3  # samples of each kind on the contact sheet
     split: str = "train"
+
+
+@dataclass
+class EditStepConfig:
+    """The edit step: think -> edit -> reflect on held-out scenes with the run's latest model; a trace each."""
+
+    samples: int = 2  # of each instruction kind (concrete, abstract), from the test split
+    rounds: int = 3
+    sampling_steps: int = 16
+    guidance: float = 4.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("samples", "rounds", "sampling_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"edit.{key}: must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class EvalStepConfig:
+    """The eval step: the shapes ablation (success and mean oracle score per mode) of the run's latest model."""
+
+    modes: tuple[str, ...] = ("base", "think", "think_reflect")
+    limit: int = 12  # samples of each instruction kind
+    rounds: int = 2
+    sampling_steps: int = 16
+    guidance: float = 4.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        from .eval.runner import MODES
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown or not self.modes:
+            raise ValueError(f"eval.modes: {unknown or 'empty'}; choose from {list(MODES)}")
+        for key in ("limit", "rounds", "sampling_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.{key}: must be at least 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -112,7 +149,8 @@ class TrainConfig:
     """The trainer runtime, shared by the three stages."""
 
     parallel: str = "auto"  # auto (ddp when launched on several ranks) | none | ddp | fsdp | deepspeed
-    zero_stage: int = 2  # deepspeed only: 2 or 3
+    zero_stage: int = 2  # deepspeed only: 2 or 3, picks launch/deepspeed/zero{2,3}.json when no JSON is given
+    deepspeed_config: str = ""  # deepspeed only: the DeepSpeed JSON (its zero_optimization.stage wins)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -125,6 +163,7 @@ class TrainConfig:
     wandb: bool = False  # offline when no WANDB_API_KEY is set
     tensorboard: bool = False
     num_workers: int = 0
+    allow_config_change: bool = False  # resume a checkpoint written with other run-defining values (lr, steps...)
 
     def validate(self) -> None:
         if self.parallel not in PARALLEL:
@@ -156,6 +195,8 @@ class ExperimentConfig:
     data: SynthConfig = field(default_factory=SynthConfig)
     batches: BatchesConfig = field(default_factory=BatchesConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    edit: EditStepConfig = field(default_factory=EditStepConfig)
+    eval: EvalStepConfig = field(default_factory=EvalStepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     # the paper's defaults: lr 1e-4 / 1e-5 / 6e-6, 50k / 28k / 12k steps on 32 / 128 / 128 GPUs
@@ -175,6 +216,8 @@ class ExperimentConfig:
         unknown = [s for s in self.steps if s not in RUN_STEPS and s not in PLANNED_STEPS]
         if unknown:
             raise ValueError(f"steps: unknown {unknown}; choose from {list(RUN_STEPS) + list(PLANNED_STEPS)}")
+        self.edit.validate()
+        self.eval.validate()
         if self.preview.rows <= 0:
             raise ValueError(f"preview.rows: must be positive, got {self.preview.rows}")
         if self.preview.split not in self.data.splits:

@@ -28,6 +28,8 @@ class RunResult:
     batches: dict | None = None  # packing figures of the batches step, per stream
     stages: dict = field(default_factory=dict)  # training.StageResult per stage step
     validation: dict = field(default_factory=dict)  # per stage step: {"before": {term: loss}, "after": {...}}
+    edits: dict | None = None  # the edit step's traces
+    ablation: dict | None = None  # the eval step's table and report paths
 
 
 def _same_dataset(path: Path, cfg: ExperimentConfig) -> bool:
@@ -167,8 +169,74 @@ def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, 
     return report
 
 
+def latest_model(out: Path) -> Path:
+    """The run's most trained model with a generator: stage3, stage2, else the models step's."""
+    for candidate in (out / "stage3" / "model", out / "stage2" / "model", out / "model"):
+        if (candidate / "reasonedit.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{out} holds no model yet: run the models step (or a stage) before edit and eval")
+
+
+def _held_out(cfg: ExperimentConfig, out: Path) -> Path | None:
+    """The run's dataset when it has a test split, else None: the shapes benchmark then makes its scenes from
+    a seed of its own, disjoint from training."""
+    return out / "data" if "test" in cfg.data.splits else None
+
+
+def step_edit(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
+    """think -> edit -> reflect on held-out concrete and abstract scenes; a trace folder (images, trace.json,
+    index.html, contact sheet) per sample under edit/, as `reasonedit edit` writes one."""
+    from .eval.benchmarks.shapes import ShapesBenchmark
+    from .inference.report import write_trace
+    from .models.model import ReasonEditModel
+
+    e = cfg.edit
+    model_dir = latest_model(out)
+    model = ReasonEditModel.from_pretrained(model_dir).eval()
+    bench = ShapesBenchmark(n=e.samples, world=ShapesWorld(cfg.world)).load(_held_out(cfg, out))
+    picked = []
+    for category in ("concrete", "abstract"):
+        picked += [s for s in bench.samples() if s.category == category][: e.samples]
+    traces = model.edit_with_reasoning([bench.source_images(s)[0] for s in picked], [s.instruction for s in picked],
+                                       think=True, reflect=True, rounds=e.rounds, seed=e.seed,
+                                       guidance_scale=e.guidance, num_inference_steps=e.sampling_steps)
+    rows = []
+    for sample, trace in zip(picked, traces):
+        folder = write_trace(trace, out / "edit" / sample.key)
+        best = trace.rounds[trace.best]
+        rows.append({"key": sample.key, "category": sample.category, "instruction": sample.instruction,
+                     "thought": trace.thought, "rounds": len(trace.rounds), "stopped": trace.stopped,
+                     "best_round": best.index, "best_score": best.score, "parse_errors": trace.parse_errors,
+                     "trace": str(folder)})
+    result.edits = {"model": str(model_dir), "samples": rows}
+    log.info("edit: %d traces under %s (model %s)", len(rows), out / "edit", model_dir)
+
+
+def step_eval(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
+    """The shapes ablation of the run's latest model: success and mean oracle score per mode, on concrete
+    and abstract instructions (eval/report.md, results.json, charts)."""
+    import logging as logging_module
+
+    from .eval.ablation import run_shapes_ablation
+
+    e = cfg.eval
+    model_dir = latest_model(out)
+    # an undertrained reasoner's unparsable replies are counted in the table; one warning each is noise here
+    quiet = logging_module.getLogger("reasonedit.inference.builtin")
+    level = quiet.level
+    quiet.setLevel(logging_module.ERROR)
+    try:
+        ablation = run_shapes_ablation(model_dir, _held_out(cfg, out), out / "eval", modes=list(e.modes), limit=e.limit,
+                                       steps=e.sampling_steps, rounds=e.rounds, guidance=e.guidance, seed=e.seed)
+    finally:
+        quiet.setLevel(level)
+    result.ablation = {"model": str(model_dir), "table": ablation.table, "parse_errors": ablation.parse_errors,
+                       "paths": {k: str(v) for k, v in ablation.paths.items()}}
+
+
 STEPS = {"data": step_data, "models": step_models, "batches": step_batches, "preview": step_preview,
-         "stage1": _stage_step(1), "stage2": _stage_step(2), "stage3": _stage_step(3)}
+         "stage1": _stage_step(1), "stage2": _stage_step(2), "stage3": _stage_step(3),
+         "edit": step_edit, "eval": step_eval}
 
 
 def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable | None = None) -> RunResult:
@@ -188,4 +256,4 @@ def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable |
     return result
 
 
-__all__ = ["RunResult", "STEPS", "run_experiment"]
+__all__ = ["RunResult", "STEPS", "latest_model", "run_experiment"]

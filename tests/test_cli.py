@@ -75,10 +75,28 @@ def test_config_prints_the_resolved_config():
     assert doc["world"]["grid"] == 8 and doc["output_dir"] == "runs/sweep1" and doc["model"]["name"] == "tiny"
 
 
-def test_run_with_a_step_not_built_yet_stops_before_writing(tmp_path):
-    res = run_cli("run", DEMO, f"output_dir={tmp_path / 'run'}", "steps=[data,eval]")
-    assert res.returncode == 3 and "issue #7" in res.stderr
+def test_run_with_a_step_not_built_yet_stops_before_writing(tmp_path, monkeypatch, capsys):
+    from reasonedit import cli, config, experiment
+    monkeypatch.setattr(config, "PLANNED_STEPS", {"eval": 7})
+    monkeypatch.setattr(experiment, "PLANNED_STEPS", {"eval": 7})
+    assert cli.main(["run", str(DEMO), f"output_dir={tmp_path / 'run'}", "steps=[data,eval]"]) == 3
+    assert "issue #7" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_run_edit_and_eval_steps_write_traces_and_print_the_ablation_table(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("run", DEMO, f"output_dir={out}", "data.n=4", "data.shard_size=4", "steps=[data,models,edit,eval]",
+                  "edit.samples=1", "edit.rounds=2", "edit.sampling_steps=2", "eval.limit=2", "eval.rounds=1",
+                  "eval.sampling_steps=2")
+    assert res.returncode == 0, res.stderr
+    traces = sorted((out / "edit").iterdir())
+    assert len(traces) == 2  # one concrete, one abstract
+    for t in traces:
+        assert {"trace.json", "index.html", "contact_sheet.png", "final.png"} <= {p.name for p in t.iterdir()}
+    assert (out / "eval" / "report.md").is_file() and (out / "eval" / "results.json").is_file()
+    table = [line for line in res.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["base", "think", "think_reflect"]
 
 
 def test_run_builds_data_models_and_preview_and_saves_its_config(tmp_path):

@@ -411,3 +411,16 @@ def test_packed_flex_condition_states_equal_each_sample_alone_on_gpu(reasoner, s
             torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     finally:
         reasoner.to("cpu")
+
+
+def test_answers_keep_decision_tags_and_drop_other_special_tokens(reasoner):
+    tok = reasoner.tokenizer
+    if "<#Failed>" not in tok.get_vocab():
+        reasoner.add_decision_tokens()
+    text = tok.encode("fix it", add_special_tokens=False)
+    special = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|im_start|>")]
+    ids = [tok.convert_tokens_to_ids("<#Think>"), *text, *special, tok.convert_tokens_to_ids("<#Failed>"),
+           tok.eos_token_id, *text]
+    (answer,) = reasoner.decode_answers(torch.tensor([ids]))
+    assert answer == tok.decode([ids[0], *text, ids[-len(text) - 2]], skip_special_tokens=False)
+    assert "<|image_pad|>" not in answer and "<#Think>" in answer and "<#Failed>" in answer

@@ -65,3 +65,20 @@ def test_warmup_then_cosine():
     assert warmup_cosine(3, 4, 20, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def test_resume_refuses_a_changed_config_naming_the_keys_unless_allowed(start_model, small_dataset, tmp_path):
+    from reasonedit.config import ConfigError
+    from reasonedit.training import train_stage
+
+    out = tmp_path / "stage2"
+    train_stage(stage_cfg(tmp_path, 2, steps=1), 2, start_model, small_dataset, out)
+    changed = ["stage2.lr=1e-3", "batches.window=4", "train.log_every=7"]  # the last one is free to change
+    with pytest.raises(ConfigError) as err:
+        train_stage(stage_cfg(tmp_path, 2, steps=1, extra=changed), 2, start_model, small_dataset, out)
+    message = str(err.value)
+    assert "stage2.lr: 0.003 -> 0.001" in message and "batches.window: 8 -> 4" in message
+    assert "log_every" not in message and "train.allow_config_change=true" in message
+    res = train_stage(stage_cfg(tmp_path, 2, steps=1, extra=[*changed, "train.allow_config_change=true"]), 2,
+                      start_model, small_dataset, out)
+    assert res.steps == 1 and res.model is not None

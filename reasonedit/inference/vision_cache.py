@@ -97,11 +97,7 @@ def cached_generate(reasoner: "Reasoner", conversations: Sequence[Messages], cac
         extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=embeds)}
     batch = batch.to(reasoner.device)
     out = reasoner.model.generate(**batch, **extra, generation_config=config)
-    answers = []
-    for row in out[:, batch["input_ids"].shape[1]:].tolist():
-        row = row[: row.index(eos)] if eos in row else row
-        answers.append(tok.decode([t for t in row if t != pad], skip_special_tokens=False))
-    return answers
+    return reasoner.decode_answers(out[:, batch["input_ids"].shape[1]:])
 
 
 __all__ = ["VisionCache", "cached_generate", "image_embeddings", "image_key"]

@@ -418,8 +418,9 @@ class Reasoner:
         top_p: float = 1.0,
         seed: Optional[int] = None,
     ) -> list[str]:
-        """Answer one conversation or a batch (left-padded): one string per conversation, decision tokens kept,
-        cut at `<|im_end|>`. Sampling with a `seed` is reproducible and leaves the global RNG untouched."""
+        """Answer one conversation or a batch (left-padded): one string per conversation, cut at `<|im_end|>`,
+        decision tokens kept and every other special token dropped. Sampling with a `seed` is reproducible and
+        leaves the global RNG untouched."""
         batch = self.processor(messages, add_generation_prompt=True, padding_side="left").to(self.device)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         options: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if do_sample else {}
@@ -430,10 +431,19 @@ class Reasoner:
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(**batch, generation_config=config)
+        return self.decode_answers(out[:, batch["input_ids"].shape[1]:])
+
+    def decode_answers(self, generated: torch.Tensor) -> list[str]:
+        """Generated ids (B, T) -> text, each cut at `<|im_end|>`. Special tokens other than the decision tags
+        (image placeholders, role markers, padding) are dropped: they are not text, and a reply that carried an
+        image placeholder into the next prompt would break it."""
+        eos = self.tokenizer.eos_token_id
+        keep = {self.tokenizer.convert_tokens_to_ids(t) for t in DECISION_TOKENS}
+        drop = (set(self.tokenizer.all_special_ids) | {self.tokenizer.pad_token_id}) - keep
         answers = []
-        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+        for row in generated.tolist():
             row = row[: row.index(eos)] if eos in row else row
-            answers.append(self.tokenizer.decode([t for t in row if t != pad], skip_special_tokens=False))
+            answers.append(self.tokenizer.decode([t for t in row if t not in drop], skip_special_tokens=False))
         return answers
 
     # -- nn.Module conveniences -----------------------------------------------------------------

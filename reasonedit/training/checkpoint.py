@@ -3,7 +3,9 @@
     checkpoints/step_00000012/
         model.pt       trainable parameters only, full (unsharded) tensors by name (frozen ones come
                        from the stage's starting model)
-        optimizer.pt   the optimizer state, full, keyed by parameter name
+        optimizer.pt   the optimizer state, full, keyed by parameter name (not under DeepSpeed)
+        deepspeed/     DeepSpeed only: its own files (fp32 master partitions, optimizer moments,
+                       scheduler), written by `engine.save_checkpoint` into the staging folder
         trainer.pt     step, scheduler, skipped-step counters, loss history
         rank<r>.pt     per rank: the batch stream (loader + packer + packed-but-unused batches), the
                        EMA (this rank's local tensors) and every RNG state (python, numpy, torch, cuda)
@@ -27,6 +29,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from .distributed import World, barrier
+from .zero import full_trainable_state as full_trainable_state_zero
+from .zero import is_engine
+from .zero import load as load_zero
+from .zero import save as save_zero
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -66,26 +72,40 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def full_trainable_state(module: torch.nn.Module, trainable: set[str]) -> dict[str, torch.Tensor]:
+    """The trainable parameters, full (unsharded) and on the CPU, by name; every rank joins the gather."""
+    if is_engine(module):
+        return full_trainable_state_zero(module, trainable)
+    model_sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    kept = {k: v for k, v in model_sd.items() if k in trainable}
+    if model_sd and len(kept) != len(trainable):  # FSDP2 with cpu_offload: only rank 0 receives the tensors
+        raise KeyError(f"checkpoint: {len(trainable) - len(kept)} trainable parameters are not in the model's "
+                       f"state dict, e.g. {sorted(trainable - set(kept))[:2]}")
+    return kept
+
+
 def save_checkpoint(root: Path, step: int, world: World, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainable: set[str], trainer_state: dict[str, Any], rank_state: dict[str, Any],
                     keep_last: int) -> Path:
     final = root / f"step_{step:08d}"
     staging = root / f".step_{step:08d}.partial"
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(module, options=options)  # every rank joins the gather
-    optim_sd = (get_optimizer_state_dict(module, optimizer, options=options) if _sharded(module)
-                else optimizer.state_dict())  # replicated (one process, DDP): the plain, id-keyed state
+    deepspeed = is_engine(module)
+    kept = full_trainable_state(module, trainable)
+    optim_sd = None
+    if not deepspeed:
+        optim_sd = (get_optimizer_state_dict(module, optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                    if _sharded(module) else optimizer.state_dict())  # replicated: the plain, id-keyed state
     if world.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
+    if deepspeed:
+        save_zero(module, staging)  # every rank writes its own partition files
     if world.is_main:
-        kept = {k: v for k, v in model_sd.items() if k in trainable}
-        if len(kept) != len(trainable):
-            raise KeyError(f"checkpoint: {len(trainable) - len(kept)} trainable parameters are not in the model's "
-                           f"state dict, e.g. {sorted(trainable - set(kept))[:2]}")
         torch.save(kept, staging / "model.pt")
-        torch.save(optim_sd, staging / "optimizer.pt")
+        if optim_sd is not None:
+            torch.save(optim_sd, staging / "optimizer.pt")
         torch.save(trainer_state, staging / "trainer.pt")
     torch.save({**rank_state, "rng": rng_state()}, staging / f"rank{world.rank}.pt")
     barrier()
@@ -103,10 +123,17 @@ def save_checkpoint(root: Path, step: int, world: World, module: torch.nn.Module
 def load_checkpoint(path: Path, world: World, module: torch.nn.Module,
                     optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model and optimizer in place; return (trainer state, this rank's state)."""
-    for name in ("model.pt", "optimizer.pt", "trainer.pt", f"rank{world.rank}.pt"):
+    deepspeed = is_engine(module)
+    for name in ("model.pt", "trainer.pt", f"rank{world.rank}.pt") + (() if deepspeed else ("optimizer.pt",)):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: the checkpoint is incomplete or was written by "
                                     f"a run with another number of ranks")
+    if deepspeed:
+        load_zero(module, path)  # fp32 master weights, optimizer moments, schedule
+        return _load_states(path, world)
+    if (path / "deepspeed").is_dir():
+        raise FileNotFoundError(f"{path}: written by a DeepSpeed run (no optimizer.pt); resume it with "
+                                f"train.parallel=deepspeed")
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(module, torch.load(path / "model.pt", weights_only=False), options=options)
     optim_sd = torch.load(path / "optimizer.pt", weights_only=False)
@@ -116,10 +143,14 @@ def load_checkpoint(path: Path, world: World, module: torch.nn.Module,
                                                                                         strict=False))
     else:
         optimizer.load_state_dict(optim_sd)
+    return _load_states(path, world)
+
+
+def _load_states(path: Path, world: World) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer_state = torch.load(path / "trainer.pt", weights_only=False)
     rank_state = torch.load(path / f"rank{world.rank}.pt", weights_only=False)
     set_rng_state(rank_state["rng"])
     return trainer_state, rank_state
 
 
-__all__ = ["latest", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["full_trainable_state", "latest", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]

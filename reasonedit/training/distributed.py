@@ -42,9 +42,12 @@ def barrier() -> None:
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, on `value`'s own device (nccl reduces only CUDA tensors: CPU ones go over and back)."""
     if dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else value.device
+        reduced = value.to(on, copy=True)
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        return reduced.to(value.device)
     return value
 
 

@@ -1,9 +1,10 @@
 """An exponential moving average of the generator's trainable parameters.
 
 It holds a copy of each parameter's *local* tensor on the parameter's own device: under FSDP2 that
-is this rank's shard (a DTensor's local tensor), so no rank ever keeps a full extra copy, and never
-in host memory when training on an accelerator. Under DDP every rank holds the full copy on its
-device (the parameters are replicated anyway). Saved and restored with the checkpoint.
+is this rank's shard (a DTensor's local tensor), under ZeRO-3 this rank's partition (`ds_tensor`),
+so no rank ever keeps a full extra copy, and never in host memory when training on an accelerator.
+Under DDP and ZeRO-2 every rank holds the full copy on its device (the parameters are replicated
+anyway). Saved and restored with the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import torch
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    if hasattr(t, "ds_tensor"):  # a ZeRO-3 parameter: its data is empty outside a forward
+        return t.ds_tensor.detach()
+    return t.detach().to_local() if hasattr(t, "to_local") else t.detach()
 
 
 class GeneratorEMA:
     def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
         self.decay = decay
         self.params = params
-        self.shadow = {n: _local(p.detach()).clone() for n, p in params.items()}
+        # float32 even when the weights are bf16 (DeepSpeed on GPUs): a 1e-3 step would vanish in bf16
+        self.shadow = {n: _local(p).to(torch.float32, copy=True) for n, p in params.items()}
+        self.sharded = any(hasattr(p, "ds_tensor") or hasattr(p, "to_local") for p in params.values())
 
     @torch.no_grad()
     def update(self) -> None:
         for name, p in self.params.items():
-            self.shadow[name].lerp_(_local(p.detach()).to(self.shadow[name].dtype), 1.0 - self.decay)
+            self.shadow[name].lerp_(_local(p).to(self.shadow[name].dtype), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.cpu() for n, t in self.shadow.items()}

@@ -1,9 +1,18 @@
-"""Where step metrics go: the console line (logging), and optionally wandb and tensorboard."""
+"""Where step metrics go: the console progress line (logging), and optionally wandb and tensorboard.
+
+Only the main rank builds a live sink. wandb runs offline when no WANDB_API_KEY is set (sync later with
+`wandb sync`) and takes the usual WANDB_PROJECT, WANDB_NAME, WANDB_DIR, WANDB_MODE from the environment;
+without them the project is "reasonedit", the run is named `<experiment>-<stage>` and its files go under
+the stage folder. Tensorboard writes `<stage folder>/tensorboard/`. Both get the same scalar keys:
+`loss/<term>`, `loss/total`, `lr`, `grad_norm`, `tokens_per_s`, `packing`, `skipped`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +29,18 @@ class MetricsSink:
 
             if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
                 os.environ["WANDB_MODE"] = "offline"  # no key: log locally, sync later with `wandb sync`
-            self.wandb = wandb_lib.init(project="reasonedit", name=name, dir=str(out), config=config, reinit=True)
+            # explicit arguments beat wandb's own WANDB_* variables, so pass ours only where none is set
+            self.wandb = wandb_lib.init(project=os.environ.get("WANDB_PROJECT") or "reasonedit",
+                                        name=os.environ.get("WANDB_NAME") or name,
+                                        dir=os.environ.get("WANDB_DIR") or str(out), config=config,
+                                        reinit="finish_previous")
+            log.info("wandb: run %s (%s) in %s", self.wandb.name, os.environ.get("WANDB_MODE", "online"),
+                     self.wandb.dir)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
+            log.info("tensorboard: %s", out / "tensorboard")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.wandb is not None:
@@ -40,12 +56,60 @@ class MetricsSink:
             self.tb.close()
 
 
-def progress_line(stage: str, step: int, total: int, losses: dict[str, float], lr: float, tokens_per_s: float,
-                  utilisation: float, skipped: int) -> str:
+@dataclass
+class ProgressWindow:
+    """The steps since the last console line: the line shows their means (less noise than one step), the
+    tokens per second over their wall time, and an ETA from the mean step time so far."""
+
+    stage: str
+    total_steps: int
+    terms: tuple[str, ...]
+    started: float = field(default_factory=time.perf_counter)
+    steps: list[dict[str, float]] = field(default_factory=list)
+    tokens: float = 0.0
+    window_started: float = field(default_factory=time.perf_counter)
+    steps_done_here: int = 0  # steps this process ran (a resumed run starts its clock again)
+
+    def add(self, record: dict[str, float], tokens: float) -> None:
+        self.steps.append(record)
+        self.tokens += tokens
+        self.steps_done_here += 1
+
+    def line(self, step: int, lr: float, packing: float, skipped: int) -> str:
+        now = time.perf_counter()
+        n = max(1, len(self.steps))
+        losses = {t: sum(r[t] for r in self.steps) / n for t in self.terms}
+        total = sum(r["loss"] for r in self.steps) / n
+        grad = sum(r.get("grad_norm", 0.0) for r in self.steps) / n
+        tokens_per_s = self.tokens / max(now - self.window_started, 1e-9)
+        eta = (now - self.started) / max(self.steps_done_here, 1) * (self.total_steps - step)
+        self.steps, self.tokens, self.window_started = [], 0.0, now
+        return progress_line(self.stage, step, self.total_steps, losses, lr, tokens_per_s, packing, skipped,
+                             loss=total if len(self.terms) > 1 else None, grad_norm=grad, eta_s=eta)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def progress_line(stage: str, step: int, steps: int, losses: dict[str, float], lr: float, tokens_per_s: float,
+                  utilisation: float, skipped: int, loss: float | None = None, grad_norm: float | None = None,
+                  eta_s: float | None = None) -> str:
+    """`stage2 step 3/10 | fm 1.6279 | lr 9.75e-04 | grad 0.489 | 6,545 tok/s | packing 0.966 | eta 0:00:05`;
+    with several terms their weighted total follows them (`loss 1.8312`); `skipped N` once steps were skipped."""
     terms = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-    tail = f" | skipped {skipped}" if skipped else ""
-    return (f"{stage} step {step}/{total} | {terms} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
-            f"packing {utilisation:.3f}{tail}")
+    if loss is not None:
+        terms += f" loss {loss:.4f}"
+    parts = [f"{stage} step {step}/{steps}", terms, f"lr {lr:.2e}"]
+    if grad_norm is not None:
+        parts.append(f"grad {grad_norm:.3g}")
+    parts += [f"{tokens_per_s:,.0f} tok/s", f"packing {utilisation:.3f}"]
+    if eta_s is not None:
+        parts.append(f"eta {_clock(eta_s)}")
+    if skipped:
+        parts.append(f"skipped {skipped}")
+    return " | ".join(parts)
 
 
-__all__ = ["MetricsSink", "progress_line"]
+__all__ = ["MetricsSink", "ProgressWindow", "progress_line"]

@@ -1,9 +1,10 @@
 """One stage's training run, top to bottom: set up, build model and EMA, build data, loop, log, save.
 
-The same code path runs one CPU process, torchrun (DDP or FSDP2, gloo on CPU) and bf16 on GPUs.
-Everything clever lives in a named component: `losses` (sums and counts, `normalise`),
+The same code path runs one CPU process, torchrun (DDP or FSDP2, gloo on CPU), DeepSpeed ZeRO-2/3 and
+bf16 on GPUs. Everything clever lives in a named component: `losses` (sums and counts, `normalise`),
 `stages` (what trains, data, loss terms), `training.data` (the resumable batch stream),
-`training.checkpoint`, `training.ema`, `training.distributed`, `training.schedule`.
+`training.checkpoint`, `training.ema`, `training.distributed`, `training.zero` (DeepSpeed),
+`training.schedule`, `training.metrics`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from . import checkpoint as ckpt
 from .data import BatchStream, stage_loader
 from .distributed import World, all_reduce_sum, any_rank, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
-from .metrics import MetricsSink, progress_line
+from .metrics import MetricsSink, ProgressWindow
+from .resume import check_resume, run_config
 from .schedule import make_scheduler
 
 log = logging.getLogger("reasonedit.train")
@@ -46,7 +48,7 @@ class StageResult:
     output: Path  # the stage's folder: model/, checkpoints/
     model: Path | None  # the saved model folder (None when stopped by SIGTERM before the end)
     steps: int
-    history: list[dict[str, float]] = field(default_factory=list)  # per optimiser step: losses, lr
+    history: list[dict[str, float]] = field(default_factory=list)  # per optimiser step: losses, lr, grad_norm
     skipped: int = 0
     interrupted: bool = False
     seconds: float = 0.0
@@ -99,16 +101,21 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
             model.generator.enable_gradient_checkpointing()
         model.reasoner.model.gradient_checkpointing_enable()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
     parallel = resolve_parallel(tc.parallel, world)
+    engine = None  # the DeepSpeed engine: it owns the optimizer, the schedule, clipping and the update
     if parallel == "deepspeed":
-        from reasonedit.errors import NotBuiltError
-        raise NotBuiltError("train.parallel=deepspeed", 5)
-    module = wrap(StageModule(model, stage), parallel, world)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-    scheduler = make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio)
+        from . import zero
+        module = engine = zero.initialize(StageModule(model, stage), tc, sc, stage.name, world)
+        optimizer, scheduler = engine.optimizer, engine.lr_scheduler
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+    else:
+        module = wrap(StageModule(model, stage), parallel, world)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        scheduler = make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio)
     ema = None
-    if tc.ema_decay > 0 and model.generator is not None:
+    if tc.ema_decay > 0 and model.generator is not None:  # after wrapping: it keeps the local shards
         ema = GeneratorEMA({n: p for n, p in model.generator.named_parameters() if p.requires_grad}, tc.ema_decay)
 
     # -- data ------------------------------------------------------------------------------------
@@ -128,9 +135,11 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
     root, identity = out / "checkpoints", _start_identity(start)
     step, history, skipped, bad_in_row = 0, [], 0, 0
     found = ckpt.latest(root)
+    run_cfg = run_config(cfg, stage.name)
     if found is not None:
-        saved_identity = torch.load(found / "trainer.pt", weights_only=False).get("start")
-        if saved_identity == identity:
+        saved = torch.load(found / "trainer.pt", weights_only=False)
+        if saved.get("start") == identity:
+            check_resume(saved.get("config"), run_cfg, f"{stage.name}: checkpoint {found}", tc.allow_config_change)
             trainer_state, rank_state = ckpt.load_checkpoint(found, world, module, optimizer)
             scheduler.load_state_dict(trainer_state["scheduler"])
             step, history = trainer_state["step"], trainer_state["history"]
@@ -150,7 +159,7 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
 
     def save(at: int) -> Path:
         trainer_state = {"step": at, "scheduler": scheduler.state_dict(), "history": history, "skipped": skipped,
-                         "bad_in_row": bad_in_row, "start": identity, "stage": stage.name}
+                         "bad_in_row": bad_in_row, "start": identity, "stage": stage.name, "config": run_cfg}
         rank_state = {"stream": stream.state_dict(), "ema": ema.state_dict() if ema is not None else None}
         # names as the StageModule sees them ("model." + the ReasonEditModel's name)
         return ckpt.save_checkpoint(root, at, world, module, optimizer, {f"model.{n}" for n in trainable},
@@ -165,13 +174,15 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
 
     sink = MetricsSink(out, f"{cfg.name}-{stage.name}", {"stage": asdict(sc), "train": asdict(tc)},
                        tc.wandb, tc.tensorboard, world.is_main)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if world.device.type == "cuda"
+    # DeepSpeed runs its own precision (the JSON's bf16 section: bf16 weights, float32 master weights)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if world.device.type == "cuda" and engine is None
                 else contextlib.nullcontext())
     micro_per_rank = sc.grad_accum
     log.info("%s: trains %s; %d trainable parameters; %s on %d rank(s); lr %.1e, %d steps",
-             stage.name, stage.trains, sum(p.numel() for n, p in model.named_parameters() if n in trainable),
+             stage.name, stage.trains, trainable_numel,
              parallel, world.world_size, sc.lr, sc.steps)
     interrupted = False
+    progress = ProgressWindow(stage.name, sc.steps, stage.terms)
     try:
         while step < sc.steps:
             t0 = time.perf_counter()
@@ -183,24 +194,37 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
                 ctx = StageContext(cfg.flow_matching, step_generator(cfg.seed, stage.number, step,
                                                                      i * world.world_size + world.rank),
                                    world.device, cache)
-                sync = (contextlib.nullcontext() if i == len(micro) - 1 or not hasattr(module, "no_sync")
-                        else module.no_sync())
+                sync = (contextlib.nullcontext() if i == len(micro) - 1 or engine is not None
+                        or not hasattr(module, "no_sync") else module.no_sync())
                 with sync:
                     with autocast:
                         terms = module(batch, ctx)
                     loss = stage.combine({t: normalise(terms[t].sum, counts[t], world.world_size)
                                           for t in stage.terms})
-                    loss.backward()
+                    if engine is not None:
+                        engine.backward(loss, scale_wrt_gas=False)  # already normalised by the global count
+                    else:
+                        loss.backward()
                 for t in stage.terms:
                     sums[t] += terms[t].sum.detach().double().cpu()
             # the step's losses over all ranks, for the log and the finiteness check
             sums = {t: all_reduce_sum(v) for t, v in sums.items()}
             losses = {t: float(sums[t] / counts[t]) if float(counts[t]) > 0 else 0.0 for t in stage.terms}
             total = float(stage.combine({t: torch.tensor(v) for t, v in losses.items()}))
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
-                         else torch.zeros(()))
-            if not (math.isfinite(total) and math.isfinite(float(grad_norm))):
-                optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            if engine is not None:
+                # clips, steps AdamW and the schedule; skips by itself (and clears the gradients) when the
+                # gradient norm is not finite
+                engine.step()
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                finite = math.isfinite(total) and engine.was_step_applied()
+            else:
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
+                             else torch.zeros(()))
+                finite = math.isfinite(total) and math.isfinite(float(grad_norm))
+            if not finite:
+                if engine is None:
+                    optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 bad_in_row += 1
                 log.warning("%s step %d: non-finite loss %s; step skipped (%d in a row, %d in all)",
@@ -211,24 +235,23 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
                                           f"({stage.name}.lr={sc.lr}) or check the data")
                 continue  # the same step number is tried again on the next batches
             bad_in_row = 0
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            if engine is None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
             if ema is not None:
                 ema.update()
             step += 1
             tokens = float(all_reduce_sum(torch.tensor(float(sum(sum(mb.tokens) for mb in micro)))))
-            history.append({**losses, "loss": total, "lr": lr})
+            history.append({**losses, "loss": total, "lr": lr, "grad_norm": float(grad_norm)})  # pre-clip norm
             metrics = {**{f"loss/{t}": v for t, v in losses.items()}, "loss/total": total, "lr": lr,
-                       "tokens_per_s": tokens / (time.perf_counter() - t0),
-                       "packing": stream.packer.stats.utilisation, "grad_norm": float(grad_norm)}
-            if world.is_main and (step % tc.log_every == 0 or step == sc.steps):
-                window = history[-tc.log_every:]  # the line shows the mean since the last line: less noise
-                shown = {t: sum(h[t] for h in window) / len(window) for t in stage.terms}
-                log.info(progress_line(stage.name, step, sc.steps, shown, lr, metrics["tokens_per_s"],
-                                       metrics["packing"], skipped))
+                       "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0),
+                       "packing": stream.packer.stats.utilisation, "skipped": skipped}
+            progress.add(history[-1], tokens)
+            if world.is_main:
                 sink.log(step, metrics)
+                if step % tc.log_every == 0 or step == sc.steps:
+                    log.info(progress.line(step, lr, metrics["packing"], skipped))
             if any_rank(stop["sigterm"]):
                 save(step)
                 log.warning("%s: SIGTERM: saved step %d and stopped; run again to resume", stage.name, step)
@@ -245,17 +268,16 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
     if not interrupted:
         if ckpt.latest(root) is None or ckpt.latest(root).name != f"step_{step:08d}":
             save(step)
-        result.model = save_stage_model(module, model, stage, start, out, world, ema)
+        result.model = save_stage_model(module, model, stage, start, out, world, ema, {f"model.{n}" for n in trainable})
     result.seconds = time.perf_counter() - started
     return result
 
 
 def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Stage, start: Path, out: Path,
-                     world: World, ema: GeneratorEMA | None) -> Path:
-    """Write out/model (a full ReasonEditModel folder) and, with an EMA, out/model_ema (EMA generator)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                     world: World, ema: GeneratorEMA | None, trainable: set[str]) -> Path:
+    """Write out/model (a full ReasonEditModel folder) and, with an EMA, out/model_ema (EMA generator).
+    Sharded weights (FSDP2, ZeRO-3) are gathered first: every rank takes part."""
+    full = ckpt.full_trainable_state(module, trainable)
     path = out / "model"
     if world.is_main:
         final = load_stage_model(stage, start)  # unsharded, on the CPU, same structure
@@ -264,7 +286,10 @@ def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Sta
             carried = ReasonEditModel.from_pretrained(start)
             final = ReasonEditModel(final.reasoner, carried.generator, carried.vae, final.config)
         final.save_pretrained(path)
-        if ema is not None and not any(hasattr(p, "to_local") for p in model.parameters()):
+        if ema is not None and ema.sharded:
+            log.warning("%s: the EMA is sharded over the ranks (FSDP2 / ZeRO-3); model_ema/ is not written, the "
+                        "EMA shards are in the checkpoint's rank<r>.pt", stage.name)
+        elif ema is not None:
             with torch.no_grad():
                 for name, p in final.generator.named_parameters():
                     if name in ema.shadow:
