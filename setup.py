@@ -34,6 +34,7 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.6",
         "pillow>=11",
+        "pyarrow==26.0.1",  # GEdit-Bench's parquet files
         "numpy>=1.26",
     ],
     extras_require={

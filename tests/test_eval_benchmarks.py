@@ -1,8 +1,12 @@
 """Benchmark readers on tiny fixture directories in each official layout, and bad layouts."""
 
+import io
 import json
+import logging
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -71,9 +75,129 @@ def test_gedit_bad_rows_name_the_line_and_field(tmp_path, change, match):
         get_benchmark("gedit").load(tmp_path)
 
 
-def test_gedit_directory_without_metadata_says_what_it_needs(tmp_path):
-    with pytest.raises(BenchmarkDataError, match="metadata.jsonl does not exist"):
+def test_gedit_directory_without_metadata_or_data_files_says_what_it_needs(tmp_path):
+    with pytest.raises(BenchmarkDataError, match="holds no metadata.jsonl and no .parquet or .arrow files"):
         get_benchmark("gedit").load(tmp_path)
+
+
+# GEdit as published on the hub: parquet rows whose two image columns are `datasets` Image structs
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+GEDIT_SCHEMA = pa.schema([("task_type", pa.string()), ("key", pa.string()), ("instruction", pa.string()),
+                          ("instruction_language", pa.string()), ("input_image", IMAGE_STRUCT),
+                          ("input_image_raw", IMAGE_STRUCT), ("Intersection_exist", pa.bool_())])
+
+
+def png_bytes(seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue(), pixels
+
+
+def hub_rows():
+    """Two keys over two task types, each in English and Chinese (sharing its images); k1 in the intersection."""
+    rows, pixels = [], {}
+    for key, task, seed, inter in (("k1", "color_alter", 1, True), ("k2", "subject-add", 3, False)):
+        (judged, pixels[key, "input_image"]), (raw, pixels[key, "input_image_raw"]) = png_bytes(seed), png_bytes(seed + 1)
+        for lang, text in (("en", f"edit {key}"), ("cn", f"编辑 {key}")):
+            rows.append({"task_type": task, "key": key, "instruction": text, "instruction_language": lang,
+                         "input_image": {"bytes": judged, "path": None},
+                         "input_image_raw": {"bytes": raw, "path": None}, "Intersection_exist": inter})
+    return rows, pixels
+
+
+def hub_snapshot(root, rows=None, schema=GEDIT_SCHEMA):
+    """The hub layout: data/train-0000i-of-00002.parquet, rows split over the two files."""
+    rows = rows if rows is not None else hub_rows()[0]
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    half = (len(rows) + 1) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part, schema=schema), root / f"data/train-{i:05d}-of-00002.parquet")
+    return root
+
+
+def pixels_of(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_gedit_reads_the_hub_parquet_snapshot_and_extracts_its_images(tmp_path, caplog):
+    rows, pixels = hub_rows()
+    with caplog.at_level(logging.INFO, logger="reasonedit.eval.benchmarks.gedit"):
+        bench = get_benchmark("gedit").load(hub_snapshot(tmp_path / "snap", rows))
+    assert "reading 4 rows from 2 file(s)" in caplog.text and "4 images extracted, 0 already in" in caplog.text
+    s = bench.samples()
+    assert [(x.key, x.category, x.language, x.instruction, x.meta["intersection"]) for x in s] == [
+        ("k1_en", "color_alter", "en", "edit k1", True), ("k1_cn", "color_alter", "cn", "编辑 k1", True),
+        ("k2_en", "subject-add", "en", "edit k2", False), ("k2_cn", "subject-add", "cn", "编辑 k2", False)]
+    for x in s:  # the model edits input_image_raw; the judge sees input_image; both decode to the same pixels
+        assert np.array_equal(bench.source_images(x)[0], pixels[x.meta["key"], "input_image_raw"])
+        assert np.array_equal(pixels_of(x.meta["input_image"]), pixels[x.meta["key"], "input_image"])
+        assert x.sources[0].parent == tmp_path / "snap/.reasonedit-images"
+    assert s[0].sources == s[1].sources  # a key's two languages share one extracted file
+    assert bench.cache.written == 4 and sorted(p.suffix for p in bench.cache.folder.iterdir()) == [".png"] * 4
+
+
+def test_gedit_second_load_reuses_the_cache_and_rewrites_a_damaged_file(tmp_path):
+    snap = hub_snapshot(tmp_path / "snap")
+    first = get_benchmark("gedit", languages=["en"], image_cache=tmp_path / "imgs").load(snap)
+    files = sorted((tmp_path / "imgs").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = get_benchmark("gedit", languages=["en"], image_cache=tmp_path / "imgs").load(snap)
+    assert (second.cache.written, second.cache.reused) == (0, 4)
+    assert [f.stat().st_mtime_ns for f in files] == stamps and sorted((tmp_path / "imgs").iterdir()) == files
+    assert [x.sources for x in second.samples()] == [x.sources for x in first.samples()]
+    files[0].write_bytes(b"half a png")  # a file whose content no longer matches its hash is written again
+    third = get_benchmark("gedit", languages=["en"], image_cache=tmp_path / "imgs").load(snap)
+    assert (third.cache.written, third.cache.reused) == (1, 3)
+    assert np.array_equal(third.source_images(third.samples()[0])[0], first.source_images(first.samples()[0])[0])
+
+
+def test_gedit_reads_one_parquet_file_or_a_datasets_arrow_file(tmp_path):
+    rows, pixels = hub_rows()
+    one = hub_snapshot(tmp_path / "snap", rows) / "data/train-00001-of-00002.parquet"
+    assert [x.key for x in get_benchmark("gedit").load(one).samples()] == ["k2_en", "k2_cn"]
+    arrow = tmp_path / "arrow/train/data-00000-of-00001.arrow"  # what `datasets` save_to_disk writes
+    arrow.parent.mkdir(parents=True)
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, GEDIT_SCHEMA) as writer:
+        writer.write_table(pa.Table.from_pylist(rows, schema=GEDIT_SCHEMA))
+    bench = get_benchmark("gedit").load(tmp_path / "arrow")
+    assert [x.key for x in bench.samples()] == ["k1_en", "k1_cn", "k2_en", "k2_cn"]
+    assert np.array_equal(bench.source_images(bench.samples()[2])[0], pixels["k2", "input_image_raw"])
+
+
+def test_gedit_image_without_bytes_is_read_from_its_path_beside_the_file(tmp_path):
+    rows, pixels = hub_rows()
+    png(tmp_path / "snap/data/images/raw.png", (10, 20, 30))
+    rows[0]["input_image_raw"] = {"bytes": None, "path": "images/raw.png"}
+    bench = get_benchmark("gedit").load(hub_snapshot(tmp_path / "snap", rows))
+    assert bench.samples()[0].sources == [tmp_path / "snap/data/images/raw.png"]
+
+
+@pytest.mark.parametrize("column, new_type, value, match", [
+    ("Intersection_exist", None, None,
+     r"train-00000-of-00002.parquet: missing column\(s\) \['Intersection_exist'\]"),
+    ("Intersection_exist", pa.string(), "yes",
+     "train-00000-of-00002.parquet: column 'Intersection_exist' has type string, expected bool"),
+    ("input_image_raw", pa.string(), "raw.png", "column 'input_image_raw' has type string, expected an Image struct"),
+])
+def test_gedit_parquet_with_a_missing_or_mistyped_column_names_file_and_column(tmp_path, column, new_type, value,
+                                                                               match):
+    schema = pa.schema([f for f in GEDIT_SCHEMA if f.name != column] + ([pa.field(column, new_type)] if new_type else []))
+    rows = [{**{k: v for k, v in r.items() if k != column}, **({column: value} if new_type else {})}
+            for r in hub_rows()[0]]
+    with pytest.raises(BenchmarkDataError, match=match):
+        get_benchmark("gedit").load(hub_snapshot(tmp_path / "snap", rows, schema))
+    assert not (tmp_path / "snap/.reasonedit-images").exists()  # nothing extracted from a bad snapshot
+
+
+def test_gedit_corrupt_image_bytes_name_file_row_key_and_column(tmp_path):
+    rows, _ = hub_rows()
+    rows[3]["input_image"] = {"bytes": b"\x89PNG\r\n\x1a\n not really", "path": None}
+    with pytest.raises(BenchmarkDataError, match=r"train-00001-of-00002.parquet row 1 \(key 'k2'\): "
+                       r"column 'input_image' holds \d+ bytes that do not decode as an image"):
+        get_benchmark("gedit").load(hub_snapshot(tmp_path / "snap", rows))
+    assert not [p for p in (tmp_path / "snap/.reasonedit-images").iterdir() if p.suffix == ".tmp"]
 
 
 # -- ImgEdit ------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reasonedit.eval.benchmark import get_benchmark
+from reasonedit.eval.benchmark import BenchmarkDataError, get_benchmark
 from reasonedit.eval.judge import Judge, JudgeSettings
 from reasonedit.eval.runner import GenerationSettings, Shard, generate, score, select, write_image
 from reasonedit.testing.chat_server import ScriptedChatServer
@@ -184,3 +184,41 @@ def test_exact_target_edits_score_full_marks_and_unchanged_sources_score_none(sh
     assert overall["concrete"]["success"] == overall["abstract"]["success"] == success
     if change:
         assert all(r.scores["score"] == 10 for r in results)
+
+
+def test_judge_prompts_from_a_file_replace_ours_by_query_name(tmp_path):
+    bench = _gedit(tmp_path / "gedit", n=2)
+    for s in bench.samples():
+        write_image(bench.output_path(tmp_path / "images", s, "m"), np.zeros((16, 16, 3), np.uint8))
+    prompts = tmp_path / "official.json"
+    prompts.write_text(json.dumps({"semantic_consistency": "OFFICIAL SC for [{instruction}] ({category})"}))
+    bench.use_judge_prompts(prompts)
+    with ScriptedChatServer(lambda req: '{"score": [7, 9], "reasoning": "ok"}') as server:
+        with Judge(JudgeSettings(base_url=server.base_url, model="j"), cache=tmp_path / "c.jsonl") as judge:
+            results, _ = score(bench, tmp_path / "images", "m", judge)
+        texts = [r.text for r in server.log]
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert "OFFICIAL SC for [edit 0] (color_alter)" in texts and "OFFICIAL SC for [edit 1] (subject-add)" in texts
+    # the quality prompt stays ours; both samples ask it of the same black image, so the judge sees it once
+    assert sum("OFFICIAL" in t for t in texts) == 2 and len(texts) == 3
+
+    prompts.write_text(json.dumps({"semantic_consistensy": "typo"}))
+    with pytest.raises(BenchmarkDataError, match="semantic_consistensy"):
+        score(bench.use_judge_prompts(prompts), tmp_path / "images", "m", judge=object())
+    prompts.write_text(json.dumps({"semantic_consistency": "{no_such_field}"}))
+    with pytest.raises(BenchmarkDataError, match="no_such_field"):
+        score(bench.use_judge_prompts(prompts), tmp_path / "images", "m", judge=object())
+
+
+def test_a_category_specific_judge_prompt_wins_over_the_plain_name(tmp_path):
+    bench = _gedit(tmp_path / "gedit", n=2)
+    for s in bench.samples():
+        write_image(bench.output_path(tmp_path / "images", s, "m"), np.full((16, 16, 3), 9, np.uint8))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"semantic_consistency": "ANY {instruction}",
+                                   "semantic_consistency:subject-add": "ADD {instruction}"}))
+    with ScriptedChatServer(lambda req: '{"score": [7, 9], "reasoning": "ok"}') as server:
+        with Judge(JudgeSettings(base_url=server.base_url, model="j"), cache=tmp_path / "c.jsonl") as judge:
+            score(bench.use_judge_prompts(prompts), tmp_path / "images", "m", judge)
+        texts = {r.text for r in server.log}
+    assert {"ANY edit 0", "ADD edit 1"} <= texts

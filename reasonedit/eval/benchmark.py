@@ -283,6 +283,47 @@ class Benchmark:
     def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
         raise NotImplementedError(f"{self.name} has no judge queries")
 
+    # -- the judge's prompt text, replaceable ----------------------------------------------------
+    def use_judge_prompts(self, path: str | Path) -> "Benchmark":
+        """Replace the prompt text of judge queries by name with templates from a JSON file
+        `{"<query name>": "<template>"}` (or `"<query name>:<category>"` for one category), e.g. the official
+        scripts' own wording, so scores match theirs.
+        Templates take `{instruction}`, `{language}`, `{category}`, `{key}` and the sample's text meta fields;
+        a reply must still come in the query's reply format."""
+        where = str(path)
+        doc = read_json(Path(path), "judge prompts")
+        if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+            raise BenchmarkDataError(f"{where}: judge prompts must be a JSON object of query name -> template text")
+        self.judge_prompts, self.judge_prompts_file = dict(doc), where
+        return self
+
+    def prompted_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
+        """`judge_queries` with any replaced prompt text filled in for this sample."""
+        queries = self.judge_queries(sample, edited_path)
+        prompts: dict[str, str] = getattr(self, "judge_prompts", {})
+        if not prompts:
+            return queries
+        fields = {"instruction": sample.instruction, "language": sample.language, "category": sample.category,
+                  "key": sample.key, **{k: v for k, v in sample.meta.items() if isinstance(v, (str, int, float))}}
+        for q in queries:
+            name = next((n for n in (f"{q.name}:{sample.category}", q.name) if n in prompts), None)
+            if name is not None:
+                try:
+                    q.prompt = prompts[name].format_map(fields)
+                except KeyError as e:
+                    raise BenchmarkDataError(
+                        f"{self.judge_prompts_file}: prompt {name!r} uses {{{e.args[0]}}}, which sample "
+                        f"{sample.key} lacks; it has {sorted(fields)}") from None
+        return queries
+
+    def check_judge_prompts(self, seen: Iterable[tuple[str, str]]) -> None:
+        """Refuse replaced prompts that no (query name, category) of this run matches (a typo would go unnoticed)."""
+        seen = {form for name, category in seen for form in (name, f"{name}:{category}")}
+        unknown = sorted(set(getattr(self, "judge_prompts", {})) - seen)
+        if unknown:
+            raise BenchmarkDataError(f"{self.judge_prompts_file}: no {self.name} judge query is named {unknown}; "
+                                     f"the queries are {sorted(seen)}")
+
     def oracle_scores(self, sample: BenchSample, edited_path: Path) -> dict[str, float]:
         raise NotImplementedError(f"{self.name} is scored by a judge, not an oracle")
 

@@ -56,6 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-retries", type=int, default=4, help="retries after a timeout, 429 or 5xx")
     g.add_argument("--concurrency", type=int, default=8, help="judge (and HTTP editor) requests in flight at once")
     g.add_argument("--judge-cache", type=Path, help="reply cache (default OUT/judge_cache.jsonl)")
+    g.add_argument("--judge-prompts", type=Path, help="JSON {query name: template} replacing our judge prompt "
+                   "text, e.g. with the official scripts' wording (see eval/README.md)")
+    g.add_argument("--image-cache", type=Path, help="gedit: where the hub snapshot's embedded images are written "
+                   "(default DATA/.reasonedit-images)")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval/<bench>)")
 
 
@@ -72,8 +76,16 @@ def _bench(args: argparse.Namespace):
 
     if args.bench == "shapes" and args.data is None and args.limit is not None:
         bench = get_benchmark("shapes", n=args.limit)  # make only the scenes the run will use
+    elif args.bench == "gedit" and args.image_cache is not None:
+        bench = get_benchmark("gedit", image_cache=args.image_cache)
     else:
+        if args.image_cache is not None:
+            raise ValueError(f"--image-cache: only gedit reads embedded images, not {args.bench}")
         bench = get_benchmark(args.bench)
+    if args.judge_prompts is not None:
+        if not bench.uses_judge:
+            raise ValueError(f"--judge-prompts: {args.bench} is scored by its oracle, not a judge")
+        bench.use_judge_prompts(args.judge_prompts)
     return bench.load(args.data)
 
 

@@ -255,8 +255,9 @@ def score(bench: Benchmark, images_dir: str | os.PathLike, model_name: str, judg
         if judge is None:
             raise ValueError(f"{bench.name} is scored by a judge: give --judge-url and --judge-model "
                              "(or REASONEDIT_JUDGE_BASE_URL / _MODEL)")
-        asks.extend((i, q) for q in bench.judge_queries(s, path))
+        asks.extend((i, q) for q in bench.prompted_queries(s, path))
     if asks:
+        bench.check_judge_prompts((q.name, samples[i].category) for i, q in asks)
         _judge_all(bench, samples, results, asks, judge, progress)
     stats.queries = len(asks)
     for r in results:

@@ -401,9 +401,12 @@ class Reasoner:
         """Last-layer hidden states (1, L, hidden) of a packed row."""
         return self.model.model(**self._packed_kwargs(row, backend)).last_hidden_state
 
-    def forward_packed(self, row: PackedReasonerInputs, *, backend: str = "auto") -> CausalLMOutputWithPast:
-        """Logits (1, L, vocab) of a packed row, and the next-token loss over all its samples when it has labels."""
-        return self.model(**self._packed_kwargs(row, backend), labels=row.labels)
+    def forward_packed(self, row: PackedReasonerInputs, *, backend: str = "auto", with_loss: bool = True,
+                       output_hidden_states: bool = False) -> CausalLMOutputWithPast:
+        """Logits (1, L, vocab) of a packed row; with `with_loss`, transformers' mean next-token loss over the row's
+        labels (the stages sum their own, token-weighted across ranks, and pass with_loss=False)."""
+        return self.model(**self._packed_kwargs(row, backend), labels=row.labels if with_loss else None,
+                          output_hidden_states=output_hidden_states)
 
     # -- generation -----------------------------------------------------------------------------
 

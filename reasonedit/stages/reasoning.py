@@ -43,7 +43,7 @@ class ReasoningStage(Stage):
 
     def loss_sums(self, model: ReasonEditModel, batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
         row = reasoner_inputs(batch.items, model.reasoner).to(ctx.device)
-        logits = model.reasoner.model(**model.reasoner._packed_kwargs(row, model.config.attention_backend)).logits
+        logits = model.reasoner.forward_packed(row, backend=model.config.attention_backend, with_loss=False).logits
         return {"ntp": next_token_loss(logits, row.labels)}  # logits (1, L, V)
 
 

@@ -44,8 +44,8 @@ class UnifiedStage(Stage):
     def loss_sums(self, model: ReasonEditModel, batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
         mixed = mixed_inputs(batch.items, model.reasoner)
         row = mixed.row.to(ctx.device)
-        out = model.reasoner.model(**model.reasoner._packed_kwargs(row, model.config.attention_backend),
-                                   output_hidden_states=True)
+        out = model.reasoner.forward_packed(row, backend=model.config.attention_backend, with_loss=False,
+                                            output_hidden_states=True)
         sums = {"ntp": next_token_loss(out.logits, row.labels)}
         if mixed.generator_segments:
             states = mixed.condition_states(out.hidden_states[-1])  # with gradients into the reasoner

@@ -1,9 +1,15 @@
 """GEdit-Bench (606 English + 606 Chinese samples, 11 task types), scored the VIEScore way.
 
-Local copy: a directory with `metadata.jsonl` (one row per sample with the dataset's fields key,
-task_type, instruction, instruction_language, input_image, input_image_raw, Intersection_exist; the
-two image fields are paths relative to the directory). Outputs go where the official scorer reads
-them: `<images>/<model>/fullset/<task_type>/<language>/<key>.png`.
+Local copy, either of:
+- the Hugging Face hub snapshot of stepfun-ai/GEdit-Bench (a folder with its data files anywhere
+  under it, or one such file): parquet files, or the `datasets` Arrow files, whose rows hold key,
+  task_type, instruction, instruction_language, Intersection_exist and the two `Image` columns
+  input_image and input_image_raw (structs of `bytes` and `path`). Each embedded image is written
+  once to a cache folder (default `<snapshot>/.reasonedit-images/`) so samples can point at files;
+- a `metadata.jsonl` export (one row per sample with the same fields, the two image fields being
+  paths relative to the directory).
+
+Outputs go where the official scorer reads them: `<images>/<model>/fullset/<task_type>/<language>/<key>.png`.
 
 Per sample the judge gives two semantic-consistency sub-scores (source + edit) and two perceptual
 quality sub-scores (edit alone), each 0-10: SC = min of its two, PQ = min of its two,
@@ -13,10 +19,17 @@ intersection subset beside the full set.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
                          group_by, mean, ok_only, require, row, total_counts)
@@ -27,6 +40,13 @@ LANGUAGES = ("en", "cn", "zh")  # the dataset writes Chinese as "cn"; "zh" is ac
 FIELDS = ("key", "task_type", "instruction", "instruction_language", "input_image", "input_image_raw",
           "Intersection_exist")
 METADATA = "metadata.jsonl"
+IMAGE_COLUMNS = ("input_image", "input_image_raw")
+TABLE_SUFFIXES = (".parquet", ".arrow")  # hub parquet; `datasets` Arrow (IPC stream) files
+CACHE_DIRNAME = ".reasonedit-images"
+BATCH_ROWS = 16  # rows held in memory at once while extracting (each holds two full-size images)
+PROGRESS_EVERY_S = 5.0
+
+log = logging.getLogger(__name__)
 
 # Our wording; the reply format (a JSON object with a two-number "score" list) is VIEScore's.
 SC_PROMPT = """You judge an image edit. The first image is the original; the second is the result of editing it \
@@ -59,25 +79,242 @@ def sample_scores(scores: dict[str, float]) -> tuple[float, float, float]:
     return sc, pq, math.sqrt(sc * pq)
 
 
+# -- the hub snapshot: parquet / Arrow tables with embedded images --------------------------------
+IMAGE_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
+
+
+@dataclass
+class ImageCache:
+    """A folder of images named by the SHA-256 of their bytes: each written once, atomically."""
+
+    folder: Path
+    written: int = 0
+    reused: int = 0
+    _index: dict[str, Path] = field(default_factory=dict, repr=False)  # digest -> file already on disk
+    _known: dict[str, Path] = field(default_factory=dict, repr=False)  # digest -> file checked this load
+
+    def __post_init__(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BenchmarkDataError(f"gedit: cannot create the image cache folder {self.folder} ({e}); "
+                                     "give a writable one with --image-cache DIR (GEditBenchmark(image_cache=DIR))") from None
+        self._index = {p.stem: p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+    def store(self, data: bytes, where: str, column: str) -> Path:
+        """The cached file holding these image bytes; checks they decode before writing them."""
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self._known:  # the English and Chinese rows of a key share their images
+            return self._known[digest]
+        path = self._index.get(digest)
+        if path is not None and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            self.reused += 1
+        else:
+            path = self.folder / f"{digest}{_image_suffix(data, where, column)}"
+            _write_atomic(path, data)
+            self.written += 1
+        self._known[digest] = path
+        return path
+
+
+def _image_suffix(data: bytes, where: str, column: str) -> str:
+    """The file suffix of encoded image bytes, after decoding them fully (a corrupt image is an error)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or "PNG"
+            im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BenchmarkDataError(f"{where}: column {column!r} holds {len(data)} bytes that do not decode "
+                                 f"as an image ({e})") from None
+    return IMAGE_SUFFIXES.get(fmt, f".{fmt.lower()}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def find_tables(root: Path) -> list[Path]:
+    """The snapshot's data files under `root`, sorted: parquet if any, else `datasets` Arrow files.
+    Hidden folders (the image cache, huggingface-cli's .cache) are skipped."""
+    for suffix in TABLE_SUFFIXES:
+        found = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if found:
+            return found
+    return []
+
+
+def _is_text(t) -> bool:
+    import pyarrow as pa
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_image_struct(t) -> bool:
+    """The `datasets` Image storage type: struct<bytes: binary, path: string> (either field may be absent)."""
+    import pyarrow as pa
+    if not pa.types.is_struct(t):
+        return False
+    names = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+    if not names.keys() & {"bytes", "path"}:
+        return False
+    b, p = names.get("bytes"), names.get("path")
+    binary_ok = b is None or pa.types.is_binary(b) or pa.types.is_large_binary(b) or pa.types.is_binary_view(b) \
+        or pa.types.is_null(b)
+    path_ok = p is None or _is_text(p) or pa.types.is_null(p)
+    return binary_ok and path_ok
+
+
+def check_schema(schema, path: Path) -> None:
+    """Every GEdit column present with its type; otherwise a BenchmarkDataError naming the file and column."""
+    import pyarrow as pa
+    missing = [c for c in FIELDS if c not in schema.names]
+    if missing:
+        raise BenchmarkDataError(f"{path}: missing column(s) {missing}; GEdit-Bench rows have {list(FIELDS)}")
+    for name in FIELDS:
+        t = schema.field(name).type
+        if name in IMAGE_COLUMNS:
+            ok, want = _is_image_struct(t), "an Image struct<bytes: binary, path: string>"
+        elif name == "Intersection_exist":
+            ok, want = pa.types.is_boolean(t), "bool"
+        else:
+            ok, want = _is_text(t), "string"
+        if not ok:
+            raise BenchmarkDataError(f"{path}: column {name!r} has type {t}, expected {want}")
+
+
+@dataclass
+class Table:
+    """One data file of the snapshot: its row count and a way to stream its GEdit columns."""
+
+    path: Path
+    num_rows: int
+    _batches: Any = field(repr=False)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        import pyarrow as pa
+        batches = iter(self._batches())
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as e:  # a damaged page shows only when it is read
+                raise BenchmarkDataError(f"{self.path}: unreadable data ({e})") from None
+            if batch is None:
+                return
+            yield from batch.to_pylist()
+
+
+def open_table(path: Path) -> Table:
+    """Open a parquet or `datasets` Arrow file, check its schema, read only the GEdit columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        if path.suffix == ".parquet":
+            pf = pq.ParquetFile(path)
+            check_schema(pf.schema_arrow, path)
+            return Table(path, pf.metadata.num_rows,
+                         lambda: pf.iter_batches(batch_size=BATCH_ROWS, columns=list(FIELDS)))
+        source = pa.memory_map(str(path))  # zero-copy: only the rows being extracted are paged in
+        try:
+            reader = pa.ipc.open_stream(source)  # what `datasets` writes
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+        check_schema(reader.schema, path)
+        table = reader.read_all().select(list(FIELDS))
+        return Table(path, table.num_rows, lambda: table.to_batches(max_chunksize=BATCH_ROWS))
+    except (pa.ArrowException, OSError) as e:
+        raise BenchmarkDataError(f"{path}: not a readable {path.suffix[1:]} file ({e})") from None
+
+
+def image_file(value: Any, column: str, where: str, table_path: Path, cache: ImageCache) -> Path:
+    """A file holding one `Image` cell: its bytes extracted to the cache, or its path (relative to the
+    data file) when the bytes are null."""
+    if not isinstance(value, dict):
+        raise BenchmarkDataError(f"{where}: column {column!r} is null")
+    data, rel = value.get("bytes"), value.get("path")
+    if data:
+        return cache.store(data, where, column)
+    if rel:
+        path = Path(rel) if Path(rel).is_absolute() else table_path.parent / rel
+        if not path.is_file():
+            raise BenchmarkDataError(f"{where}: column {column!r} has no bytes and its path names {path}, "
+                                     "which does not exist")
+        _image_suffix(path.read_bytes(), where, column)
+        return path
+    raise BenchmarkDataError(f"{where}: column {column!r} has neither image bytes nor a path")
+
+
 class GEditBenchmark(Benchmark):
     name = "gedit"
 
-    def __init__(self, languages: Sequence[str] = LANGUAGES):
+    def __init__(self, languages: Sequence[str] = LANGUAGES, image_cache: str | Path | None = None):
         super().__init__()
         unknown = [lang for lang in languages if lang not in LANGUAGES]
         if unknown:
             raise ValueError(f"gedit: unknown language(s) {unknown}; choose from {list(LANGUAGES)}")
         self.languages = tuple(languages)
+        self.image_cache = Path(image_cache) if image_cache is not None else None
+        self.cache: ImageCache | None = None  # after loading a snapshot: where its images went, and counts
 
     def load(self, data_dir: str | Path | None) -> "GEditBenchmark":
+        """Read the hub snapshot (a folder, or one parquet / Arrow file) or a metadata.jsonl export."""
         if data_dir is None:
-            raise BenchmarkDataError("gedit: --data must name a local copy of GEdit-Bench (a directory with metadata.jsonl)")
+            raise BenchmarkDataError("gedit: --data must name a local copy of GEdit-Bench (the hub snapshot "
+                                     f"folder with its parquet files, one such file, or a folder with {METADATA})")
         root = Path(data_dir)
+        if root.is_file():
+            if root.suffix not in TABLE_SUFFIXES:
+                raise BenchmarkDataError(f"gedit: {root} is not a {' or '.join(TABLE_SUFFIXES)} file")
+            return self._load_tables(root, [root], root.parent)
+        if not root.is_dir():
+            raise BenchmarkDataError(f"gedit: {root} does not exist")
+        if (root / METADATA).is_file():
+            return self._load_jsonl(root)
+        tables = find_tables(root)
+        if not tables:
+            raise BenchmarkDataError(f"gedit: {root} holds no {METADATA} and no {' or '.join(TABLE_SUFFIXES)} "
+                                     "files; give the stepfun-ai/GEdit-Bench snapshot folder (see eval/README.md)")
+        return self._load_tables(root, tables, root)
+
+    def _accept(self, rec: dict[str, Any], where: str, seen: dict[tuple[str, str], str], noun: str) -> bool:
+        """Check a row's values and key; True when its language is one being evaluated."""
+        if rec["task_type"] not in TASK_TYPES:
+            raise BenchmarkDataError(f"{where}: {noun} 'task_type' is {rec['task_type']!r}; "
+                                     f"GEdit-Bench has {list(TASK_TYPES)}")
+        if rec["instruction_language"] not in LANGUAGES:
+            raise BenchmarkDataError(f"{where}: {noun} 'instruction_language' is "
+                                     f"{rec['instruction_language']!r}, expected one of {list(LANGUAGES)}")
+        key = (rec["key"], rec["instruction_language"])
+        if key in seen:
+            raise BenchmarkDataError(f"{where}: key {rec['key']!r} ({rec['instruction_language']}) appears twice "
+                                     f"(first at {seen[key]})")
+        seen[key] = where
+        return rec["instruction_language"] in self.languages
+
+    def _sample(self, rec: dict[str, Any], judged: Path, raw: Path) -> BenchSample:
+        # the model edits input_image_raw; the judge sees input_image
+        return BenchSample(f"{rec['key']}_{rec['instruction_language']}", rec["task_type"], rec["instruction"],
+                           [raw], rec["instruction_language"],
+                           {"key": rec["key"], "intersection": rec["Intersection_exist"], "input_image": str(judged)})
+
+    def _finish(self, samples: list[BenchSample], root: Path, source: Path) -> "GEditBenchmark":
+        if not samples:
+            raise BenchmarkDataError(f"gedit: {source} has no samples in {list(self.languages)}")
+        self._samples, self.data_dir = samples, root
+        return self
+
+    def _load_jsonl(self, root: Path) -> "GEditBenchmark":
         meta_path = root / METADATA
-        if not meta_path.is_file():
-            raise BenchmarkDataError(f"gedit: {meta_path} does not exist; the directory must hold {METADATA} "
-                                     f"with the fields {list(FIELDS)} (see eval/README.md)")
-        samples, seen = [], set()
+        samples: list[BenchSample] = []
+        seen: dict[tuple[str, str], str] = {}
         with open(meta_path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -88,28 +325,44 @@ class GEditBenchmark(Benchmark):
                 except json.JSONDecodeError as e:
                     raise BenchmarkDataError(f"{where}: not valid JSON ({e.msg})") from None
                 require(rec, FIELDS, where, {"Intersection_exist": bool})
-                if rec["task_type"] not in TASK_TYPES:
-                    raise BenchmarkDataError(f"{where}: field 'task_type' is {rec['task_type']!r}; "
-                                             f"GEdit-Bench has {list(TASK_TYPES)}")
-                if rec["instruction_language"] not in LANGUAGES:
-                    raise BenchmarkDataError(f"{where}: field 'instruction_language' is "
-                                             f"{rec['instruction_language']!r}, expected one of {list(LANGUAGES)}")
-                key = (rec["key"], rec["instruction_language"])
-                if key in seen:
-                    raise BenchmarkDataError(f"{where}: key {rec['key']!r} ({rec['instruction_language']}) appears twice")
-                seen.add(key)
-                if rec["instruction_language"] not in self.languages:
+                if not self._accept(rec, where, seen, "field"):
                     continue
                 judged = existing_file(root, rec["input_image"], where, "input_image")
                 raw = existing_file(root, rec["input_image_raw"], where, "input_image_raw")
-                samples.append(BenchSample(
-                    f"{rec['key']}_{rec['instruction_language']}", rec["task_type"], rec["instruction"], [raw],
-                    rec["instruction_language"],
-                    {"key": rec["key"], "intersection": rec["Intersection_exist"], "input_image": str(judged)}))
-        if not samples:
-            raise BenchmarkDataError(f"gedit: {meta_path} has no samples in {list(self.languages)}")
-        self._samples, self.data_dir = samples, root
-        return self
+                samples.append(self._sample(rec, judged, raw))
+        return self._finish(samples, root, meta_path)
+
+    def _load_tables(self, root: Path, paths: list[Path], cache_parent: Path) -> "GEditBenchmark":
+        tables = [open_table(p) for p in paths]  # every schema checked before any image is written
+        total = sum(t.num_rows for t in tables)
+        cache = ImageCache(self.image_cache or cache_parent / CACHE_DIRNAME)
+        log.info("gedit: reading %d rows from %d file(s) under %s; images go to %s",
+                 total, len(tables), root, cache.folder)
+        samples: list[BenchSample] = []
+        seen: dict[tuple[str, str], str] = {}
+        done, last = 0, time.monotonic()
+        for table in tables:
+            for index, rec in enumerate(table.rows()):
+                where = f"{table.path} row {index}"
+                if rec["key"] is None:
+                    raise BenchmarkDataError(f"{where}: column 'key' is null")
+                where = f"{where} (key {rec['key']!r})"
+                for name in FIELDS:
+                    if rec[name] is None:
+                        raise BenchmarkDataError(f"{where}: column {name!r} is null")
+                if self._accept(rec, where, seen, "column"):
+                    judged = image_file(rec["input_image"], "input_image", where, table.path, cache)
+                    raw = image_file(rec["input_image_raw"], "input_image_raw", where, table.path, cache)
+                    samples.append(self._sample(rec, judged, raw))
+                done += 1
+                if time.monotonic() - last >= PROGRESS_EVERY_S:
+                    last = time.monotonic()
+                    log.info("gedit: %d/%d rows read; %d images extracted, %d already in the cache",
+                             done, total, cache.written, cache.reused)
+        log.info("gedit: %d samples from %d rows; %d images extracted, %d already in %s",
+                 len(samples), done, cache.written, cache.reused, cache.folder)
+        self.cache = cache
+        return self._finish(samples, root, root)
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
         return (Path(images_dir) / model_name / "fullset" / sample.category / sample.language
@@ -152,4 +405,4 @@ class GEditBenchmark(Benchmark):
         }
 
 
-__all__ = ["FIELDS", "GEditBenchmark", "LANGUAGES", "TASK_TYPES", "sample_scores"]
+__all__ = ["FIELDS", "GEditBenchmark", "ImageCache", "LANGUAGES", "TASK_TYPES", "find_tables", "sample_scores"]
