@@ -356,3 +356,14 @@ def test_dropped_conditions_change_the_prompt_and_the_counts(model, records):
     assert drop.dropped_text and drop.dropped_image and drop.instruction == ""
     assert drop.source_tokens == 0 and drop.source_latents == [] and "pixel_values" not in drop.condition
     assert drop.num_tokens < keep.num_tokens
+
+
+def test_latents_are_encoded_on_the_codecs_device_and_dtype_and_come_back_float32_on_cpu(model, records):
+    from reasonedit.models.vae import QwenImageVAE
+    vae = QwenImageVAE.tiny(z_dim=4).to(torch.bfloat16)  # a half-precision VAE, as on a GPU
+    config = PreprocessConfig(buckets=buckets_for(model, 224 * 224, vae_downsample=vae.downsample))
+    pre = Preprocessor(model.reasoner.processor, vae, config)
+    (seg,) = pre.generator_segments(records["edit_pair"][0])
+    pre.encode_latents([seg])
+    assert seg.target_latent.dtype == torch.float32 and seg.target_latent.device.type == "cpu"
+    assert seg.target_latent.shape[0] == 4 and torch.isfinite(seg.target_latent).all()

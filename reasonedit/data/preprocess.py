@@ -442,13 +442,16 @@ class Preprocessor:
         from reasonedit.models.vae import to_pixels
 
         patch = self.config.buckets.generator_patch
+        weights = next(iter(self.codec.parameters()), None)  # the patch codec has none
+        device, dtype = (weights.device, weights.dtype) if weights is not None else (torch.device("cpu"), None)
         for seg in segments:
             if seg.has_latents:
                 continue
             latents = []
             for image in [seg.target_image, *seg.source_images]:
-                pixels = to_pixels(torch.from_numpy(image)[None])  # (1, 3, H, W) in [-1, 1]
-                latents.append(self.codec.encode(pixels)[0].cpu())  # (C, H / f, W / f)
+                pixels = to_pixels(torch.from_numpy(image)[None]).to(device, dtype)  # (1, 3, H, W) in [-1, 1]
+                with torch.no_grad():
+                    latents.append(self.codec.encode(pixels)[0].float().cpu())  # (C, H / f, W / f)
             tokens = [(z.shape[-2] // patch) * (z.shape[-1] // patch) for z in latents]
             if tokens[0] != seg.target_tokens or sum(tokens[1:]) != seg.source_tokens:
                 raise ValueError(f"{seg.key}: latents give {tokens} tokens, the segment counted "
