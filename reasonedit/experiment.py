@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -212,6 +213,21 @@ def step_edit(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
     log.info("edit: %d traces under %s (model %s)", len(rows), out / "edit", model_dir)
 
 
+def _stale_eval(eval_dir: Path, model_dir: Path, e) -> bool:
+    """True when eval_dir holds images made by another save of the model than model_dir's, or with other
+    sampling settings than `e` (the eval section)."""
+    from .eval.runner import STAMP, model_identity
+    want = {"origin": model_identity(model_dir), "steps": e.sampling_steps, "guidance": e.guidance, "seed": e.seed}
+    for stamp in eval_dir.glob(f"images/*/*/{STAMP}"):
+        try:
+            made = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            return True
+        if any(made.get(k) != v for k, v in want.items()) or made.get("rounds") not in (None, e.rounds):
+            return True
+    return False
+
+
 def step_eval(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
     """The shapes ablation of the run's latest model: success and mean oracle score per mode, on concrete
     and abstract instructions (eval/report.md, results.json, charts)."""
@@ -221,6 +237,10 @@ def step_eval(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
 
     e = cfg.eval
     model_dir = latest_model(out)
+    stale = _stale_eval(out / "eval", model_dir, e)
+    if stale:  # the model was saved again, or the settings changed: old images must not be reused
+        log.info("eval: %s holds images of an earlier model; removing them", out / "eval")
+        shutil.rmtree(out / "eval")
     # an undertrained reasoner's unparsable replies are counted in the table; one warning each is noise here
     quiet = logging_module.getLogger("reasonedit.inference.builtin")
     level = quiet.level

@@ -167,3 +167,24 @@ def test_sweep_command_expands_and_validates_without_writing(tmp_path):
     assert res.stdout.count("python -m reasonedit run") == 4 and not (tmp_path / "sw").exists()
     res = run_cli("sweep", tmp_path / "missing.yaml")
     assert res.returncode == 1 and "sweep file not found" in res.stderr
+
+
+def test_eval_step_images_of_another_model_save_or_settings_are_stale(tmp_path):
+    from reasonedit.config import EvalStepConfig
+    from reasonedit.eval.runner import STAMP, model_identity
+    from reasonedit.experiment import _stale_eval
+
+    model = tmp_path / "stage3" / "model"
+    model.mkdir(parents=True)
+    (model / "reasonedit.json").write_text("{}")
+    e = EvalStepConfig()
+    stamp = tmp_path / "eval" / "images" / "base" / "stage3" / STAMP
+    stamp.parent.mkdir(parents=True)
+    made = {"origin": model_identity(model), "steps": e.sampling_steps, "guidance": e.guidance, "seed": e.seed,
+            "rounds": None}
+    stamp.write_text(json.dumps(made))
+    assert not _stale_eval(tmp_path / "eval", model, e)
+    stamp.write_text(json.dumps({**made, "steps": e.sampling_steps + 1}))
+    assert _stale_eval(tmp_path / "eval", model, e)
+    stamp.write_text(json.dumps({**made, "origin": "elsewhere@1"}))
+    assert _stale_eval(tmp_path / "eval", model, e)

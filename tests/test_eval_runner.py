@@ -222,3 +222,17 @@ def test_a_category_specific_judge_prompt_wins_over_the_plain_name(tmp_path):
             score(bench.use_judge_prompts(prompts), tmp_path / "images", "m", judge)
         texts = {r.text for r in server.log}
     assert {"ANY edit 0", "ADD edit 1"} <= texts
+
+
+def test_a_rerun_with_another_model_or_settings_is_refused_not_mixed(model, shapes, tmp_path):
+    from reasonedit.inference.builtin import GeneratorEditor
+    editor = GeneratorEditor(model)
+    settings = GenerationSettings(steps=1, guidance=1.0, limit=1)
+    generate(shapes, editor, None, tmp_path / "img", "m", settings, origin="model@1")
+    again = generate(shapes, editor, None, tmp_path / "img", "m", settings, origin="model@1")
+    assert again.generated == 0 and again.done_before == again.total  # same maker: resumed
+    with pytest.raises(ValueError, match=r"origin \('model@1' -> 'model@2'\)"):
+        generate(shapes, editor, None, tmp_path / "img", "m", settings, origin="model@2")
+    with pytest.raises(ValueError, match=r"steps \(1 -> 2\)"):
+        generate(shapes, editor, None, tmp_path / "img", "m", GenerationSettings(steps=2, guidance=1.0, limit=1),
+                 origin="model@1")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .runner import MODES, GenerationSettings, ModeRun, Progress, build_agents, default_model_name, run_modes
+from .runner import (MODES, GenerationSettings, ModeRun, Progress, build_agents, default_model_name, model_identity,
+                     run_modes)
 
 
 @dataclass
@@ -33,7 +34,8 @@ def run_shapes_ablation(model_dir: str | os.PathLike, data_dir: Optional[str | o
     """Edit `limit` concrete and `limit` abstract held-out samples per mode and tabulate the oracle's verdicts.
 
     data_dir: a `reasonedit data synth` dataset (its test split), or None for scenes made from a held-out seed.
-    Re-running with the same out_dir reuses the images already written.
+    Re-running with the same out_dir reuses the images already written by the same model and settings, and
+    refuses (naming what changed) when they were made otherwise.
     """
     from .benchmark import get_benchmark
     from .report import Stamp, ablation_table, write_reports
@@ -43,7 +45,8 @@ def run_shapes_ablation(model_dir: str | os.PathLike, data_dir: Optional[str | o
     name = default_model_name(Path(model_dir), None)
     settings = GenerationSettings(rounds=rounds, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                   limit=limit)
-    runs = run_modes(bench, editor, thinker, modes, out_dir, name, settings, progress=progress)
+    runs = run_modes(bench, editor, thinker, modes, out_dir, name, settings, progress=progress,
+                     origin=model_identity(Path(model_dir)))
     reports = {mode: run.report for mode, run in runs.items()}
     stamp = Stamp(model=f"{name} ({model_dir}; {steps} steps, guidance {guidance:g}, at most {rounds} rounds)",
                   judge="oracle", resize_policy="none")

@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
             run_.report = bench.score(run_.results)
             runs, model_label = {name: run_}, name
         else:
-            from .runner import run_modes
+            from .runner import model_identity, run_modes
 
             modes = _modes(args.modes)
             editor, thinker = build_agents(args.model, args.editor, args.thinker, modes,
@@ -161,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
             name = args.model_name or default_model_name(args.model, args.editor)
             settings = GenerationSettings(rounds=args.rounds, steps=args.steps, guidance=args.guidance,
                                           seed=args.seed, batch_size=args.batch_size, limit=limit, shard=shard)
+            origin = model_identity(args.model) if args.model is not None else ",".join(
+                filter(None, [args.editor, args.thinker]))
             runs = run_modes(bench, editor, thinker, modes, out, name, settings, judge,
-                             score_images=shard.count == 1, progress=progress)
+                             score_images=shard.count == 1, progress=progress, origin=origin)
             for mode, r in runs.items():
                 g = r.generation
                 print(f"{mode}: generated {g.generated} of {g.total} ({g.done_before} already done) in "

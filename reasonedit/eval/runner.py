@@ -175,10 +175,48 @@ def _edit_batch(editor, thinker, sources: list[np.ndarray], instructions: list[s
     return [t.image for t in traces], traces
 
 
+STAMP = ".reasonedit-generation.json"
+
+
+def model_identity(model_dir: Optional[Path]) -> str:
+    """A model folder's path and save time: changes when the model there is saved again."""
+    if model_dir is None:
+        return ""
+    meta = Path(model_dir) / "reasonedit.json"
+    stamp = meta.stat().st_mtime_ns if meta.is_file() else 0
+    return f"{Path(model_dir).resolve()}@{stamp}"
+
+
+def check_generation_stamp(bench: Benchmark, editor, thinker, images_dir: Path, model_name: str,
+                           settings: GenerationSettings, origin: str = "") -> None:
+    """Resume only what the same maker made: the images folder records the editor, thinker, model and the
+    settings that shape an image; a rerun with any of them changed is refused, naming what changed."""
+    made_by = {"benchmark": bench.name, "mode": settings.mode, "steps": settings.steps,
+               "guidance": settings.guidance, "seed": settings.seed,
+               "rounds": settings.rounds if settings.mode == "think_reflect" else None,
+               "editor": getattr(editor, "name", type(editor).__name__),
+               "thinker": getattr(thinker, "name", "") if settings.mode != "base" and thinker is not None else "",
+               "origin": origin}
+    path = images_dir / model_name / STAMP
+    if path.is_file():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict) and before != made_by:
+            changed = sorted(k for k in set(before) | set(made_by) if before.get(k) != made_by.get(k))
+            raise ValueError(f"{images_dir / model_name}: its images were made with other "
+                             + ", ".join(f"{k} ({before.get(k)!r} -> {made_by.get(k)!r})" for k in changed)
+                             + "; resuming would mix them: use another --out or delete that folder")
+    write_json(path, made_by)
+
+
 def generate(bench: Benchmark, editor, thinker, images_dir: str | os.PathLike, model_name: str,
-             settings: GenerationSettings, progress: Optional[Progress] = None) -> GenerationStats:
-    """Edit every sample of the shard that has no image yet; see the module docstring."""
+             settings: GenerationSettings, progress: Optional[Progress] = None, origin: str = "") -> GenerationStats:
+    """Edit every sample of the shard that has no image yet; see the module docstring. `origin` names the
+    model behind the editor (see `model_identity`), so a rerun never resumes another model's images."""
     images_dir = Path(images_dir)
+    check_generation_stamp(bench, editor, thinker, images_dir, model_name, settings, origin)
     samples = select(bench, settings.limit, settings.shard)
     stats = GenerationStats(total=len(samples))
     todo = []
@@ -364,14 +402,14 @@ class ModeRun:
 
 def run_modes(bench: Benchmark, editor, thinker, modes: Sequence[str], out_dir: str | os.PathLike, model_name: str,
               settings: GenerationSettings, judge=None, score_images: bool = True,
-              progress: Optional[Progress] = None) -> dict[str, ModeRun]:
+              progress: Optional[Progress] = None, origin: str = "") -> dict[str, ModeRun]:
     """For each mode: generate into OUT/images/<mode>/ (official layout), then score unless told not to."""
     out_dir = Path(out_dir)
     runs = {}
     for mode in modes:
         s = replace(settings, mode=mode, traces_dir=None if mode == "base" else out_dir / "traces" / mode)
         run = ModeRun(mode, out_dir / "images" / mode)
-        run.generation = generate(bench, editor, thinker, run.images_dir, model_name, s, progress)
+        run.generation = generate(bench, editor, thinker, run.images_dir, model_name, s, progress, origin)
         log.info("%s %s: generated %d (%.2f samples/s), %d were already done", bench.name, mode,
                  run.generation.generated, run.generation.samples_per_second, run.generation.done_before)
         if score_images:
@@ -382,5 +420,5 @@ def run_modes(bench: Benchmark, editor, thinker, modes: Sequence[str], out_dir: 
 
 
 __all__ = ["GenerationSettings", "GenerationStats", "MODES", "ModeRun", "ScoreStats", "build_agents",
-           "default_model_name", "run_modes", "Shard", "generate", "sample_seed",
+           "check_generation_stamp", "default_model_name", "model_identity", "run_modes", "Shard", "generate", "sample_seed",
            "score", "select", "write_image", "write_json"]
