@@ -1,13 +1,19 @@
-"""Time per phase of think -> edit -> reflect, its overhead over a plain edit, and the vision cache's gain.
+"""Time per phase of think -> edit -> reflect, its overhead over a plain edit, and the reasoner caches' gain.
 
     python bench/infer.py [--samples 4 --rounds 3 --steps 28 --image-size 224 --max-new-tokens 64 --device cpu]
                           [--vision-depth 2 --vision-hidden 32 --hidden 64 --layers 2]
+    # a bigger language model and image, so the image prefix dominates as with real models (where the
+    # language model is ten times the vision tower); about 2 minutes on one CPU thread:
+    python bench/infer.py --hidden 512 --layers 8 --vision-depth 2 --vision-hidden 64 --image-size 672 \
+                          --max-new-tokens 8 --samples 2 --rounds 3 --steps 2
 
 On a random model of the given sizes (the tiny preset by default), in one process:
   plain: the generator alone edits every sample (one packed batch), as `reasonedit edit` without flags;
-  loop:  think, then `--rounds` rounds of edit, describe, score, decide, with the vision cache;
-  cache: the reasoner's part of one round (think, describe, score, decide) with and without the vision cache
-         (without it, plain `Reasoner.generate`: the vision tower runs for every prompt), interleaved.
+  loop:  think, then `--rounds` rounds of edit, describe, score, decide, with the default prefix KV cache;
+  cache: the reasoner's part of the loop (think, then `--rounds` x describe, score, decide) with each of
+         ReasonerThinker's caches, interleaved: none (plain `Reasoner.generate`: every prompt re-reads the
+         image), vision (the vision tower's embeddings reused), prefix (the prefix KV cache over the source:
+         the language model reads system prompt + source image once per source; the default).
 A random reasoner's text would not parse, which ends a round before decide; so the bench lets the model
 generate its full reply (all the compute) and then reads a fixed, well-formed reply in its place
 (score 5, Reflection), so every phase runs in every round, the worst case of `--rounds` rounds.
@@ -24,34 +30,31 @@ import time
 import numpy as np
 import torch
 
-from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
+from reasonedit.inference.builtin import CACHES, GeneratorEditor, ReasonerThinker
 from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.inference.trace import PHASES
 from reasonedit.inference.types import EditRequest
-from reasonedit.inference.vision_cache import VisionCache, cached_generate
 from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 from reasonedit.models.processor import build_image_processor
 
-WELL_FORMED = {prompts.THINK_SYSTEM_PROMPT: "make the red circle blue",
-               prompts.DESCRIBE_SYSTEM_PROMPT: "a blue circle on a white background",
-               prompts.SCORE_SYSTEM_PROMPT: "score: 5\nreason: the circle is still red",
-               prompts.DECIDE_SYSTEM_PROMPT: "<#Think> the colour is wrong <#Reflection> make the circle blue"}
+WELL_FORMED = {"think": "make the red circle blue", "describe": "a blue circle on a white background",
+               "score": "score: 5\nreason: the circle is still red",
+               "decide": "<#Think> the colour is wrong <#Reflection> make the circle blue"}
 
 
-def full_length_generate(model: ReasonEditModel, cached: bool, max_new_tokens: int):
-    """Run the reasoner for real, then answer with the role's well-formed reply (see the module docstring)."""
-    cache = VisionCache()
-    reasoner = model.reasoner
+def full_length_thinker(model: ReasonEditModel, cache: str, max_new_tokens: int) -> ReasonerThinker:
+    """The built-in thinker with `cache`: its generation runs for real, then the role's well-formed reply
+    stands in (see the module docstring)."""
+    thinker = ReasonerThinker(model, max_new_tokens=max_new_tokens, cache=cache)
+    real = thinker.generate
 
     def generate(batch):
-        if cached:
-            cached_generate(reasoner, batch, cache, max_new_tokens=max_new_tokens)
-        else:
-            reasoner.generate(batch, max_new_tokens=max_new_tokens)
-        return [WELL_FORMED[c[0]["content"]] for c in batch]
-    return generate
+        real(batch)
+        return [WELL_FORMED[prompts.role_of(c)] for c in batch]
+    thinker.generate = generate
+    return thinker
 
 
 def phase_totals(traces) -> dict[str, float]:
@@ -74,7 +77,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--vision-hidden", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="repeats of the vision-cache comparison")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of the cache comparison")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -100,7 +103,7 @@ def main() -> None:
     editor.edit([EditRequest(image=s, prompt=i, **options) for s, i in zip(sources, instructions)])
     plain = time.perf_counter() - t0
 
-    thinker = ReasonerThinker(generate=full_length_generate(model, True, args.max_new_tokens))
+    thinker = full_length_thinker(model, "prefix", args.max_new_tokens)
     t0 = time.perf_counter()
     traces = edit_with_reasoning(editor, thinker, sources, instructions, rounds=args.rounds, **options)
     total, phases = time.perf_counter() - t0, phase_totals(traces)
@@ -114,19 +117,24 @@ def main() -> None:
     print(f"plain edit: {plain:.3f}s; think+reflect loop: {total:.3f}s; "
           f"overhead ratio (loop / plain edit) = {total / plain:.2f}x")
 
-    # the reasoner's part of one round (think + describe + score + decide), cache on and off, interleaved
+    # the reasoner's part of the loop (think, then rounds x describe + score + decide) per cache, interleaved;
+    # a fresh thinker each time, so its cache starts empty as in a new loop
     edited = [t.rounds[0].image for t in traces]
-    timings: dict[bool, list[float]] = {True: [], False: []}
+    timings: dict[str, list[float]] = {c: [] for c in CACHES}
     for _ in range(args.repeats):
-        for cached in (False, True):
-            thinker = ReasonerThinker(generate=full_length_generate(model, cached, args.max_new_tokens))
+        for cache in CACHES:
+            thinker = full_length_thinker(model, cache, args.max_new_tokens)
             t0 = time.perf_counter()
             thinker.think(sources, instructions)
-            thinker.reflect(sources, edited, instructions, instructions)
-            timings[cached].append(time.perf_counter() - t0)
-    off, on = statistics.median(timings[False]), statistics.median(timings[True])
-    print(f"reasoner, one round (median of {args.repeats}): {off:.3f}s without the vision cache, {on:.3f}s with "
-          f"it: speed-up {off / on:.2f}x")
+            for _ in range(args.rounds):
+                thinker.reflect(sources, edited, instructions, instructions)
+            timings[cache].append(time.perf_counter() - t0)
+    median = {c: statistics.median(t) for c, t in timings.items()}
+    print(f"reasoner, think + {args.rounds} x reflect (median of {args.repeats}): "
+          + ", ".join(f"cache={c} {median[c]:.3f}s" for c in CACHES))
+    print(f"prefix KV cache speed-up: {median['none'] / median['prefix']:.2f}x over no cache, "
+          f"{median['vision'] / median['prefix']:.2f}x over the vision cache")
+
 
 if __name__ == "__main__":
     main()

@@ -90,11 +90,10 @@ def test_think_reflect_runs_the_loop_and_writes_each_samples_trace(model, shapes
 
     from reasonedit.models import prompts
 
-    replies = {prompts.THINK_SYSTEM_PROMPT: "make the square red", prompts.DESCRIBE_SYSTEM_PROMPT: "a red square",
-               prompts.SCORE_SYSTEM_PROMPT: "score: 9\nreason: right",
-               prompts.DECIDE_SYSTEM_PROMPT: "<#Think> it matches <#Success>"}
+    replies = {"think": "make the square red", "describe": "a red square", "score": "score: 9\nreason: right",
+               "decide": "<#Think> it matches <#Success>"}
     # the reasoner's text replies are scripted per role; the real prompt builders and parsers run
-    thinker = ReasonerThinker(generate=lambda batch: [replies[conv[0]["content"]] for conv in batch])
+    thinker = ReasonerThinker(generate=lambda batch: [replies[prompts.role_of(conv)] for conv in batch])
     stats = generate(shapes, GeneratorEditor(model), thinker, tmp_path / "img", "m",
                      GenerationSettings(mode="think_reflect", rounds=2, traces_dir=tmp_path / "traces", **FAST))
     assert stats.generated == 6

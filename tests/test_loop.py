@@ -15,8 +15,6 @@ from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 
-ROLES = {prompts.THINK_SYSTEM_PROMPT: "think", prompts.DESCRIBE_SYSTEM_PROMPT: "describe",
-         prompts.SCORE_SYSTEM_PROMPT: "score", prompts.DECIDE_SYSTEM_PROMPT: "decide"}
 
 
 def source(value: int) -> np.ndarray:
@@ -50,7 +48,7 @@ class ScriptedReasoner:
         self.descriptions: dict[str, int] = {}
 
     def __call__(self, batch):
-        role = ROLES[batch[0][0]["content"]]
+        role = prompts.role_of(batch[0])
         self.calls.append((role, len(batch)))
         replies = []
         for messages in batch:

@@ -144,10 +144,11 @@ def test_backoff_grows_and_stays_within_its_bound():
 
 
 def _by_role(replies):
-    """A respond function answering by the system prompt the role builders use."""
-    systems = {prompts.THINK_SYSTEM_PROMPT: "think", prompts.DESCRIBE_SYSTEM_PROMPT: "describe",
-               prompts.SCORE_SYSTEM_PROMPT: "score", prompts.DECIDE_SYSTEM_PROMPT: "decide"}
-    return lambda req: replies[systems[req.system]]
+    """A respond function answering by the role's task, which the role builders write first in the user text."""
+    def respond(req):
+        assert req.system == prompts.REASONER_SYSTEM_PROMPT
+        return replies[next(r for r, task in prompts.ROLE_TASKS.items() if req.text.startswith(task + "\n"))]
+    return respond
 
 
 def test_think_sends_the_role_prompt_with_the_image_as_a_data_url(image):
@@ -155,7 +156,7 @@ def test_think_sends_the_role_prompt_with_the_image_as_a_data_url(image):
         with OpenAIThinker(chat.base_url, "vl", api_key="x", retry=FAST) as thinker:
             assert thinker.think([image], ["make it look like the sea"]) == ["make the square blue"]
     request = chat.log[0]
-    assert request.model == "vl" and request.text == "Request: make it look like the sea"
+    assert request.model == "vl" and request.text == f"{prompts.THINK_TASK}\nRequest: make it look like the sea"
     np.testing.assert_array_equal(request.images()[0], image)
 
 
@@ -173,7 +174,8 @@ def test_reflect_in_our_contract_describes_scores_and_decides(image, decide, dec
     assert set(r.raw) == set(r.timings) == {"describe", "score", "decide"}
     score_request, decide_request = chat.log[1], chat.log[2]
     np.testing.assert_array_equal(score_request.images()[0], 255 - image)  # the edit, alone
-    assert decide_request.text.startswith("Edit: paint it blue")  # the instruction that made this edit
+    # the instruction that made this edit
+    assert decide_request.text.startswith(f"{prompts.DECIDE_TASK}\nEdit: paint it blue")
 
 
 @pytest.mark.parametrize("replies,phase,calls", [

@@ -19,6 +19,7 @@ from conftest import ROOT
 from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
 from reasonedit.inference.remote import decode_base64_image, encode_png
 from reasonedit.inference.types import EditRequest
+from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 from reasonedit.serve import Limits, ServeConfig, ServerThread, create_app
@@ -235,11 +236,11 @@ def test_editthinkers_request_works_in_compat_mode_and_each_ignored_field_is_log
 
 
 def test_the_full_loop_runs_behind_the_same_route_and_returns_its_trace(model, image):
-    replies = {"Rewrite": "make the square blue", "Describe": "a blue square", "Score": "score: 3\nreason: still red",
-               "Think, then decide": "<#Think> not blue yet <#Reflection> paint the square blue"}
+    replies = {"think": "make the square blue", "describe": "a blue square", "score": "score: 3\nreason: still red",
+               "decide": "<#Think> not blue yet <#Reflection> paint the square blue"}
 
     def generate(batch):
-        return [next(v for k, v in replies.items() if conv[0]["content"].startswith(k)) for conv in batch]
+        return [replies[prompts.role_of(conv)] for conv in batch]
 
     app = create_app(GeneratorEditor(model), ServeConfig(), thinker=ReasonerThinker(model, generate=generate))
     with ServerThread(app) as s:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from reasonedit.inference.prefix_cache import PrefixCache
 from reasonedit.inference.sampler import SampleSpec, SamplerConfig, sample
 from reasonedit.inference.types import EditRequest, Reflection
 from reasonedit.inference.vision_cache import VisionCache, cached_generate
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Generate = Callable[[list], list[str]]  # a batch of chat conversations -> one reply each
 _TAG = re.compile(r"<#[^<>\s]*>")  # any decision-style tag
+CACHES = ("prefix", "vision", "none")  # ReasonerThinker's caches over the source image
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -99,9 +101,11 @@ class GeneratorEditor:
 class ReasonerThinker:
     """Our reasoner as a `Thinker`, speaking the decision format of `prompts`.
 
-    generate: replies to a batch of conversations; default greedy generation by `model.reasoner`, with the
-        vision tower's embeddings of each image computed once and reused (`vision_cache=False`: plain
-        `Reasoner.generate`).
+    generate: replies to a batch of conversations; default greedy generation by `model.reasoner` with a cache
+        over the source image chosen by `cache`: "prefix" (default) keeps the language model's KV cache of the
+        prompt prefix that ends after the image (`PrefixCache`), so think, describe and decide of every round
+        read the source once; "vision" keeps only the vision tower's embeddings (`VisionCache`); "none" is
+        plain `Reasoner.generate`. All three give the same greedy replies.
     A reply that does not parse (empty description, bad score, not exactly one decision tag) is recorded
     in `Reflection.parse_error`, counted in `parse_errors`, and taken as "failed".
     """
@@ -109,17 +113,26 @@ class ReasonerThinker:
     name = "reasonedit-reasoner"
 
     def __init__(self, model: Optional["ReasonEditModel"] = None, generate: Optional[Generate] = None,
-                 max_new_tokens: int = 128, vision_cache: bool = True):
+                 max_new_tokens: int = 128, cache: str = "prefix"):
+        if cache not in CACHES:
+            raise ValueError(f"ReasonerThinker cache: {cache!r} is not one of {', '.join(CACHES)}")
+        self.prefix_cache: Optional[PrefixCache] = None
         self.vision_cache: Optional[VisionCache] = None
         if generate is None:
             if model is None:
                 raise ValueError("ReasonerThinker needs a model or a generate callable")
             reasoner = model.reasoner
-            if vision_cache:  # the source's embeddings serve think, describe and decide of every round
-                cache = self.vision_cache = VisionCache()
+            if cache == "prefix":  # the source's prefix KV serves think, describe and decide of every round
+                prefixes = self.prefix_cache = PrefixCache(reasoner)
 
                 def generate(batch: list) -> list[str]:
-                    return cached_generate(reasoner, batch, cache, max_new_tokens=max_new_tokens)
+                    # score shows an edited image no later prompt shows: its prefix is not worth keeping
+                    return prefixes.generate(batch, max_new_tokens=max_new_tokens, keep=not _is_score(batch))
+            elif cache == "vision":  # the source's embeddings serve think, describe and decide of every round
+                embeddings = self.vision_cache = VisionCache()
+
+                def generate(batch: list) -> list[str]:
+                    return cached_generate(reasoner, batch, embeddings, max_new_tokens=max_new_tokens)
             else:
                 def generate(batch: list) -> list[str]:
                     return reasoner.generate(batch, max_new_tokens=max_new_tokens)
@@ -206,6 +219,13 @@ class ReasonerThinker:
         log.warning("reflect: %s reply did not parse (%s); taken as failed", phase, message)
 
 
+def _is_score(batch: list) -> bool:
+    try:
+        return prompts.role_of(batch[0]) == "score"
+    except ValueError:
+        return False
+
+
 def _share(out: Sequence[Reflection], index: Sequence[int], phase: str, seconds: float) -> None:
     """Each sample of a batched phase is charged an equal share of its wall time, so shares sum to the total."""
     index = list(index)
@@ -213,4 +233,4 @@ def _share(out: Sequence[Reflection], index: Sequence[int], phase: str, seconds:
         out[k].timings[phase] = seconds / len(index)
 
 
-__all__ = ["GeneratorEditor", "Generate", "ReasonerThinker", "check_image"]
+__all__ = ["CACHES", "GeneratorEditor", "Generate", "ReasonerThinker", "check_image"]

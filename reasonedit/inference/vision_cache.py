@@ -4,7 +4,9 @@ One round asks the reasoner about the same source image up to three times (think
 every round asks about it again. `VisionCache` keeps each image's merged vision embeddings, keyed by the
 image's content, and `cached_generate` hands them to `transformers`' generate as precomputed
 `mm_encoder_outputs`, so the vision tower runs once per distinct image. The text is the same as
-`Reasoner.generate`'s: greedy decoding, cut at `<|im_end|>`, decision tokens kept.
+`Reasoner.generate`'s: greedy decoding, cut at `<|im_end|>`, decision tokens kept. The built-in thinker's
+default is the stronger `prefix_cache` (the language model's KV over system prompt + image); this is its
+`cache="vision"` option.
 """
 
 from __future__ import annotations

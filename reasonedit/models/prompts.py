@@ -7,7 +7,9 @@ then exactly one of Success, Reflection + new instruction, Failed). Each builder
 
 The condition prompt is Qwen-Image-Edit's: a fixed system prompt whose tokens, up to and including
 `<|im_start|>user\\n`, are dropped from the states (64 tokens with the Qwen2.5-VL tokenizer; see
-`condition_prefix_length` for any other tokenizer).
+`condition_prefix_length` for any other tokenizer). The other roles share one system prompt and put their
+image first, the task after it: prompts about the same image then share a token prefix that ends right
+after the image, which inference computes once (`reasonedit.inference.prefix_cache`).
 """
 
 from __future__ import annotations
@@ -36,13 +38,18 @@ CONDITION_SYSTEM_PROMPT = (
     "explain how the user's text instruction should alter or modify the image. Generate a new image that meets "
     "the user's requirements while maintaining consistency with the original input where appropriate."
 )
-THINK_SYSTEM_PROMPT = "Rewrite the editing request as concrete edit steps, one per line."
-DESCRIBE_SYSTEM_PROMPT = "Describe the image as it should look after the edit."
-SCORE_SYSTEM_PROMPT = "Score how well the image matches the description, from 0 to 10."
-DECIDE_SYSTEM_PROMPT = (
+# One system prompt for every reasoner role, and the role's task written after the image: think, describe and
+# decide about the same source then share one token prefix (system turn + image), whose KV cache
+# `reasonedit.inference.prefix_cache` computes once per source.
+REASONER_SYSTEM_PROMPT = "You are an image-editing assistant. Look at the image, then do the task written after it."
+THINK_TASK = "Rewrite the editing request as concrete edit steps, one per line."
+DESCRIBE_TASK = "Describe the image as it should look after the edit."
+SCORE_TASK = "Score how well the image matches the description, from 0 to 10."
+DECIDE_TASK = (
     "Think, then decide: <#Success> if the edit is done, <#Reflection> and a better instruction if it can be "
     "fixed, <#Failed> to start again."
 )
+ROLE_TASKS = {"think": THINK_TASK, "describe": DESCRIBE_TASK, "score": SCORE_TASK, "decide": DECIDE_TASK}
 QWEN_IMAGE_EDIT_PREFIX_TOKENS = 64  # len(condition prefix) under the released Qwen2.5-VL tokenizer
 
 MIN_SCORE, MAX_SCORE = 0, 10
@@ -91,20 +98,35 @@ def condition_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
     return len(tokenizer.encode(condition_prefix(), add_special_tokens=False))
 
 
+def _role(task: str, image: Image, text: str, answer: Optional[str]) -> Messages:
+    """A reasoner role's conversation: the shared system prompt, the image, then the task and its text."""
+    return _conversation(REASONER_SYSTEM_PROMPT, _user([image], f"{task}\n{text}"), answer)
+
+
+def role_of(messages: Messages) -> str:
+    """Which role ("think", "describe", "score", "decide") built `messages`; ValueError for any other prompt."""
+    if len(messages) >= 2 and messages[0].get("content") == REASONER_SYSTEM_PROMPT:
+        content = messages[1].get("content")
+        texts = [p.get("text", "") for p in content if p.get("type") == "text"] if isinstance(content, list) else []
+        for role, task in ROLE_TASKS.items():
+            if texts and texts[-1].startswith(task + "\n"):
+                return role
+    raise ValueError("not a reasoner role prompt (think, describe_target, score or decide)")
+
+
 def think(image: Image, instruction: str, answer: Optional[str] = None) -> Messages:
     """Abstract instruction to concrete, executable steps."""
-    return _conversation(THINK_SYSTEM_PROMPT, _user([image], f"Request: {instruction}"), answer)
+    return _role(THINK_TASK, image, f"Request: {instruction}", answer)
 
 
 def describe_target(source: Image, instruction: str, answer: Optional[str] = None) -> Messages:
     """Source and instruction to a description of the expected target."""
-    return _conversation(DESCRIBE_SYSTEM_PROMPT, _user([source], f"Edit: {instruction}"), answer)
+    return _role(DESCRIBE_TASK, source, f"Edit: {instruction}", answer)
 
 
 def score(edited: Image, description: str, answer: Optional[str] = None) -> Messages:
     """The edited image alone against the expected description; answered as `format_score` writes."""
-    text = f"Expected: {description}\nAnswer as:\nscore: N\nreason: why"
-    return _conversation(SCORE_SYSTEM_PROMPT, _user([edited], text), answer)
+    return _role(SCORE_TASK, edited, f"Expected: {description}\nAnswer as:\nscore: N\nreason: why", answer)
 
 
 def decide(
@@ -112,13 +134,13 @@ def decide(
 ) -> Messages:
     """Source, instruction, expected description and the edit's score to a decision (see `format_decision`)."""
     text = f"Edit: {instruction}\nExpected: {description}\nscore: {score_value}\nreason: {reason}"
-    return _conversation(DECIDE_SYSTEM_PROMPT, _user([source], text), answer)
+    return _role(DECIDE_TASK, source, text, answer)
 
 
 def template_texts() -> list[str]:
     """The fixed prompt texts, for training a tiny tokenizer that encodes them compactly."""
-    return [CONDITION_SYSTEM_PROMPT, THINK_SYSTEM_PROMPT, DESCRIBE_SYSTEM_PROMPT, SCORE_SYSTEM_PROMPT,
-            DECIDE_SYSTEM_PROMPT, "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Picture 1: "]
+    return [CONDITION_SYSTEM_PROMPT, REASONER_SYSTEM_PROMPT, THINK_TASK, DESCRIBE_TASK, SCORE_TASK, DECIDE_TASK,
+            "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Picture 1: "]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,5 +219,6 @@ def parse_decision(text: str) -> Decision:
 
 
 __all__ = ["CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "ParseError", "QWEN_IMAGE_EDIT_PREFIX_TOKENS",
-           "condition", "condition_prefix", "condition_prefix_length", "decide", "describe_target",
-           "format_decision", "format_score", "parse_decision", "parse_score", "score", "template_texts", "think"]
+           "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "condition", "condition_prefix", "condition_prefix_length", "decide",
+           "describe_target", "format_decision", "format_score", "parse_decision", "parse_score", "role_of", "score",
+           "template_texts", "think"]
