@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 
 from reasonedit.inference.prefix_cache import PrefixCache
 from reasonedit.inference.sampler import SampleSpec, SamplerConfig, sample
-from reasonedit.inference.types import EditRequest, Reflection
+from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
 from reasonedit.inference.vision_cache import VisionCache, cached_generate
 from reasonedit.models import prompts
 from reasonedit.models.prompts import ParseError
@@ -161,10 +161,7 @@ class ReasonerThinker:
 
     def reflect(self, sources: Sequence[np.ndarray], edited: Sequence[np.ndarray], instructions: Sequence[str],
                 previous: Sequence[Optional[str]]) -> list[Reflection]:
-        n = len(sources)
-        if not (len(edited) == len(instructions) == len(previous) == n):
-            raise ValueError(f"reflect: {n} sources, {len(edited)} edited, {len(instructions)} instructions, "
-                             f"{len(previous)} previous; give one of each per sample")
+        n = check_reflect_inputs(sources, edited, instructions, previous)
         out = [Reflection(decision="failed") for _ in range(n)]
 
         # 1. the expected target, from the source and the user's instruction

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from reasonedit.errors import RemoteServiceError
-from reasonedit.inference.types import EditRequest, Reflection
+from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
 from reasonedit.models import prompts
 from reasonedit.models.prompts import ParseError
 
@@ -528,10 +528,7 @@ class OpenAIThinker:
 
     def reflect(self, sources: Sequence[np.ndarray], edited: Sequence[np.ndarray], instructions: Sequence[str],
                 previous: Sequence[Optional[str]]) -> list[Reflection]:
-        n = len(sources)
-        if not (len(edited) == len(instructions) == len(previous) == n):
-            raise ValueError(f"reflect: {n} sources, {len(edited)} edited, {len(instructions)} instructions, "
-                             f"{len(previous)} previous; give one of each per sample")
+        n = check_reflect_inputs(sources, edited, instructions, previous)
         one = self._reflect_ours if self.contract == "reasonedit" else self._reflect_editthinker
         return self._map(lambda k: one(sources[k], edited[k], instructions[k], previous[k]), n)
 

@@ -68,3 +68,12 @@ class Thinker(Protocol):
     def reflect(self, sources: Sequence[np.ndarray], edited: Sequence[np.ndarray], instructions: Sequence[str],
                 previous: Sequence[Optional[str]]) -> list[Reflection]:
         """A verdict per sample: `instructions` are the user's, `previous` the instruction that produced `edited`."""
+
+
+def check_reflect_inputs(sources: Sequence, edited: Sequence, instructions: Sequence, previous: Sequence) -> int:
+    """The batch size of a `Thinker.reflect` call; a ValueError unless every list has one entry per sample."""
+    n = len(sources)
+    if not (len(edited) == len(instructions) == len(previous) == n):
+        raise ValueError(f"reflect: {n} sources, {len(edited)} edited, {len(instructions)} instructions, "
+                         f"{len(previous)} previous; give one of each per sample")
+    return n
