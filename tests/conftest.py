@@ -41,3 +41,20 @@ def run_cli(*args, cwd=ROOT):
     import subprocess
     return subprocess.run([sys.executable, "-m", "reasonedit", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
+
+
+def kill_when_seen(args, calls, count, timeout=60.0):
+    """Start `args` (a command) from the repo root, SIGKILL it once `calls` (a list a server appends to) holds
+    `count` entries or the timeout passes; returns the killed process (its stderr still readable)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    child = subprocess.Popen([str(a) for a in args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + timeout
+    while len(calls) < count and time.time() < deadline and child.poll() is None:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    return child

@@ -3,11 +3,9 @@ subprocess), and bad input named with exit status 1."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from PIL import Image
 
 from reasonedit.cli import main
 from reasonedit.testing.chat_server import ScriptedChatServer
+from tests.conftest import kill_when_seen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,12 +74,7 @@ def test_scoring_images_made_elsewhere_resumes_after_sigkill_without_judging_any
                 "--images", tmp_path / "images", "--judge-url", server.base_url, "--judge-model", "judge-x",
                 "--concurrency", "1", "--out", tmp_path / "out"]
         args = [str(a) for a in args]
-        child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 60
-        while len(calls) < kill_at + 1 and time.time() < deadline and child.poll() is None:
-            time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+        child = kill_when_seen(args, calls, kill_at + 1, timeout=60)
         release.set()
         assert len(calls) == kill_at + 1, child.stderr.read()
         resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)

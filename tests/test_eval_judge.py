@@ -3,17 +3,16 @@ retries (timeouts, 429, 5xx, malformed bodies), the reply cache, and resume afte
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from reasonedit.eval.judge import Judge, JudgeRequest, JudgeSettings, ReplyCache
 from reasonedit.testing.chat_server import Reply, ScriptedChatServer
+from tests.conftest import kill_when_seen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,12 +166,7 @@ def test_a_run_killed_mid_way_resumes_without_judging_any_sample_twice(tmp_path)
     cache = tmp_path / "cache.jsonl"
     with ScriptedChatServer(respond) as server:
         args = [sys.executable, "-c", CHILD, server.base_url, str(cache), str(n)]
-        child = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 30
-        while len(calls) < kill_at + 1 and time.time() < deadline and child.poll() is None:
-            time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
+        child = kill_when_seen(args, calls, kill_at + 1, timeout=30)
         release.set()
         assert len(calls) == kill_at + 1, child.stderr.read()
         resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
