@@ -20,7 +20,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/reasonedit run configs/experiment/shapes_tiny.yaml
+	$(VENV)/bin/reasonedit run configs/experiment/shapes_demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,8 +1,8 @@
 """Wall time of each step of the demo (`make demo`), and of its training (stage1 + stage2 + stage3).
 
-    python bench/demo.py [--config configs/experiment/shapes_tiny.yaml] [--out DIR] [key=value ...]
+    python bench/demo.py [--config configs/experiment/shapes_demo.yaml] [--out DIR] [key=value ...]
 
-Runs the same steps as `reasonedit run configs/experiment/shapes_tiny.yaml`, in this process, into a
+Runs the same steps as `reasonedit run configs/experiment/shapes_demo.yaml`, in this process, into a
 temporary output directory (or `--out DIR`, kept), then prints one line per step and the totals:
 
     step data        4.1 s
@@ -33,7 +33,7 @@ TARGET_SECONDS = 300.0  # issue 5: make demo's training in under 5 minutes on th
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "experiment" / "shapes_tiny.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "experiment" / "shapes_demo.yaml"))
     ap.add_argument("--out", default=None, help="output directory to keep (default: a temporary one, removed)")
     ap.add_argument("--target", type=float, default=TARGET_SECONDS, help="seconds the training should stay under")
     ap.add_argument("overrides", nargs="*", help="experiment config overrides, key=value")

@@ -261,10 +261,11 @@ def shared_reference(generator):
     """diffusers' QwenImageTransformer2DModel holding the very same Parameter objects as `generator`."""
     from diffusers import QwenImageTransformer2DModel
 
+    from reasonedit.models.generator import diffusers_config
+
     # built where the generator lives (its RoPE tables are plain attributes), then its weights swapped out
     with torch.device(next(generator.parameters()).device):
-        reference = QwenImageTransformer2DModel(**{k: v for k, v in generator.config.items()
-                                                   if not k.startswith("_")})
+        reference = QwenImageTransformer2DModel(**diffusers_config(generator.config))
     reference.load_state_dict(generator.state_dict(keep_vars=True), strict=True, assign=True)
     return reference.train()
 

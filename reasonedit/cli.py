@@ -44,7 +44,8 @@ def planned_commands() -> dict[str, tuple[str, int]]:
 class Progress:
     """A progress line on stderr: redrawn in place on a terminal, every 10% otherwise."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream=None):
+        stream = stream or sys.stderr  # looked up per call: a stream bound at import time may be closed since
         self.stream, self.tty = stream, stream.isatty()
         self.started = time.perf_counter()
         self.last_draw, self.last_tenth = 0.0, -1
@@ -141,14 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Expand a sweep YAML (configs/sweep/NAME.yaml: an experiment, a grid and/or a list of runs) into runs with "
         "their own names, output directories and resolved configs; run them here one after another (re-running "
         "skips finished runs) or, with --emit, write one torchrun/deepspeed launch line per run.")))
-    train = sub.add_parser("train", help="train one stage (1 reasoning, 2 editing, 3 unified)", description=(
+    train = sub.add_parser("train", help="train one stage (0 pretrain on tiny presets, 1 reasoning, 2 editing, "
+                           "3 unified)", description=(
         "Train one stage of an experiment, alone, under torchrun (DDP or FSDP2 via train.parallel) or under "
         "the deepspeed launcher (ZeRO-2/3 with --deepspeed JSON). "
-        "By default it starts from OUTPUT_DIR/model (stage 1) or OUTPUT_DIR/stage<N-1>/model, reads "
+        "By default stage 1 starts from OUTPUT_DIR/pretrain/model, else vae/model, else model, and stage N "
+        "from OUTPUT_DIR/stage<N-1>/model; it reads "
         "OUTPUT_DIR/data and writes OUTPUT_DIR/stage<N>/ (checkpoints/, model/); an existing checkpoint of "
-        "the same starting model is resumed."))
+        "the same starting model is resumed. Stage 0 (pretrain, tiny presets only) starts from "
+        "OUTPUT_DIR/vae/model, else OUTPUT_DIR/model, and writes OUTPUT_DIR/pretrain/."))
     train.add_argument("--config", required=True, type=Path, help="the experiment YAML")
-    train.add_argument("--stage", required=True, type=int, choices=(1, 2, 3))
+    train.add_argument("--stage", required=True, type=int, choices=(0, 1, 2, 3))
     train.add_argument("--start", type=Path, help="model folder to start from (default: the previous stage's)")
     train.add_argument("--data", type=Path, help="dataset folder (default: OUTPUT_DIR/data)")
     train.add_argument("--out", type=Path, help="stage folder to write (default: OUTPUT_DIR/stage<N>)")
@@ -241,6 +245,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not result.agreement.all_agree:
             print("the oracle disagrees with the generated data", file=sys.stderr)
             return EXIT_ERROR
+    if result.reading:
+        print(f"pretrain reads the world ({result.reading['scenes']} held-out {result.reading['split']} scenes): " +
+              ", ".join(f"{k} {100 * v:.0f} %" for k, v in result.reading["accuracy"].items()))
     if result.validation:
         print(f"{'validation (val split, fixed noise)':<36} {'start':>8} {'end':>8} {'change':>8}")
         for stage, report in result.validation.items():
@@ -257,10 +264,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   f"best score {score}, {r['parse_errors']} parse error(s) -> {r['trace']}/index.html")
     print(f"resolved config: {result.output_dir / 'config.yaml'}")
     if result.ablation:
-        print(f"shapes ablation of {result.ablation['model']} (exact oracle; "
-              f"{result.ablation['parse_errors']} thinker replies did not parse and counted as Failed):")
-        print(result.ablation["table"])
-        print(f"  report: {result.ablation['paths'].get('markdown', result.ablation['paths'])}")
+        for t in result.ablation["tables"]:
+            print(f"shapes ablation, editor {t['editor']}, thinker {t['thinker']} (exact oracle; "
+                  f"{t['parse_errors']} thinker replies did not parse and counted as Failed):")
+            print(t["table"])
+            print(f"  report: {t['paths'].get('markdown', t['paths'])}")
+    if result.figures:
+        from .eval.heldout import figures_table
+        print(f"what {result.figures['model']} learned (test split, exact oracle; {result.figures['samples']}):")
+        print(figures_table(result.figures["figures"]))
+        if "curves" in result.artifacts:
+            print(f"  learning curves: {result.artifacts['curves']}")
     return 0
 
 
@@ -276,25 +290,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _, cfg = load_config(args.config, overrides)
     out_dir = Path(cfg.output_dir)
     n = args.stage
-    start = args.start or (out_dir / "model" if n == 1 else out_dir / f"stage{n - 1}" / "model")
+    name = "pretrain" if n == 0 else f"stage{n}"
+    if n == 0:
+        from .experiment import pretrain_start
+        start = args.start or pretrain_start(out_dir)
+    else:
+        from .experiment import initial_model
+        start = args.start or (initial_model(out_dir) if n == 1 else out_dir / f"stage{n - 1}" / "model")
     data = args.data or out_dir / "data"
     if not (start / "reasonedit.json").is_file():
-        raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json); train stage "
-                                f"{n - 1 if n > 1 else 'the models step'} first or pass --start DIR")
+        before = f"train stage {n - 1}" if n > 1 else "run the models step"
+        raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json); {before} first or "
+                                "pass --start DIR")
     if not (data / "manifest.json").is_file():
         raise FileNotFoundError(f"--data {data}: no dataset (no manifest.json); run `reasonedit data synth` or pass --data")
     try:
-        res = train_stage(cfg, n, start, data, args.out or out_dir / f"stage{n}")
+        res = train_stage(cfg, n, start, data, args.out or out_dir / name)
     except TrainingStopped as e:
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     if res.history:
         first, last = res.history[0], res.history[-1]
         terms = [k for k in first if k not in ("lr",)]
-        print(f"stage{n}: {res.steps} steps in {res.seconds:.1f}s; " +
+        print(f"{name}: {res.steps} steps in {res.seconds:.1f}s; " +
               ", ".join(f"{k} {first[k]:.4f} -> {last[k]:.4f}" for k in terms))
     if res.interrupted:
-        print(f"stage{n}: stopped by SIGTERM at step {res.steps}; run the same command to resume")
+        print(f"{name}: stopped by SIGTERM at step {res.steps}; run the same command to resume")
     else:
         print(f"model: {res.model}")
     return 0

@@ -27,7 +27,7 @@ from .models.config import ModelConfig
 GROUPS = ("model",)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # what `reasonedit run` can do today, in order; later steps are listed as not built yet
-RUN_STEPS = ("data", "models", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
+RUN_STEPS = ("data", "models", "vae", "pretrain", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
 PLANNED_STEPS: dict[str, int] = {}  # step -> the issue that builds it
 PARALLEL = ("auto", "none", "ddp", "fsdp", "deepspeed")
 STAGE_KINDS = ("thinking_pair", "reflection", "edit_pair", "text_to_image")
@@ -69,15 +69,25 @@ class EvalStepConfig:
     sampling_steps: int = 16
     guidance: float = 4.0
     seed: int = 0
+    heldout: int = 24  # val records of each kind for the held-out figures during training (train.eval_every)
+    # editors the ablation runs: model (the run's generator) and/or shapes (the exact shapes editor, which
+    # isolates the reasoner), the latter with this share of injected errors
+    editors: tuple[str, ...] = ("model",)
+    shapes_error_rate: float = 0.3
 
     def validate(self) -> None:
         from .eval.runner import MODES
         unknown = [m for m in self.modes if m not in MODES]
         if unknown or not self.modes:
             raise ValueError(f"eval.modes: {unknown or 'empty'}; choose from {list(MODES)}")
-        for key in ("limit", "rounds", "sampling_steps"):
+        for key in ("limit", "rounds", "sampling_steps", "heldout"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key}: must be at least 1, got {getattr(self, key)}")
+        bad = [e for e in self.editors if e not in ("model", "shapes")]
+        if bad or not self.editors:
+            raise ValueError(f"eval.editors: {bad or 'empty'}; choose from ['model', 'shapes']")
+        if not 0.0 <= self.shapes_error_rate <= 1.0:
+            raise ValueError(f"eval.shapes_error_rate: must lie in [0, 1], got {self.shapes_error_rate}")
 
 
 @dataclass
@@ -121,6 +131,8 @@ class StageConfig:
     generator_budget: int = 2048  # tokens per packed generator row
     ntp_weight: float = 0.1  # stage 3: L = L_FM + ntp_weight * L_NTP
     condition_cache: bool = False  # stage 2: read the frozen reasoner's states from a ConditionCache
+    questions_per_image: int = 3  # pretrain: scene questions of distinct kinds asked of each image a record carries
+    reading_scenes: int = 48  # pretrain: held-out scenes its reading accuracy is measured on at the end; 0: none
 
     def validate(self, name: str) -> None:
         if not self.lr > 0:
@@ -142,6 +154,12 @@ class StageConfig:
             raise ValueError(f"{name}.mix: weights must be positive, got {dict(self.mix)}")
         if self.ntp_weight < 0:
             raise ValueError(f"{name}.ntp_weight: must be non-negative, got {self.ntp_weight}")
+        from .data.scene_qa import QUESTION_KINDS
+        if not 0 <= self.questions_per_image <= len(QUESTION_KINDS):
+            raise ValueError(f"{name}.questions_per_image: must lie in [0, {len(QUESTION_KINDS)}] (the question "
+                             f"kinds {list(QUESTION_KINDS)}), got {self.questions_per_image}")
+        if self.reading_scenes < 0:
+            raise ValueError(f"{name}.reading_scenes: must be non-negative, got {self.reading_scenes}")
 
 
 @dataclass
@@ -157,6 +175,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     ema_decay: float = 0.999  # EMA of the generator; 0 disables it
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end (and on SIGTERM)
+    eval_every: int = 0  # steps between held-out evaluations (shapes runs: the learning curves); 0: none
     keep_last: int = 2  # checkpoints kept
     log_every: int = 1
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -172,12 +191,57 @@ class TrainConfig:
             raise ValueError(f"train.zero_stage: 2 or 3, got {self.zero_stage}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay: must lie in [0, 1), got {self.ema_decay}")
-        for key in ("checkpoint_every", "grad_clip", "weight_decay", "num_workers"):
+        for key in ("checkpoint_every", "eval_every", "grad_clip", "weight_decay", "num_workers"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be non-negative, got {getattr(self, key)}")
         for key in ("keep_last", "log_every", "max_bad_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be at least 1, got {getattr(self, key)}")
+
+
+@dataclass
+class VAETrainConfig:
+    """The vae step (tiny presets with model.vae.kind=qwen_image): train the VAE on world renders drawn fresh each
+    step, then read held-out scenes back through it with the exact oracle."""
+
+    steps: int = 300
+    batch: int = 16  # renders per step
+    lr: float = 1e-3  # Adam
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    seed: int = 0
+    mse_weight: float = 1.0  # pixel MSE in [-1, 1] units
+    l1_weight: float = 0.0  # pixel L1
+    kl_weight: float = 1e-6  # KL of the posterior to N(0, 1), per latent element
+    ink_weight: float = 5.0  # extra pixel weight where a render differs from its dominant (background) colour
+    palette_weight: float = 0.0  # cross-entropy that each pixel's nearest palette colour is the render's
+    palette_temperature: float = 0.05  # its logits: -squared distance to each palette colour / temperature
+    max_shapes: int = 0  # training scenes hold world.min_shapes..max_shapes shapes; 0: up to one in every cell
+    stats_scenes: int = 256  # train renders the latent normalisation (latents_mean, latents_std) is measured on
+    eval_split: str = "val"  # held-out scenes for the oracle read-back: val or test
+    eval_scenes: int = 200
+    log_every: int = 25
+
+    def validate(self) -> None:
+        for key in ("steps", "batch", "stats_scenes", "eval_scenes", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"vae_train.{key}: must be at least 1, got {getattr(self, key)}")
+        if not self.lr > 0:
+            raise ValueError(f"vae_train.lr: must be positive, got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"vae_train.warmup_steps: must lie in [0, steps={self.steps}], got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"vae_train.min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio}")
+        if not self.palette_temperature > 0:
+            raise ValueError(f"vae_train.palette_temperature: must be positive, got {self.palette_temperature}")
+        for key in ("grad_clip", "mse_weight", "l1_weight", "kl_weight", "ink_weight", "palette_weight", "max_shapes"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"vae_train.{key}: must be non-negative, got {getattr(self, key)}")
+        if self.mse_weight == 0 and self.l1_weight == 0:
+            raise ValueError("vae_train.mse_weight: mse_weight and l1_weight are both 0: nothing to reconstruct")
+        if self.eval_split not in ("val", "test"):
+            raise ValueError(f"vae_train.eval_split: {self.eval_split!r}; choose from ['val', 'test']")
 
 
 def _stage(lr: float, steps: int, gpus: int, **kw: Any) -> Any:
@@ -199,7 +263,11 @@ class ExperimentConfig:
     eval: EvalStepConfig = field(default_factory=EvalStepConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
     # the paper's defaults: lr 1e-4 / 1e-5 / 6e-6, 50k / 28k / 12k steps on 32 / 128 / 128 GPUs
+    # tiny presets only: a full fine-tune of the tiny reasoner on reading the world, standing in for Qwen2.5-VL's
+    # pretraining (real presets skip it)
+    pretrain: StageConfig = _stage(2e-3, 400, 1, warmup_steps=20)
     stage1: StageConfig = _stage(1e-4, 50_000, 32, warmup_steps=500)
     stage2: StageConfig = _stage(1e-5, 28_000, 128, warmup_steps=500)
     stage3: StageConfig = _stage(6e-6, 12_000, 128, warmup_steps=200)
@@ -208,9 +276,10 @@ class ExperimentConfig:
         self.model.validate()
         self.train.validate()
         self.flow_matching.validate()
-        for name in ("stage1", "stage2", "stage3"):
+        for name in ("pretrain", "stage1", "stage2", "stage3"):
             getattr(self, name).validate(name)
         self.batches.validate()
+        self.vae_train.validate()
         self.world.validate()
         self.data.validate()
         unknown = [s for s in self.steps if s not in RUN_STEPS and s not in PLANNED_STEPS]
@@ -369,5 +438,5 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
 
 
 __all__ = ["ConfigError", "ConfigLoader", "ExperimentConfig", "PLANNED_STEPS", "PreviewConfig", "RUN_STEPS",
-           "StageConfig", "TrainConfig",
+           "StageConfig", "TrainConfig", "VAETrainConfig",
            "load_config", "save_config"]

@@ -16,6 +16,7 @@ from .config import PLANNED_STEPS, ExperimentConfig, save_config
 from .data.shapes import ShapesWorld
 from .data.shards import MANIFEST
 from .errors import NotBuiltError
+from .publish import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,11 @@ class RunResult:
     batches: dict | None = None  # packing figures of the batches step, per stream
     stages: dict = field(default_factory=dict)  # training.StageResult per stage step
     validation: dict = field(default_factory=dict)  # per stage step: {"before": {term: loss}, "after": {...}}
+    vae: dict | None = None  # the vae step's report: training time and the held-out read-back (vae/report.json)
+    reading: dict | None = None  # the pretrain step's held-out reading accuracy (pretrain/reading.json)
     edits: dict | None = None  # the edit step's traces
     ablation: dict | None = None  # the eval step's table and report paths
+    figures: dict | None = None  # the eval step's held-out learning figures of the latest model (eval/figures.json)
 
 
 def _same_dataset(path: Path, cfg: ExperimentConfig) -> bool:
@@ -72,6 +76,29 @@ def step_models(cfg: ExperimentConfig, out: Path, result: RunResult, progress: C
     log.info("models: tiny reasoner (%d parameters) and generator (%d parameters) saved to %s",
              n["reasoner"], n["generator"], path)
     result.artifacts["model"] = str(path)
+
+
+def step_vae(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
+    """Tiny presets with a qwen_image VAE: train the models step's VAE on world renders (reasonedit.training.vae);
+    the model with the trained VAE goes to vae/model and the held-out oracle read-back to vae/report.json."""
+    if cfg.model.vae.kind != "qwen_image" or cfg.model.source != "tiny":
+        log.info("vae: nothing to train (model.vae.kind=%s, model.source=%s: only a tiny qwen_image VAE is "
+                 "trained here); skipping", cfg.model.vae.kind, cfg.model.source)
+        return
+    from .models.model import ReasonEditModel
+    from .training.vae import train_vae
+
+    start = out / "model"
+    if not (start / "reasonedit.json").is_file():
+        raise FileNotFoundError(f"{start} holds no model: the vae step trains the models step's VAE, so run that "
+                                "step first (steps: [data, models, vae, ...])")
+    model = ReasonEditModel.from_pretrained(start)
+    model.vae, report = train_vae(ShapesWorld(cfg.world), model.vae, cfg.vae_train)
+    path = model.save_pretrained(out / "vae" / "model")
+    doc = {"model": str(path), **report.to_dict()}
+    atomic_write_text(out / "vae" / "report.json", json.dumps(doc, indent=2) + "\n")
+    result.artifacts["vae"] = str(path)
+    result.vae = doc
 
 
 def step_preview(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
@@ -132,12 +159,13 @@ def _stage_step(number: int) -> Callable:
         """Train stage N from the previous stage's model (stage 1: the models step's) on the train split."""
         from .training import train_stage
 
-        start = out / "model" if number == 1 else out / f"stage{number - 1}" / "model"
+        start = initial_model(out) if number == 1 else out / f"stage{number - 1}" / "model"
         if not (start / "reasonedit.json").is_file():
             before = "models" if number == 1 else f"stage{number - 1}"
             raise FileNotFoundError(f"{start} holds no model: stage{number} starts from the {before} step's "
                                     f"model, so run that step first (steps: [..., {before}, stage{number}])")
-        res = train_stage(cfg, number, start, out / "data", out / f"stage{number}")
+        res = train_stage(cfg, number, start, out / "data", out / f"stage{number}",
+                          evaluate=_held_out_evaluator(cfg, out, STAGE_PARTS[number]))
         result.stages[f"stage{number}"] = res
         if res.model is not None:
             result.artifacts[f"stage{number}"] = str(res.model)
@@ -145,29 +173,105 @@ def _stage_step(number: int) -> Callable:
     return step
 
 
+# what each stage's held-out evaluation measures (reasonedit.eval.heldout parts)
+STAGE_PARTS = {1: ("think", "reflect"), 2: ("generator",), 3: ("generator", "think", "reflect")}
+
+
+def initial_model(out: Path) -> Path:
+    """The model stage 1 starts from: pretrain/model (the tiny reasoner's pretraining stand-in) if present, else
+    vae/model (the trained tiny VAE), else model/ (the models step's): the last link of that chain."""
+    for candidate in (out / "pretrain" / "model", out / "vae" / "model"):
+        if (candidate / "reasonedit.json").is_file():
+            return candidate
+    return out / "model"
+
+
+def _held_out_evaluator(cfg: ExperimentConfig, out: Path, parts: tuple[str, ...]) -> Callable | None:
+    """The trainer's periodic held-out evaluation for shapes runs (train.eval_every), else None."""
+    if not cfg.train.eval_every or "val" not in cfg.data.splits:
+        return None
+    from .eval.heldout import HeldOut, evaluate
+
+    heldout, world, e = HeldOut.load(out / "data", split="val", n=cfg.eval.heldout), ShapesWorld(cfg.world), cfg.eval
+    return lambda model: evaluate(model, heldout, world, parts=parts, steps=e.sampling_steps, guidance=e.guidance,
+                                  seed=e.seed)
+
+
 def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, out: Path) -> dict | None:
     """The stage's loss on the val split for the model it started from and the one it saved, with the same
-    batches, noise and timesteps; written to stage<N>/validation.json."""
+    batches, noise and timesteps; written to <stage name>/validation.json."""
     from .stages import stage_for
     from .stages.validation import validation_batches, validation_losses
     from .training.trainer import load_stage_model
 
-    if "val" not in cfg.data.splits:
-        log.info("stage%d: no val split (data.splits), so no validation loss", number)
-        return None
     stage = stage_for(number, cfg)
+    if "val" not in cfg.data.splits:
+        log.info("%s: no val split (data.splits), so no validation loss", stage.name)
+        return None
     before = load_stage_model(stage, start)
     batches = validation_batches(stage, before, cfg, out / "data", split="val")
     report = {"split": "val", "batches": len(batches), "before": validation_losses(stage, before, batches, cfg)}
     del before
     report["after"] = validation_losses(stage, load_stage_model(stage, end), batches, cfg)
-    path = out / f"stage{number}" / "validation.json"
+    path = out / stage.name / "validation.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(path)
-    log.info("stage%d: val loss %s", number, ", ".join(
+    log.info("%s: val loss %s", stage.name, ", ".join(
         f"{t} {report['before'][t]:.4f} -> {report['after'][t]:.4f}" for t in stage.terms))
     return report
+
+
+def pretrain_start(out: Path) -> Path:
+    """The model the pretrain step starts from: vae/model (the trained tiny VAE) when present, else model/."""
+    vae = out / "vae" / "model"
+    return vae if (vae / "reasonedit.json").is_file() else out / "model"
+
+
+def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
+    """What stands in for Qwen2.5-VL's pretraining on tiny presets: stage 0 (`reasonedit.stages.pretrain`) fully
+    fine-tunes the tiny reasoner, vision tower included, on captions and scene questions of the train split,
+    saves pretrain/model (generator and VAE carried over) and writes its held-out reading accuracy to
+    pretrain/reading.json. A released Qwen2.5-VL (model.source != tiny) comes pretrained: the step is skipped."""
+    from .data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+    from .models.model import ReasonEditModel
+    from .publish import atomic_write_text
+    from .stages.pretrain import heldout_scene_records, reading_accuracy
+    from .training import train_stage
+
+    if cfg.model.source != "tiny":
+        log.info("pretrain: skipped: model.source=%s is a released Qwen2.5-VL, which comes pretrained",
+                 cfg.model.source)
+        return
+    start = pretrain_start(out)
+    if not (start / "reasonedit.json").is_file():
+        raise FileNotFoundError(f"{start} holds no model: pretrain starts from the models (or vae) step's model, "
+                                "so run that step first (steps: [data, models, pretrain, ...])")
+    split, records = heldout_scene_records(out / "data", cfg.pretrain.reading_scenes)
+    world = cfg.world
+
+    def read(model: ReasonEditModel):
+        pre = Preprocessor.from_model(model, PreprocessConfig(
+            buckets=buckets_for(model, cfg.batches.pixel_budget), dropout=ConditionDropout(0.0, 0.0), seed=cfg.seed))
+        return reading_accuracy(model, records, world, pre, seed=cfg.seed)
+
+    # with train.eval_every, the trainer logs the reading accuracy as training goes (pretrain/evals.json)
+    evaluate = (lambda model: read(model).accuracy) if records and cfg.train.eval_every else None
+    res = train_stage(cfg, 0, start, out / "data", out / "pretrain", evaluate=evaluate)
+    result.stages["pretrain"] = res
+    if res.model is None:
+        return
+    result.artifacts["pretrain"] = str(res.model)
+    result.validation["pretrain"] = _validate_stage(cfg, 0, start, res.model, out)
+    if not records:
+        log.info("pretrain: no held-out text-to-image records (data.splits, pretrain.reading_scenes), so no reading "
+                 "accuracy")
+        return
+    report = read(ReasonEditModel.from_pretrained(res.model, components=("reasoner",)))
+    doc = {"model": str(res.model), "split": split, "scenes": len(records), **report.to_dict()}
+    atomic_write_text(out / "pretrain" / "reading.json", json.dumps(doc, indent=2) + "\n")
+    result.reading = doc
+    log.info("pretrain: reads the world: %s (%d %s scenes)", report.line(), len(records), split)
 
 
 def latest_model(out: Path) -> Path:
@@ -245,16 +349,49 @@ def step_eval(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
     quiet = logging_module.getLogger("reasonedit.inference.builtin")
     level = quiet.level
     quiet.setLevel(logging_module.ERROR)
+    tables = []
     try:
-        ablation = run_shapes_ablation(model_dir, _held_out(cfg, out), out / "eval", modes=list(e.modes), limit=e.limit,
-                                       steps=e.sampling_steps, rounds=e.rounds, guidance=e.guidance, seed=e.seed)
+        for editor in e.editors:  # the run's generator, and/or the exact shapes editor (the reasoner alone)
+            where = out / "eval" if editor == "model" else out / "eval" / "shapes_editor"
+            rate = e.shapes_error_rate if editor == "shapes" else 0.0
+            ablation = run_shapes_ablation(model_dir, _held_out(cfg, out), where, modes=list(e.modes), limit=e.limit,
+                                           steps=e.sampling_steps, rounds=e.rounds, guidance=e.guidance, seed=e.seed,
+                                           editor=editor, error_rate=rate)
+            tables.append({"editor": ablation.editor, "thinker": ablation.thinker, "table": ablation.table,
+                           "parse_errors": ablation.parse_errors,
+                           "paths": {k: str(v) for k, v in ablation.paths.items()}})
     finally:
         quiet.setLevel(level)
-    result.ablation = {"model": str(model_dir), "table": ablation.table, "parse_errors": ablation.parse_errors,
-                       "paths": {k: str(v) for k, v in ablation.paths.items()}}
+    result.ablation = {"model": str(model_dir), "table": tables[0]["table"], "parse_errors": tables[0]["parse_errors"],
+                       "paths": tables[0]["paths"], "tables": tables}
+    from .eval.curves import plot_curves
+
+    result.figures = _final_figures(cfg, out, model_dir)
+    curves = plot_curves(out)
+    if curves is not None:
+        result.artifacts["curves"] = str(curves)
 
 
-STEPS = {"data": step_data, "models": step_models, "batches": step_batches, "preview": step_preview,
+def _final_figures(cfg: ExperimentConfig, out: Path, model_dir: Path) -> dict | None:
+    """The learning figures of the run's latest model on the test split (eval.limit records of each kind),
+    written to eval/figures.json; None without a test split."""
+    from .eval.heldout import HeldOut, evaluate
+    from .models.model import ReasonEditModel
+
+    if "test" not in cfg.data.splits:
+        return None
+    e = cfg.eval
+    heldout = HeldOut.load(out / "data", split="test", n=e.limit)
+    model = ReasonEditModel.from_pretrained(model_dir).eval()
+    figures = evaluate(model, heldout, ShapesWorld(cfg.world), steps=e.sampling_steps, guidance=e.guidance, seed=e.seed)
+    doc = {"model": str(model_dir), "split": "test", "samples": {"edits": len(heldout.edits),
+           "thinking": len(heldout.thinking), "reflections": len(heldout.reflections)}, "figures": figures}
+    atomic_write_text(out / "eval" / "figures.json", json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+STEPS = {"data": step_data, "models": step_models, "vae": step_vae, "pretrain": step_pretrain, "batches": step_batches,
+         "preview": step_preview,
          "stage1": _stage_step(1), "stage2": _stage_step(2), "stage3": _stage_step(3),
          "edit": step_edit, "eval": step_eval}
 
@@ -276,4 +413,4 @@ def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable |
     return result
 
 
-__all__ = ["RunResult", "STEPS", "latest_model", "run_experiment"]
+__all__ = ["RunResult", "STEPS", "latest_model", "pretrain_start", "run_experiment", "step_pretrain"]

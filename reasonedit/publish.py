@@ -32,4 +32,26 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-__all__ = ["staged_folder"]
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a hidden temporary file beside `path`, then rename it into place."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to a hidden temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the finished file is an ordinary one
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "staged_folder"]

@@ -95,8 +95,13 @@ def test_run_edit_and_eval_steps_write_traces_and_print_the_ablation_table(tmp_p
     for t in traces:
         assert {"trace.json", "index.html", "contact_sheet.png", "final.png"} <= {p.name for p in t.iterdir()}
     assert (out / "eval" / "report.md").is_file() and (out / "eval" / "results.json").is_file()
-    table = [line for line in res.stdout.splitlines() if line.startswith("| ")]
+    lines = res.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("shapes ablation, editor reasonedit-generator"))
+    table = [line for line in lines[start + 1:] if line.startswith("| ")][:4]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["base", "think", "think_reflect"]
+    learned = next(i for i, line in enumerate(lines) if line.startswith("what ") and "learned" in line)
+    assert "concrete edits exactly right" in "\n".join(lines[learned:])  # the held-out figures follow the ablation
+    assert (out / "eval" / "figures.json").is_file()
 
 
 def test_run_builds_data_models_and_preview_and_saves_its_config(tmp_path):

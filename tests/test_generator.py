@@ -294,3 +294,37 @@ def test_compiled_flex_matches_sdpa_forward_and_backward_on_gpu():
     torch.testing.assert_close(results["flex"][0], results["sdpa"][0], rtol=1e-4, atol=1e-5)
     for name, grad in results["sdpa"][1].items():
         torch.testing.assert_close(results["flex"][1][name], grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_rope_scale_multiplies_positions_and_theta_sets_the_base():
+    from reasonedit.models.generator import RotaryPositions
+    pos = torch.tensor([[0, -2, 1], [1, 0, -1], [0, 1, 1]])
+    scaled = RotaryPositions((4, 6, 6), theta=100.0, scale=2.0)(pos)
+    doubled = RotaryPositions((4, 6, 6), theta=100.0)(pos * 2)
+    assert all(torch.allclose(a, b) for a, b in zip(scaled, doubled))
+    assert not torch.allclose(RotaryPositions((4, 6, 6), theta=100.0)(pos)[0], RotaryPositions((4, 6, 6))(pos)[0])
+
+
+def test_from_scratch_fields_are_saved_and_their_defaults_keep_diffusers_behaviour(tmp_path):
+    ref = reference(3)
+    plain = ours_from(ref)  # defaults: rope_theta 10000, rope_scale 1, qk_norm_init 1 (== diffusers, as above)
+    assert plain.config.rope_theta == 10000 and plain.config.rope_scale == 1.0 and plain.config.qk_norm_init == 1.0
+    model = PackedQwenImageTransformer(**TINY, rope_theta=50.0, rope_scale=2.0, qk_norm_init=2.0)
+    assert all(torch.all(b.attn.norm_k.weight == 2.0) for b in model.transformer_blocks)
+    model.save_pretrained(tmp_path / "g")
+    back = PackedQwenImageTransformer.from_pretrained(tmp_path / "g")
+    assert (back.config.rope_theta, back.config.rope_scale, back.pos_embed.scale) == (50.0, 2.0, 2.0)
+    s = random_samples(5, [1])
+    assert torch.equal(model.eval()(model.pack(s)), back.eval()(back.pack(s)))
+
+
+def test_model_config_builds_the_generator_with_zero_cond_t_and_the_rope_fields():
+    from reasonedit.models.config import ModelConfig
+    from reasonedit.models.model import build_generator
+    cfg = ModelConfig()
+    cfg.generator.zero_cond_t, cfg.generator.rope_theta, cfg.generator.qk_norm_init = True, 100.0, 1.5
+    g = build_generator(cfg)
+    assert g.config.zero_cond_t and g.config.rope_theta == 100.0 and g.config.qk_norm_init == 1.5
+    cfg.generator.rope_scale = 0.0
+    with pytest.raises(ValueError, match="generator.rope_scale"):
+        cfg.validate()

@@ -16,7 +16,7 @@ from reasonedit.models.attention import PackedAttention, Segment, TokenLayout
 from reasonedit.models.config import LoraConfig
 from reasonedit.models.processor import ReasonerProcessor
 from reasonedit.models.prompts import Decision, ParseError, parse_decision, parse_score
-from reasonedit.models.reasoner import LORA_DIR, PACKED_KWARG, Reasoner, packed_attention_forward
+from reasonedit.models.reasoner import LORA_DIR, PACKED_KWARG, TEMPLATE_REPEATS, Reasoner, packed_attention_forward
 from reasonedit.models.tiny import init_tiny_reasoner
 from reasonedit.models.tokenizer import DECISION_TOKENS, decision_token_ids
 
@@ -121,7 +121,8 @@ def test_image_tokens_get_3axis_positions_through_the_processor(reasoner):
 
 
 def test_registered_attention_is_stock_sdpa_when_not_packed(reasoner, edit_pair):
-    stock, _ = init_tiny_reasoner(CORPUS + [edit_pair.instruction] + prompts.template_texts(), seed=SEED)
+    stock, _ = init_tiny_reasoner(CORPUS + [edit_pair.instruction] + prompts.template_texts() * TEMPLATE_REPEATS,
+                                  seed=SEED)
     assert stock.config._attn_implementation == "sdpa"
     inputs = reasoner.processor([prompts.think(pixels(56, 84, 1), "a"), prompts.think(pixels(56, 56, 2), "bb cc")])
     with torch.no_grad():

@@ -82,3 +82,39 @@ def test_resume_refuses_a_changed_config_naming_the_keys_unless_allowed(start_mo
     res = train_stage(stage_cfg(tmp_path, 2, steps=1, extra=[*changed, "train.allow_config_change=true"]), 2,
                       start_model, small_dataset, out)
     assert res.steps == 1 and res.model is not None
+
+
+def test_held_out_evaluations_run_every_eval_every_steps_and_survive_a_resume(start_model, small_dataset, tmp_path,
+                                                                             monkeypatch):
+    import json
+
+    from reasonedit.training import data as data_mod
+    from reasonedit.training import train_stage
+
+    seen = []
+
+    def evaluate(model):
+        assert not model.training  # figures are measured in eval mode, and training goes on in train mode after
+        seen.append(sum(float(p.sum()) for p in model.generator.parameters()))
+        return {"score": float(len(seen))}
+
+    extra = ["train.eval_every=2", "train.checkpoint_every=2"]
+    cfg = stage_cfg(tmp_path, 2, steps=4, extra=extra)
+    real_next, calls = data_mod.BatchStream.next, {"n": 0}
+
+    def crashing_next(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # inside step 4, after the evaluation and checkpoint of step 2
+            raise Crash()
+        return real_next(self)
+
+    monkeypatch.setattr(data_mod.BatchStream, "next", crashing_next)
+    with pytest.raises(Crash):
+        train_stage(cfg, 2, start_model, small_dataset, tmp_path / "stage2", evaluate=evaluate)
+    monkeypatch.setattr(data_mod.BatchStream, "next", real_next)
+    res = train_stage(cfg, 2, start_model, small_dataset, tmp_path / "stage2", evaluate=evaluate)
+    assert [e["step"] for e in res.evals] == [0, 2, 4]  # step 2 not evaluated again after the resume
+    assert len(seen) == 3 and len(set(seen)) == 3  # 0 and 2 before the crash, 4 after: none measured twice
+    written = json.loads((tmp_path / "stage2" / "evals.json").read_text())
+    assert written == res.evals
+    assert len(json.loads((tmp_path / "stage2" / "history.json").read_text())) == 4

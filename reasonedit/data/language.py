@@ -66,7 +66,8 @@ def refer(scene: Scene, cell: Cell, grid: int, rng: random.Random | None = None)
     return rng.choice(forms[:2])  # the shortest unique phrase, or the next one up
 
 
-_TEMPLATES: dict[str, tuple[str, ...]] = {
+# Every phrasing of each concrete edit op; the exact shapes editor parses exactly these.
+TEMPLATES: dict[str, tuple[str, ...]] = {
     "recolor": ("Make {ref} {color}.", "Change the colour of {ref} to {color}.",
                 "Recolour {ref} {color}.", "Paint {ref} {color}."),
     "add": ("Add a {size} {color} {kind} {at}.", "Draw a {size} {color} {kind} {at}.",
@@ -93,7 +94,7 @@ def phrase(edit: Edit, scene: Scene, grid: int, rng: random.Random | None = None
         words["to"], words["at_to"] = where(edit.to, grid), at(edit.to, grid)
     if edit.op == "swap":
         words["ref2"] = refer(scene, edit.to, grid, rng)
-    text = pick(_TEMPLATES[edit.op]).format(**words)
+    text = pick(TEMPLATES[edit.op]).format(**words)
     return text[0].upper() + text[1:]
 
 
@@ -113,20 +114,27 @@ def describe(scene: Scene, grid: int) -> str:
     return f"A {scene.background} background with {len(parts)} {noun}: " + "; ".join(parts) + "."
 
 
-def caption(scene: Scene, grid: int, rng: random.Random) -> str:
-    """A text-to-image caption: the full description in one of a few phrasings."""
+def captions(scene: Scene, grid: int) -> tuple[str, ...]:
+    """Every phrasing a text-to-image caption of `scene` may take: each is the full description."""
     if not scene.shapes:
-        return describe(scene, grid)
+        return (describe(scene, grid),)
     parts = [f"a {shape_words(s)} {at(s.cell, grid)}" for s in scene.shapes]
     listing = "; ".join(parts)
     n = len(parts)
     count = "one shape" if n == 1 else f"{n} shapes"
-    return rng.choice((
+    return (
         f"{count.capitalize()} on a {scene.background} background: {listing}.",
         f"A {scene.background} canvas showing {listing}.",
         describe(scene, grid),
-    ))
+    )
 
 
-__all__ = ["COLOR_DESCRIPTIONS", "at", "caption", "describe", "join_steps", "phrase", "refer",
+def caption(scene: Scene, grid: int, rng: random.Random) -> str:
+    """A text-to-image caption: the full description in one of a few phrasings."""
+    if not scene.shapes:
+        return describe(scene, grid)
+    return rng.choice(captions(scene, grid))
+
+
+__all__ = ["COLOR_DESCRIPTIONS", "TEMPLATES", "at", "caption", "captions", "describe", "join_steps", "phrase", "refer",
            "shape_words", "where"]

@@ -468,6 +468,11 @@ def buckets_for(model: "ReasonEditModel", pixel_budget: Optional[int] = None, **
                             else BucketConfig.generator_patch),
         "reasoner_patch": int(image_processor.patch_size) * int(image_processor.merge_size),
     }
+    from reasonedit.models.processor import MIN_PIXELS, processor_min_pixels
+    if processor_min_pixels(image_processor) > MIN_PIXELS:
+        # the reasoner upscales small images itself (model.reasoner.image_min_pixels): aligning the buckets to its
+        # 28-px grid would only resize the generator's images too
+        values["reasoner_patch"] = 1
     if pixel_budget is not None:
         values["pixel_budget"] = pixel_budget
     values.update(overrides)

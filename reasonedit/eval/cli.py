@@ -2,6 +2,7 @@
 
 Generate and score:  reasonedit eval --bench B --data DIR --model MODEL_DIR --modes base,think,think_reflect
 External services:   reasonedit eval --bench B --data DIR --editor URL[,URL] [--thinker URL --thinker-model M]
+Exact shapes editor: reasonedit eval --bench shapes --editor shapes --thinker-model MODEL_DIR [--editor-error-rate P]
 Score images only:   reasonedit eval --bench B --data DIR --images IMAGES_DIR [--model-name NAME]
 Images go to OUT/images/<mode>/ in the benchmark's official output layout; reports (results.json,
 report.md, PNG charts) to OUT. Re-running skips every image already there and every judge reply
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .runner import MODES, GenerationSettings, ModeRun, Shard, build_agents, default_model_name
+from .runner import (MODES, SHAPES_EDITOR, GenerationSettings, ModeRun, Shard, agent_labels, build_agents,
+                     default_model_name)
 
 RESIZE_POLICY = "none"  # edits keep the source size; the judge gets the image files as written
 
@@ -29,9 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what makes the images")
     g.add_argument("--model", type=Path, help="a ReasonEditModel folder (editor and thinker)")
     g.add_argument("--modes", default="base", help=f"comma-separated among {','.join(MODES)} (default base)")
-    g.add_argument("--editor", help="HTTP editing service URL(s), comma-separated (round robin)")
+    g.add_argument("--editor", help="HTTP editing service URL(s), comma-separated (round robin); or 'shapes': the "
+                   "exact shapes-world editor (--bench shapes), which executes concrete instructions on the scene "
+                   "and leaves the source unchanged when it cannot parse one")
+    g.add_argument("--editor-error-rate", type=float, default=0.0, metavar="P",
+                   help="--editor shapes: the share of edits it gets wrong on purpose, with one of the reflection "
+                        "error types (default 0: exact); which ones follows from --seed")
     g.add_argument("--thinker", help="OpenAI-compatible chat base URL used as the thinker (e.g. http://host:8000/v1)")
-    g.add_argument("--thinker-model", help="the thinker's model name (or OPENAI_MODEL)")
+    g.add_argument("--thinker-model", help="with --thinker: the chat model's name (or OPENAI_MODEL); without: a "
+                   "ReasonEditModel folder whose reasoner is the thinker (its generator is not loaded)")
     g.add_argument("--thinker-key", help="the thinker's API key (or OPENAI_API_KEY)")
     g.add_argument("--thinker-contract", default="reasonedit", help="reasonedit | editthinker")
     g.add_argument("--images", type=Path, help="score images generated elsewhere, laid out as the benchmark's "
@@ -87,6 +95,30 @@ def _bench(args: argparse.Namespace):
             raise ValueError(f"--judge-prompts: {args.bench} is scored by its oracle, not a judge")
         bench.use_judge_prompts(args.judge_prompts)
     return bench.load(args.data)
+
+
+def _thinker_dir(args: argparse.Namespace) -> Optional[Path]:
+    """--thinker-model names a model folder when no --thinker URL is given."""
+    if args.thinker is not None or args.thinker_model is None:
+        return None
+    path = Path(args.thinker_model)
+    if not (path / "reasonedit.json").is_file():
+        raise FileNotFoundError(f"--thinker-model {path}: without --thinker URL it names a model folder whose "
+                                "reasoner thinks, and this is not one (no reasonedit.json); for a chat model, "
+                                "give --thinker URL as well")
+    return path
+
+
+def _shapes_world(args: argparse.Namespace, bench):
+    """The world the shapes editor works in: the benchmark's (its dataset manifest's)."""
+    if args.editor != SHAPES_EDITOR:
+        return None
+    if bench.name != "shapes":
+        raise ValueError(f"--editor shapes edits renders of the shapes world; use it with --bench shapes, "
+                         f"not {bench.name}")
+    if not 0.0 <= args.editor_error_rate <= 1.0:
+        raise ValueError(f"--editor-error-rate {args.editor_error_rate}: must lie in [0, 1]")
+    return bench.world
 
 
 def _judge(args: argparse.Namespace, bench, out: Path):
@@ -146,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             if shard.count > 1:
                 raise ValueError("--shard splits generation; --images scores every sample in one run: leave it out")
             name = _images_model_name(args.images, args.model_name)
+            editor_label = thinker_label = None
             print(f"scoring {bench.name} images of {name} under {args.images}", file=sys.stderr)
             run_ = ModeRun(name, args.images)
             run_.results, run_.scoring = score(bench, args.images, name, judge, limit, shard, progress)
@@ -155,20 +188,28 @@ def run(args: argparse.Namespace) -> int:
             from .runner import model_identity, run_modes
 
             modes = _modes(args.modes)
+            thinker_dir, world = _thinker_dir(args), _shapes_world(args, bench)
             editor, thinker = build_agents(args.model, args.editor, args.thinker, modes,
                                            thinker_model=args.thinker_model, thinker_key=args.thinker_key,
-                                           thinker_contract=args.thinker_contract, concurrency=args.concurrency)
+                                           thinker_contract=args.thinker_contract, concurrency=args.concurrency,
+                                           thinker_dir=thinker_dir, world=world,
+                                           editor_error_rate=args.editor_error_rate)
+            editor_label, thinker_label = agent_labels(editor, thinker, args.model, thinker_dir)
             name = args.model_name or default_model_name(args.model, args.editor)
             settings = GenerationSettings(rounds=args.rounds, steps=args.steps, guidance=args.guidance,
                                           seed=args.seed, batch_size=args.batch_size, limit=limit, shard=shard)
             origin = model_identity(args.model) if args.model is not None else ",".join(
                 filter(None, [args.editor, args.thinker]))
+            if thinker_dir is not None and thinker is not None:
+                origin += f";thinker {model_identity(thinker_dir)}"
             runs = run_modes(bench, editor, thinker, modes, out, name, settings, judge,
                              score_images=shard.count == 1, progress=progress, origin=origin)
             for mode, r in runs.items():
                 g = r.generation
                 print(f"{mode}: generated {g.generated} of {g.total} ({g.done_before} already done) in "
                       f"{g.seconds:.1f}s -> {r.images_dir}", file=sys.stderr)
+            if args.editor == SHAPES_EDITOR:
+                print(f"{editor.name}: {editor.stats.summary()}", file=sys.stderr)
             model_label = f"{name} ({', '.join(filter(None, [str(args.model or ''), args.editor or '']))})"
             if shard.count > 1:
                 print(f"shard {shard}: images written; once every shard is done, run the same command "
@@ -178,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
         if judge is not None:
             judge.close()
     stamp = Stamp(model=model_label, judge=judge.settings.judge_id if judge else "oracle",
-                  temperature=judge.settings.temperature if judge else None, resize_policy=RESIZE_POLICY)
+                  temperature=judge.settings.temperature if judge else None, resize_policy=RESIZE_POLICY,
+                  editor=editor_label, thinker=thinker_label)
     reports = {m: r.report for m, r in runs.items()}
     paths = write_reports(out, reports, stamp, {m: r.results for m, r in runs.items()})
     print_reports(bench.name, reports, stamp)

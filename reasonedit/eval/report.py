@@ -1,7 +1,8 @@
 """Reports of a benchmark run: a results JSON, markdown tables per category, PNG charts comparing modes.
 
-Everything is stamped with the model, the judge, its temperature, the image resize policy and the counts
-of missing and failed samples, and written atomically (a temporary file renamed into place).
+Everything is stamped with the model (and the editor and thinker that made the images), the judge, its
+temperature, the image resize policy and the counts of missing and failed samples, and written atomically
+(a temporary file renamed into place).
 `reports` everywhere is {mode: the report dict of `Benchmark.score`} (see `benchmark.py`).
 """
 
@@ -25,15 +26,24 @@ class Stamp:
     judge: str | None = None  # judge model id, or "oracle"
     temperature: float | None = None
     resize_policy: str = "none"
+    editor: str | None = None  # what edited, e.g. "shapes (exact, error rate 0.30)"; None: not recorded
+    thinker: str | None = None  # what thought and reflected, e.g. "reasonedit-reasoner (runs/x/model)"
 
     def line(self, counts: Mapping[str, int] | None = None) -> str:
         judge = self.judge or "none"
         temp = "n/a" if self.temperature is None else f"{self.temperature:g}"
-        text = f"model {self.model} | judge {judge} (temperature {temp}) | resize {self.resize_policy}"
+        text = f"model {self.model}"
+        if self.editor is not None or self.thinker is not None:
+            text += f" | editor {self.editor or 'n/a'} | thinker {self.thinker or 'none'}"
+        text += f" | judge {judge} (temperature {temp}) | resize {self.resize_policy}"
         if counts is not None:
             text += (f" | {counts.get('total', 0)} samples, {counts.get('missing', 0)} missing, "
                      f"{counts.get('failed', 0)} failed")
         return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stamp as results.json stores it (editor and thinker only when recorded)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("editor", "thinker")}
 
 
 # -- atomic files ---------------------------------------------------------------------------------
@@ -185,7 +195,7 @@ def write_reports(out_dir: str | Path, reports: Mapping[str, Mapping[str, Any]],
         raise ValueError("write_reports: no reports to write")
     out = Path(out_dir)
     bench = next(iter(reports.values()))["benchmark"]
-    doc = {"benchmark": bench, "stamp": asdict(stamp), "modes": {}}
+    doc = {"benchmark": bench, "stamp": stamp.to_dict(), "modes": {}}
     for mode, rep in reports.items():
         doc["modes"][mode] = {"report": rep}
         if results is not None and mode in results:

@@ -12,7 +12,8 @@ Two separate paths, so images made elsewhere score the same way as ours:
   parse (never guessed), else "ok" with the scores and the judge's id and temperature.
 
 `run_modes` does both for each mode (base, think, think_reflect) into OUT/images/<mode>/, and
-`build_agents` makes the editor and thinker from a model folder and/or HTTP services.
+`build_agents` makes the editor and thinker from a model folder, HTTP services and/or the exact shapes
+editor (`--editor shapes`).
 
 Shards: `--shard i/n` takes the samples whose index in the benchmark's stable order is i mod n,
 so n shards are disjoint and together complete. Seeds are per sample (the run's seed and the
@@ -346,22 +347,42 @@ def _result(sample: BenchSample, status: str, scores: Optional[dict] = None, err
 
 
 # -- editors and thinkers ----------------------------------------------------------------------------
+SHAPES_EDITOR = "shapes"  # `--editor shapes`: the exact shapes-world editor instead of an HTTP service
+
+
 def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_url: Optional[str],
                  modes: list[str], *, thinker_model: Optional[str] = None, thinker_key: Optional[str] = None,
-                 thinker_contract: str = "reasonedit", concurrency: int = 8):
-    """(editor, thinker) from a model folder and/or HTTP services; a thinker only when a mode needs one."""
-    needs_thinker = any(m != "base" for m in modes)
-    if model_dir is None and editor_url is None:
-        raise ValueError("give --model DIR, --editor URL, or --images DIR (to score images made elsewhere)")
-    if needs_thinker and model_dir is None and thinker_url is None:
-        raise ValueError(f"--modes {','.join(modes)} needs a thinker: give --model DIR or --thinker URL")
-    model = None
-    if model_dir is not None and (editor_url is None or (needs_thinker and thinker_url is None)):
-        from reasonedit.models.model import ReasonEditModel
+                 thinker_contract: str = "reasonedit", concurrency: int = 8, thinker_dir: Optional[Path] = None,
+                 world=None, editor_error_rate: float = 0.0, editor_seed: int = 0):
+    """(editor, thinker) from a model folder, HTTP services, the shapes editor and/or a thinker model folder;
+    a thinker only when a mode needs one.
 
-        components = ("reasoner",) if editor_url is not None else ("reasoner", "generator", "vae")
-        model = ReasonEditModel.from_pretrained(model_dir, components=components)
-    if editor_url is not None:
+    editor_url: HTTP service URL(s), or SHAPES_EDITOR for the exact shapes editor on `world` (a ShapesWorld;
+        None: the default world), which makes errors on purpose at `editor_error_rate`.
+    thinker_dir: a model folder whose reasoner is the thinker (its generator is not loaded); without it and
+        without `thinker_url`, the thinker is `model_dir`'s reasoner.
+    """
+    needs_thinker = any(m != "base" for m in modes)
+    shapes = editor_url == SHAPES_EDITOR
+    if model_dir is None and editor_url is None:
+        raise ValueError("give --model DIR, --editor URL, or --images DIR (to score images made elsewhere); "
+                         "--editor shapes runs the exact shapes-world editor")
+    if thinker_url is not None and thinker_dir is not None:
+        raise ValueError("give one thinker: --thinker URL (a chat endpoint, --thinker-model naming its model) "
+                         "or --thinker-model DIR (a model folder) without --thinker")
+    if needs_thinker and model_dir is None and thinker_url is None and thinker_dir is None:
+        raise ValueError(f"--modes {','.join(modes)} needs a thinker: give --model DIR, --thinker URL or "
+                         "--thinker-model DIR")
+    if editor_error_rate and not shapes:
+        raise ValueError("--editor-error-rate: only the shapes editor (--editor shapes) makes errors on purpose")
+    model = None
+    if model_dir is not None and editor_url is None:
+        from reasonedit.models.model import ReasonEditModel
+        model = ReasonEditModel.from_pretrained(model_dir, components=("reasoner", "generator", "vae"))
+    if shapes:
+        from reasonedit.data.shapes_editor import ShapesEditor
+        editor = ShapesEditor(world, error_rate=editor_error_rate, seed=editor_seed)
+    elif editor_url is not None:
         from reasonedit.inference.remote import HttpEditor
         editor = HttpEditor(editor_url, concurrency=concurrency)
     else:
@@ -374,11 +395,35 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
                                 concurrency=concurrency)
     elif needs_thinker:
         from reasonedit.inference.builtin import ReasonerThinker
+        source = thinker_dir if thinker_dir is not None else model_dir
+        if model is None or Path(source).resolve() != Path(model_dir).resolve():
+            from reasonedit.models.model import ReasonEditModel
+            if not (Path(source) / "reasonedit.json").is_file():
+                raise FileNotFoundError(f"{source}: not a model folder (no reasonedit.json) to take the thinker from")
+            model = ReasonEditModel.from_pretrained(source, components=("reasoner",))
         thinker = ReasonerThinker(model)
     return editor, thinker
 
 
+def agent_labels(editor, thinker, model_dir: Optional[Path] = None,
+                 thinker_dir: Optional[Path] = None) -> tuple[str, Optional[str]]:
+    """What made the images, for the report's stamp: (editor, thinker or None), with the model folder each
+    built-in one runs on, e.g. ("shapes (exact, error rate 0.30)", "reasonedit-reasoner (runs/x/model)")."""
+    editor_label = getattr(editor, "name", type(editor).__name__)
+    if editor_label == "reasonedit-generator" and model_dir is not None:
+        editor_label = f"{editor_label} ({model_dir})"
+    if thinker is None:
+        return editor_label, None
+    thinker_label = getattr(thinker, "name", type(thinker).__name__)
+    source = thinker_dir if thinker_dir is not None else model_dir
+    if thinker_label == "reasonedit-reasoner" and source is not None:
+        thinker_label = f"{thinker_label} ({source})"
+    return editor_label, thinker_label
+
+
 def default_model_name(model_dir: Optional[Path], editor_url: Optional[str]) -> str:
+    if editor_url == SHAPES_EDITOR:  # apart from the model's own generator images, even in the same --out
+        return "shapes-editor"
     if model_dir is not None:
         path = Path(model_dir).resolve()
         # runs/x/stage3/model -> stage3: the folder a model is saved in is usually called `model`
@@ -419,6 +464,6 @@ def run_modes(bench: Benchmark, editor, thinker, modes: Sequence[str], out_dir: 
     return runs
 
 
-__all__ = ["GenerationSettings", "GenerationStats", "MODES", "ModeRun", "ScoreStats", "build_agents",
-           "check_generation_stamp", "default_model_name", "model_identity", "run_modes", "Shard", "generate", "sample_seed",
-           "score", "select", "write_image", "write_json"]
+__all__ = ["GenerationSettings", "GenerationStats", "MODES", "ModeRun", "SHAPES_EDITOR", "ScoreStats", "Shard",
+           "agent_labels", "build_agents", "check_generation_stamp", "default_model_name", "generate",
+           "model_identity", "run_modes", "sample_seed", "score", "select", "write_image", "write_json"]

@@ -39,6 +39,14 @@ class ReasonerConfig:
     vision_hidden_size: int = 32
     vision_heads: int = 2
     vision_intermediate_size: int = 64
+    # source=tiny: the image processor's pixel bounds (saved in reasoner/preprocessor_config.json); the defaults
+    # are Qwen2.5-VL's released ones. A small world raises min_pixels so each grid cell is one merged 28-px LM
+    # token: 64-px renders of a 4x4 grid need 112 x 112 = 12544 (4x4 tokens)
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 28 * 28 * 16384
+    # source=tiny: the std of the random initial weights. Qwen's 0.02 suits its 3584-wide layers; a 64-wide
+    # tiny reasoner learns to read single image tokens many times faster from about 1 / sqrt(hidden_size)
+    initializer_range: float = 0.02
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -55,14 +63,29 @@ class GeneratorConfig:
     num_attention_heads: int = 2
     joint_attention_dim: int = 64
     axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+    # diffusers' flag (Qwen-Image-Edit-2511): clean source tokens are modulated with t = 0, in training and sampling
+    zero_cond_t: bool = False
+    # ours, for generators trained from scratch; the defaults are diffusers' behaviour (real weights keep them)
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scale: float = 1.0  # RoPE positions are multiplied by this: > 1 separates neighbouring tokens more
+    qk_norm_init: float = 1.0  # initial gain of the q/k RMSNorms (the initial attention logit scale)
 
 
 @dataclass
 class VAEConfig:
+    """The latent codec. qwen_image with model.source=tiny and no path builds a random AutoencoderKLQwenImage of
+    the sizes below (the `vae` step of `reasonedit run` trains it on world renders); with a path it loads one."""
+
     kind: str = "patch"  # patch: parameter-free codec for the shapes world; qwen_image: the real VAE
     path: Optional[str] = None
     patch_size: int = 8  # patch codec: pixels per latent side (3 * 8 * 8 = 192 latent channels)
-    latent_channels: int = 192
+    latent_channels: int = 192  # qwen_image: diffusers' z_dim (16 in Qwen-Image)
+    # qwen_image built for source=tiny, with diffusers' AutoencoderKLQwenImage names; one spatial 2x per entry of
+    # temperal_downsample (3 entries: 8x, as Qwen-Image), and len(dim_mult) == len(temperal_downsample) + 1
+    base_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 1
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
 
 
 @dataclass
@@ -103,6 +126,11 @@ class ModelConfig:
         if head % 2 or head < 6:
             raise bad("reasoner.hidden_size", f"head size {head} must be even and at least 6 so the 3-axis "
                       "RoPE sections fit it")
+        if not r.initializer_range > 0:
+            raise bad("reasoner.initializer_range", f"must be positive, got {r.initializer_range}")
+        if not 0 < r.image_min_pixels <= r.image_max_pixels:
+            raise bad("reasoner.image_min_pixels", f"need 0 < image_min_pixels <= image_max_pixels, got "
+                      f"{r.image_min_pixels} and {r.image_max_pixels}")
         if r.vision_hidden_size % r.vision_heads:
             raise bad("reasoner.vision_heads", f"vision_hidden_size {r.vision_hidden_size} is not divisible "
                       f"by vision_heads {r.vision_heads}")
@@ -118,14 +146,33 @@ class ModelConfig:
         if v.kind == "patch" and v.latent_channels != 3 * v.patch_size ** 2:
             raise bad("vae.latent_channels", f"the patch codec makes 3 * patch_size**2 = {3 * v.patch_size ** 2} "
                       f"channels, not {v.latent_channels}")
+        if v.kind == "qwen_image":
+            self._validate_qwen_image_vae(bad)
         if g.out_channels != v.latent_channels:
             raise bad("generator.out_channels", f"{g.out_channels} must equal vae.latent_channels={v.latent_channels}")
         if g.in_channels != v.latent_channels * g.patch_size ** 2:
             raise bad("generator.in_channels", f"{g.in_channels} must equal vae.latent_channels * "
                       f"generator.patch_size**2 = {v.latent_channels * g.patch_size ** 2}")
-        for key in ("patch_size", "in_channels", "out_channels", "num_layers", "num_attention_heads"):
+        for key in ("patch_size", "in_channels", "out_channels", "num_layers", "num_attention_heads", "rope_theta",
+                    "rope_scale", "qk_norm_init"):
             if getattr(g, key) <= 0:
                 raise bad(f"generator.{key}", f"must be positive, got {getattr(g, key)}")
+
+    def _validate_qwen_image_vae(self, bad) -> None:
+        v = self.vae
+        for key in ("latent_channels", "base_dim", "num_res_blocks"):
+            if getattr(v, key) < 1:
+                raise bad(f"vae.{key}", f"must be at least 1, got {getattr(v, key)}")
+        if self.source != "tiny" or v.path:
+            return  # the sizes come with the weights
+        if not v.dim_mult or any(m < 1 for m in v.dim_mult):
+            raise bad("vae.dim_mult", f"must be positive multipliers, got {list(v.dim_mult)}")
+        if len(v.temperal_downsample) != len(v.dim_mult) - 1:
+            raise bad("vae.temperal_downsample", f"needs one entry per downsampling, len(vae.dim_mult) - 1 = "
+                      f"{len(v.dim_mult) - 1}, got {list(v.temperal_downsample)}")
+        if any(v.base_dim * m % 2 for m in v.dim_mult):
+            raise bad("vae.base_dim", f"base_dim * each dim_mult must be even (the decoder's upsamplers halve the "
+                      f"channels), got base_dim={v.base_dim}, dim_mult={list(v.dim_mult)}")
 
 
 __all__ = ["ATTENTION_BACKENDS", "DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "VAEConfig",

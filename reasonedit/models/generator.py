@@ -45,6 +45,8 @@ ROPE_THETA = 10000
 TIMESTEP_CHANNELS = 256
 # in the released Qwen-Image config.json, but not an argument of diffusers' module: no weights, no effect
 IGNORED_CONFIG_FIELDS = ("pooled_projection_dim",)
+# ours, not diffusers': for generators trained from scratch (defaults = diffusers' behaviour)
+FROM_SCRATCH_FIELDS = ("rope_theta", "rope_scale", "qk_norm_init")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,17 +284,21 @@ class RotaryPositions(nn.Module):
     same float32 products, and positions past 4096 just work. No parameters or buffers.
     """
 
-    def __init__(self, axes_dim: Sequence[int], theta: int = ROPE_THETA):
+    def __init__(self, axes_dim: Sequence[int], theta: float = ROPE_THETA, scale: float = 1.0):
         super().__init__()
         self.axes_dim = list(axes_dim)
         self.theta = theta
+        self.scale = scale  # positions are multiplied by it: > 1 separates neighbouring tokens more
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = []
         for axis, dim in enumerate(self.axes_dim):
             inv_freq = 1.0 / torch.pow(self.theta, torch.arange(0, dim, 2, device=positions.device,
                                                                 dtype=torch.float32).div(dim))
-            angles.append(positions[:, axis, None].float() * inv_freq)  # (L, dim/2)
+            pos = positions[:, axis, None].float()
+            if self.scale != 1.0:
+                pos = pos * self.scale
+            angles.append(pos * inv_freq)  # (L, dim/2)
         angles = torch.cat(angles, dim=-1)  # (L, head_dim/2)
         return angles.cos(), angles.sin()
 
@@ -433,6 +439,9 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
     Config fields, parameter names and shapes are diffusers'; `guidance_embeds` has no weights there
     either and is kept for the config only. With `zero_cond_t` the clean source tokens are modulated
     with t = 0 (and the text stream and output norm with the target's t), exactly as diffusers does.
+    Three fields are ours, for models trained from scratch, and their defaults are diffusers' behaviour:
+    `rope_theta` and `rope_scale` (RoPE base and a position multiplier: small grids need angles that tell
+    neighbouring tokens apart) and `qk_norm_init` (the initial q/k RMSNorm gain, i.e. attention sharpness).
     """
 
     _supports_gradient_checkpointing = True
@@ -454,6 +463,9 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
         zero_cond_t: bool = False,
         use_additional_t_cond: bool = False,
         use_layer3d_rope: bool = False,
+        rope_theta: float = ROPE_THETA,
+        rope_scale: float = 1.0,
+        qk_norm_init: float = 1.0,
     ):
         super().__init__()
         if sum(axes_dims_rope) != attention_head_dim or any(d % 2 for d in axes_dims_rope):
@@ -468,7 +480,7 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
         self.compile_flex = True
         self.gradient_checkpointing = False
 
-        self.pos_embed = RotaryPositions(axes_dims_rope)
+        self.pos_embed = RotaryPositions(axes_dims_rope, theta=rope_theta, scale=rope_scale)
         self.time_text_embed = TimestepConditioning(self.inner_dim, use_additional_t_cond)
         self.txt_norm = RMSNorm(joint_attention_dim, eps=1e-6)
         self.img_in = nn.Linear(in_channels, self.inner_dim)
@@ -477,6 +489,11 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
             [GeneratorBlock(self.inner_dim, num_attention_heads, attention_head_dim) for _ in range(num_layers)])
         self.norm_out = OutputNorm(self.inner_dim)
         self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+        if qk_norm_init != 1.0:  # the q/k RMSNorm gains set the initial attention logit scale
+            with torch.no_grad():
+                for block in self.transformer_blocks:
+                    for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_q, block.attn.norm_added_k):
+                        norm.weight.fill_(qk_norm_init)
 
     def pack(self, samples: Sequence[GeneratorSample], *, sources_at_t0: bool = False) -> PackedGeneratorBatch:
         """`pack_generator_samples` with this model's patch size and RoPE kind."""
@@ -572,6 +589,17 @@ class ConfigMismatchError(ValueError):
         self.field = field_name
         super().__init__(f"config field {field_name!r} in {source} is {folder_value!r} but the model has "
                          f"{model_value!r}; build the model from that config or load without passing a model")
+
+
+def diffusers_config(config) -> dict:
+    """The generator's config as diffusers' QwenImageTransformer2DModel takes it (our from-scratch fields
+    dropped; a model whose fields differ from their defaults has no diffusers equivalent)."""
+    defaults = {"rope_theta": ROPE_THETA, "rope_scale": 1.0, "qk_norm_init": 1.0}
+    changed = [k for k in FROM_SCRATCH_FIELDS if k in config and config[k] != defaults[k] and k != "qk_norm_init"]
+    if changed:
+        raise ValueError(f"generator config fields {changed} differ from diffusers' behaviour: no diffusers module "
+                         "computes the same")
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in FROM_SCRATCH_FIELDS}
 
 
 def _config_fields() -> list[str]:
@@ -672,6 +700,7 @@ def load_diffusers_transformer(
 __all__ = [
     "ConfigMismatchError", "GeneratorBlock", "GeneratorSample", "JointAttention", "PackedGeneratorBatch",
     "PackedQwenImageTransformer", "RotaryPositions", "StateDictMismatchError", "TimestepConditioning",
-    "apply_rotary", "load_diffusers_transformer", "pack_generator_samples", "patchify", "target_predictions",
+    "apply_rotary", "diffusers_config", "load_diffusers_transformer", "pack_generator_samples", "patchify",
+    "target_predictions",
     "unpatchify",
 ]

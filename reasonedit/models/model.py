@@ -63,15 +63,22 @@ def build_generator(config: ModelConfig, seed: int = 0) -> PackedQwenImageTransf
             patch_size=g.patch_size, in_channels=g.in_channels, out_channels=g.out_channels,
             num_layers=g.num_layers, attention_head_dim=g.attention_head_dim,
             num_attention_heads=g.num_attention_heads, joint_attention_dim=g.joint_attention_dim,
-            axes_dims_rope=tuple(g.axes_dims_rope))
+            axes_dims_rope=tuple(g.axes_dims_rope), zero_cond_t=g.zero_cond_t, rope_theta=g.rope_theta,
+            rope_scale=g.rope_scale, qk_norm_init=g.qk_norm_init)
     return model
 
 
-def build_codec(config: ModelConfig) -> PatchCodec | QwenImageVAE:
+def build_codec(config: ModelConfig, seed: int = 0) -> PatchCodec | QwenImageVAE:
+    """The patch codec; a qwen_image VAE from model.vae.path; or, for source=tiny without a path, a random
+    qwen_image VAE of the configured geometry (the `vae` step trains it)."""
     v = config.vae
     if v.kind == "patch":
         return PatchCodec(v.patch_size)
     if v.path is None:
+        if config.source == "tiny":
+            return QwenImageVAE.random(z_dim=v.latent_channels, base_dim=v.base_dim, dim_mult=tuple(v.dim_mult),
+                                       num_res_blocks=v.num_res_blocks,
+                                       temperal_downsample=tuple(v.temperal_downsample), seed=seed)
         raise ValueError("model.vae.path: the qwen_image VAE loads from a local folder; set model.vae.path=DIR")
     return QwenImageVAE.from_pretrained(v.path)
 
@@ -110,9 +117,11 @@ class ReasonEditModel(torch.nn.Module):
                                  num_layers=r.num_layers, num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
                                  intermediate_size=r.intermediate_size, vision_depth=r.vision_depth,
                                  vision_hidden_size=r.vision_hidden_size, vision_heads=r.vision_heads,
-                                 vision_intermediate_size=r.vision_intermediate_size)
+                                 vision_intermediate_size=r.vision_intermediate_size,
+                                 initializer_range=r.initializer_range, min_pixels=r.image_min_pixels,
+                                 max_pixels=r.image_max_pixels)
         generator = build_generator(config, seed) if "generator" in components else None
-        vae = build_codec(config) if "vae" in components else None
+        vae = build_codec(config, seed) if "vae" in components else None
         return cls(reasoner, generator, vae, config)
 
     @classmethod
@@ -181,6 +190,7 @@ class ReasonEditModel(torch.nn.Module):
                     "num_attention_heads", "joint_attention_dim"):
             setattr(config.generator, key, getattr(g, key))
         config.generator.axes_dims_rope = tuple(g.axes_dims_rope)
+        config.generator.zero_cond_t = bool(g.zero_cond_t)
         config.vae.kind, config.vae.path, config.vae.latent_channels = "qwen_image", str(path / "vae"), vae.latent_channels
         return cls(reasoner, generator.eval(), vae, config)
 

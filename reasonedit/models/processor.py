@@ -55,6 +55,15 @@ def build_image_processor(
     )
 
 
+def processor_min_pixels(image_processor) -> int:
+    """The image processor's lower pixel bound (transformers 5 keeps it as size.shortest_edge)."""
+    size = getattr(image_processor, "size", None)
+    value = getattr(size, "shortest_edge", None) if size is not None else None
+    if value is None and isinstance(size, dict):
+        value = size.get("shortest_edge")
+    return int(value or getattr(image_processor, "min_pixels", None) or MIN_PIXELS)
+
+
 def image_parts(messages: Messages) -> list[Image]:
     """The images of a conversation, in the order the chat template renders their placeholders."""
     images = []

@@ -50,6 +50,10 @@ DECIDE_TASK = (
     "fixed, <#Failed> to start again."
 )
 ROLE_TASKS = {"think": THINK_TASK, "describe": DESCRIBE_TASK, "score": SCORE_TASK, "decide": DECIDE_TASK}
+# The pretrain stage (tiny presets only; it stands in for Qwen2.5-VL's pretraining): read the world back from the
+# image. Same system prompt and image-first layout as the roles; the questions are `reasonedit.data.scene_qa`'s.
+READ_TASK = "Answer the question about the image."
+CAPTION_TASK = "Caption the image."
 QWEN_IMAGE_EDIT_PREFIX_TOKENS = 64  # len(condition prefix) under the released Qwen2.5-VL tokenizer
 
 MIN_SCORE, MAX_SCORE = 0, 10
@@ -137,10 +141,23 @@ def decide(
     return _role(DECIDE_TASK, source, text, answer)
 
 
+def read_scene(image: Image, question: str, answer: Optional[str] = None) -> Messages:
+    """A question about the image (pretrain stage): "What is in the top-left corner?" -> "a small red circle"."""
+    return _role(READ_TASK, image, f"Question: {question}", answer)
+
+
+def caption_image(image: Image, answer: Optional[str] = None) -> Messages:
+    """The image to its caption (pretrain stage): text-to-image records read backwards."""
+    return _conversation(REASONER_SYSTEM_PROMPT, _user([image], CAPTION_TASK), answer)
+
+
 def template_texts() -> list[str]:
     """The fixed prompt texts, for training a tiny tokenizer that encodes them compactly."""
+    from reasonedit.data.scene_qa import NOTHING, phrasing_texts  # here: reading a prompt needs no shapes world
+
     return [CONDITION_SYSTEM_PROMPT, REASONER_SYSTEM_PROMPT, THINK_TASK, DESCRIBE_TASK, SCORE_TASK, DECIDE_TASK,
-            "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Picture 1: "]
+            "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Picture 1: ", READ_TASK, CAPTION_TASK,
+            "Question: ", NOTHING, *phrasing_texts(), "system\n", "user\n", "assistant\n"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,7 +235,7 @@ def parse_decision(text: str) -> Decision:
     return Decision(kind, thought, None)
 
 
-__all__ = ["CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "ParseError", "QWEN_IMAGE_EDIT_PREFIX_TOKENS",
-           "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "condition", "condition_prefix", "condition_prefix_length", "decide",
-           "describe_target", "format_decision", "format_score", "parse_decision", "parse_score", "role_of", "score",
-           "template_texts", "think"]
+__all__ = ["CAPTION_TASK", "CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "ParseError",
+           "QWEN_IMAGE_EDIT_PREFIX_TOKENS", "READ_TASK", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "caption_image",
+           "condition", "condition_prefix", "condition_prefix_length", "decide", "describe_target", "format_decision",
+           "format_score", "parse_decision", "parse_score", "read_scene", "role_of", "score", "template_texts", "think"]

@@ -59,6 +59,7 @@ PACKED_KWARG = "packed_attention"  # forward kwarg carrying the row's PackedAtte
 LORA_DIR = "lora"
 LM_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LM_ATTENTION_PREFIX = r"model\.language_model\.layers\.\d+\.self_attn\."
+TEMPLATE_REPEATS = 5  # copies of the fixed prompt texts in a tiny tokenizer's training corpus
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,7 +247,9 @@ class Reasoner:
         max_pixels: int = 224 * 224, **sizes: int,
     ) -> "Reasoner":
         """A random tiny reasoner whose tokenizer is trained on `texts` plus the fixed prompt texts."""
-        corpus = list(texts) + prompts.template_texts()
+        # every conversation carries the fixed prompt texts: repeated, they clear the BPE's min_frequency and are
+        # merged into words (the condition prompt 114 -> 56 tokens, a pretrain question 104 -> 70)
+        corpus = list(texts) + prompts.template_texts() * TEMPLATE_REPEATS
         model, tokenizer = init_tiny_reasoner(corpus, vocab_size=vocab_size, seed=seed, **sizes)
         vision = model.config.vision_config
         image_processor = build_image_processor(

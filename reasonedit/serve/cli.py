@@ -1,7 +1,9 @@
 """Serve a model's generator, and the think -> edit -> reflect loop, over HTTP with the API EditThinker's
 editing services speak: POST /edit (JSON with a base64 PNG, or a multipart upload), GET /health,
 GET /status. Concurrent requests are batched; a full queue answers 503, a slow one 504. With
---compat editthinker, requests exactly as EditThinker's client sends them are accepted. See docs/serve.md."""
+--compat editthinker, requests exactly as EditThinker's client sends them are accepted.
+--editor shapes serves the exact shapes-world editor instead of a model (the world from --config and
+world.key=value overrides; --error-rate P makes errors on purpose). See docs/serve.md."""
 
 from __future__ import annotations
 
@@ -15,7 +17,19 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="model folder (save_pretrained output)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", type=Path, help="model folder (save_pretrained output)")
+    what.add_argument("--editor", choices=["shapes"], help="serve the exact shapes-world editor instead of a model: "
+                      "it reads the scene from the image, executes the concrete instruction and returns the source "
+                      "unchanged when it cannot parse it")
+    p.add_argument("--config", type=Path, help="--editor shapes: an experiment YAML whose world section is the "
+                   "world to edit in (default: the default world)")
+    p.add_argument("--error-rate", type=float, default=0.0, metavar="P", help="--editor shapes: the share of edits "
+                   "made wrong on purpose with one of the reflection error types (default 0: exact)")
+    p.add_argument("--error-seed", type=int, default=0, help="--editor shapes: the seed of the error draws, which "
+                   "also depend on each request's seed, prompt and image, so a request resent gets the same answer")
+    p.add_argument("overrides", nargs="*", metavar="world.key=value",
+                   help="--editor shapes: world settings over --config's, e.g. world.grid=5 world.image_size=160")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on /edit and /status "
@@ -36,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-thinker", action="store_true", help="serve plain edits only (no think/reflect)")
     p.add_argument("--thinker", default=None, metavar="URL",
                    help="use an OpenAI-compatible chat endpoint (base URL ending in /v1) as the loop's thinker "
-                        "instead of the model's reasoner; key from $OPENAI_API_KEY")
+                        "instead of the model's reasoner (with --editor shapes, the only thinker: without it the "
+                        "service serves plain edits); key from $OPENAI_API_KEY")
     p.add_argument("--thinker-model", default=None, help="the chat model's name (default: $OPENAI_MODEL)")
     p.add_argument("--thinker-contract", choices=["reasonedit", "editthinker"], default="reasonedit",
                    help="how the chat model replies: our role prompts, or EditThinker's think/score/answer")
@@ -58,7 +73,52 @@ def _config(args: argparse.Namespace):
     return config
 
 
+def _shapes_world(args: argparse.Namespace):
+    """The shapes world from --config and world.key=value overrides (the default world without either)."""
+    from reasonedit.config import load_config
+
+    other = [o for o in args.overrides if not o.startswith("world.")]
+    if other:
+        raise ValueError(f"{' '.join(other)}: the shapes editor takes world settings only (world.key=value, "
+                         "e.g. world.grid=5)")
+    if args.config is not None and not args.config.is_file():
+        raise FileNotFoundError(f"--config {args.config}: no such experiment YAML")
+    _, cfg = load_config(args.config, args.overrides)
+    return cfg.world
+
+
+def _run_shapes(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.error_rate <= 1.0:
+        raise ValueError(f"--error-rate {args.error_rate}: must lie in [0, 1]")
+    world = _shapes_world(args)
+    config = _config(args)
+    import uvicorn
+
+    from reasonedit.data.shapes_editor import ShapesEditor
+    from reasonedit.serve.app import create_app
+
+    editor = ShapesEditor(world, error_rate=args.error_rate, seed=args.error_seed)
+    thinker = None
+    if args.thinker and not args.no_thinker:
+        from reasonedit.inference.remote import OpenAIThinker
+        thinker = OpenAIThinker(args.thinker, args.thinker_model, contract=args.thinker_contract)
+    name = f"shapes world {world.image_size}px, grid {world.grid}" + (f" ({args.config})" if args.config else "")
+    app = create_app(editor, config, thinker, model_name=name, thinker_shares_model=False)
+    auth = "bearer token required" if config.token else "no authentication"
+    print(f"serving {editor.name} on {name} at http://{args.host}:{args.port} ({auth}; "
+          f"{'thinker ' + thinker.name if thinker else 'plain edits only: no thinker'})", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.editor == "shapes":
+        return _run_shapes(args)
+    given = [flag for flag, on in (("--config", args.config is not None), ("--error-rate", args.error_rate != 0.0),
+                                   ("--error-seed", args.error_seed != 0), ("world.key=value", bool(args.overrides)))
+             if on]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --editor shapes (a model folder carries its own settings)")
     if not (args.model / "reasonedit.json").is_file():
         raise FileNotFoundError(f"--model {args.model}: not a model folder (no reasonedit.json)")
     config = _config(args)

@@ -17,7 +17,7 @@ from reasonedit.data.preprocess import GeneratorSegment, Preprocessor, ReasonerS
 from reasonedit.losses import FlowMatchingConfig, LossSum, flow_matching_loss, sample_timesteps, timestep_weights
 
 if TYPE_CHECKING:
-    from reasonedit.config import StageConfig
+    from reasonedit.config import ExperimentConfig, StageConfig
     from reasonedit.models.model import ReasonEditModel
 
 
@@ -32,7 +32,8 @@ class StageContext:
 
 
 class Stage:
-    """One of the three stages; subclasses fill in the class attributes and the three methods."""
+    """A training stage (0 pretrain on tiny presets, then the three); subclasses fill in the class attributes
+    and the methods."""
 
     number: ClassVar[int]
     name: ClassVar[str]
@@ -44,6 +45,11 @@ class Stage:
 
     def __init__(self, config: "StageConfig"):
         self.config = config
+
+    @classmethod
+    def from_experiment(cls, cfg: "ExperimentConfig") -> "Stage":
+        """The stage built from the experiment config's section named after it (`stage1`, `pretrain`...)."""
+        return cls(getattr(cfg, cls.name))
 
     @property
     def mix(self) -> dict[str, float]:

@@ -16,7 +16,7 @@ from reasonedit.config import ConfigError, ExperimentConfig
 log = logging.getLogger(__name__)
 # train.* keys that change what the run computes; the rest of train.* only changes how it is watched or saved
 TRAIN_KEYS = ("weight_decay", "betas", "grad_clip", "ema_decay")
-FREE_STAGE_KEYS = ("gpus",)  # documentation only
+FREE_STAGE_KEYS = ("gpus", "reading_scenes")  # documentation; what the pretrain step measures after training
 
 
 def _flat(prefix: str, value: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ from reasonedit.config import ExperimentConfig
 from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
 from reasonedit.losses import global_count, normalise
 from reasonedit.models.model import ReasonEditModel
+from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
 
 from . import checkpoint as ckpt
@@ -52,6 +54,7 @@ class StageResult:
     skipped: int = 0
     interrupted: bool = False
     seconds: float = 0.0
+    evals: list[dict] = field(default_factory=list)  # held-out figures: {"step": N, figure: value, ...}
 
 
 class StageModule(torch.nn.Module):
@@ -85,7 +88,12 @@ def step_generator(seed: int, stage: int, step: int, micro: int) -> torch.Genera
 
 
 def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Path, out: Path,
-                world: World | None = None) -> StageResult:
+                world: World | None = None, evaluate: Callable[[ReasonEditModel], dict] | None = None) -> StageResult:
+    """Train one stage from the model folder `start` on the dataset `data` into `out` (checkpoints, model/).
+
+    evaluate: called with the live model every `train.eval_every` steps and at the end, on the main rank; its
+        figures (held-out metrics) are logged, kept in the checkpoint and written to out/evals.json.
+    """
     world = world or init_world()
     stage = stage_for(stage_number, cfg)
     sc, tc = stage.config, cfg.train
@@ -134,6 +142,7 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
     # -- resume ----------------------------------------------------------------------------------
     root, identity = out / "checkpoints", _start_identity(start)
     step, history, skipped, bad_in_row = 0, [], 0, 0
+    evals: list[dict] = []  # {"step": N, **figures} of each held-out evaluation
     found = ckpt.latest(root)
     run_cfg = run_config(cfg, stage.name)
     if found is not None:
@@ -144,6 +153,7 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
             scheduler.load_state_dict(trainer_state["scheduler"])
             step, history = trainer_state["step"], trainer_state["history"]
             skipped, bad_in_row = trainer_state["skipped"], trainer_state["bad_in_row"]
+            evals = trainer_state.get("evals", [])
             stream.load_state_dict(rank_state["stream"])
             if ema is not None:
                 ema.load_state_dict(rank_state["ema"])
@@ -159,7 +169,8 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
 
     def save(at: int) -> Path:
         trainer_state = {"step": at, "scheduler": scheduler.state_dict(), "history": history, "skipped": skipped,
-                         "bad_in_row": bad_in_row, "start": identity, "stage": stage.name, "config": run_cfg}
+                         "bad_in_row": bad_in_row, "start": identity, "stage": stage.name, "config": run_cfg,
+                         "evals": evals}
         rank_state = {"stream": stream.state_dict(), "ema": ema.state_dict() if ema is not None else None}
         # names as the StageModule sees them ("model." + the ReasonEditModel's name)
         return ckpt.save_checkpoint(root, at, world, module, optimizer, {f"model.{n}" for n in trainable},
@@ -183,6 +194,23 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
              parallel, world.world_size, sc.lr, sc.steps)
     interrupted = False
     progress = ProgressWindow(stage.name, sc.steps, stage.terms)
+
+    def held_out(at: int) -> None:
+        if evaluate is None or not world.is_main or any(e["step"] == at for e in evals):
+            return
+        model.eval()
+        try:
+            with torch.no_grad():
+                figures = evaluate(model)
+        finally:
+            model.train()
+        evals.append({"step": at, **figures})
+        sink.log(at, {f"eval/{k}": v for k, v in figures.items()})
+        log.info("%s step %d | held-out %s", stage.name, at,
+                 " ".join(f"{k} {v:.3g}" for k, v in figures.items() if isinstance(v, (int, float))))
+
+    if tc.eval_every and step == 0:
+        held_out(0)
     try:
         while step < sc.steps:
             t0 = time.perf_counter()
@@ -257,14 +285,22 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
                 log.warning("%s: SIGTERM: saved step %d and stopped; run again to resume", stage.name, step)
                 interrupted = True
                 break
+            if tc.eval_every and step % tc.eval_every == 0 and step < sc.steps:
+                held_out(step)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < sc.steps:
                 save(step)
+        if not interrupted:
+            held_out(step)
     finally:
         sink.close()
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
-    result = StageResult(stage.name, out, None, step, history, skipped, interrupted)
+    result = StageResult(stage.name, out, None, step, history, skipped, interrupted, evals=evals)
+    if world.is_main:  # for the learning curves: per-step losses and the held-out figures
+        atomic_write_text(out / "history.json", json.dumps(history) + "\n")
+        if evals:
+            atomic_write_text(out / "evals.json", json.dumps(evals, indent=2) + "\n")
     if not interrupted:
         if ckpt.latest(root) is None or ckpt.latest(root).name != f"step_{step:08d}":
             save(step)
