@@ -242,3 +242,31 @@ def test_bad_vae_settings_name_the_key(tmp_path, override, message):
     from reasonedit.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=message):
         load_config(None, _run_overrides(tmp_path, override))
+
+
+def test_the_loss_weighs_ink_over_background_and_palette_mistakes_over_equal_errors():
+    from reasonedit.data.shapes import PALETTE
+    from reasonedit.training.vae import ink_mask, palette_pixels, reconstruction_loss
+    cfg = _vae_train_config(ink_weight=5.0, palette_weight=1.0)
+    image = torch.tensor(PALETTE["black"], dtype=torch.uint8).expand(1, 4, 4, 3).clone()
+    image[0, 1, 1] = torch.tensor(PALETTE["red"], dtype=torch.uint8)  # one ink pixel
+    ink = ink_mask(image)
+    assert ink.sum() == 1 and ink[0, 1, 1]
+    target, stats = to_pixels(image), (torch.zeros(1, 16, 1, 1), torch.zeros(1, 16, 1, 1))
+
+    def loss(pixel, delta, palette=None):
+        decoded = target.clone()
+        decoded[0, :, pixel[0], pixel[1]] += torch.tensor(delta)
+        return reconstruction_loss(decoded, target, ink, *stats, cfg, palette)
+    assert loss((1, 1), [-0.3, 0.0, 0.0])["mse"] > 3 * loss((0, 0), [0.3, 0.0, 0.0])["mse"]
+    # red (0.73, -0.69, -0.69) moved by 0.5: up in green it is nearest orange, up in red still nearest red
+    palette = palette_pixels(list(PALETTE))
+    wrong, right = loss((1, 1), [0.0, 0.5, 0.0], palette), loss((1, 1), [0.5, 0.0, 0.0], palette)
+    assert torch.isclose(wrong["mse"], right["mse"]) and wrong["palette"] > right["palette"]
+
+
+def test_training_scenes_must_fit_the_grid():
+    from reasonedit.models.model import build_codec
+    from reasonedit.training.vae import train_vae
+    with pytest.raises(ValueError, match=r"vae_train.max_shapes: 5 must lie in \[world.min_shapes=1, world.grid\*\*2=4\]"):
+        train_vae(_tiny_world(), build_codec(_qwen_vae_model_config()), _vae_train_config(max_shapes=5))

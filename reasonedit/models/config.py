@@ -82,7 +82,7 @@ class VAEConfig:
     latent_channels: int = 192  # qwen_image: diffusers' z_dim (16 in Qwen-Image)
     # qwen_image built for source=tiny, with diffusers' AutoencoderKLQwenImage names; one spatial 2x per entry of
     # temperal_downsample (3 entries: 8x, as Qwen-Image), and len(dim_mult) == len(temperal_downsample) + 1
-    base_dim: int = 16
+    base_dim: int = 8  # 668k parameters: the smallest measured to read the demo world back (issue 11)
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 1
     temperal_downsample: tuple[bool, ...] = (False, True, True)

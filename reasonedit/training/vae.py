@@ -175,9 +175,11 @@ def train_vae(world: ShapesWorld, vae: QwenImageVAE, cfg: VAETrainConfig) -> tup
                 "z_dim": c.z_dim, "temperal_downsample": list(c.temperal_downsample)}
     params = list(vae.parameters())
     n_params = sum(p.numel() for p in params)
-    max_shapes = cfg.max_shapes or world.config.grid ** 2
-    if max_shapes < world.config.min_shapes:
-        raise ValueError(f"vae_train.max_shapes: {max_shapes} is below world.min_shapes={world.config.min_shapes}")
+    cells = world.config.grid ** 2
+    max_shapes = cfg.max_shapes or cells
+    if not world.config.min_shapes <= max_shapes <= cells:
+        raise ValueError(f"vae_train.max_shapes: {max_shapes} must lie in [world.min_shapes="
+                         f"{world.config.min_shapes}, world.grid**2={cells}]")
     heldout = heldout_scenes(world, cfg.eval_split, cfg.eval_scenes, cfg.seed)
     vae.eval()
     untrained = read_back(world, vae, heldout, cfg.eval_split).mean_abs_error
@@ -190,7 +192,8 @@ def train_vae(world: ShapesWorld, vae: QwenImageVAE, cfg: VAETrainConfig) -> tup
     palette = palette_pixels(list(PALETTE)).to(device)  # the oracle reads pixels against the whole palette
     optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # fused: a tenth of a tiny step's time on a CPU
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    window: list[float] = []
+    weights = {"mse": cfg.mse_weight, "l1": cfg.l1_weight, "palette": cfg.palette_weight, "kl": cfg.kl_weight}
+    window: list[float] = []  # the losses since the last log line
     loss_first = loss_last = float("nan")
     started = time.perf_counter()
     vae.train()
@@ -219,9 +222,9 @@ def train_vae(world: ShapesWorld, vae: QwenImageVAE, cfg: VAETrainConfig) -> tup
                 loss_first = mean_loss if math.isnan(loss_first) else loss_first
                 loss_last, window = mean_loss, []
                 elapsed = time.perf_counter() - started
-                log.info("vae step %d/%d | loss %.4f | mse %.4f kl %.3f | lr %.2e | %.2f step/s | eta %s", step,
-                         cfg.steps, mean_loss, terms["mse"].item(), terms["kl"].item(), lr, step / elapsed,
-                         _clock(elapsed / step * (cfg.steps - step)))
+                shown = " ".join(f"{k} {terms[k].item():.4f}" for k, w in weights.items() if w and k in terms)
+                log.info("vae step %d/%d | loss %.4f | %s | lr %.2e | %.2f step/s | eta %s", step, cfg.steps,
+                         mean_loss, shown, lr, step / elapsed, _clock(elapsed / step * (cfg.steps - step)))
     seconds = time.perf_counter() - started
     vae.eval()
 
@@ -238,5 +241,5 @@ def train_vae(world: ShapesWorld, vae: QwenImageVAE, cfg: VAETrainConfig) -> tup
     return vae, report
 
 
-__all__ = ["ReadBack", "VAETrainReport", "heldout_scenes", "ink_mask", "latent_stats", "read_back", "reconstruct",
-           "palette_pixels", "reconstruction_loss", "render", "train_vae", "training_scene"]
+__all__ = ["ReadBack", "VAETrainReport", "heldout_scenes", "ink_mask", "latent_stats", "palette_pixels", "read_back",
+           "reconstruct", "reconstruction_loss", "render", "train_vae", "training_scene"]
