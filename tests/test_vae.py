@@ -68,7 +68,7 @@ def _qwen_vae_model_config(**vae):
 
 def _vae_train_config(**kw):
     from reasonedit.config import VAETrainConfig
-    base = dict(steps=40, batch=4, lr=2e-3, warmup_steps=5, seed=0, stats_scenes=64, eval_scenes=24, log_every=20)
+    base = dict(steps=60, batch=4, lr=2e-3, warmup_steps=5, seed=0, stats_scenes=64, eval_scenes=24, log_every=20)
     return VAETrainConfig(**{**base, **kw})
 
 
@@ -134,12 +134,12 @@ def test_a_vae_built_for_images_starts_as_a_2d_network_of_shortcuts_with_a_sharp
 
 def test_short_training_lowers_held_out_reconstruction_error(trained_tiny_vae):
     world, vae, report = trained_tiny_vae
-    assert report.steps == 40 and report.parameters == sum(p.numel() for p in vae.parameters())
+    assert report.steps == 60 and report.parameters == sum(p.numel() for p in vae.parameters())
     rb = report.read_back
     assert rb.scenes == 24 and rb.split == "val" and 0 <= rb.exact <= 24
     # a few seconds of training must take a clear part of the untrained VAE's error away
-    assert rb.mean_abs_error < 0.6 * report.untrained_mean_abs_error
-    assert report.loss_last < 0.75 * report.loss_first
+    assert rb.mean_abs_error < 0.5 * report.untrained_mean_abs_error
+    assert 0 < report.loss_last < report.loss_first  # the logged training loss falls too
 
 
 def test_read_back_is_measured_on_held_out_scenes(trained_tiny_vae):
@@ -252,6 +252,8 @@ def test_the_loss_weighs_ink_over_background_and_palette_mistakes_over_equal_err
     image[0, 1, 1] = torch.tensor(PALETTE["red"], dtype=torch.uint8)  # one ink pixel
     ink = ink_mask(image)
     assert ink.sum() == 1 and ink[0, 1, 1]
+    outlined = ink_mask(image, outline=1)  # both sides of the shape's edge: the pixel and its 8 neighbours
+    assert outlined.sum() == 9 and outlined[0, :3, :3].all()
     target, stats = to_pixels(image), (torch.zeros(1, 16, 1, 1), torch.zeros(1, 16, 1, 1))
 
     def loss(pixel, delta, palette=None):

@@ -93,12 +93,16 @@ def render(world: ShapesWorld, scenes: Sequence[Scene]) -> torch.Tensor:
     return torch.from_numpy(np.stack([world.render(s) for s in scenes]))
 
 
-def ink_mask(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) True where a uint8 image's pixel differs from its dominant colour (the background of a render)."""
+def ink_mask(images: torch.Tensor, outline: int = 0) -> torch.Tensor:
+    """(B, H, W) True where a uint8 image's pixel differs from its dominant colour (the background of a render),
+    or lies within `outline` pixels of such a pixel."""
     rgb = images.long()
     packed = (rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]).flatten(1)  # (B, H*W)
     dominant = packed.mode(dim=1).values
-    return (packed != dominant[:, None]).view(images.shape[:3])
+    ink = (packed != dominant[:, None]).view(images.shape[:3])
+    if outline > 0:
+        ink = torch.nn.functional.max_pool2d(ink[:, None].float(), 2 * outline + 1, stride=1, padding=outline)[:, 0] > 0
+    return ink
 
 
 # -- loss --------------------------------------------------------------------------------------------------
@@ -110,8 +114,8 @@ def palette_pixels(colors: Sequence[str]) -> torch.Tensor:
 def reconstruction_loss(decoded: torch.Tensor, target: torch.Tensor, ink: torch.Tensor, mean: torch.Tensor,
                         logvar: torch.Tensor, cfg: VAETrainConfig, palette: torch.Tensor | None = None
                         ) -> dict[str, torch.Tensor]:
-    """Pixel MSE and L1, each pixel weighted 1 + ink_weight where it is ink (the weights normalised to mean 1, so
-    the shapes' few pixels are not outvoted by the background), the KL to N(0, 1) per latent element, and with a
+    """Pixel MSE and L1, each pixel weighted 1 + ink_weight where `ink` (the weights normalised to mean 1, so the
+    shapes' few pixels are not outvoted by the background), the KL to N(0, 1) per latent element, and with a
     palette, a cross-entropy that each decoded pixel's nearest palette colour is its target's (the oracle's
     reading of a pixel): it makes blended edge pixels commit to one side."""
     weight = 1.0 + cfg.ink_weight * ink[:, None].float()  # (B, 1, H, W)
@@ -204,8 +208,8 @@ def train_vae(world: ShapesWorld, vae: QwenImageVAE, cfg: VAETrainConfig) -> tup
             posterior = vae.vae.encode(target[:, :, None]).latent_dist  # (B, 2 z, 1, h, w)
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=noise, device=device)
             decoded = vae.vae.decode(z).sample[:, :, 0]
-            terms = reconstruction_loss(decoded, target, ink_mask(images).to(device), posterior.mean,
-                                        posterior.logvar, cfg, palette)
+            ink = ink_mask(images, cfg.ink_outline).to(device)
+            terms = reconstruction_loss(decoded, target, ink, posterior.mean, posterior.logvar, cfg, palette)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg.grad_clip > 0:
