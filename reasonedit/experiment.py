@@ -177,13 +177,23 @@ def _stage_step(number: int) -> Callable:
 STAGE_PARTS = {1: ("think", "reflect"), 2: ("generator",), 3: ("generator", "think", "reflect")}
 
 
+# the folders the models, vae and pretrain steps write, in order: each starts from the last one present before it
+MODEL_CHAIN = ("model", "vae/model", "pretrain/model")
+
+
+def _last_of_chain(out: Path, before: str | None = None) -> Path:
+    """The last model folder of MODEL_CHAIN present under `out` (only links before `before`); else out/model."""
+    links = MODEL_CHAIN if before is None else MODEL_CHAIN[:MODEL_CHAIN.index(before)]
+    for link in reversed(links):
+        if (out / link / "reasonedit.json").is_file():
+            return out / link
+    return out / "model"
+
+
 def initial_model(out: Path) -> Path:
     """The model stage 1 starts from: pretrain/model (the tiny reasoner's pretraining stand-in) if present, else
-    vae/model (the trained tiny VAE), else model/ (the models step's): the last link of that chain."""
-    for candidate in (out / "pretrain" / "model", out / "vae" / "model"):
-        if (candidate / "reasonedit.json").is_file():
-            return candidate
-    return out / "model"
+    vae/model (the trained tiny VAE), else model/ (the models step's)."""
+    return _last_of_chain(out)
 
 
 def _held_out_evaluator(cfg: ExperimentConfig, out: Path, parts: tuple[str, ...]) -> Callable | None:
@@ -213,10 +223,7 @@ def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, 
     report = {"split": "val", "batches": len(batches), "before": validation_losses(stage, before, batches, cfg)}
     del before
     report["after"] = validation_losses(stage, load_stage_model(stage, end), batches, cfg)
-    path = out / stage.name / "validation.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_text(out / stage.name / "validation.json", json.dumps(report, indent=2) + "\n")
     log.info("%s: val loss %s", stage.name, ", ".join(
         f"{t} {report['before'][t]:.4f} -> {report['after'][t]:.4f}" for t in stage.terms))
     return report
@@ -224,8 +231,7 @@ def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, 
 
 def pretrain_start(out: Path) -> Path:
     """The model the pretrain step starts from: vae/model (the trained tiny VAE) when present, else model/."""
-    vae = out / "vae" / "model"
-    return vae if (vae / "reasonedit.json").is_file() else out / "model"
+    return _last_of_chain(out, before="pretrain/model")
 
 
 def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
@@ -235,7 +241,6 @@ def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress:
     pretrain/reading.json. A released Qwen2.5-VL (model.source != tiny) comes pretrained: the step is skipped."""
     from .data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
     from .models.model import ReasonEditModel
-    from .publish import atomic_write_text
     from .stages.pretrain import heldout_scene_records, reading_accuracy
     from .training import train_stage
 
@@ -390,8 +395,8 @@ def _final_figures(cfg: ExperimentConfig, out: Path, model_dir: Path) -> dict | 
     return doc
 
 
-STEPS = {"data": step_data, "models": step_models, "vae": step_vae, "pretrain": step_pretrain, "batches": step_batches,
-         "preview": step_preview,
+STEPS = {"data": step_data, "models": step_models, "vae": step_vae, "pretrain": step_pretrain,
+         "batches": step_batches, "preview": step_preview,
          "stage1": _stage_step(1), "stage2": _stage_step(2), "stage3": _stage_step(3),
          "edit": step_edit, "eval": step_eval}
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -58,3 +59,34 @@ def kill_when_seen(args, calls, count, timeout=60.0):
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     return child
+
+
+@contextlib.contextmanager
+def serving(*args, what="reasonedit serve"):
+    """Start `reasonedit serve ARGS --port P` as a user would and yield its URL once /health answers 200;
+    terminates it on exit."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "reasonedit", "serve", *map(str, args), "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"{what} did not come up"
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -3,9 +3,6 @@
 import base64
 import io
 import logging
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from conftest import serving
 from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
 from reasonedit.inference.remote import decode_base64_image, encode_png
 from reasonedit.inference.types import EditRequest
@@ -255,40 +252,17 @@ def test_the_full_loop_runs_behind_the_same_route_and_returns_its_trace(model, i
     assert decode_base64_image(answer.json()["edited_image"]).shape == image.shape
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def saved_model(model, tmp_path_factory):
     return model.save_pretrained(tmp_path_factory.mktemp("serve") / "model")
 
 
 def test_reasonedit_serve_serves_a_saved_model(model, saved_model, image):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "reasonedit", "serve", "--model", str(saved_model),
-                             "--port", str(port), "--token", "t", "--max-batch", "4"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "reasonedit serve did not come up"
-                time.sleep(0.2)
+    with serving("--model", saved_model, "--token", "t", "--max-batch", "4") as url:
         answer = httpx.post(url + "/edit", json=_body(image), headers={"Authorization": "Bearer t"}, timeout=60)
         assert answer.status_code == 200
         direct = GeneratorEditor(model).edit([EditRequest(image, "make the red square blue", num_inference_steps=STEPS)])
         np.testing.assert_array_equal(decode_base64_image(answer.json()["edited_image"]), direct[0])
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_reasonedit_serve_without_a_model_folder_is_a_clear_error(tmp_path, capsys):

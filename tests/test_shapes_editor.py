@@ -4,16 +4,14 @@ cannot parse unchanged (counted by reason), makes errors on purpose at its error
 
 import json
 import math
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, serving
 from reasonedit.cli import main  # imported at collection: its Progress binds the stderr it finds then
 from reasonedit.data.oracle import Oracle
 from reasonedit.data.shapes import Scene, Shape, ShapesWorld, WorldConfig
@@ -211,36 +209,13 @@ def test_the_editor_imports_and_edits_without_torch():
 
 
 # -- served over HTTP -------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 SERVED = WorldConfig(image_size=96)
 
 
 @pytest.fixture(scope="module")
 def shapes_server():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "reasonedit", "serve", "--editor", "shapes", "--port", str(port),
-                             "world.image_size=96"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "reasonedit serve --editor shapes did not come up"
-                time.sleep(0.2)
+    with serving("--editor", "shapes", "world.image_size=96", what="reasonedit serve --editor shapes") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_reasonedit_serve_editor_shapes_edits_over_http_byte_for_byte(shapes_server):

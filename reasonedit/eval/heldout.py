@@ -5,7 +5,7 @@ split stays the benchmark's); `evaluate(model, heldout, world)` measures
 
 | figure | what | on |
 | --- | --- | --- |
-| copy | edits in which every cell the instruction leaves alone (and the background) comes out unchanged | concrete edit pairs |
+| copy | edits in which every cell (and the background) the instruction leaves alone comes out unchanged | edits |
 | copy_cells | the same per unchanged cell | concrete edit pairs |
 | concrete | edits whose output the oracle reads as exactly the target scene | concrete edit pairs |
 | score / source_score | mean oracle score of the output / of returning the source unchanged | concrete edit pairs |
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("copy", "copy_cells", "concrete", "score", "source_score", "think", "think_parse", "decision",
-           "reply_parse")
 PARTS = ("generator", "think", "reflect")
 
 
@@ -184,20 +182,5 @@ def figures_table(figures: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def format_figures(figures: dict[str, float]) -> str:
-    """'copy 81% | concrete 24% | score 7.9 (source 6.6) | think 40% | decision 85% | parse 98%'."""
-    parts = []
-    pct = lambda k: f"{100 * figures[k]:.0f}%"  # noqa: E731
-    if "copy" in figures:
-        parts.append(f"copy {pct('copy')} (cells {pct('copy_cells')})")
-        parts.append(f"concrete {pct('concrete')}")
-        parts.append(f"score {figures['score']:.2f} (source {figures['source_score']:.2f})")
-    if "think" in figures:
-        parts.append(f"think {pct('think')} (parse {pct('think_parse')})")
-    if "decision" in figures:
-        parts.append(f"decision {pct('decision')} (parse {pct('reply_parse')})")
-    return " | ".join(parts)
-
-
-__all__ = ["FIGURES", "FIGURE_LABELS", "HeldOut", "figures_table", "PARTS", "copy_figures", "evaluate", "format_figures", "generator_figures",
+__all__ = ["FIGURE_LABELS", "HeldOut", "PARTS", "copy_figures", "evaluate", "figures_table", "generator_figures",
            "reflect_figures", "think_figures"]

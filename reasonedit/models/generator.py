@@ -492,7 +492,8 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
         if qk_norm_init != 1.0:  # the q/k RMSNorm gains set the initial attention logit scale
             with torch.no_grad():
                 for block in self.transformer_blocks:
-                    for norm in (block.attn.norm_q, block.attn.norm_k, block.attn.norm_added_q, block.attn.norm_added_k):
+                    attn = block.attn
+                    for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k):
                         norm.weight.fill_(qk_norm_init)
 
     def pack(self, samples: Sequence[GeneratorSample], *, sources_at_t0: bool = False) -> PackedGeneratorBatch:
@@ -592,12 +593,13 @@ class ConfigMismatchError(ValueError):
 
 
 def diffusers_config(config) -> dict:
-    """The generator's config as diffusers' QwenImageTransformer2DModel takes it (our from-scratch fields
-    dropped; a model whose fields differ from their defaults has no diffusers equivalent)."""
-    defaults = {"rope_theta": ROPE_THETA, "rope_scale": 1.0, "qk_norm_init": 1.0}
-    changed = [k for k in FROM_SCRATCH_FIELDS if k in config and config[k] != defaults[k] and k != "qk_norm_init"]
+    """The generator's config as diffusers' QwenImageTransformer2DModel takes it, our from-scratch fields dropped.
+    A model whose RoPE differs from diffusers' has no diffusers equivalent (qk_norm_init is an init only: the
+    weights carry it)."""
+    rope_defaults = {"rope_theta": ROPE_THETA, "rope_scale": 1.0}
+    changed = [k for k, default in rope_defaults.items() if config.get(k, default) != default]
     if changed:
-        raise ValueError(f"generator config fields {changed} differ from diffusers' behaviour: no diffusers module "
+        raise ValueError(f"generator config fields {changed} differ from diffusers' RoPE: no diffusers module "
                          "computes the same")
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in FROM_SCRATCH_FIELDS}
 

@@ -138,7 +138,11 @@ class QwenImageVAE(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
-        cfg = vae.config
+        self._stats_from_config()
+
+    def _stats_from_config(self) -> None:
+        """The normalisation buffers from the diffusers config's latents_mean / latents_std."""
+        cfg = self.vae.config
         mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
         if mean.shape[1] != cfg.z_dim or std.shape[1] != cfg.z_dim:
@@ -172,8 +176,7 @@ class QwenImageVAE(torch.nn.Module):
         if len(mean) != z or len(std) != z or not all(s > 0 for s in std):
             raise ValueError(f"latent stats: need {z} means and {z} positive stds, got {len(mean)} and {list(std)}")
         self.vae.register_to_config(latents_mean=[float(m) for m in mean], latents_std=[float(s) for s in std])
-        self.mean = torch.tensor(self.vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(self.vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._stats_from_config()
 
     def save_pretrained(self, path: str | Path) -> None:
         self.vae.save_pretrained(path)
