@@ -220,6 +220,10 @@ class VAETrainConfig:
     ink_outline: int = 1
     palette_weight: float = 0.0  # cross-entropy that each pixel's nearest palette colour is the render's
     palette_temperature: float = 0.05  # its logits: -squared distance to each palette colour / temperature
+    # each step also renders every scene with one cell redrawn, and penalises the change of the posterior means
+    # outside that cell (relative to their spread): edits stay local in latent space, so a generator that copies
+    # the source's tokens is right wherever the edit leaves the scene alone
+    locality_weight: float = 0.0
     max_shapes: int = 0  # training scenes hold world.min_shapes..max_shapes shapes; 0: up to one in every cell
     stats_scenes: int = 256  # train renders the latent normalisation (latents_mean, latents_std) is measured on
     eval_split: str = "val"  # held-out scenes for the oracle read-back: val or test
@@ -239,7 +243,7 @@ class VAETrainConfig:
         if not self.palette_temperature > 0:
             raise ValueError(f"vae_train.palette_temperature: must be positive, got {self.palette_temperature}")
         for key in ("grad_clip", "mse_weight", "l1_weight", "kl_weight", "ink_weight", "palette_weight", "max_shapes",
-                    "ink_outline"):
+                    "ink_outline", "locality_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"vae_train.{key}: must be non-negative, got {getattr(self, key)}")
         if self.mse_weight == 0 and self.l1_weight == 0:

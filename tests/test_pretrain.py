@@ -316,7 +316,35 @@ def test_image_min_pixels_upscales_a_64px_render_to_4x4_tokens_and_survives_save
     assert tokens(ReasonEditModel.tiny(default.model, ["a red circle"], components=("reasoner",))) == 4  # 56 px
 
 
+def test_reasoner_rope_keys_are_saved_in_the_language_model_config_and_turn_image_columns_apart(tmp_path):
+    """reasoner.rope_theta / mrope_section reach text_config.rope_parameters and survive save and load; with
+    Qwen's defaults the fastest w frequency of a 32-dim head turns by under 1e-3 rad per image column."""
+    from reasonedit.config import load_config as load
+    from reasonedit.models.model import ReasonEditModel
+
+    def fastest_w(model) -> float:
+        text = model.reasoner.model.config.text_config
+        t, h, _ = text.rope_parameters["mrope_section"]
+        head = text.hidden_size // text.num_attention_heads
+        return text.rope_parameters["rope_theta"] ** (-2 * (t + h) / head)
+
+    base = ["model.reasoner.hidden_size=128", "model.reasoner.num_heads=4", "model.generator.joint_attention_dim=128"]
+    _, default = load(DEMO, base + ["model.reasoner.rope_theta=1e6", "model.reasoner.mrope_section=null"])
+    qwen = ReasonEditModel.tiny(default.model, ["a red circle"], components=("reasoner",))
+    assert qwen.reasoner.model.config.text_config.rope_parameters["mrope_section"] == [4, 6, 6]
+    assert fastest_w(qwen) < 1e-3
+    _, cfg = load(DEMO, base + ["model.reasoner.rope_theta=10", "model.reasoner.mrope_section=[2,7,7]"])
+    model = ReasonEditModel.tiny(cfg.model, ["a red circle"], components=("reasoner",))
+    again = ReasonEditModel.from_pretrained(model.save_pretrained(tmp_path / "m"), components=("reasoner",))
+    rope = again.reasoner.model.config.text_config.rope_parameters
+    assert rope["rope_theta"] == 10.0 and rope["mrope_section"] == [2, 7, 7]
+    assert fastest_w(again) > 0.2
+
+
 @pytest.mark.parametrize("override,key", [
+    ("model.reasoner.rope_theta=1", "model.reasoner.rope_theta"),
+    ("model.reasoner.mrope_section=[4,4,4]", "model.reasoner.mrope_section"),
+    ("model.reasoner.mrope_section=[0,8,8]", "model.reasoner.mrope_section"),
     ("pretrain.questions_per_image=6", "pretrain.questions_per_image"),
     ("pretrain.reading_scenes=-1", "pretrain.reading_scenes"),
     ("pretrain.lr=0", "pretrain.lr"),

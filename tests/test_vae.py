@@ -142,6 +142,43 @@ def test_short_training_lowers_held_out_reconstruction_error(trained_tiny_vae):
     assert 0 < report.loss_last < report.loss_first  # the logged training loss falls too
 
 
+def test_one_cell_changed_redraws_exactly_one_cell():
+    from reasonedit.training.vae import one_cell_changed
+    world, rng = _tiny_world(), random.Random(0)
+    for _ in range(200):
+        scene = world.random_scene(rng)
+        twin, cell = one_cell_changed(world, scene, rng)
+        assert twin.background == scene.background and twin.shape_at(cell) != scene.shape_at(cell)
+        assert [s for s in twin.shapes if s.cell != cell] == [s for s in scene.shapes if s.cell != cell]
+        assert world.config.min_shapes <= len(twin.shapes) <= world.config.grid ** 2
+
+
+def test_latent_locality_is_one_for_a_patch_codec_whose_patches_tile_the_cells():
+    """Cells of 16 px are 2x2 latent positions of an 8-px patch codec: nothing outside a redrawn cell moves."""
+    from reasonedit.training.vae import cell_masks, heldout_scenes, latent_locality
+    world = _tiny_world()
+    scenes = heldout_scenes(world, "val", 16, seed=0)
+    assert latent_locality(world, PatchCodec(8), scenes, seed=0) == 1.0
+    masks = cell_masks(world, [(0, 1)], (4, 4))
+    assert masks.sum() == 12 and not masks[0, :2, 2:].any()
+    with pytest.raises(ValueError, match="locality_weight"):
+        cell_masks(world, [(0, 0)], (5, 4))
+
+
+def test_the_locality_term_makes_a_one_cell_edit_move_fewer_latents():
+    """The same short training with and without vae_train.locality_weight: with it, redrawing one cell of a
+    held-out scene leaves more of the other cells' latents where they were."""
+    from reasonedit.models.model import build_codec
+    from reasonedit.training.vae import train_vae
+    world, reports = _tiny_world(), []
+    for weight in (0.0, 5.0):
+        _, report = train_vae(world, build_codec(_qwen_vae_model_config(), seed=0),
+                              _vae_train_config(locality_weight=weight, eval_scenes=48))
+        reports.append(report)
+    assert 0.0 <= reports[0].locality < reports[1].locality <= 1.0
+    assert reports[1].to_dict()["locality"] == reports[1].locality
+
+
 def test_read_back_is_measured_on_held_out_scenes(trained_tiny_vae):
     from reasonedit.data.synth import split_of
     from reasonedit.training.vae import heldout_scenes, read_back
@@ -236,6 +273,7 @@ def test_the_vae_step_skips_a_patch_codec(tmp_path, caplog):
     ("vae_train.lr=0", r"vae_train.lr: must be positive"),
     ("vae_train.warmup_steps=400", r"vae_train.warmup_steps: must lie in \[0, steps=3\]"),
     ("vae_train.kl_weight=-1", r"vae_train.kl_weight: must be non-negative"),
+    ("vae_train.locality_weight=-1", r"vae_train.locality_weight: must be non-negative"),
     ("vae_train.eval_split=train", r"vae_train.eval_split: 'train'"),
 ])
 def test_bad_vae_settings_name_the_key(tmp_path, override, message):

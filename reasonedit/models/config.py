@@ -47,6 +47,12 @@ class ReasonerConfig:
     # source=tiny: the std of the random initial weights. Qwen's 0.02 suits its 3584-wide layers; a 64-wide
     # tiny reasoner learns to read single image tokens many times faster from about 1 / sqrt(hidden_size)
     initializer_range: float = 0.02
+    # source=tiny: the language model's 3-axis RoPE, saved in its config. Qwen2.5-VL's base 1e6 with its split of
+    # the head's frequencies (t 1/4, h 3/8, w 3/8, each axis taking the next slower ones) turns a 32-dim head by
+    # about 1e-4 rad from one image column to the next; a tiny reasoner that must tell cells apart needs a low
+    # base and enough frequencies on h and w. None: Qwen's proportions of head_dim / 2
+    rope_theta: float = 1_000_000.0
+    mrope_section: Optional[tuple[int, int, int]] = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -126,6 +132,11 @@ class ModelConfig:
         if head % 2 or head < 6:
             raise bad("reasoner.hidden_size", f"head size {head} must be even and at least 6 so the 3-axis "
                       "RoPE sections fit it")
+        if not r.rope_theta > 1:
+            raise bad("reasoner.rope_theta", f"must be greater than 1, got {r.rope_theta}")
+        if r.mrope_section is not None and (min(r.mrope_section) < 1 or sum(r.mrope_section) != head // 2):
+            raise bad("reasoner.mrope_section", f"{list(r.mrope_section)} must be 3 positive counts summing to "
+                      f"head size / 2 = {head // 2}")
         if not r.initializer_range > 0:
             raise bad("reasoner.initializer_range", f"must be positive, got {r.initializer_range}")
         if not 0 < r.image_min_pixels <= r.image_max_pixels:

@@ -118,7 +118,8 @@ class ReasonEditModel(torch.nn.Module):
                                  intermediate_size=r.intermediate_size, vision_depth=r.vision_depth,
                                  vision_hidden_size=r.vision_hidden_size, vision_heads=r.vision_heads,
                                  vision_intermediate_size=r.vision_intermediate_size,
-                                 initializer_range=r.initializer_range, min_pixels=r.image_min_pixels,
+                                 initializer_range=r.initializer_range, rope_theta=r.rope_theta,
+                                 mrope_section=r.mrope_section, min_pixels=r.image_min_pixels,
                                  max_pixels=r.image_max_pixels)
         generator = build_generator(config, seed) if "generator" in components else None
         vae = build_codec(config, seed) if "vae" in components else None

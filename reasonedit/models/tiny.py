@@ -6,7 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -66,11 +66,15 @@ def tiny_reasoner_config(
     vision_heads: int = 2,
     vision_intermediate_size: int = 64,
     initializer_range: float = 0.02,
+    rope_theta: float = ROPE_THETA,
+    mrope_section: Sequence[int] | None = None,
 ) -> Qwen2_5_VLConfig:
     """A tiny Qwen2.5-VL config whose vocabulary and special ids fit `tokenizer`.
 
     `initializer_range` is the std of the random weights (Qwen's 0.02 suits its 3584-wide layers; a 64-wide
-    tiny model learns to read single image tokens many times faster from about 1 / sqrt(width))."""
+    tiny model learns to read single image tokens many times faster from about 1 / sqrt(width)).
+    `rope_theta` and `mrope_section` are the language model's 3-axis RoPE base and its split of the
+    head_dim / 2 rotary frequencies over (t, h, w); the defaults are Qwen2.5-VL's (1e6, Qwen's proportions)."""
     if not initializer_range > 0:
         raise ValueError(f"initializer_range={initializer_range} must be positive")
     if hidden_size % num_heads:
@@ -80,6 +84,13 @@ def tiny_reasoner_config(
     if vision_hidden_size % vision_heads:
         raise ValueError(f"vision_hidden_size={vision_hidden_size} is not divisible by vision_heads={vision_heads}")
     head_dim = hidden_size // num_heads
+    if not rope_theta > 1:
+        raise ValueError(f"rope_theta={rope_theta} must be greater than 1")
+    if mrope_section is None:
+        mrope_section = mrope_section_for(head_dim)
+    elif len(mrope_section) != 3 or min(mrope_section) < 1 or sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section={list(mrope_section)} must be 3 positive counts summing to "
+                         f"head_dim / 2 = {head_dim // 2}")
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     endoftext_id = single_token_id(tokenizer, ENDOFTEXT_TOKEN)
     # Qwen has no bos token; its configs name <|endoftext|> as bos, and so do we.
@@ -102,8 +113,8 @@ def tiny_reasoner_config(
         # mrope_section over the (t, h, w) position axes.
         "rope_parameters": {
             "rope_type": "default",
-            "rope_theta": ROPE_THETA,
-            "mrope_section": mrope_section_for(head_dim),
+            "rope_theta": float(rope_theta),
+            "mrope_section": [int(n) for n in mrope_section],
         },
         "bos_token_id": bos_id,
         "eos_token_id": tokenizer.eos_token_id,

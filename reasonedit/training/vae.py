@@ -22,7 +22,7 @@ import torch
 
 from reasonedit.config import VAETrainConfig
 from reasonedit.data.oracle import Oracle
-from reasonedit.data.shapes import PALETTE, Scene, ShapesWorld
+from reasonedit.data.shapes import PALETTE, Scene, Shape, ShapesWorld
 from reasonedit.data.synth import Synthesizer, split_of
 from reasonedit.models.vae import QwenImageVAE, single_frame, to_pixels, to_uint8
 
@@ -57,7 +57,9 @@ class VAETrainReport:
     loss_first: float  # mean training loss over the first log window
     loss_last: float  # ... and over the last
     read_back: ReadBack
-    untrained_mean_abs_error: float  # the same held-out scenes through the VAE before training
+    untrained_mean_abs_error: float
+    # held-out scenes with one cell redrawn: the share of the other cells' latent positions that stay put
+    locality: float = float("nan")  # the same held-out scenes through the VAE before training
     latents_mean: list[float] = field(default_factory=list)
     latents_std: list[float] = field(default_factory=list)
 
@@ -80,6 +82,42 @@ def training_scene(world: ShapesWorld, rng: random.Random, max_shapes: int) -> S
         scene = world.random_scene(rng, rng.randint(cfg.min_shapes, max_shapes))
         if split_of(scene) == "train":
             return scene
+
+
+def one_cell_changed(world: ShapesWorld, scene: Scene, rng: random.Random) -> tuple[Scene, tuple[int, int]]:
+    """`scene` with the content of one random cell redrawn (a shape added, removed or replaced), and that cell."""
+    cfg = world.config
+    cell = rng.choice(cfg.cells)
+    others = tuple(s for s in scene.shapes if s.cell != cell)
+    if scene.shape_at(cell) is not None and (len(others) >= cfg.min_shapes and rng.random() < 0.5):
+        return Scene(scene.background, others), cell
+    while True:  # a shape the cell did not hold
+        new = Shape(cell[0], cell[1], rng.choice(cfg.kinds), world.random_color(rng, scene.background),
+                    rng.choice(cfg.sizes))
+        if new != scene.shape_at(cell):
+            return Scene(scene.background, others + (new,)), cell
+
+
+def cell_masks(world: ShapesWorld, cells: Sequence[tuple[int, int]], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) True at the latent positions outside each sample's `cells` entry (its grid cell in latents)."""
+    h, w = latent_hw
+    g = world.config.grid
+    if h % g or w % g:
+        raise ValueError(f"vae_train.locality_weight: the {h}x{w} latent does not split into the world's {g}x{g} "
+                         "cells; choose world.image_size so that each cell is a whole number of latent positions")
+    ch, cw = h // g, w // g
+    out = torch.ones(len(cells), h, w, dtype=torch.bool)
+    for i, (r, c) in enumerate(cells):
+        out[i, r * ch:(r + 1) * ch, c * cw:(c + 1) * cw] = False
+    return out
+
+
+def locality_loss(mean_a: torch.Tensor, mean_b: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """Squared difference of two renders' posterior means where their cells agree (`outside`, (B, h, w)),
+    relative to the latents' own spread: an edit of one cell should leave every other cell's latents alone."""
+    diff = (mean_a - mean_b).square().mean(dim=1)  # (B, h, w)
+    scale = torch.cat([mean_a, mean_b]).detach().var() + 1e-6
+    return diff[outside].mean() / scale
 
 
 def heldout_scenes(world: ShapesWorld, split: str, n: int, seed: int) -> list[Scene]:
@@ -154,6 +192,21 @@ def read_back(world: ShapesWorld, vae: QwenImageVAE, scenes: Sequence[Scene], sp
 
 
 @torch.no_grad()
+def latent_locality(world: ShapesWorld, vae: QwenImageVAE, scenes: Sequence[Scene], seed: int,
+                    tolerance: float = 0.1) -> float:
+    """The share of latent positions outside a redrawn cell whose normalised latents all move by less than
+    `tolerance` when that one cell of the scene changes: 1.0 means edits are local in latent space."""
+    rng = random.Random(f"vae/{seed}/locality")
+    twins = [one_cell_changed(world, sc, rng) for sc in scenes]
+    device = next(iter(vae.parameters()), torch.empty(0)).device  # the patch codec has no parameters
+    za = vae.encode(to_pixels(render(world, scenes)).to(device))
+    zb = vae.encode(to_pixels(render(world, [t for t, _ in twins])).to(device))
+    outside = cell_masks(world, [c for _, c in twins], tuple(za.shape[-2:])).to(device)
+    still = (za - zb).abs().amax(dim=1) < tolerance  # (B, h, w)
+    return float(still[outside].float().mean())
+
+
+@torch.no_grad()
 def latent_stats(vae: QwenImageVAE, images: torch.Tensor, batch: int = 50) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the VAE's raw latents (the posterior's mode) over uint8 images."""
     device = next(vae.parameters()).device
@@ -196,20 +249,30 @@ def train_vae(world: ShapesWorld, vae: QwenImageVAE, cfg: VAETrainConfig) -> tup
     palette = palette_pixels(list(PALETTE)).to(device)  # the oracle reads pixels against the whole palette
     optimizer = torch.optim.Adam(params, lr=cfg.lr, fused=True)  # fused: a tenth of a tiny step's time on a CPU
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    weights = {"mse": cfg.mse_weight, "l1": cfg.l1_weight, "palette": cfg.palette_weight, "kl": cfg.kl_weight}
+    weights = {"mse": cfg.mse_weight, "l1": cfg.l1_weight, "palette": cfg.palette_weight, "kl": cfg.kl_weight,
+               "locality": cfg.locality_weight}
     window: list[float] = []  # the losses since the last log line
     loss_first = loss_last = float("nan")
     started = time.perf_counter()
     vae.train()
     with single_frame(vae.vae):
         for step in range(1, cfg.steps + 1):
-            images = render(world, [training_scene(world, rng, max_shapes) for _ in range(cfg.batch)])
+            scenes = [training_scene(world, rng, max_shapes) for _ in range(cfg.batch)]
+            if cfg.locality_weight > 0:  # each scene and its twin with one cell redrawn, in one batch
+                twins = [one_cell_changed(world, sc, rng) for sc in scenes]
+                scenes = scenes + [t for t, _ in twins]
+            images = render(world, scenes)
             target = to_pixels(images).to(device)  # (B, 3, H, W) in [-1, 1]
             posterior = vae.vae.encode(target[:, :, None]).latent_dist  # (B, 2 z, 1, h, w)
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=noise, device=device)
             decoded = vae.vae.decode(z).sample[:, :, 0]
             ink = ink_mask(images, cfg.ink_outline).to(device)
             terms = reconstruction_loss(decoded, target, ink, posterior.mean, posterior.logvar, cfg, palette)
+            if cfg.locality_weight > 0:
+                mean = posterior.mean[:, :, 0]
+                outside = cell_masks(world, [c for _, c in twins], tuple(mean.shape[-2:])).to(device)
+                terms["locality"] = locality_loss(mean[:cfg.batch], mean[cfg.batch:], outside)
+                terms["loss"] = terms["loss"] + cfg.locality_weight * terms["locality"]
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg.grad_clip > 0:
@@ -237,13 +300,17 @@ def train_vae(world: ShapesWorld, vae: QwenImageVAE, cfg: VAETrainConfig) -> tup
     mean, std = latent_stats(vae, render(world, [synth.scene(stats_rng, "train") for _ in range(cfg.stats_scenes)]))
     vae.set_latent_stats(mean, std)
     result = read_back(world, vae, heldout, cfg.eval_split)
+    locality = latent_locality(world, vae, heldout, cfg.seed)
+    log.info("vae: one cell of a held-out scene redrawn, %.1f%% of the other cells' latent positions stay within 0.1",
+             100 * locality)
     log.info("vae: %d steps in %.1fs (%.2f step/s); held-out %s scenes read back exactly: %d/%d (%.1f%%), mean "
              "pixel error %.2f levels (untrained %.2f)", cfg.steps, seconds, cfg.steps / seconds, cfg.eval_split,
              result.exact, result.scenes, 100 * result.rate, result.mean_abs_error, untrained)
     report = VAETrainReport(cfg.steps, seconds, n_params, geometry, loss_first, loss_last, result, untrained,
-                            mean, std)
+                            locality, mean, std)
     return vae, report
 
 
-__all__ = ["ReadBack", "VAETrainReport", "heldout_scenes", "ink_mask", "latent_stats", "palette_pixels", "read_back",
-           "reconstruct", "reconstruction_loss", "render", "train_vae", "training_scene"]
+__all__ = ["ReadBack", "VAETrainReport", "cell_masks", "heldout_scenes", "ink_mask", "latent_locality", "latent_stats", "locality_loss",
+           "one_cell_changed", "palette_pixels", "read_back", "reconstruct", "reconstruction_loss", "render",
+           "train_vae", "training_scene"]
