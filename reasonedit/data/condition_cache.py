@@ -63,6 +63,42 @@ class CacheStats:
     unreadable: int = 0  # entries that could not be read and were computed again
 
 
+class TensorFiles:
+    """One tensor per key under `dir` (`<key[:2]>/<key>.safetensors`, the tensor stored as `name`), written
+    atomically; an unreadable entry counts in `stats` and reads as missing, to be computed again."""
+
+    def __init__(self, dir: Path, name: str, what: str):
+        self.dir, self.name, self.what = dir, name, what
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stats = CacheStats()
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def read(self, key: str) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)[self.name]
+        except Exception as e:  # a torn or foreign file: recompute rather than trust it
+            self.stats.unreadable += 1
+            log.warning("%s entry %s is unreadable (%s); computing it again", self.what, path, e)
+            return None
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        try:
+            save_file({self.name: tensor.detach().to("cpu").contiguous()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
 class ConditionCache:
     """Condition states of a frozen reasoner, computed once per sample and read back after."""
 
@@ -70,39 +106,15 @@ class ConditionCache:
         self.reasoner, self.packed, self.backend = reasoner, packed, backend
         self.fingerprint = reasoner_fingerprint(reasoner)
         self.dir = Path(root) / self.fingerprint
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.stats = CacheStats()
-
-    def _path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.safetensors"
-
-    def _read(self, path: Path) -> torch.Tensor | None:
-        if not path.is_file():
-            return None
-        try:
-            return load_file(path)["states"]
-        except Exception as e:  # a torn or foreign file: recompute rather than trust it
-            self.stats.unreadable += 1
-            log.warning("condition cache entry %s is unreadable (%s); computing it again", path, e)
-            return None
-
-    def _write(self, path: Path, states: torch.Tensor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
-            save_file({"states": states.detach().to("cpu").contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.files = TensorFiles(self.dir, "states", "condition cache")
+        self.stats = self.files.stats
 
     @torch.no_grad()
     def states(self, images: Sequence, instructions: Sequence[str]) -> list[torch.Tensor]:
         """One (T_i, hidden) tensor per sample: from disk where cached, else computed and stored."""
         inputs = self.reasoner.condition_inputs(images, instructions)
         keys = [sample_key(x) for x in inputs]
-        out: list[torch.Tensor | None] = [self._read(self._path(k)) for k in keys]
+        out: list[torch.Tensor | None] = [self.files.read(k) for k in keys]
         missing = [i for i, s in enumerate(out) if s is None]
         self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
@@ -111,9 +123,9 @@ class ConditionCache:
                                                       [instructions[i] for i in missing],
                                                       packed=self.packed, backend=self.backend)
             for i, states in zip(missing, computed):
-                self._write(self._path(keys[i]), states)
+                self.files.write(keys[i], states)
                 out[i] = states.detach().to("cpu")
         return [s.to(self.reasoner.device) for s in out]
 
 
-__all__ = ["CacheStats", "ConditionCache", "reasoner_fingerprint", "sample_key"]
+__all__ = ["CacheStats", "ConditionCache", "TensorFiles", "reasoner_fingerprint", "sample_key"]

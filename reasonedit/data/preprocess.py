@@ -37,6 +37,7 @@ from reasonedit.models.processor import Messages, ReasonerProcessor
 from reasonedit.models.tokenizer import IM_END_TOKEN, IMAGE_PAD_TOKEN, single_token_id
 
 if TYPE_CHECKING:  # the model object pulls in the generator and diffusers; only needed for hints
+    from reasonedit.data.latent_cache import LatentCache
     from reasonedit.models.model import ReasonEditModel
     from reasonedit.models.vae import PatchCodec, QwenImageVAE
 
@@ -280,6 +281,7 @@ class Preprocessor:
     ):
         self.processor = processor
         self.codec = codec
+        self.latent_cache: Optional["LatentCache"] = None  # a frozen codec's latents from disk (stages 2 and 3)
         self.config = config or PreprocessConfig()
         self.config.dropout.validate()
         self.sizes = self.config.buckets.sizes()  # validates the buckets too
@@ -436,9 +438,12 @@ class Preprocessor:
 
     @torch.no_grad()
     def encode_latents(self, segments: Sequence[GeneratorSegment]) -> None:
-        """Fill in the latents of segments that have none, with the codec; checks them against the counts."""
+        """Fill in the latents of segments that have none, with the codec (through `latent_cache` when set);
+        checks them against the counts."""
         if self.codec is None:
             raise ValueError("Preprocessor has no latent codec: build it with `Preprocessor.from_model` or pass codec=")
+        if self.latent_cache is not None and self.latent_cache.codec is not self.codec:
+            raise ValueError("Preprocessor.latent_cache caches another codec's latents than the preprocessor's")
         from reasonedit.models.vae import to_pixels
 
         patch = self.config.buckets.generator_patch
@@ -447,11 +452,15 @@ class Preprocessor:
         for seg in segments:
             if seg.has_latents:
                 continue
-            latents = []
-            for image in [seg.target_image, *seg.source_images]:
-                pixels = to_pixels(torch.from_numpy(image)[None]).to(device, dtype)  # (1, 3, H, W) in [-1, 1]
-                with torch.no_grad():
-                    latents.append(self.codec.encode(pixels)[0].float().cpu())  # (C, H / f, W / f)
+            images = [seg.target_image, *seg.source_images]
+            if self.latent_cache is not None:
+                latents = self.latent_cache.latents(images)
+            else:
+                latents = []
+                for image in images:
+                    pixels = to_pixels(torch.from_numpy(image)[None]).to(device, dtype)  # (1, 3, H, W) in [-1, 1]
+                    with torch.no_grad():
+                        latents.append(self.codec.encode(pixels)[0].float().cpu())  # (C, H / f, W / f)
             tokens = [(z.shape[-2] // patch) * (z.shape[-1] // patch) for z in latents]
             if tokens[0] != seg.target_tokens or sum(tokens[1:]) != seg.source_tokens:
                 raise ValueError(f"{seg.key}: latents give {tokens} tokens, the segment counted "

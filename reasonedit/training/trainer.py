@@ -134,6 +134,9 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
     stream = BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer, tc.num_workers),
                          stage.packer(b.window), lambda record: stage.segments(pre, record),
                          world.rank, world.world_size)
+    if sc.latent_cache and model.vae is not None:
+        from reasonedit.data.latent_cache import LatentCache
+        pre.latent_cache = LatentCache(out / "latent_cache", model.vae)
     cache = None
     if stage_number == 2 and sc.condition_cache:
         from reasonedit.data.condition_cache import ConditionCache
@@ -296,6 +299,10 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
+    for what, c in (("latent cache", pre.latent_cache), ("condition cache", cache)):
+        if c is not None:
+            log.info("%s: %s: %d hits, %d misses, %d unreadable entries recomputed", stage.name, what,
+                     c.stats.hits, c.stats.misses, c.stats.unreadable)
     result = StageResult(stage.name, out, None, step, history, skipped, interrupted, evals=evals)
     if world.is_main:  # for the learning curves: per-step losses and the held-out figures
         atomic_write_text(out / "history.json", json.dumps(history) + "\n")
