@@ -260,8 +260,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"think -> edit -> reflect with {result.edits['model']} (edit step):")
         for r in result.edits["samples"]:
             score = "-" if r["best_score"] is None else f"{r['best_score']:g}"
-            print(f"  {r['category']:<9} {r['instruction'][:48]!r:<50} {r['rounds']} round(s), {r['stopped']}, "
-                  f"best score {score}, {r['parse_errors']} parse error(s) -> {r['trace']}/index.html")
+            verdict = "right" if r["oracle_success"] else f"wrong, score {r['oracle_score']:g}"
+            print(f"  {r['category']:<9} {r['instruction'][:48]!r:<50} {r['rounds']} round(s), the reasoner says "
+                  f"{r['stopped']} (score {score}), the oracle: {verdict}; {r['parse_errors']} parse error(s) -> "
+                  f"{r['trace']}/index.html")
     print(f"resolved config: {result.output_dir / 'config.yaml'}")
     if result.ablation:
         for t in result.ablation["tables"]:

@@ -314,9 +314,11 @@ def step_edit(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
     for sample, trace in zip(picked, traces):
         folder = write_trace(trace, out / "edit" / sample.key)
         best = trace.rounds[trace.best]
+        oracle = bench.oracle_scores(sample, folder / "final.png")  # the held-out target's exact verdict
         rows.append({"key": sample.key, "category": sample.category, "instruction": sample.instruction,
                      "thought": trace.thought, "rounds": len(trace.rounds), "stopped": trace.stopped,
                      "best_round": best.index, "best_score": best.score, "parse_errors": trace.parse_errors,
+                     "oracle_success": bool(oracle["success"]), "oracle_score": oracle["score"],
                      "trace": str(folder)})
     result.edits = {"model": str(model_dir), "samples": rows}
     log.info("edit: %d traces under %s (model %s)", len(rows), out / "edit", model_dir)

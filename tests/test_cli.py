@@ -96,6 +96,9 @@ def test_run_edit_and_eval_steps_write_traces_and_print_the_ablation_table(tmp_p
         assert {"trace.json", "index.html", "contact_sheet.png", "final.png"} <= {p.name for p in t.iterdir()}
     assert (out / "eval" / "report.md").is_file() and (out / "eval" / "results.json").is_file()
     lines = res.stdout.splitlines()
+    # each trace line says what the reasoner concluded and what the exact oracle reads (a random model: wrong)
+    edit_lines = [line for line in lines if "the reasoner says" in line]
+    assert len(edit_lines) == 2 and all("the oracle: wrong, score" in line for line in edit_lines)
     start = next(i for i, line in enumerate(lines) if line.startswith("shapes ablation, editor reasonedit-generator"))
     table = [line for line in lines[start + 1:] if line.startswith("| ")][:4]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["base", "think", "think_reflect"]
