@@ -52,7 +52,13 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
         return None
     out = Path(out) if out else Path(run_dir) / "curves.png"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    for st in stages:
+    palette, colours = plt.get_cmap("tab20").colors, {}  # one colour per figure across stages, one marker per stage
+
+    def colour(label: str):
+        return colours.setdefault(label, palette[len(colours) % len(palette)])
+
+    for n, st in enumerate(stages):
+        marker = "os^Dvp"[n % 6]
         terms = sorted({k for h in st["history"] for k in h if k not in ("loss", "lr", "grad_norm")})
         for term in terms:
             xs = [st["offset"] + i + 1 for i, h in enumerate(st["history"]) if term in h]
@@ -65,7 +71,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path | No
         for key, label in shown.items():
             points = [(st["offset"] + e["step"], 100 * e[key]) for e in st["evals"] if key in e]
             if points:
-                bottom.plot(*zip(*points), marker="o", ms=3, label=f"{st['stage']} {label}")
+                bottom.plot(*zip(*points), marker=marker, ms=3.5, color=colour(label), label=f"{st['stage']} {label}")
         for ax in (top, bottom):
             ax.axvline(st["offset"], color="grey", ls=":", lw=0.8)
     top.set_yscale("log")
