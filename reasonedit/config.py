@@ -131,8 +131,8 @@ class StageConfig:
     generator_budget: int = 2048  # tokens per packed generator row
     ntp_weight: float = 0.1  # stage 3: L = L_FM + ntp_weight * L_NTP
     condition_cache: bool = False  # stage 2: read the frozen reasoner's states from a ConditionCache
-    # stages 2 and 3: read the frozen VAE's latents from a LatentCache (OUT/latent_cache): each image is encoded
-    # once, not once per epoch; the latents are the same to the last bit
+    # stages 2 and 3: read the frozen VAE's latents from a LatentCache (output_dir/latent_cache, shared by the
+    # stages): each image is encoded once, not once per epoch; the latents are the same to the last bit
     latent_cache: bool = False
     questions_per_image: int = 3  # pretrain: scene questions of distinct kinds asked of each image a record carries
     reading_scenes: int = 48  # pretrain: held-out scenes its reading accuracy is measured on at the end; 0: none

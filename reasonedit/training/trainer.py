@@ -136,7 +136,8 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
                          world.rank, world.world_size)
     if sc.latent_cache and model.vae is not None:
         from reasonedit.data.latent_cache import LatentCache
-        pre.latent_cache = LatentCache(out / "latent_cache", model.vae)
+        # one folder per experiment: stage 3 reads what stage 2 encoded (entries are keyed by the VAE's weights)
+        pre.latent_cache = LatentCache(Path(cfg.output_dir) / "latent_cache", model.vae)
     cache = None
     if stage_number == 2 and sc.condition_cache:
         from reasonedit.data.condition_cache import ConditionCache
