@@ -27,13 +27,18 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 
-def reasoner_fingerprint(reasoner) -> str:
-    """A hash of everything that decides the condition states except the sample itself."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(reasoner.model.state_dict().items()):
+def hash_tensors(h, named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Feed each (name, tensor)'s name, dtype, shape and bytes into the hash `h`."""
+    for name, tensor in named:
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def reasoner_fingerprint(reasoner) -> str:
+    """A hash of everything that decides the condition states except the sample itself."""
+    h = hashlib.blake2b(digest_size=16)
+    hash_tensors(h, sorted(reasoner.model.state_dict().items()))
     tok = reasoner.tokenizer
     h.update(json.dumps(tok.get_vocab(), sort_keys=True).encode())
     h.update((tok.chat_template or "").encode())
@@ -128,4 +133,4 @@ class ConditionCache:
         return [s.to(self.reasoner.device) for s in out]
 
 
-__all__ = ["CacheStats", "ConditionCache", "TensorFiles", "reasoner_fingerprint", "sample_key"]
+__all__ = ["CacheStats", "ConditionCache", "TensorFiles", "hash_tensors", "reasoner_fingerprint", "sample_key"]

@@ -20,17 +20,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .condition_cache import CacheStats, TensorFiles
+from .condition_cache import CacheStats, TensorFiles, hash_tensors
 
 
 def codec_fingerprint(codec: torch.nn.Module) -> str:
     """A hash of everything that decides a latent except the image: weights, buffers, class and config."""
     h = hashlib.blake2b(digest_size=16)
     h.update(type(codec).__qualname__.encode())
-    for name, tensor in [*sorted(codec.named_parameters()), *sorted(codec.named_buffers())]:
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    hash_tensors(h, [*sorted(codec.named_parameters()), *sorted(codec.named_buffers())])
     config = getattr(getattr(codec, "vae", None), "config", None)
     h.update(json.dumps(dict(config) if config is not None else {"patch_size": getattr(codec, "patch_size", None)},
                         sort_keys=True, default=str).encode())
@@ -58,20 +55,16 @@ class LatentCache:
     @torch.no_grad()
     def latents(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """One (C, h, w) float32 CPU tensor per uint8 (H, W, 3) image: from disk where cached, else encoded."""
-        from reasonedit.models.vae import to_pixels
+        from reasonedit.models.vae import encode_image
 
         keys = [image_key(im) for im in images]
         out: list[torch.Tensor | None] = [self.files.read(k) for k in keys]
         missing = [i for i, z in enumerate(out) if z is None]
         self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
-        weights = next(iter(self.codec.parameters()), None)  # the patch codec has none
-        device, dtype = (weights.device, weights.dtype) if weights is not None else (torch.device("cpu"), None)
         for i in missing:  # one image at a time, as without the cache: the same numbers to the last bit
-            pixels = to_pixels(torch.from_numpy(np.ascontiguousarray(images[i]))[None]).to(device, dtype)
-            z = self.codec.encode(pixels)[0].float().cpu()
-            self.files.write(keys[i], z)
-            out[i] = z
+            out[i] = encode_image(self.codec, images[i])
+            self.files.write(keys[i], out[i])
         return out  # type: ignore[return-value]
 
 

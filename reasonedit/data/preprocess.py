@@ -444,11 +444,9 @@ class Preprocessor:
             raise ValueError("Preprocessor has no latent codec: build it with `Preprocessor.from_model` or pass codec=")
         if self.latent_cache is not None and self.latent_cache.codec is not self.codec:
             raise ValueError("Preprocessor.latent_cache caches another codec's latents than the preprocessor's")
-        from reasonedit.models.vae import to_pixels
+        from reasonedit.models.vae import encode_image
 
         patch = self.config.buckets.generator_patch
-        weights = next(iter(self.codec.parameters()), None)  # the patch codec has none
-        device, dtype = (weights.device, weights.dtype) if weights is not None else (torch.device("cpu"), None)
         for seg in segments:
             if seg.has_latents:
                 continue
@@ -456,11 +454,7 @@ class Preprocessor:
             if self.latent_cache is not None:
                 latents = self.latent_cache.latents(images)
             else:
-                latents = []
-                for image in images:
-                    pixels = to_pixels(torch.from_numpy(image)[None]).to(device, dtype)  # (1, 3, H, W) in [-1, 1]
-                    with torch.no_grad():
-                        latents.append(self.codec.encode(pixels)[0].float().cpu())  # (C, H / f, W / f)
+                latents = [encode_image(self.codec, image) for image in images]  # each (C, H / f, W / f)
             tokens = [(z.shape[-2] // patch) * (z.shape[-1] // patch) for z in latents]
             if tokens[0] != seg.target_tokens or sum(tokens[1:]) != seg.source_tokens:
                 raise ValueError(f"{seg.key}: latents give {tokens} tokens, the segment counted "

@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +31,16 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded and clamped."""
     return ((pixels.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def encode_image(codec: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
+    """One uint8 (H, W, 3) image -> its (C, H / f, W / f) float32 latent on the CPU, encoded alone on the
+    codec's device and dtype (the patch codec, which has no parameters, on the CPU)."""
+    weights = next(iter(codec.parameters()), None)
+    device, dtype = (weights.device, weights.dtype) if weights is not None else (torch.device("cpu"), None)
+    pixels = to_pixels(torch.from_numpy(np.ascontiguousarray(image))[None]).to(device, dtype)  # (1, 3, H, W)
+    with torch.no_grad():
+        return codec.encode(pixels)[0].float().cpu()
 
 
 class PatchCodec(torch.nn.Module):
@@ -225,4 +236,5 @@ def load_codec(path: str | Path) -> PatchCodec | QwenImageVAE:
     raise FileNotFoundError(f"{path} holds neither {PATCH_CONFIG} nor a diffusers VAE config.json")
 
 
-__all__ = ["PatchCodec", "QwenImageVAE", "init_for_images", "load_codec", "single_frame", "to_pixels", "to_uint8"]
+__all__ = ["PatchCodec", "QwenImageVAE", "encode_image", "init_for_images", "load_codec", "single_frame", "to_pixels",
+           "to_uint8"]
