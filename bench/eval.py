@@ -31,7 +31,7 @@ from PIL import Image
 def bench_generation(args, root: Path) -> None:
     import torch
 
-    from reasonedit.eval.benchmark import get_benchmark
+    from reasonedit.eval.benchmarks import get_benchmark
     from reasonedit.eval.runner import GenerationSettings, generate
     from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
     from reasonedit.models import prompts
@@ -58,7 +58,7 @@ def bench_generation(args, root: Path) -> None:
 
 def make_gedit(root: Path, n: int, size: int) -> tuple[Path, Path]:
     """A GEdit-Bench copy (metadata.jsonl + inputs) and an edited image for every sample."""
-    from reasonedit.eval.benchmark import get_benchmark
+    from reasonedit.eval.benchmarks import get_benchmark
     from reasonedit.eval.runner import write_image
 
     data, images = root / "gedit", root / "images"
@@ -79,7 +79,7 @@ def make_gedit(root: Path, n: int, size: int) -> tuple[Path, Path]:
 
 
 def bench_judging(args, root: Path) -> None:
-    from reasonedit.eval.benchmark import get_benchmark
+    from reasonedit.eval.benchmarks import get_benchmark
     from reasonedit.eval.judge import Judge, JudgeSettings
     from reasonedit.eval.runner import score
     from reasonedit.testing.chat_server import Reply, ScriptedChatServer

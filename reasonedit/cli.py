@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .progress import ProgressLine
+
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_BUILT = 1, 2, 3
 
 # subcommands that live in their own module (`add_arguments(parser)` and `run(args) -> int`); until that
@@ -39,31 +41,6 @@ def _plugin_module(name: str):
 
 def planned_commands() -> dict[str, tuple[str, int]]:
     return {name: (what, issue) for name, (_, what, issue) in PLUGINS.items() if _plugin_module(name) is None}
-
-
-class Progress:
-    """A progress line on stderr: redrawn in place on a terminal, every 10% otherwise."""
-
-    def __init__(self, stream=None):
-        stream = stream or sys.stderr  # looked up per call: a stream bound at import time may be closed since
-        self.stream, self.tty = stream, stream.isatty()
-        self.started = time.perf_counter()
-        self.last_draw, self.last_tenth = 0.0, -1
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        tenth = done * 10 // total
-        if self.tty and (now - self.last_draw > 0.2 or done == total):
-            rate = done / max(now - self.started, 1e-9)
-            self.stream.write(f"\r  {done}/{total} records ({rate:.0f}/s) {label:<28}")
-            if done == total:
-                self.stream.write("\n")
-            self.last_draw = now
-        elif not self.tty and tenth != self.last_tenth:
-            rate = done / max(now - self.started, 1e-9)
-            self.stream.write(f"  {done}/{total} records ({rate:.0f}/s) {label}\n")
-            self.last_tenth = tenth
-        self.stream.flush()
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -187,7 +164,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     print(f"writing {cfg.data.n} records x {len(cfg.data.kinds)} kinds x {len(cfg.data.splits)} splits "
           f"to {args.out}", file=sys.stderr)
-    manifest = synthesize(args.out, cfg.data, ShapesWorld(cfg.world), overwrite=args.overwrite, progress=Progress())
+    manifest = synthesize(args.out, cfg.data, ShapesWorld(cfg.world), overwrite=args.overwrite, progress=ProgressLine())
     n_shards = sum(len(v) for s in manifest["shards"].values() for v in s.values())
     print(f"wrote {args.out} ({n_shards} shards) in {time.perf_counter() - started:.1f}s")
     return 0
@@ -199,7 +176,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r} is not one of {sorted(FORMATS)}")
     kwargs = {"shard_size": args.shard_size, "overwrite": args.overwrite, "skip_unmapped": args.skip_unmapped,
-              "progress": Progress()}
+              "progress": ProgressLine()}
     if args.image_root is not None:
         kwargs["image_root"] = str(args.image_root)
     if args.split is not None:
@@ -229,7 +206,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     tree, cfg = load_config(args.config, args.overrides)
     print(f"experiment {cfg.name}: steps {', '.join(cfg.steps)} -> {cfg.output_dir}")
-    result = run_experiment(tree, cfg, progress=Progress())
+    result = run_experiment(tree, cfg, progress=ProgressLine())
     for step, seconds in result.timings.items():
         print(f"  {step:<8} {seconds:6.1f}s")
     for name, path in result.artifacts.items():
@@ -282,6 +259,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .models.model import CONFIG_FILE
     from .training import TrainingStopped, train_stage
 
     overrides = list(args.overrides)
@@ -300,7 +278,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .experiment import initial_model
         start = args.start or (initial_model(out_dir) if n == 1 else out_dir / f"stage{n - 1}" / "model")
     data = args.data or out_dir / "data"
-    if not (start / "reasonedit.json").is_file():
+    if not (start / CONFIG_FILE).is_file():
         before = f"train stage {n - 1}" if n > 1 else "run the models step"
         raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json); {before} first or "
                                 "pass --start DIR")

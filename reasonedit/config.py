@@ -9,8 +9,7 @@ the file or override it came from, so an error names both the key and its source
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ from .data.shapes import WorldConfig
 from .data.synth import SynthConfig
 from .losses.flow_matching import FlowMatchingConfig
 from .models.config import ModelConfig
+from .publish import atomic_write_text
 
 GROUPS = ("model",)
 PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -52,18 +52,29 @@ class EditStepConfig:
     sampling_steps: int = 16
     guidance: float = 4.0
     seed: int = 0
+    device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
 
     def validate(self) -> None:
         for key in ("samples", "rounds", "sampling_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"edit.{key}: must be at least 1, got {getattr(self, key)}")
+        check_device("edit.device", self.device)
+
+
+def check_device(key: str, device: str) -> None:
+    """A device name torch will take: auto, cpu, cuda, cuda:N or mps."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
+        raise ValueError(f"{key}: {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+
+
+EVAL_MODES = ("base", "think", "think_reflect")  # how an eval runs each sample: edit it; think, then edit; think, edit, reflect
 
 
 @dataclass
 class EvalStepConfig:
     """The eval step: the shapes ablation (success and mean oracle score per mode) of the run's latest model."""
 
-    modes: tuple[str, ...] = ("base", "think", "think_reflect")
+    modes: tuple[str, ...] = EVAL_MODES
     limit: int = 12  # samples of each instruction kind
     rounds: int = 2
     sampling_steps: int = 16
@@ -74,12 +85,12 @@ class EvalStepConfig:
     # isolates the reasoner), the latter with this share of injected errors
     editors: tuple[str, ...] = ("model",)
     shapes_error_rate: float = 0.3
+    device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
 
     def validate(self) -> None:
-        from .eval.runner import MODES
-        unknown = [m for m in self.modes if m not in MODES]
+        unknown = [m for m in self.modes if m not in EVAL_MODES]
         if unknown or not self.modes:
-            raise ValueError(f"eval.modes: {unknown or 'empty'}; choose from {list(MODES)}")
+            raise ValueError(f"eval.modes: {unknown or 'empty'}; choose from {list(EVAL_MODES)}")
         for key in ("limit", "rounds", "sampling_steps", "heldout"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key}: must be at least 1, got {getattr(self, key)}")
@@ -88,6 +99,7 @@ class EvalStepConfig:
             raise ValueError(f"eval.editors: {bad or 'empty'}; choose from ['model', 'shapes']")
         if not 0.0 <= self.shapes_error_rate <= 1.0:
             raise ValueError(f"eval.shapes_error_rate: must lie in [0, 1], got {self.shapes_error_rate}")
+        check_device("eval.device", self.device)
 
 
 @dataclass
@@ -440,16 +452,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
 
 def save_config(cfg: DictConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(OmegaConf.to_yaml(cfg, resolve=True))
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a saved config is an ordinary file
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["ConfigError", "ConfigLoader", "ExperimentConfig", "PLANNED_STEPS", "PreviewConfig", "RUN_STEPS",
+__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "ExperimentConfig", "PLANNED_STEPS", "PreviewConfig", "RUN_STEPS",
            "StageConfig", "TrainConfig", "VAETrainConfig",
            "load_config", "save_config"]

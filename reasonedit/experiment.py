@@ -85,11 +85,11 @@ def step_vae(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Call
         log.info("vae: nothing to train (model.vae.kind=%s, model.source=%s: only a tiny qwen_image VAE is "
                  "trained here); skipping", cfg.model.vae.kind, cfg.model.source)
         return
-    from .models.model import ReasonEditModel
+    from .models.model import CONFIG_FILE, ReasonEditModel
     from .training.vae import train_vae
 
     start = out / "model"
-    if not (start / "reasonedit.json").is_file():
+    if not (start / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{start} holds no model: the vae step trains the models step's VAE, so run that "
                                 "step first (steps: [data, models, vae, ...])")
     model = ReasonEditModel.from_pretrained(start)
@@ -118,11 +118,11 @@ def step_batches(cfg: ExperimentConfig, out: Path, result: RunResult, progress: 
     from .data.loader import DatasetSpec, make_loader
     from .data.packing import Packer
     from .data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
-    from .models.model import ReasonEditModel
+    from .models.model import CONFIG_FILE, ReasonEditModel
 
     b = cfg.batches
     data, model_dir = out / "data", out / "model"
-    if not (model_dir / "reasonedit.json").is_file():
+    if not (model_dir / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{model_dir} holds no model: run the models step first (steps: [data, models, ...])")
     model = ReasonEditModel.from_pretrained(model_dir)
     pre = Preprocessor.from_model(model, PreprocessConfig(
@@ -157,10 +157,11 @@ def step_batches(cfg: ExperimentConfig, out: Path, result: RunResult, progress: 
 def _stage_step(number: int) -> Callable:
     def step(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
         """Train stage N from the previous stage's model (stage 1: the models step's) on the train split."""
+        from .models.model import CONFIG_FILE
         from .training import train_stage
 
         start = initial_model(out) if number == 1 else out / f"stage{number - 1}" / "model"
-        if not (start / "reasonedit.json").is_file():
+        if not (start / CONFIG_FILE).is_file():
             before = "models" if number == 1 else f"stage{number - 1}"
             raise FileNotFoundError(f"{start} holds no model: stage{number} starts from the {before} step's "
                                     f"model, so run that step first (steps: [..., {before}, stage{number}])")
@@ -183,9 +184,11 @@ MODEL_CHAIN = ("model", "vae/model", "pretrain/model")
 
 def _last_of_chain(out: Path, before: str | None = None) -> Path:
     """The last model folder of MODEL_CHAIN present under `out` (only links before `before`); else out/model."""
+    from .models.model import CONFIG_FILE
+
     links = MODEL_CHAIN if before is None else MODEL_CHAIN[:MODEL_CHAIN.index(before)]
     for link in reversed(links):
-        if (out / link / "reasonedit.json").is_file():
+        if (out / link / CONFIG_FILE).is_file():
             return out / link
     return out / "model"
 
@@ -240,7 +243,7 @@ def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress:
     saves pretrain/model (generator and VAE carried over) and writes its held-out reading accuracy to
     pretrain/reading.json. A released Qwen2.5-VL (model.source != tiny) comes pretrained: the step is skipped."""
     from .data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
-    from .models.model import ReasonEditModel
+    from .models.model import CONFIG_FILE, ReasonEditModel
     from .stages.pretrain import heldout_scene_records, reading_accuracy
     from .training import train_stage
 
@@ -249,7 +252,7 @@ def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress:
                  cfg.model.source)
         return
     start = pretrain_start(out)
-    if not (start / "reasonedit.json").is_file():
+    if not (start / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{start} holds no model: pretrain starts from the models (or vae) step's model, "
                                 "so run that step first (steps: [data, models, pretrain, ...])")
     split, records = heldout_scene_records(out / "data", cfg.pretrain.reading_scenes)
@@ -281,8 +284,10 @@ def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress:
 
 def latest_model(out: Path) -> Path:
     """The run's most trained model with a generator: stage3, stage2, else the models step's."""
+    from .models.model import CONFIG_FILE
+
     for candidate in (out / "stage3" / "model", out / "stage2" / "model", out / "model"):
-        if (candidate / "reasonedit.json").is_file():
+        if (candidate / CONFIG_FILE).is_file():
             return candidate
     raise FileNotFoundError(f"{out} holds no model yet: run the models step (or a stage) before edit and eval")
 
@@ -297,19 +302,19 @@ def step_edit(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
     """think -> edit -> reflect on held-out concrete and abstract scenes; a trace folder (images, trace.json,
     index.html, contact sheet) per sample under edit/, as `reasonedit edit` writes one."""
     from .eval.benchmarks.shapes import ShapesBenchmark
+    from .inference.pipeline import Pipeline
     from .inference.report import write_trace
-    from .models.model import ReasonEditModel
 
     e = cfg.edit
     model_dir = latest_model(out)
-    model = ReasonEditModel.from_pretrained(model_dir).eval()
+    pipeline = Pipeline.load(model_dir, device=e.device)
     bench = ShapesBenchmark(n=e.samples, world=ShapesWorld(cfg.world)).load(_held_out(cfg, out))
     picked = []
     for category in ("concrete", "abstract"):
         picked += [s for s in bench.samples() if s.category == category][: e.samples]
-    traces = model.edit_with_reasoning([bench.source_images(s)[0] for s in picked], [s.instruction for s in picked],
-                                       think=True, reflect=True, rounds=e.rounds, seed=e.seed,
-                                       guidance_scale=e.guidance, num_inference_steps=e.sampling_steps)
+    traces = pipeline.edit_with_reasoning([bench.source_images(s)[0] for s in picked], [s.instruction for s in picked],
+                                          think=True, reflect=True, rounds=e.rounds, seed=e.seed,
+                                          guidance_scale=e.guidance, num_inference_steps=e.sampling_steps)
     rows = []
     for sample, trace in zip(picked, traces):
         folder = write_trace(trace, out / "edit" / sample.key)
@@ -363,7 +368,7 @@ def step_eval(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
             rate = e.shapes_error_rate if editor == "shapes" else 0.0
             ablation = run_shapes_ablation(model_dir, _held_out(cfg, out), where, modes=list(e.modes), limit=e.limit,
                                            steps=e.sampling_steps, rounds=e.rounds, guidance=e.guidance, seed=e.seed,
-                                           editor=editor, error_rate=rate)
+                                           editor=editor, error_rate=rate, device=e.device)
             tables.append({"editor": ablation.editor, "thinker": ablation.thinker, "table": ablation.table,
                            "parse_errors": ablation.parse_errors,
                            "paths": {k: str(v) for k, v in ablation.paths.items()}})

@@ -1,5 +1,6 @@
-"""Write a folder so that it appears whole or not at all: build it in a hidden staging folder beside
-its destination, then rename it into place (replacing an older version only after the new one is whole)."""
+"""Write a folder or a file so that it appears whole or not at all: build it in a hidden staging folder or
+temporary file beside its destination, then rename it into place (replacing an older version only after the
+new one is whole)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 
 @contextlib.contextmanager
@@ -32,6 +33,25 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Yield a hidden temporary file beside `path` ("wb", or "w" for UTF-8); it becomes `path` on a clean exit."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_file: mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding="utf-8" if mode == "w" else None) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the finished file is an ordinary one
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to a hidden temporary file beside `path`, then rename it into place."""
     return atomic_write_bytes(path, text.encode())
@@ -39,19 +59,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to a hidden temporary file beside `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the finished file is an ordinary one
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "staged_folder"]
+__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "staged_folder"]

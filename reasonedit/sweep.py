@@ -20,12 +20,10 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import PACKAGE_CONFIGS, ConfigError, load_config, read_yaml_mapping, save_config
+from .publish import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +333,7 @@ def write_launch_script(sweep: SweepConfig, runs: Sequence[SweepRun]) -> Path:
             'cd "$ROOT" || exit 1', ""]
     text += lines
     path = sweep.output_dir / LAUNCH_SCRIPT
-    _write_atomic(path, "\n".join(text) + "\n")
+    atomic_write_text(path, "\n".join(text) + "\n")
     path.chmod(0o755)
     return path
 
@@ -345,15 +344,6 @@ def _where_to_run(sweep: SweepConfig) -> str:
     if sweep.launcher == "torchrun":
         return "run it on every node of the job, with NODE_RANK, MASTER_ADDR (and MASTER_PORT) set"
     return "run it on node 0 with HOSTFILE and MASTER_ADDR set; deepspeed reaches the other nodes over ssh"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def read_manifest(out: Path) -> dict:
@@ -370,7 +360,7 @@ def _write_manifest(sweep: SweepConfig, records: list[dict]) -> None:
     doc = {"name": sweep.name, "sweep": str(sweep.path), "experiment": str(sweep.experiment),
            "launcher": sweep.launcher, "nnodes": sweep.nnodes, "nproc_per_node": sweep.nproc_per_node,
            "stage": sweep.stage, "deepspeed_config": sweep.deepspeed_config, "runs": records}
-    _write_atomic(sweep.output_dir / MANIFEST, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(sweep.output_dir / MANIFEST, json.dumps(doc, indent=2) + "\n")
 
 
 def prepare_sweep(sweep: SweepConfig, runs: Sequence[SweepRun]) -> list[dict]:

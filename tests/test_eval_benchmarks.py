@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from reasonedit.eval.benchmark import BenchmarkDataError, get_benchmark
+from reasonedit.eval.benchmark import BenchmarkDataError
+from reasonedit.eval.benchmarks import get_benchmark
 from reasonedit.eval.benchmarks import kris as kris_mod
 
 

@@ -51,7 +51,7 @@ def _gedit(root, n):
 
 
 def test_scoring_images_made_elsewhere_resumes_after_sigkill_without_judging_anything_twice(tmp_path):
-    from reasonedit.eval.benchmark import get_benchmark
+    from reasonedit.eval.benchmarks import get_benchmark
     from reasonedit.eval.runner import write_image
 
     _gedit(tmp_path / "gedit", 6)

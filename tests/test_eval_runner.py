@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reasonedit.eval.benchmark import BenchmarkDataError, get_benchmark
+from reasonedit.eval.benchmark import BenchmarkDataError
+from reasonedit.eval.benchmarks import get_benchmark
 from reasonedit.eval.judge import Judge, JudgeSettings
 from reasonedit.eval.runner import GenerationSettings, Shard, generate, score, select, write_image
 from reasonedit.testing.chat_server import ScriptedChatServer

@@ -10,6 +10,7 @@ import pytest
 
 from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
 from reasonedit.inference.loop import edit_with_reasoning
+from reasonedit.inference.pipeline import Pipeline
 from reasonedit.inference.report import write_trace
 from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig
@@ -188,22 +189,23 @@ def test_without_think_and_reflect_the_loop_is_one_plain_edit(model):
     traces = edit_with_reasoning(GeneratorEditor(model), None, [source(1)], ["remove the star"], think=False,
                                  reflect=False, num_inference_steps=1)
     assert len(traces[0].rounds) == 1 and traces[0].thought is None and traces[0].stopped == "no_reflection"
-    assert np.array_equal(traces[0].image, model.edit(source(1), "remove the star", num_inference_steps=1))
+    assert np.array_equal(traces[0].image, Pipeline(model).edit(source(1), "remove the star", num_inference_steps=1))
 
 
-def test_model_methods_take_one_sample_or_lists(model):
+def test_pipeline_methods_take_one_sample_or_lists(model):
     script = {1: {"think": ["x"], "score": [score(9)], "decide": [S()]},
               2: {"think": ["y"], "score": [score(9)], "decide": [S()]}}
-    one = model.edit_with_reasoning(source(1), "r1", generate=ScriptedReasoner(script), num_inference_steps=1)
-    many = model.edit_with_reasoning([source(1), source(2)], ["r1", "r2"], generate=ScriptedReasoner(script),
-                                     num_inference_steps=1)
+    pipe = Pipeline(model)
+    one = pipe.edit_with_reasoning(source(1), "r1", generate=ScriptedReasoner(script), num_inference_steps=1)
+    many = pipe.edit_with_reasoning([source(1), source(2)], ["r1", "r2"], generate=ScriptedReasoner(script),
+                                    num_inference_steps=1)
     assert one.thought == "x" and [t.thought for t in many] == ["x", "y"]
     assert np.array_equal(one.image, many[0].image)  # a sample's result does not depend on its batch
 
 
 def test_the_real_reasoner_runs_the_whole_loop(model):
-    thought = model.think(source(5), "remove the star")
-    verdict = model.reflect(source(5), source(6), "remove the star")
+    thought = Pipeline(model).think(source(5), "remove the star")
+    verdict = Pipeline(model).reflect(source(5), source(6), "remove the star")
     assert isinstance(thought, str) and thought
     assert verdict.decision in ("success", "reflection", "failed") and "describe" in verdict.raw
 

@@ -9,7 +9,8 @@ import pytest
 
 from reasonedit.inference.builtin import GeneratorEditor
 from reasonedit.inference.loop import edit_with_reasoning
-from reasonedit.inference.remote import HttpEditor, OpenAIThinker, RetryPolicy, ServiceError, parse_editthinker
+from reasonedit.clients.http import RetryPolicy, ServiceError
+from reasonedit.inference.remote import HttpEditor, OpenAIThinker, parse_editthinker
 from reasonedit.inference.types import EditRequest
 from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig

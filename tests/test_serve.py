@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import serving
 from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
-from reasonedit.inference.remote import decode_base64_image, encode_png
+from reasonedit.clients.images import decode_base64_image, encode_png
 from reasonedit.inference.types import EditRequest
 from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, serving
-from reasonedit.cli import main  # imported at collection: its Progress binds the stderr it finds then
+from reasonedit.cli import main  # imported at collection: its ProgressLine binds the stderr it finds then
 from reasonedit.data.oracle import Oracle
 from reasonedit.data.shapes import Scene, Shape, ShapesWorld, WorldConfig
 from reasonedit.data.shapes_editor import INJECTED_ERRORS, InstructionParseError, ShapesEditor, parse_instruction
@@ -229,7 +229,8 @@ def test_reasonedit_serve_editor_shapes_edits_over_http_byte_for_byte(shapes_ser
 
 
 def test_the_shapes_service_answers_422_for_an_image_of_another_world(shapes_server):
-    from reasonedit.inference.remote import HttpEditor, ServiceError
+    from reasonedit.clients.http import ServiceError
+    from reasonedit.inference.remote import HttpEditor
 
     with HttpEditor(shapes_server) as editor, pytest.raises(ServiceError, match="422.*64x64 but this shapes world "
                                                                                  "renders 96x96"):

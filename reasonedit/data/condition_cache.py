@@ -16,13 +16,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ..publish import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +93,7 @@ class TensorFiles:
             return None
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
-            save_file({self.name: tensor.detach().to("cpu").contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self.path(key), save({self.name: tensor.detach().to("cpu").contiguous()}))
 
 
 class ConditionCache:

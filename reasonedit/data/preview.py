@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..publish import atomic_file
 from .samples import EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
 from .shards import read_records
 
@@ -110,15 +109,8 @@ def dataset_sheet(path: str | Path, out: str | Path, rows: int = 3, split: str =
     if not picked:
         raise ValueError(f"{path}: no records in split {split!r}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        contact_sheet(picked).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:
+        contact_sheet(picked).save(f, format="PNG")
     return out
 
 

@@ -11,12 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import webdataset as wds
 
+from ..publish import staged_folder
 from .samples import Record, SchemaError, record_from_wds
 
 MANIFEST = "manifest.json"
@@ -78,35 +78,12 @@ class DatasetDirError(ValueError):
     """The output directory of a dataset cannot be used."""
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """Check the output can be written and return the temporary directory to build it in."""
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty directory unless `overwrite`."""
     if out.exists() and not out.is_dir():
         raise DatasetDirError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetDirError(f"--out {out} is not empty; pass --overwrite to replace it")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        probe = tmp / ".probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DatasetDirError(f"cannot write the dataset to {out}: {e.strerror or e}") from None
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 @contextlib.contextmanager
@@ -114,15 +91,15 @@ def building_dataset(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     """Yield a hidden sibling directory to build a dataset in; it replaces `out` only if the block
     completes (with its manifest written by `write_manifest`), and is removed if anything fails."""
     out = Path(out)
-    tmp = _prepare_out(out, overwrite)
-    try:
+    _check_out(out, overwrite)
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(staged_folder(out))
+        except OSError as e:  # the parent cannot be made or written to
+            raise DatasetDirError(f"cannot write the dataset to {out}: {e.strerror or e}") from None
         yield tmp
         if not (tmp / MANIFEST).is_file():
             raise RuntimeError(f"dataset built for {out} has no {MANIFEST}; call write_manifest first")
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .runner import (MODES, SHAPES_EDITOR, GenerationSettings, ModeRun, Progress, agent_labels, build_agents,
+from reasonedit.progress import Progress
+
+from .runner import (MODES, SHAPES_EDITOR, GenerationSettings, ModeRun, agent_labels, build_agents,
                      default_model_name, model_identity, run_modes)
 
 EDITORS = ("model", "shapes")  # the model's generator, or the exact shapes editor
@@ -38,17 +40,18 @@ def run_shapes_ablation(model_dir: Optional[str | os.PathLike], data_dir: Option
                         out_dir: str | os.PathLike, modes: Sequence[str] = MODES, limit: Optional[int] = 12,
                         steps: int = 8, rounds: int = 2, guidance: float = 4.0, seed: int = 0, batch_size: int = 8,
                         progress: Optional[Progress] = None, *, editor: str = "model", error_rate: float = 0.0,
-                        thinker_model: Optional[str | os.PathLike] = None) -> Ablation:
+                        thinker_model: Optional[str | os.PathLike] = None, device: Optional[str] = None) -> Ablation:
     """Edit `limit` concrete and `limit` abstract held-out samples per mode and tabulate the oracle's verdicts.
 
     data_dir: a `reasonedit data synth` dataset (its test split), or None for scenes made from a held-out seed.
     editor: "model" (model_dir's generator) or "shapes" (the exact shapes editor on the benchmark's world,
         wrong on purpose on a share `error_rate` of its edits; model_dir's generator is not loaded).
     thinker_model: a model folder whose reasoner thinks and reflects (default: model_dir's).
+    device: where the models run (None or "auto": CUDA when there is one).
     Re-running with the same out_dir reuses the images already written by the same model and settings, and
     refuses (naming what changed) when they were made otherwise.
     """
-    from .benchmark import get_benchmark
+    from .benchmarks import get_benchmark
     from .report import Stamp, ablation_table, write_reports
 
     if editor not in EDITORS:
@@ -62,7 +65,7 @@ def run_shapes_ablation(model_dir: Optional[str | os.PathLike], data_dir: Option
     thinker_dir = Path(thinker_model) if thinker_model is not None else None
     bench = get_benchmark("shapes", **({"n": limit} if data_dir is None and limit else {})).load(data_dir)
     agent, thinker = build_agents(model, SHAPES_EDITOR if shapes else None, None, list(modes), thinker_dir=thinker_dir,
-                                  world=bench.world, editor_error_rate=error_rate)
+                                  world=bench.world, editor_error_rate=error_rate, device=device)
     editor_label, thinker_label = agent_labels(agent, thinker, model, thinker_dir)
     name = default_model_name(model, SHAPES_EDITOR if shapes else None)
     settings = GenerationSettings(rounds=rounds, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,

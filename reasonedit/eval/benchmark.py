@@ -2,7 +2,8 @@
 
 Contract (the runner, the judge client and the CLI rely on exactly this):
 
-1. ``bench = get_benchmark(name, **options)`` (or ``BENCHMARKS[name](**options)``); names are
+1. ``bench = get_benchmark(name, **options)`` (``reasonedit.eval.benchmarks``, whose ``BENCHMARKS``
+   maps each name to its class); names are
    ``shapes``, ``gedit``, ``imgedit``, ``kris``, ``rise``.
 2. ``bench.load(data_dir)`` reads the user's local copy in the benchmark's official layout and
    validates it; a missing directory, file or field raises ``BenchmarkDataError`` (a ValueError)
@@ -397,21 +398,5 @@ def existing_file(root: Path, rel: str, where: str, field_name: str) -> Path:
     return path
 
 
-def get_benchmark(name: str, **options: Any) -> Benchmark:
-    """A fresh benchmark by name (not loaded yet)."""
-    from .benchmarks import BENCHMARKS as registry
-    if name not in registry:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(registry)}")
-    return registry[name](**options)
-
-
-def __getattr__(name: str) -> Any:
-    # the registry lives with the benchmarks, which import this module; resolve it lazily
-    if name == "BENCHMARKS":
-        from .benchmarks import BENCHMARKS as registry
-        return registry
-    raise AttributeError(name)
-
-
-__all__ = ["BENCHMARKS", "Benchmark", "BenchmarkDataError", "BenchSample", "JudgeQuery", "ParseError",
-           "REPLY_PARSERS", "STATUSES", "SampleResult", "get_benchmark", "parse_reply"]
+__all__ = ["Benchmark", "BenchmarkDataError", "BenchSample", "JudgeQuery", "ParseError",
+           "REPLY_PARSERS", "STATUSES", "SampleResult", "parse_reply"]

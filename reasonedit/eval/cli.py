@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     g.add_argument("--seed", type=int, default=0, help="base seed (each sample's seed also depends on its key)")
     g.add_argument("--batch-size", type=int, default=4, help="samples edited at once")
+    g.add_argument("--device", default=None, help="where --model runs: cpu, cuda or cuda:N (default: cuda when "
+                   "available)")
     g.add_argument("--shard", default="0/1", help="i/n: this process takes samples i, i+n, ... (generation only "
                    "when n > 1; score with one run without --shard once every shard is done)")
     g.add_argument("--limit", type=int, help="only the first N samples of each category (task type, kind)")
@@ -80,7 +82,7 @@ def _modes(text: str) -> list[str]:
 
 
 def _bench(args: argparse.Namespace):
-    from .benchmark import get_benchmark
+    from .benchmarks import get_benchmark
 
     if args.bench == "shapes" and args.data is None and args.limit is not None:
         bench = get_benchmark("shapes", n=args.limit)  # make only the scenes the run will use
@@ -101,8 +103,10 @@ def _thinker_dir(args: argparse.Namespace) -> Optional[Path]:
     """--thinker-model names a model folder when no --thinker URL is given."""
     if args.thinker is not None or args.thinker_model is None:
         return None
+    from ..models.model import CONFIG_FILE
+
     path = Path(args.thinker_model)
-    if not (path / "reasonedit.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"--thinker-model {path}: without --thinker URL it names a model folder whose "
                                 "reasoner thinks, and this is not one (no reasonedit.json); for a chat model, "
                                 "give --thinker URL as well")
@@ -161,7 +165,7 @@ def print_reports(bench_name: str, reports: dict, stamp) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reasonedit.cli import Progress
+    from reasonedit.progress import ProgressLine
 
     from .report import Stamp, write_reports
     from .runner import score
@@ -169,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     shard = Shard.parse(args.shard)
     bench, limit = _bench(args), args.limit
     out = args.out or Path("runs") / "eval" / bench.name
-    progress = Progress()
+    progress = ProgressLine()
     judge = None if shard.count > 1 else _judge(args, bench, out)
     try:
         if args.images is not None:
@@ -193,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                                            thinker_model=args.thinker_model, thinker_key=args.thinker_key,
                                            thinker_contract=args.thinker_contract, concurrency=args.concurrency,
                                            thinker_dir=thinker_dir, world=world,
-                                           editor_error_rate=args.editor_error_rate)
+                                           editor_error_rate=args.editor_error_rate, device=args.device)
             editor_label, thinker_label = agent_labels(editor, thinker, args.model, thinker_dir)
             name = args.model_name or default_model_name(args.model, args.editor)
             settings = GenerationSettings(rounds=args.rounds, steps=args.steps, guidance=args.guidance,

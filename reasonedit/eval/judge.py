@@ -1,8 +1,9 @@
 """An OpenAI-compatible vision judge: chat completions with images as base64 data URLs.
 
 `Judge.ask(requests)` sends each `JudgeRequest` (a prompt and images, in order) to
-`{base_url}/chat/completions`, at most `concurrency` at a time, retrying timeouts, transport errors,
-429 and 5xx with exponential backoff (and the server's Retry-After, when it sends one). Every reply
+`{base_url}/chat/completions`, at most `concurrency` at a time, through `reasonedit.clients.http`:
+timeouts, transport errors and the statuses in RETRY_STATUS (408, 409, 425, 429, 500, 502-504) are retried
+with exponential backoff (and the server's Retry-After, when it sends one: a wait is never shorter). Every reply
 is appended to a persistent cache keyed by (model, system, prompt, images' SHA-256, temperature,
 max_tokens), so a run killed at any point resumes without asking for a reply it already has. A
 request that still fails after its retries comes back as a `JudgeReply` with `error` set (and is not
@@ -14,13 +15,11 @@ falling back to OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
 import logging
 import os
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from reasonedit.clients.http import HttpClient, Rejected, RetryPolicy, Retryable, ServiceError, retry_after
+from reasonedit.clients.images import data_url, image_mime, png_bytes
 from reasonedit.errors import RemoteServiceError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class JudgeSettings:
             raise ValueError(f"judge concurrency must be at least 1, got {self.concurrency}")
         if self.retries < 0:
             raise ValueError(f"judge retries must be 0 or more, got {self.retries}")
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The waits between attempts: jitter only adds (up to as much again) and Retry-After is a floor."""
+        return RetryPolicy(attempts=self.retries + 1, backoff=self.backoff, max_backoff=self.max_backoff,
+                           jitter=1.0, never_shorter=True)
 
     @property
     def judge_id(self) -> str:
@@ -135,12 +142,9 @@ class JudgeStats:
 def image_bytes(image: ImageInput) -> bytes:
     """The bytes sent for an image: a file's bytes as they are, an array encoded as PNG."""
     if isinstance(image, np.ndarray):
-        from PIL import Image
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise ValueError(f"judge images must be uint8 (H, W, 3|4) arrays, got {image.dtype} {image.shape}")
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        return buf.getvalue()
+        return png_bytes(image)
     if isinstance(image, bytes):
         return _sendable(image, "judge image bytes")
     path = Path(image)
@@ -152,7 +156,7 @@ def image_bytes(image: ImageInput) -> bytes:
 def _sendable(data: bytes, what: str) -> bytes:
     """PNG, JPEG, WebP and GIF go as they are; any other image PIL reads (BMP, TIFF...) is re-encoded as PNG."""
     try:
-        _mime(data)
+        image_mime(data)
         return data
     except ValueError:
         pass
@@ -164,22 +168,6 @@ def _sendable(data: bytes, what: str) -> bytes:
     except (UnidentifiedImageError, OSError):
         raise ValueError(f"{what} is not an image file") from None
     return buf.getvalue()
-
-
-def _mime(data: bytes) -> str:
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    raise ValueError("not a PNG, JPEG, WebP or GIF file")
-
-
-def data_url(data: bytes) -> str:
-    return f"data:{_mime(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def cache_key(settings: JudgeSettings, request: JudgeRequest, images: Sequence[bytes]) -> str:
@@ -247,19 +235,15 @@ class Judge:
 
     def __init__(self, settings: JudgeSettings, cache: Union[ReplyCache, str, os.PathLike, None] = None,
                  sleep: Callable[[float], None] = time.sleep):
-        import httpx
-
         self.settings = settings
         self.cache = ReplyCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
         self.stats = JudgeStats()
         self._sleep = sleep
         self._stats_lock = threading.Lock()
-        headers = {"Content-Type": "application/json"}
-        if settings.api_key:
-            headers["Authorization"] = f"Bearer {settings.api_key}"
-        limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
-        self._client = httpx.Client(headers=headers, timeout=settings.timeout, limits=limits)
-        self.url = settings.base_url.rstrip("/") + "/chat/completions"
+        self._client = HttpClient([settings.base_url], timeout=settings.timeout, retry=settings.retry_policy,
+                                  cooldown=0.0, token=settings.api_key, max_connections=settings.concurrency,
+                                  sleep=self._backoff)
+        self.url = self._client.pool.urls[0] + "/chat/completions"
 
     def close(self) -> None:
         self._client.close()
@@ -336,67 +320,48 @@ class Judge:
             body["max_tokens"] = self.settings.max_tokens
         return body
 
-    def _wait(self, attempt: int, retry_after: Optional[float]) -> None:
-        s = self.settings
-        delay = min(s.max_backoff, s.backoff * 2 ** attempt)
-        delay += random.uniform(0, delay)  # jitter: many workers do not come back in step
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, s.max_backoff))
+    def _backoff(self, delay: float) -> None:
         self._count(retries=1)
         self._sleep(delay)
 
     def _send(self, body: dict) -> JudgeReply:
-        import httpx
-
         s = self.settings
         started = time.perf_counter()
-        error, kind, retry_after = "", "", None
-        for attempt in range(s.retries + 1):
-            if attempt:
-                self._wait(attempt - 1, retry_after)
-            retry_after = None
+        tries = 0
+
+        def attempt(url: str) -> tuple[str, dict]:
+            nonlocal tries
+            tries += 1
             self._count(requests=1)
-            try:
-                response = self._client.post(self.url, json=body)
-            except httpx.TimeoutException as e:
-                error, kind = f"timed out after {s.timeout:g}s ({type(e).__name__})", "timeout"
-                continue
-            except httpx.TransportError as e:
-                error, kind = f"{type(e).__name__}: {e}", "transport"
-                continue
+            response = self._client.post(url + "/chat/completions", json=body)
             if response.status_code != 200:
                 error, kind = f"HTTP {response.status_code}: {response.text[:200]}", f"http_{response.status_code}"
                 if response.status_code in RETRY_STATUS:
-                    retry_after = _retry_after(response)
-                    continue
+                    raise Retryable(error, retry_after(response), kind)
                 if response.status_code in (401, 403):
                     error += " (check --judge-key / REASONEDIT_JUDGE_API_KEY)"
-                break  # a request the server will never accept: retrying cannot help
+                raise Rejected(error, kind)  # a request the server will never accept: retrying cannot help
             try:
                 doc = response.json()
                 text = doc["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
-                error, kind = f"malformed response body: {response.text[:200]!r}", "malformed_body"
-                continue
+                raise Retryable(f"malformed response body: {response.text[:200]!r}", kind="malformed_body") from None
             if not isinstance(text, str):
-                error, kind = f"reply has no text content: {str(doc)[:200]}", "no_content"
-                continue
-            self._count(replies=1)
-            return JudgeReply(text=text, judge=s.judge_id, temperature=s.temperature, attempts=attempt + 1,
-                              seconds=time.perf_counter() - started, served_model=doc.get("model"))
-        self._count(failures=1)
-        self._count_error(kind)
-        log.warning("judge request to %s failed: %s", self.url, error)
-        return JudgeReply(text=None, judge=s.judge_id, temperature=s.temperature, error=f"{self.url}: {error}",
-                          attempts=attempt + 1, seconds=time.perf_counter() - started)
+                raise Retryable(f"reply has no text content: {str(doc)[:200]}", kind="no_content")
+            return text, doc
 
-
-def _retry_after(response) -> Optional[float]:
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: our own backoff is good enough
+        try:
+            text, doc = self._client.call(attempt, f"judge request ({s.model})")
+        except ServiceError as e:
+            last = e.failures[-1]
+            self._count(failures=1)
+            self._count_error(last.kind)
+            log.warning("judge request to %s failed: %s", self.url, last.message)
+            return JudgeReply(text=None, judge=s.judge_id, temperature=s.temperature,
+                              error=f"{self.url}: {last.message}", attempts=tries, seconds=time.perf_counter() - started)
+        self._count(replies=1)
+        return JudgeReply(text=text, judge=s.judge_id, temperature=s.temperature, attempts=tries,
+                          seconds=time.perf_counter() - started, served_model=doc.get("model"))
 
 
 def settings_dict(settings: JudgeSettings) -> dict:

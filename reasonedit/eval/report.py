@@ -9,12 +9,11 @@ temperature, the image resize policy and the counts of missing and failed sample
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..publish import atomic_file, atomic_write_text
 from .benchmark import SampleResult
 
 
@@ -47,22 +46,8 @@ class Stamp:
 
 
 # -- atomic files ---------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write_text(path, text)
 
 
 def write_json(path: Path, doc: Any) -> Path:
@@ -184,7 +169,9 @@ def plot_modes(path: Path, reports: Mapping[str, Mapping[str, Any]], section: st
                        for m, r in reports.items())
     fig.text(0.01, 0.01, f"{stamp.line()}\n{counts}", fontsize=7, va="bottom")
     fig.subplots_adjust(bottom=0.32)
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    return Path(path)
 
 
 # -- everything at once ---------------------------------------------------------------------------

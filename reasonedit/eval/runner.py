@@ -25,22 +25,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+
+from reasonedit.config import EVAL_MODES as MODES
+from reasonedit.inference.types import SHAPES_EDITOR
+from reasonedit.progress import Progress
+from reasonedit.publish import atomic_file
 
 from .benchmark import Benchmark, BenchSample, JudgeQuery, ParseError, SampleResult, parse_reply
 
 log = logging.getLogger(__name__)
 
-MODES = ("base", "think", "think_reflect")
-Progress = Callable[[str, int, int], None]  # (label, done, total), as reasonedit.cli.Progress
 
 
 @dataclass(frozen=True)
@@ -129,31 +131,15 @@ def write_image(path: Path, image: np.ndarray) -> None:
     """Write an image atomically (temporary file in the same folder, then rename); format from the suffix."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format=fmt)
 
 
 def write_json(path: Path, doc) -> None:
     """Write JSON atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
 
 
 def _edit_batch(editor, thinker, sources: list[np.ndarray], instructions: list[str], seeds: list[int],
@@ -183,7 +169,9 @@ def model_identity(model_dir: Optional[Path]) -> str:
     """A model folder's path and save time: changes when the model there is saved again."""
     if model_dir is None:
         return ""
-    meta = Path(model_dir) / "reasonedit.json"
+    from reasonedit.models.model import CONFIG_FILE
+
+    meta = Path(model_dir) / CONFIG_FILE
     stamp = meta.stat().st_mtime_ns if meta.is_file() else 0
     return f"{Path(model_dir).resolve()}@{stamp}"
 
@@ -347,13 +335,12 @@ def _result(sample: BenchSample, status: str, scores: Optional[dict] = None, err
 
 
 # -- editors and thinkers ----------------------------------------------------------------------------
-SHAPES_EDITOR = "shapes"  # `--editor shapes`: the exact shapes-world editor instead of an HTTP service
 
 
 def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_url: Optional[str],
                  modes: list[str], *, thinker_model: Optional[str] = None, thinker_key: Optional[str] = None,
                  thinker_contract: str = "reasonedit", concurrency: int = 8, thinker_dir: Optional[Path] = None,
-                 world=None, editor_error_rate: float = 0.0, editor_seed: int = 0):
+                 world=None, editor_error_rate: float = 0.0, editor_seed: int = 0, device=None):
     """(editor, thinker) from a model folder, HTTP services, the shapes editor and/or a thinker model folder;
     a thinker only when a mode needs one.
 
@@ -361,6 +348,7 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
         None: the default world), which makes errors on purpose at `editor_error_rate`.
     thinker_dir: a model folder whose reasoner is the thinker (its generator is not loaded); without it and
         without `thinker_url`, the thinker is `model_dir`'s reasoner.
+    device: where the models go (None or "auto": CUDA when there is one).
     """
     needs_thinker = any(m != "base" for m in modes)
     shapes = editor_url == SHAPES_EDITOR
@@ -375,33 +363,22 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
                          "--thinker-model DIR")
     if editor_error_rate and not shapes:
         raise ValueError("--editor-error-rate: only the shapes editor (--editor shapes) makes errors on purpose")
-    model = None
+    from reasonedit.inference.pipeline import Pipeline, build_editor, build_thinker
+
+    pipeline = None
     if model_dir is not None and editor_url is None:
-        from reasonedit.models.model import ReasonEditModel
-        model = ReasonEditModel.from_pretrained(model_dir, components=("reasoner", "generator", "vae"))
-    if shapes:
-        from reasonedit.data.shapes_editor import ShapesEditor
-        editor = ShapesEditor(world, error_rate=editor_error_rate, seed=editor_seed)
-    elif editor_url is not None:
-        from reasonedit.inference.remote import HttpEditor
-        editor = HttpEditor(editor_url, concurrency=concurrency)
-    else:
-        from reasonedit.inference.builtin import GeneratorEditor
-        editor = GeneratorEditor(model)
+        pipeline = Pipeline.load(model_dir, components=("reasoner", "generator", "vae"), device=device)
+    editor = build_editor(editor_url, pipeline=pipeline, world=world, error_rate=editor_error_rate, seed=editor_seed,
+                          concurrency=concurrency)
     thinker = None
     if needs_thinker and thinker_url is not None:
-        from reasonedit.inference.remote import OpenAIThinker
-        thinker = OpenAIThinker(thinker_url, thinker_model, thinker_key, contract=thinker_contract,
+        thinker = build_thinker(thinker_url, model_name=thinker_model, api_key=thinker_key, contract=thinker_contract,
                                 concurrency=concurrency)
     elif needs_thinker:
-        from reasonedit.inference.builtin import ReasonerThinker
         source = thinker_dir if thinker_dir is not None else model_dir
-        if model is None or Path(source).resolve() != Path(model_dir).resolve():
-            from reasonedit.models.model import ReasonEditModel
-            if not (Path(source) / "reasonedit.json").is_file():
-                raise FileNotFoundError(f"{source}: not a model folder (no reasonedit.json) to take the thinker from")
-            model = ReasonEditModel.from_pretrained(source, components=("reasoner",))
-        thinker = ReasonerThinker(model)
+        if pipeline is None or Path(source).resolve() != Path(model_dir).resolve():
+            pipeline = Pipeline.load(source, components=("reasoner",), device=device)
+        thinker = build_thinker(pipeline=pipeline)
     return editor, thinker
 
 

@@ -57,8 +57,8 @@ class GeneratorEditor:
 
     def __init__(self, model: "ReasonEditModel", sampler: SamplerConfig | None = None,
                  progress: Callable[[int, int], None] | None = None):
-        model._need("generator")
-        model._need("vae")
+        model.require("generator")
+        model.require("vae")
         self.model = model
         self.sampler = sampler or SamplerConfig()
         self.progress = progress

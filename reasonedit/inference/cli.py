@@ -52,15 +52,6 @@ def load_image(path: Path) -> np.ndarray:
         raise ValueError(f"--image {path}: not a readable image ({e})") from None
 
 
-def _remote():
-    from reasonedit.errors import NotBuiltError
-    try:
-        from reasonedit.inference import remote
-    except ImportError:
-        raise NotBuiltError("--editor/--thinker (the HTTP clients in reasonedit.inference.remote)", 6) from None
-    return remote
-
-
 def _check(args: argparse.Namespace) -> None:
     if args.rounds < 1:
         raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
@@ -76,16 +67,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--thinker: given, but neither --think nor --reflect asks for a thinker")
 
 
-def _load_model(args: argparse.Namespace):
-    import torch
-
-    from reasonedit.models.model import ReasonEditModel
-    components = ["reasoner"]
-    if not args.editor:
-        components += ["generator", "vae"]
-    model = ReasonEditModel.from_pretrained(args.model, components=components).eval()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device)
+def _pipeline(args: argparse.Namespace):
+    """The model folder on --device, with only the parts this edit uses (no generator under --editor)."""
+    from reasonedit.inference.pipeline import Pipeline
+    components = ["reasoner"] if args.editor else ["reasoner", "generator", "vae"]
+    return Pipeline.load(args.model, components=components, device=args.device)
 
 
 def _step_progress(done: int, total: int) -> None:
@@ -95,24 +81,21 @@ def _step_progress(done: int, total: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
+    from reasonedit.errors import RemoteServiceError
     from reasonedit.inference.loop import edit_with_reasoning
+    from reasonedit.inference.pipeline import build_editor, build_thinker
     from reasonedit.inference.report import write_trace
 
     _check(args)
     image = load_image(args.image)
     started = time.perf_counter()
-    model = _load_model(args) if args.model is not None and (not args.editor or not args.thinker) else None
-    if args.editor:
-        editor = _remote().HttpEditor([u for arg in args.editor for u in arg.split(",") if u.strip()])
-    else:
-        editor = GeneratorEditor(model, progress=_step_progress)
+    needs_model = args.model is not None and (not args.editor or not args.thinker)
+    pipeline = _pipeline(args) if needs_model else None
+    editor = build_editor(args.editor, pipeline=pipeline, progress=_step_progress)
     thinker = None
     if args.think or args.reflect:
-        if args.thinker:
-            thinker = _remote().OpenAIThinker(args.thinker, args.thinker_model, contract=args.thinker_contract)
-        else:
-            thinker = ReasonerThinker(model, max_new_tokens=args.max_new_tokens)
+        thinker = build_thinker(args.thinker, pipeline=pipeline, model_name=args.thinker_model,
+                                contract=args.thinker_contract, max_new_tokens=args.max_new_tokens)
     print(f"editor {editor.name}" + (f", thinker {thinker.name}" if thinker else "") +
           f" (ready in {time.perf_counter() - started:.1f}s)", file=sys.stderr)
 
@@ -120,13 +103,12 @@ def run(args: argparse.Namespace) -> int:
         where = "" if phase == "think" else f"round {round_}: "
         print(f"  {where}{phase} ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
 
-    remote_error = _remote().ServiceError if (args.editor or args.thinker) else ()
     try:
         (trace,) = edit_with_reasoning(editor, thinker, [image], [args.instruction], think=args.think,
                                        reflect=args.reflect, rounds=args.rounds, seed=args.seed,
                                        guidance_scale=args.guidance, num_inference_steps=args.steps,
                                        negative_prompt=args.negative_prompt, progress=progress)
-    except remote_error as e:  # a service that stayed down through its retries: say so, no traceback
+    except RemoteServiceError as e:  # a service that stayed down through its retries: say so, no traceback
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return 1
     out = write_trace(trace, args.out)

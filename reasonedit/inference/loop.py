@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from reasonedit.inference.trace import Round, Trace
 from reasonedit.inference.types import EditRequest, Editor, Thinker
+from reasonedit.progress import Progress
 
 log = logging.getLogger(__name__)
 
 # progress(phase, round, live samples)
-Progress = Callable[[str, int, int], None]
 
 
 def best_round(rounds: Sequence[Round]) -> int:
@@ -126,4 +126,4 @@ def edit_with_reasoning(editor: Editor, thinker: Optional[Thinker], sources: Seq
     return traces
 
 
-__all__ = ["Progress", "best_round", "edit_with_reasoning"]
+__all__ = ["best_round", "edit_with_reasoning"]

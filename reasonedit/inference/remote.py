@@ -1,24 +1,19 @@
 """Editors and thinkers over HTTP: `HttpEditor` speaks EditThinker-style editing services (`POST /edit`,
 `GET /health`); `OpenAIThinker` speaks any OpenAI-compatible chat endpoint (vLLM, a hosted model).
 
-Both retry what can pass (connection errors, timeouts, 429 and 5xx, bodies that are not what the API
-returns) with exponential backoff and jitter, and fail with a `ServiceError` that names the URL and says
-what each attempt got. A 4xx other than 429 is the request's fault: no retry. See docs/serve.md.
+Both go through `reasonedit.clients.http.HttpClient`: what can pass (connection errors, timeouts, 429 and
+5xx, bodies that are not what the API returns) is retried with exponential backoff and jitter, and a
+`ServiceError` names the URL and says what each attempt got. A 4xx other than 429 is the request's fault:
+no retry. See docs/serve.md.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import functools
-import io
 import json
 import logging
 import math
 import os
-import random
 import re
-import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,206 +23,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import httpx
 import numpy as np
-from PIL import Image as PILImage
 
-from reasonedit.errors import RemoteServiceError
+from reasonedit.clients.http import HttpClient, RetryPolicy, Retryable, check_status
+from reasonedit.clients.images import data_url, decode_base64_image, encode_png
 from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
 from reasonedit.models import prompts
 from reasonedit.models.prompts import ParseError
 
 log = logging.getLogger(__name__)
-
-
-class ServiceError(RemoteServiceError):
-    """A remote service could not answer after every retry; the message names the URL(s) and each failure."""
-
-
-class _Retryable(Exception):
-    """One attempt failed in a way a later attempt may not."""
-
-    def __init__(self, message: str, retry_after: Optional[float] = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-# ---------------------------------------------------------------------------------------------------
-# Images on the wire: base64 PNG, optionally as a data URL
-
-
-def encode_png(image: np.ndarray) -> str:
-    """A uint8 (H, W, 3) array as base64 PNG text."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image: expected a uint8 (H, W, 3) RGB array, got {image.dtype} {image.shape}")
-    buf = io.BytesIO()
-    PILImage.fromarray(image).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def data_url(image: Any) -> str:
-    """An image (array or PIL) as a `data:image/png;base64,...` URL, as chat APIs take images."""
-    if isinstance(image, PILImage.Image):
-        image = np.asarray(image.convert("RGB"))
-    return "data:image/png;base64," + encode_png(image)
-
-
-def decode_image_bytes(raw: bytes, what: str = "image") -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, WebP...) to a uint8 (H, W, 3) array; ValueError naming `what`."""
-    try:
-        with PILImage.open(io.BytesIO(raw)) as im:
-            im.load()
-            return np.array(im.convert("RGB"))  # writable: torch warns on read-only arrays
-    except (PILImage.UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"{what}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def decode_base64(text: str) -> bytes:
-    """Base64 text, or a data URL, to bytes; ValueError saying what is wrong."""
-    if text.startswith("data:"):
-        text = text.split(",", 1)[1] if "," in text else ""
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"not valid base64 ({e})") from None
-
-
-def decode_base64_image(text: str, what: str = "image") -> np.ndarray:
-    """Base64 (or a data URL) to a uint8 (H, W, 3) array; ValueError naming `what` on bad base64 or bytes."""
-    try:
-        raw = decode_base64(text)
-    except ValueError as e:
-        raise ValueError(f"{what}: {e}") from None
-    return decode_image_bytes(raw, what)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Retries and endpoints
-
-
-@dataclass
-class RetryPolicy:
-    """attempts in all (1 = no retry); the wait before retry k is min(max_backoff, backoff * 2**k), times a
-    random factor in [1 - jitter, 1 + jitter] so clients that failed together do not retry together."""
-
-    attempts: int = 4
-    backoff: float = 0.5
-    max_backoff: float = 10.0
-    jitter: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError(f"retries: attempts must be at least 1, got {self.attempts}")
-        if self.backoff < 0 or self.max_backoff < 0 or not 0 <= self.jitter <= 1:
-            raise ValueError("retries: backoff and max_backoff must be >= 0 and jitter in [0, 1]")
-
-    def wait(self, retry: int, retry_after: Optional[float] = None) -> float:
-        base = min(self.max_backoff, self.backoff * 2 ** retry)
-        if retry_after is not None:  # the server said when; still within our bound
-            base = min(self.max_backoff, max(base, retry_after))
-        return base * random.uniform(1 - self.jitter, 1 + self.jitter)
-
-
-class EndpointPool:
-    """Round robin over base URLs. An endpoint that fails sits out `cooldown` seconds, then is tried again;
-    when every endpoint sits out, the one back soonest is used rather than waiting."""
-
-    def __init__(self, urls: Sequence[str], cooldown: float = 30.0):
-        self.urls = [u.rstrip("/") for u in urls]
-        if not self.urls:
-            raise ValueError("endpoints: give at least one URL")
-        for u in self.urls:
-            if not re.match(r"^https?://[^/\s]+", u):
-                raise ValueError(f"endpoint {u!r}: not an http(s) URL (e.g. http://127.0.0.1:8000)")
-        self.cooldown = cooldown
-        self._down_until = {u: 0.0 for u in self.urls}
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def pick(self) -> str:
-        with self._lock:
-            now = time.monotonic()
-            n = len(self.urls)
-            for i in range(n):
-                url = self.urls[(self._next + i) % n]
-                if self._down_until[url] <= now:
-                    self._next = (self._next + i + 1) % n
-                    return url
-            url = min(self.urls, key=self._down_until.__getitem__)
-            self._next = (self.urls.index(url) + 1) % n
-            return url
-
-    def failed(self, url: str) -> None:
-        with self._lock:
-            self._down_until[url] = time.monotonic() + self.cooldown
-
-    def succeeded(self, url: str) -> None:
-        with self._lock:
-            self._down_until[url] = 0.0
-
-    def is_down(self, url: str) -> bool:
-        with self._lock:
-            return self._down_until[url] > time.monotonic()
-
-
-def _retry_after(response: httpx.Response) -> Optional[float]:
-    try:
-        return float(response.headers["Retry-After"])
-    except (KeyError, ValueError):
-        return None
-
-
-def _error_text(response: httpx.Response) -> str:
-    """The server's own words for a failure, short."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200]
-    if isinstance(body, dict):
-        for key in ("error", "detail", "message"):
-            if key in body:
-                value = body[key]
-                if isinstance(value, dict):
-                    value = value.get("message", value)
-                return str(value)[:300]
-    return str(body)[:200]
-
-
-def _call_with_retries(pool: EndpointPool, policy: RetryPolicy, attempt: Callable[[str], Any], what: str) -> Any:
-    """Run `attempt(url)` over the pool until it returns; retry on `_Retryable` and transport errors."""
-    failures: list[str] = []
-    for k in range(policy.attempts):
-        url = pool.pick()
-        try:
-            result = attempt(url)
-        except _Retryable as e:
-            failures.append(f"{url}: {e}")
-            retry_after = e.retry_after
-        except httpx.TimeoutException as e:
-            failures.append(f"{url}: timed out ({type(e).__name__})")
-            retry_after = None
-        except httpx.TransportError as e:
-            failures.append(f"{url}: {type(e).__name__}: {e}")
-            retry_after = None
-        else:
-            pool.succeeded(url)
-            return result
-        pool.failed(url)
-        if k + 1 < policy.attempts:
-            delay = policy.wait(k, retry_after)
-            log.warning("%s failed (%s); retry %d/%d in %.2fs", what, failures[-1], k + 1, policy.attempts - 1, delay)
-            time.sleep(delay)
-    raise ServiceError(f"{what} failed after {policy.attempts} attempt(s): " + "; ".join(failures))
-
-
-@functools.lru_cache(maxsize=1)
-def _tls_context() -> ssl.SSLContext:
-    """One verified TLS context for every client: building one per client costs ~40 ms of CPU."""
-    import certifi
-    return ssl.create_default_context(cafile=certifi.where())
-
-
-def _auth_headers(token: Optional[str]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,14 +51,15 @@ class HttpEditor:
                  concurrency: int = 8, cooldown: float = 30.0, token: Optional[str] = None,
                  extra: Optional[dict[str, Any]] = None, name: Optional[str] = None):
         urls = [u.strip() for u in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
-        self.pool = EndpointPool([u for u in urls if u], cooldown)
+        urls = [u for u in urls if u]
         if concurrency < 1:
             raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
-        self.timeout, self.retry, self.concurrency = timeout, retry or RetryPolicy(), concurrency
+        self._client = HttpClient(urls, timeout=timeout, retry=retry, cooldown=cooldown, token=token,
+                                  max_connections=concurrency * max(len(urls), 1))
+        self.pool, self.retry = self._client.pool, self._client.retry
+        self.timeout, self.concurrency = timeout, concurrency
         self.extra = dict(extra or {})
         self.name = name or "http:" + ",".join(self.pool.urls)
-        self._client = httpx.Client(timeout=timeout, headers=_auth_headers(token), verify=_tls_context(),
-                                    limits=httpx.Limits(max_connections=max(concurrency, 1) * len(self.pool.urls)))
 
     def close(self) -> None:
         self._client.close()
@@ -294,26 +98,22 @@ class HttpEditor:
 
         def attempt(url: str) -> np.ndarray:
             response = self._client.post(url + "/edit", json=body)
-            if response.status_code == 429 or response.status_code >= 500:
-                raise _Retryable(f"HTTP {response.status_code}: {_error_text(response)}", _retry_after(response))
-            if response.status_code >= 400:  # our request is wrong; another try will not fix it
-                raise ServiceError(f"{url}/edit rejected the request: HTTP {response.status_code}: "
-                                   f"{_error_text(response)}")
+            check_status(response, url + "/edit")
             try:
                 answer = response.json()
             except ValueError:
-                raise _Retryable(f"answer is not JSON: {response.text[:80]!r}") from None
+                raise Retryable(f"answer is not JSON: {response.text[:80]!r}") from None
             if not isinstance(answer, dict) or not answer.get("success"):
                 error = answer.get("error") if isinstance(answer, dict) else None
-                raise _Retryable(f"success is not true ({error or 'no error given'})")
+                raise Retryable(f"success is not true ({error or 'no error given'})")
             if not isinstance(answer.get("edited_image"), str):
-                raise _Retryable("answer has no edited_image")
+                raise Retryable("answer has no edited_image")
             try:
                 return decode_base64_image(answer["edited_image"], "edited_image")
             except ValueError as e:
-                raise _Retryable(str(e)) from None
+                raise Retryable(str(e)) from None
 
-        return _call_with_retries(self.pool, self.retry, attempt, f"edit {request.prompt[:40]!r}")
+        return self._client.call(attempt, f"edit {request.prompt[:40]!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,16 +223,15 @@ class OpenAIThinker:
             raise ValueError(f"contract {contract!r}: expected one of {', '.join(CONTRACTS)}")
         if concurrency < 1:
             raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
-        self.pool = EndpointPool([base_url], cooldown=0.0)
+        self.template = self._load_template(prompt_template)
+        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self._client = HttpClient([base_url], timeout=timeout, retry=retry, cooldown=0.0, token=key,
+                                  max_connections=concurrency)
+        self.pool, self.retry = self._client.pool, self._client.retry
         self.base_url = self.pool.urls[0]
         self.contract, self.threshold, self.concurrency = contract, threshold, concurrency
         self.temperature, self.max_tokens = temperature, max_tokens
-        self.retry = retry or RetryPolicy()
-        self.template = self._load_template(prompt_template)
         self.name = name or f"openai:{self.model}@{self.base_url}" + ("" if contract == "reasonedit" else f" ({contract})")
-        key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self._client = httpx.Client(timeout=timeout, headers=_auth_headers(key), verify=_tls_context(),
-                                    limits=httpx.Limits(max_connections=concurrency))
         self.parse_errors = 0
         self._lock = threading.Lock()
 
@@ -474,20 +273,16 @@ class OpenAIThinker:
 
         def attempt(url: str) -> str:
             response = self._client.post(url + "/chat/completions", json=body)
-            if response.status_code == 429 or response.status_code >= 500:
-                raise _Retryable(f"HTTP {response.status_code}: {_error_text(response)}", _retry_after(response))
-            if response.status_code >= 400:
-                raise ServiceError(f"{url}/chat/completions rejected the request: HTTP {response.status_code}: "
-                                   f"{_error_text(response)}")
+            check_status(response, url + "/chat/completions")
             try:
                 content = response.json()["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
-                raise _Retryable(f"answer is not a chat completion: {response.text[:80]!r}") from None
+                raise Retryable(f"answer is not a chat completion: {response.text[:80]!r}") from None
             if not isinstance(content, str):
-                raise _Retryable(f"message content is {type(content).__name__}, not text")
+                raise Retryable(f"message content is {type(content).__name__}, not text")
             return content
 
-        return _call_with_retries(self.pool, self.retry, attempt, f"chat ({self.model})")
+        return self._client.call(attempt, f"chat ({self.model})")
 
     def _map(self, fn: Callable[[int], Any], n: int) -> list:
         if n <= 1 or self.concurrency == 1:
@@ -588,5 +383,4 @@ class OpenAIThinker:
         return r
 
 
-__all__ = ["CONTRACTS", "EDITTHINKER_TEMPLATE", "EndpointPool", "HttpEditor", "OpenAIThinker", "RetryPolicy",
-           "ServiceError", "data_url", "decode_base64", "decode_base64_image", "decode_image_bytes", "encode_png", "parse_editthinker"]
+__all__ = ["CONTRACTS", "EDITTHINKER_TEMPLATE", "HttpEditor", "OpenAIThinker", "parse_editthinker"]

@@ -1,8 +1,8 @@
 """Flow-matching sampling: Euler steps over a shifted sigma schedule, true CFG with norm rescale, packed.
 
 The schedule is Qwen-Image's: sigmas linspace(1, 1/steps), shifted by the exponential time shift with
-mu linear in the target's token count (0.5 at 256 tokens, 0.9 at 8192: the same `resolution_mu` the
-training loss uses), optionally stretched to end at `shift_terminal`, then a final 0. Each Euler step is
+mu linear in the target's token count (0.5 at 256 tokens, 0.9 at 8192: the same `models.timesteps` rule
+the training loss uses), optionally stretched to end at `shift_terminal`, then a final 0. Each Euler step is
 x <- x + (sigma_next - sigma) * v, in float32, as `diffusers.FlowMatchEulerDiscreteScheduler.step`.
 
 Every sample of a batch has its own size, seed, schedule and guidance: all samples (and, with guidance,
@@ -19,8 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from reasonedit.losses.flow_matching import FlowMatchingConfig, resolution_mu, shift_timesteps
 from reasonedit.models.generator import GeneratorSample, patchify, unpatchify
+from reasonedit.models.timesteps import linear_mu, shift_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,7 @@ class SamplerConfig:
         """The exponential shift's mu for a target of `tokens` image tokens."""
         if self.shift == "fixed":
             return float(self.fixed_mu)
-        fm = FlowMatchingConfig(base_shift=self.base_shift, max_shift=self.max_shift,
-                                base_tokens=self.base_tokens, max_tokens=self.max_tokens)
-        return float(resolution_mu(tokens, fm))
+        return float(linear_mu(tokens, self.base_shift, self.max_shift, self.base_tokens, self.max_tokens))
 
 
 def sigma_schedule(steps: int, tokens: int, config: SamplerConfig | None = None) -> torch.Tensor:

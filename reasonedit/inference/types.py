@@ -13,6 +13,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 DECISIONS = ("success", "reflection", "failed")
+SHAPES_EDITOR = "shapes"  # the exact shapes-world editor, named where an editor URL would go
 
 
 @dataclass

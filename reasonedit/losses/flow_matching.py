@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from reasonedit.models.timesteps import linear_mu, shift_timesteps
+
 from .normalise import LossSum
 
 WEIGHTINGS = ("none", "cosmap")
@@ -43,14 +45,7 @@ class FlowMatchingConfig:
 
 def resolution_mu(tokens: int | torch.Tensor, cfg: FlowMatchingConfig) -> torch.Tensor:
     """mu, linear in the target's token count through (base_tokens, base_shift) and (max_tokens, max_shift)."""
-    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_tokens - cfg.base_tokens)
-    return torch.as_tensor(tokens, dtype=torch.float64) * slope + (cfg.base_shift - slope * cfg.base_tokens)
-
-
-def shift_timesteps(s: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """Qwen-Image's exponential time shift: e^mu / (e^mu + (1 / s - 1))."""
-    s = s.to(torch.float64)
-    return torch.exp(mu) / (torch.exp(mu) + (1.0 / s - 1.0))
+    return linear_mu(tokens, cfg.base_shift, cfg.max_shift, cfg.base_tokens, cfg.max_tokens)
 
 
 def logit_normal(n: int, mean: float, std: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -220,7 +220,7 @@ class ReasonEditModel(torch.nn.Module):
 
     def encode_images(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
         """uint8 (H, W, 3) images -> one (C, h, w) latent each (sizes may differ)."""
-        self._need("vae")
+        self.require("vae")
         out = []
         for image in images:
             t = torch.as_tensor(np.asarray(image))[None]
@@ -228,64 +228,20 @@ class ReasonEditModel(torch.nn.Module):
         return out
 
     def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
-        self._need("vae")
+        self.require("vae")
         return [to_uint8(self.vae.decode(z[None].to(self._vae_device()).float()))[0].cpu().numpy() for z in latents]
 
     def predict(self, samples: Sequence[GeneratorSample], sources_at_t0: bool = False) -> list[torch.Tensor]:
         """The generator's prediction (the flow velocity) for each sample's noisy target, packed in one row."""
         from .generator import target_predictions
-        self._need("generator")
+        self.require("generator")
         batch = self.generator.pack(samples, sources_at_t0=sources_at_t0)
         device = next(self.generator.parameters()).device
         batch = batch.to(device)
         return target_predictions(batch, self.generator(batch))
 
-    # -- think -> edit -> reflect (reasonedit.inference); one sample, or lists of samples --------
-    def think(self, source, instruction):
-        """The concrete instruction for (source, abstract instruction); lists in, list out."""
-        from reasonedit.inference.builtin import ReasonerThinker
-        sources, instructions, single = _as_batch(source, instruction)
-        out = ReasonerThinker(self).think(sources, instructions)
-        return out[0] if single else out
-
-    def edit(self, source, instruction, *, seed: int = 0, guidance_scale: float = 4.0,
-             num_inference_steps: int = 28, negative_prompt: str = " ", sampler=None):
-        """Edited uint8 (H, W, 3) image(s) from the generator alone; lists run as one packed batch."""
-        from reasonedit.inference.builtin import GeneratorEditor
-        from reasonedit.inference.types import EditRequest
-        sources, instructions, single = _as_batch(source, instruction)
-        requests = [EditRequest(image=s, prompt=i, seed=seed, guidance_scale=guidance_scale,
-                                num_inference_steps=num_inference_steps, negative_prompt=negative_prompt)
-                    for s, i in zip(sources, instructions)]
-        out = GeneratorEditor(self, sampler).edit(requests)
-        return out[0] if single else out
-
-    def reflect(self, source, edited, instruction, previous=None):
-        """A `Reflection` (description, score, reason, decision) on each edited image."""
-        from reasonedit.inference.builtin import ReasonerThinker
-        sources, instructions, single = _as_batch(source, instruction)
-        edits = [edited] if single else list(edited)
-        prev = [previous] * len(sources) if previous is None or isinstance(previous, str) else list(previous)
-        out = ReasonerThinker(self).reflect(sources, edits, instructions, prev)
-        return out[0] if single else out
-
-    def edit_with_reasoning(self, source, instruction, *, think: bool = True, reflect: bool = True,
-                            rounds: int = 3, seed: int = 0, guidance_scale: float = 4.0,
-                            num_inference_steps: int = 28, negative_prompt: str = " ", sampler=None,
-                            generate=None, progress=None):
-        """The think -> edit -> reflect loop with this model as editor and thinker: a `Trace` per sample.
-        `generate` replaces the reasoner's text generation (a `messages_batch -> list[str]` callable)."""
-        from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
-        from reasonedit.inference.loop import edit_with_reasoning
-        sources, instructions, single = _as_batch(source, instruction)
-        thinker = ReasonerThinker(self, generate=generate) if (think or reflect) else None
-        traces = edit_with_reasoning(GeneratorEditor(self, sampler), thinker, sources, instructions, think=think,
-                                     reflect=reflect, rounds=rounds, seed=seed, guidance_scale=guidance_scale,
-                                     num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
-                                     progress=progress)
-        return traces[0] if single else traces
-
-    def _need(self, component: str) -> None:
+    def require(self, component: str) -> None:
+        """Fail with a clear message when the model was loaded without `component`."""
         if getattr(self, component) is None:
             raise ValueError(f"this ReasonEditModel was loaded without its {component}; "
                              f"load it with components including {component!r}")
@@ -293,16 +249,6 @@ class ReasonEditModel(torch.nn.Module):
     def _vae_device(self) -> torch.device:
         params = list(self.vae.parameters())
         return params[0].device if params else torch.device("cpu")
-
-
-def _as_batch(source, instruction) -> tuple[list, list[str], bool]:
-    """(sources, instructions, single): one image and one string, or two lists of the same length."""
-    if isinstance(instruction, str):
-        return [source], [instruction], True
-    sources, instructions = list(source), list(instruction)
-    if len(sources) != len(instructions):
-        raise ValueError(f"{len(sources)} source images for {len(instructions)} instructions")
-    return sources, instructions, False
 
 
 __all__ = ["COMPONENTS", "CONFIG_FILE", "ReasonEditModel", "build_codec", "build_generator"]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 import types
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from reasonedit.publish import atomic_write_text
 
 PATCH_CONFIG = "patch_codec.json"
 
@@ -71,13 +71,7 @@ class PatchCodec(torch.nn.Module):
         return F.pixel_shuffle(latents, self.patch_size)  # (B, 3, H, W)
 
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=".patch.")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"kind": "patch", "patch_size": self.patch_size}, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path / PATCH_CONFIG)
+        atomic_write_text(Path(path) / PATCH_CONFIG, json.dumps({"kind": "patch", "patch_size": self.patch_size}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "PatchCodec":

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from reasonedit.inference.remote import encode_png
+from reasonedit.clients.images import encode_png
 from reasonedit.inference.types import Editor, Thinker
 from reasonedit.serve.batcher import EditBatcher, LockedThinker, QueueFull
 from reasonedit.serve.schema import (

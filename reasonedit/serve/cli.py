@@ -13,13 +13,15 @@ import os
 import sys
 from pathlib import Path
 
+from reasonedit.inference.types import SHAPES_EDITOR
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--model", type=Path, help="model folder (save_pretrained output)")
-    what.add_argument("--editor", choices=["shapes"], help="serve the exact shapes-world editor instead of a model: "
+    what.add_argument("--editor", choices=[SHAPES_EDITOR], help="serve the exact shapes-world editor instead of a model: "
                       "it reads the scene from the image, executes the concrete instruction and returns the source "
                       "unchanged when it cannot parse it")
     p.add_argument("--config", type=Path, help="--editor shapes: an experiment YAML whose world section is the "
@@ -94,14 +96,13 @@ def _run_shapes(args: argparse.Namespace) -> int:
     config = _config(args)
     import uvicorn
 
-    from reasonedit.data.shapes_editor import ShapesEditor
+    from reasonedit.inference.pipeline import build_editor, build_thinker
     from reasonedit.serve.app import create_app
 
-    editor = ShapesEditor(world, error_rate=args.error_rate, seed=args.error_seed)
+    editor = build_editor(SHAPES_EDITOR, world=world, error_rate=args.error_rate, seed=args.error_seed)
     thinker = None
     if args.thinker and not args.no_thinker:
-        from reasonedit.inference.remote import OpenAIThinker
-        thinker = OpenAIThinker(args.thinker, args.thinker_model, contract=args.thinker_contract)
+        thinker = build_thinker(args.thinker, model_name=args.thinker_model, contract=args.thinker_contract)
     name = f"shapes world {world.image_size}px, grid {world.grid}" + (f" ({args.config})" if args.config else "")
     app = create_app(editor, config, thinker, model_name=name, thinker_shares_model=False)
     auth = "bearer token required" if config.token else "no authentication"
@@ -112,34 +113,27 @@ def _run_shapes(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.editor == "shapes":
+    if args.editor == SHAPES_EDITOR:
         return _run_shapes(args)
     given = [flag for flag, on in (("--config", args.config is not None), ("--error-rate", args.error_rate != 0.0),
                                    ("--error-seed", args.error_seed != 0), ("world.key=value", bool(args.overrides)))
              if on]
     if given:
         raise ValueError(f"{', '.join(given)}: only with --editor shapes (a model folder carries its own settings)")
-    if not (args.model / "reasonedit.json").is_file():
+    from reasonedit.models.model import CONFIG_FILE
+    if not (args.model / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"--model {args.model}: not a model folder (no reasonedit.json)")
     config = _config(args)
-    import torch
     import uvicorn
 
-    from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
-    from reasonedit.models.model import ReasonEditModel
+    from reasonedit.inference.pipeline import Pipeline, build_thinker, resolve_device
     from reasonedit.serve.app import create_app
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"loading {args.model} on {device}", file=sys.stderr)
-    model = ReasonEditModel.from_pretrained(args.model).to(device).eval()
-    if args.no_thinker:
-        thinker = None
-    elif args.thinker:
-        from reasonedit.inference.remote import OpenAIThinker
-        thinker = OpenAIThinker(args.thinker, args.thinker_model, contract=args.thinker_contract)
-    else:
-        thinker = ReasonerThinker(model)
-    app = create_app(GeneratorEditor(model), config, thinker, model_name=str(args.model),
+    print(f"loading {args.model} on {resolve_device(args.device)}", file=sys.stderr)
+    pipeline = Pipeline.load(args.model, device=args.device)
+    thinker = None if args.no_thinker else build_thinker(args.thinker, pipeline=pipeline,
+                                                         model_name=args.thinker_model, contract=args.thinker_contract)
+    app = create_app(pipeline.editor(), config, thinker, model_name=str(args.model),
                      thinker_shares_model=not args.thinker)
     auth = "bearer token required" if config.token else "no authentication"
     print(f"serving {args.model} on http://{args.host}:{args.port} ({auth}; queue {config.max_queue}, "

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 from PIL import Image as PILImage
 
-from reasonedit.inference.remote import decode_base64
+from reasonedit.clients.images import decode_base64
 from reasonedit.inference.types import EditRequest
 
 log = logging.getLogger(__name__)

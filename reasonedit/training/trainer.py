@@ -25,7 +25,7 @@ import torch
 from reasonedit.config import ExperimentConfig
 from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
 from reasonedit.losses import global_count, normalise
-from reasonedit.models.model import ReasonEditModel
+from reasonedit.models.model import CONFIG_FILE, ReasonEditModel
 from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
 
@@ -69,7 +69,7 @@ class StageModule(torch.nn.Module):
 
 
 def _start_identity(path: Path) -> str:
-    meta = path / "reasonedit.json"
+    meta = path / CONFIG_FILE
     return f"{path.resolve()}:{meta.stat().st_mtime_ns}" if meta.is_file() else str(path.resolve())
 
 

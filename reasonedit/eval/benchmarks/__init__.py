@@ -1,4 +1,8 @@
-"""One module per benchmark; `BENCHMARKS` maps each name to its class."""
+"""One module per benchmark; `BENCHMARKS` maps each name to its class, `get_benchmark` makes one."""
+
+from typing import Any
+
+from ..benchmark import Benchmark
 
 from .gedit import GEditBenchmark
 from .imgedit import ImgEditBenchmark
@@ -14,4 +18,13 @@ BENCHMARKS = {
     "rise": RiseBenchmark,
 }
 
-__all__ = ["BENCHMARKS", "GEditBenchmark", "ImgEditBenchmark", "KrisBenchmark", "RiseBenchmark", "ShapesBenchmark"]
+
+
+def get_benchmark(name: str, **options: Any) -> Benchmark:
+    """A fresh benchmark by name (not loaded yet)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+    return BENCHMARKS[name](**options)
+
+
+__all__ = ["BENCHMARKS", "get_benchmark", "GEditBenchmark", "ImgEditBenchmark", "KrisBenchmark", "RiseBenchmark", "ShapesBenchmark"]

@@ -24,13 +24,12 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ...publish import atomic_write_bytes
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
                          group_by, mean, ok_only, require, row, total_counts)
 
@@ -111,7 +110,7 @@ class ImageCache:
             self.reused += 1
         else:
             path = self.folder / f"{digest}{_image_suffix(data, where, column)}"
-            _write_atomic(path, data)
+            atomic_write_bytes(path, data)
             self.written += 1
         self._known[digest] = path
         return path
@@ -128,17 +127,6 @@ def _image_suffix(data: bytes, where: str, column: str) -> str:
         raise BenchmarkDataError(f"{where}: column {column!r} holds {len(data)} bytes that do not decode "
                                  f"as an image ({e})") from None
     return IMAGE_SUFFIXES.get(fmt, f".{fmt.lower()}")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def find_tables(root: Path) -> list[Path]:

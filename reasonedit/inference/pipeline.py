@@ -1,0 +1,143 @@
+"""The inference pipeline: a ReasonEditModel placed on its device, and the one place editors and thinkers are made.
+
+`Pipeline` holds think / edit / reflect / edit_with_reasoning over the model's own generator and reasoner.
+`build_editor` and `build_thinker` turn what a command line or a run's config names (the model, the exact
+shapes editor, HTTP services) into an `Editor` and a `Thinker`; `reasonedit edit`, `serve`, `eval` and the
+run's edit and eval steps all build theirs here, so every one of them places the model the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import torch
+
+from reasonedit.inference.builtin import Generate, GeneratorEditor, ReasonerThinker
+from reasonedit.inference.loop import edit_with_reasoning
+from reasonedit.inference.sampler import SamplerConfig
+from reasonedit.inference.types import SHAPES_EDITOR, EditRequest, Editor, Thinker
+from reasonedit.models.model import COMPONENTS, CONFIG_FILE, ReasonEditModel
+
+if TYPE_CHECKING:
+    from reasonedit.data.shapes import WorldConfig
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as a torch.device; None or "auto": CUDA when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+class Pipeline:
+    """A model placed on `device` (and cast to `dtype` when given) in eval mode, with its built-in editor and
+    thinker and the think -> edit -> reflect API over them. Lists in give lists out; one image and one
+    string give one result."""
+
+    def __init__(self, model: ReasonEditModel, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, sampler: SamplerConfig | None = None):
+        self.device = resolve_device(device)
+        self.model = (model.to(self.device, dtype) if dtype is not None else model.to(self.device)).eval()
+        self.sampler = sampler
+
+    @classmethod
+    def load(cls, path: str | Path, *, components: Sequence[str] = COMPONENTS,
+             device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             sampler: SamplerConfig | None = None) -> "Pipeline":
+        """A model folder (ReasonEditModel.save_pretrained) with the parts named in `components`."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path}: not a model folder (no {CONFIG_FILE})")
+        return cls(ReasonEditModel.from_pretrained(path, components=components), device=device, dtype=dtype,
+                   sampler=sampler)
+
+    def editor(self, progress: Callable[[int, int], None] | None = None) -> GeneratorEditor:
+        return GeneratorEditor(self.model, self.sampler, progress=progress)
+
+    def thinker(self, generate: Optional[Generate] = None, max_new_tokens: int = 128) -> ReasonerThinker:
+        return ReasonerThinker(self.model, generate=generate, max_new_tokens=max_new_tokens)
+
+    def think(self, source, instruction):
+        """The concrete instruction for (source, abstract instruction)."""
+        sources, instructions, single = _as_batch(source, instruction)
+        out = self.thinker().think(sources, instructions)
+        return out[0] if single else out
+
+    def edit(self, source, instruction, *, seed: int = 0, guidance_scale: float = 4.0,
+             num_inference_steps: int = 28, negative_prompt: str = " "):
+        """Edited uint8 (H, W, 3) image(s) from the generator alone; lists run as one packed batch."""
+        sources, instructions, single = _as_batch(source, instruction)
+        requests = [EditRequest(image=s, prompt=i, seed=seed, guidance_scale=guidance_scale,
+                                num_inference_steps=num_inference_steps, negative_prompt=negative_prompt)
+                    for s, i in zip(sources, instructions)]
+        out = self.editor().edit(requests)
+        return out[0] if single else out
+
+    def reflect(self, source, edited, instruction, previous=None):
+        """A `Reflection` (description, score, reason, decision) on each edited image."""
+        sources, instructions, single = _as_batch(source, instruction)
+        edits = [edited] if single else list(edited)
+        prev = [previous] * len(sources) if previous is None or isinstance(previous, str) else list(previous)
+        out = self.thinker().reflect(sources, edits, instructions, prev)
+        return out[0] if single else out
+
+    def edit_with_reasoning(self, source, instruction, *, think: bool = True, reflect: bool = True,
+                            rounds: int = 3, seed: int = 0, guidance_scale: float = 4.0,
+                            num_inference_steps: int = 28, negative_prompt: str = " ",
+                            generate: Optional[Generate] = None, progress=None):
+        """The think -> edit -> reflect loop with this model as editor and thinker: a `Trace` per sample.
+        `generate` replaces the reasoner's text generation (a `messages_batch -> list[str]` callable)."""
+        sources, instructions, single = _as_batch(source, instruction)
+        thinker = self.thinker(generate) if (think or reflect) else None
+        traces = edit_with_reasoning(self.editor(), thinker, sources, instructions, think=think, reflect=reflect,
+                                     rounds=rounds, seed=seed, guidance_scale=guidance_scale,
+                                     num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+                                     progress=progress)
+        return traces[0] if single else traces
+
+
+def build_editor(editor: str | Sequence[str] | None = None, *, pipeline: Pipeline | None = None,
+                 world: "WorldConfig | None" = None, error_rate: float = 0.0, seed: int = 0, concurrency: int = 8,
+                 progress: Callable[[int, int], None] | None = None) -> Editor:
+    """None: the pipeline's generator; SHAPES_EDITOR: the exact shapes editor on `world` (None: the default world),
+    making errors on purpose at `error_rate`; else HTTP editing-service URL(s), round robin."""
+    if error_rate and editor != SHAPES_EDITOR:
+        raise ValueError("error rate: only the shapes editor makes errors on purpose")
+    if editor is None:
+        if pipeline is None:
+            raise ValueError("the built-in editor needs a model; give a model folder or an editor URL")
+        return pipeline.editor(progress)
+    if editor == SHAPES_EDITOR:
+        from reasonedit.data.shapes_editor import ShapesEditor
+        return ShapesEditor(world, error_rate=error_rate, seed=seed)
+    from reasonedit.inference.remote import HttpEditor
+    urls = [editor] if isinstance(editor, str) else list(editor)
+    return HttpEditor([u.strip() for arg in urls for u in arg.split(",") if u.strip()], concurrency=concurrency)
+
+
+def build_thinker(thinker: str | None = None, *, pipeline: Pipeline | None = None, model_name: str | None = None,
+                  api_key: str | None = None, contract: str = "reasonedit", concurrency: int = 8,
+                  max_new_tokens: int = 128) -> Thinker:
+    """None: the pipeline's reasoner; else an OpenAI-compatible chat endpoint speaking `contract`."""
+    if thinker is None:
+        if pipeline is None:
+            raise ValueError("the built-in thinker needs a model; give a model folder or a thinker URL")
+        return pipeline.thinker(max_new_tokens=max_new_tokens)
+    from reasonedit.inference.remote import OpenAIThinker
+    return OpenAIThinker(thinker, model_name, api_key, contract=contract, concurrency=concurrency)
+
+
+def _as_batch(source, instruction) -> tuple[list, list[str], bool]:
+    """(sources, instructions, single): one image and one string, or two lists of the same length."""
+    if isinstance(instruction, str):
+        return [source], [instruction], True
+    sources, instructions = list(source), list(instruction)
+    if len(sources) != len(instructions):
+        raise ValueError(f"{len(sources)} source images for {len(instructions)} instructions")
+    return sources, instructions, False
+
+
+__all__ = ["Pipeline", "build_editor", "build_thinker", "resolve_device"]
