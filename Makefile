@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-slow install clean bench
 
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the slow tier (tests marked slow: a wheel installed in a fresh venv, ...); CI runs `make test` only
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --slow -m slow
 
 bench: $(STAMP)
 	$(PY) bench/synth.py

@@ -11,6 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["reasonedit", "reasonedit.*"]),
+    # the presets, experiments, sweeps and DeepSpeed JSONs (configs/ and launch/deepspeed/ in a checkout link here)
+    package_data={"reasonedit": ["configs/*/*.yaml", "configs/deepspeed/*.json"]},
     install_requires=[
         # torch is installed first by the Makefile (torch==2.13.0, the CPU wheel on disk here);
         # a range that it satisfies keeps pip from pulling another build.

@@ -32,7 +32,7 @@ def main() -> None:
         raise SystemExit("bench/flex_compile.py needs a CUDA device")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from reasonedit.models.attention import FLEX_BLOCK, Segment, TokenLayout
+    from reasonedit.models.attention import FLEX_BLOCK, Span, TokenLayout
 
     rows = stream(args.lengths, 0)
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {len(rows)} rows of "
@@ -42,7 +42,7 @@ def main() -> None:
         fn = torch.compile(flex_attention, dynamic=dynamic)
         times = []
         for lengths in rows + rows:  # the second pass sees only lengths it has compiled
-            layout = TokenLayout.from_segments([Segment(i, n, True) for i, n in enumerate(lengths)], "cuda")
+            layout = TokenLayout.from_spans([Span(i, n, True) for i, n in enumerate(lengths)], "cuda")
             layout = layout.padded(FLEX_BLOCK)
             L = len(layout)
             mask = create_block_mask(layout.mask_mod(), None, None, L, L, device="cuda")

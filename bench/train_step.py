@@ -13,12 +13,13 @@ down with overrides (`model.reasoner.num_layers=4 model.generator.num_layers=4`)
 
 Per stage, batches come from the real data path (synthetic records -> loader -> Preprocessor ->
 the stage's packer) and are drawn before timing. A step is what the trainer does for one micro-batch
-on one rank: the stage's `loss_sums` (stage code, compiled FlexAttention on CUDA, SDPA on CPU)
-under bf16 autocast on CUDA, `normalise`, `combine`, backward, gradient clipping, AdamW, and the
-generator EMA. Padded: the same batches, each as one padded batch of its samples (every sample
-right-padded to the longest), through the stock modules a run without packing uses: transformers'
-Qwen2.5-VL with an attention mask and diffusers' QwenImageTransformer2DModel sharing the generator's
-weights, with the same losses. Warm-up steps are excluded; figures are medians over timed steps.
+on one rank, through the trainer's own `reasonedit.training.step.Stepper`: the stage's `loss_sums`
+(stage code, compiled FlexAttention on CUDA, SDPA on CPU) under bf16 autocast on CUDA, `normalise`,
+`combine`, backward, gradient clipping, AdamW (no schedule), and the generator EMA. Padded: the same
+batches, each as one padded batch of its samples (every sample right-padded to the longest), through
+the stock modules a run without packing uses: transformers' Qwen2.5-VL with an attention mask and
+diffusers' QwenImageTransformer2DModel sharing the generator's weights, with the same losses. Warm-up
+steps are excluded; figures are medians over timed steps.
 
 Prints, per stage, the model FLOPs by part, one line per layout and the ratio:
 
@@ -47,7 +48,6 @@ H100 SXM 989.4 TFLOP/s; `--peak-tflops` to set it). On a CPU no peak is claimed:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import statistics
 import sys
@@ -64,11 +64,13 @@ sys.path.insert(0, str(ROOT))
 from reasonedit.config import ConfigError, load_config  # noqa: E402
 from reasonedit.data.packing import PackedBatch  # noqa: E402
 from reasonedit.data.preprocess import IGNORE_INDEX, GeneratorSegment, ReasonerSegment  # noqa: E402
-from reasonedit.losses import flow_matching_loss, next_token_loss, normalise, sample_timesteps  # noqa: E402
+from reasonedit.losses import flow_matching_loss, next_token_loss, sample_timesteps  # noqa: E402
 from reasonedit.losses import timestep_weights  # noqa: E402
 from reasonedit.stages import StageContext, stage_for  # noqa: E402
+from reasonedit.training.distributed import World  # noqa: E402
 from reasonedit.training.flops import (  # noqa: E402
     FlopCount, GeneratorDoc, ReasonerDoc, bf16_peak_tflops, generator_flops, reasoner_flops)
+from reasonedit.training.step import Stepper  # noqa: E402
 
 log = logging.getLogger("bench.train_step")
 
@@ -261,7 +263,7 @@ def shared_reference(generator):
     """diffusers' QwenImageTransformer2DModel holding the very same Parameter objects as `generator`."""
     from diffusers import QwenImageTransformer2DModel
 
-    from reasonedit.models.generator import diffusers_config
+    from reasonedit.models.generator_weights import diffusers_config
 
     # built where the generator lives (its RoPE tables are plain attributes), then its weights swapped out
     with torch.device(next(generator.parameters()).device):
@@ -285,29 +287,15 @@ class Timings:
         return statistics.median(f / s for f, s in zip(self.flops, self.seconds))
 
 
-def run_steps(loss_sums, stage, batches: list[PackedBatch], warmup: int, params, optimizer, ema, cfg,
-              device: torch.device, flops: list[float]) -> Timings:
-    """Train on `batches` one step each; time all but the first `warmup`."""
-    from reasonedit.training.trainer import step_generator
-
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+def run_steps(stepper: Stepper, batches: list[PackedBatch], warmup: int, device: torch.device,
+              flops: list[float]) -> Timings:
+    """Train on `batches` one step each, as the trainer does (`Stepper.step`); time all but the first `warmup`."""
     out = Timings()
     for i, batch in enumerate(batches):
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        ctx = StageContext(cfg.flow_matching, step_generator(cfg.seed, stage.number, i, 0), device)
-        counts = stage.counts(batch)
-        with autocast:
-            terms = loss_sums(batch, ctx)
-        loss = stage.combine({t: normalise(terms[t].sum, counts[t], 1) for t in stage.terms})
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
+        stepper.step([batch], i)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -317,8 +305,7 @@ def run_steps(loss_sums, stage, batches: list[PackedBatch], warmup: int, params,
     return out
 
 
-def profile_steps(loss_sums, stage, batches: list[PackedBatch], params, optimizer, ema, cfg, device: torch.device,
-                  title: str) -> None:
+def profile_steps(stepper: Stepper, batches: list[PackedBatch], device: torch.device, title: str) -> None:
     """Run `batches` again under torch.profiler; print where the time goes (after the timed steps, so the
     profiler's overhead never enters the figures)."""
     from torch.profiler import ProfilerActivity, profile
@@ -326,7 +313,7 @@ def profile_steps(loss_sums, stage, batches: list[PackedBatch], params, optimize
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     started = time.perf_counter()
     with profile(activities=activities) as prof:
-        run_steps(loss_sums, stage, batches, 0, params, optimizer, ema, cfg, device, [0.0] * len(batches))
+        run_steps(stepper, batches, 0, device, [0.0] * len(batches))
     wall = time.perf_counter() - started
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -378,17 +365,20 @@ def bench_stage(number: int, cfg, model, data: Path, args, device: torch.device,
     print(f"stage{number} model FLOPs by part: {shares}", flush=True)
 
     name = f"stage{number}"
-    packed = run_steps(lambda batch, ctx: module(batch, ctx), stage, batches, args.warmup, params, optimizer, ema,
-                       cfg, device, flops)
+    # no schedule: the lr stays at the stage's (a step's cost does not depend on it)
+    step = dict(params=params, grad_clip=cfg.train.grad_clip, ema=ema, flow_matching=cfg.flow_matching,
+                seed=cfg.seed)
+    packed_stepper = Stepper(module, stage, World(device=device), optimizer, **step)
+    packed = run_steps(packed_stepper, batches, args.warmup, device, flops)
     report(name, "packed", packed, peak)
     if args.profile:
-        profile_steps(lambda batch, ctx: module(batch, ctx), stage, batches[-args.profile:], params, optimizer, ema,
-                      cfg, device, f"{name} packed")
+        profile_steps(packed_stepper, batches[-args.profile:], device, f"{name} packed")
     if args.no_padded:
         return
     reference = shared_reference(model.generator) if model.generator is not None else None
-    padded = run_steps(lambda batch, ctx: padded_loss_sums(number, model, reference, batch, ctx), stage, batches,
-                       args.warmup, params, optimizer, ema, cfg, device, flops)
+    padded_stepper = Stepper(lambda batch, ctx: padded_loss_sums(number, model, reference, batch, ctx), stage,
+                             World(device=device), optimizer, **step)
+    padded = run_steps(padded_stepper, batches, args.warmup, device, flops)
     report(name, "padded", padded, peak)
     timed = batches[args.warmup:]
     real = sum(n for batch in timed for length in batch.lengths for n in length)

@@ -13,34 +13,19 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .eval import cli as eval_cli
+from .inference import cli as edit_cli
 from .progress import ProgressLine
+from .serve import cli as serve_cli
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_BUILT = 1, 2, 3
 
-# subcommands that live in their own module (`add_arguments(parser)` and `run(args) -> int`); until that
-# module exists the command is planned: it says which issue builds it and exits 3
-PLUGINS = {
-    "edit": ("reasonedit.inference.cli", "edit an image with think -> edit -> reflect", 6),
-    "serve": ("reasonedit.serve.cli", "serve the generator and the loop over HTTP", 6),
-    "eval": ("reasonedit.eval.cli", "score a model on shapes, GEdit, ImgEdit, KRIS or RISE", 7),
+# subcommands that live in their own module: `add_arguments(parser)` and `run(args) -> int`
+COMMAND_MODULES = {
+    "edit": (edit_cli, "edit an image with think -> edit -> reflect"),
+    "serve": (serve_cli, "serve the generator and the loop over HTTP"),
+    "eval": (eval_cli, "score a model on shapes, GEdit, ImgEdit, KRIS or RISE"),
 }
-
-
-def _plugin_module(name: str):
-    """The command's module, or None while it is not built."""
-    import importlib
-    import importlib.util
-    module = PLUGINS[name][0]
-    try:
-        if importlib.util.find_spec(module) is None:
-            return None
-    except ModuleNotFoundError:  # the parent package does not exist yet
-        return None
-    return importlib.import_module(module)
-
-
-def planned_commands() -> dict[str, tuple[str, int]]:
-    return {name: (what, issue) for name, (_, what, issue) in PLUGINS.items() if _plugin_module(name) is None}
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -138,13 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "train.deepspeed_config=JSON")
     _add_overrides(train)
 
-    for name, (_, what, issue) in PLUGINS.items():
-        module = _plugin_module(name)
-        if module is None:
-            sub.add_parser(name, help=f"{what} (not built yet)",
-                           description=f"{what[0].upper() + what[1:]}. Not built yet: planned in issue #{issue}.")
-        else:
-            module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__))
+    for name, (module, what) in COMMAND_MODULES.items():
+        module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__))
     return parser
 
 
@@ -303,10 +283,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    planned = planned_commands()
-    if extra and args.command not in planned:  # a planned command accepts anything, then says no
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from .config import ConfigError
@@ -315,11 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import NotBuiltError, RemoteServiceError
 
     try:
-        if args.command in planned:
-            what, issue = planned[args.command]
-            raise NotBuiltError(f"`reasonedit {args.command}` ({what})", issue)
-        if args.command in PLUGINS:
-            return _plugin_module(args.command).run(args)
+        if args.command in COMMAND_MODULES:
+            return COMMAND_MODULES[args.command][0].run(args)
         if args.command == "data":
             if args.data_command == "synth":
                 return _cmd_synth(args)

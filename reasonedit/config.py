@@ -25,7 +25,7 @@ from .models.config import ModelConfig
 from .publish import atomic_write_text
 
 GROUPS = ("model",)
-PACKAGE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package (`configs/` in a checkout)
 # what `reasonedit run` can do today, in order; later steps are listed as not built yet
 RUN_STEPS = ("data", "models", "vae", "pretrain", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
 PLANNED_STEPS: dict[str, int] = {}  # step -> the issue that builds it
@@ -439,12 +439,26 @@ def _explain(e: OmegaConfBaseException, cfg: DictConfig) -> str:
     return first
 
 
+def experiment_file(path: str | Path) -> Path:
+    """`path` when it is a file; else a packaged experiment named by it (`shapes_demo` or `shapes_demo.yaml`,
+    from any folder, an installed package included); else a ConfigError listing the packaged ones."""
+    path = Path(path)
+    if path.is_file() or len(path.parts) != 1:
+        return path
+    packaged = PACKAGE_CONFIGS / "experiment" / (path.name if path.suffix in (".yaml", ".yml") else f"{path}.yaml")
+    if packaged.is_file():
+        return packaged
+    have = sorted(p.stem for p in (PACKAGE_CONFIGS / "experiment").glob("*.yaml"))
+    raise ConfigError(f"config file not found: {path} (nor a packaged experiment of that name; packaged: {have})")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 root: str | Path | None = None) -> tuple[DictConfig, ExperimentConfig]:
-    """The merged, resolved and validated config: as an omegaconf tree and as dataclasses."""
+    """The merged, resolved and validated config: as an omegaconf tree and as dataclasses. `path` is an
+    experiment YAML or the name of a packaged one (see `experiment_file`)."""
     loader = ConfigLoader(ExperimentConfig, Path(root) if root else None)
     if path is not None:
-        loader.merge_file(Path(path))
+        loader.merge_file(experiment_file(path))
     for text in overrides:
         loader.merge_override(text)
     return loader.build()
@@ -455,6 +469,6 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "ExperimentConfig", "PLANNED_STEPS", "PreviewConfig", "RUN_STEPS",
-           "StageConfig", "TrainConfig", "VAETrainConfig",
+__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "ExperimentConfig", "PACKAGE_CONFIGS", "PLANNED_STEPS",
+           "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
            "load_config", "save_config"]

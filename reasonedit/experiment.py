@@ -61,7 +61,7 @@ def step_data(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
 def step_models(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
     if cfg.model.source != "tiny":
         # ReasonEditModel.from_diffusers loads such a folder; a run that trains from it comes with the stages
-        raise NotBuiltError(f"the models step for model.source={cfg.model.source}", 5)
+        raise NotBuiltError(f"the models step for model.source={cfg.model.source}", 13)
     from .data.corpus import dataset_texts
     from .models.model import ReasonEditModel
 

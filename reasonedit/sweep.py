@@ -38,7 +38,7 @@ from .publish import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = PACKAGE_CONFIGS.parent
+PACKAGE_ROOT = PACKAGE_CONFIGS.parent  # configs/... paths resolve against the package (a checkout or an install)
 LAUNCHERS = ("local", "torchrun", "deepspeed")
 MANIFEST = "sweep.json"
 LAUNCH_SCRIPT = "launch.sh"
@@ -91,7 +91,7 @@ def _find_file(key: str, value: str, sweep_path: Path) -> Path:
         candidates = [p]
     else:  # next to the sweep file, then the repo that holds the sweep's configs/, then this package's repo
         here = sweep_path.resolve().parent
-        candidates = [here / p, here.parent.parent / p, REPO_ROOT / p, Path.cwd() / p]
+        candidates = [here / p, here.parent.parent / p, PACKAGE_ROOT / p, Path.cwd() / p]
     for c in candidates:
         if c.is_file():
             return _display_path(c)

@@ -3,10 +3,10 @@ import warnings
 import pytest
 import torch
 
-from reasonedit.models.attention import PackedAttention, Segment, TokenLayout, resolve_backend
+from reasonedit.models.attention import PackedAttention, Span, TokenLayout, resolve_backend
 
-MIXED = [Segment(0, 5, False), Segment(0, 7, True), Segment(0, 3, False), Segment(1, 10, True),
-         Segment(2, 6, False), Segment(2, 4, True), Segment(2, 2, False)]
+MIXED = [Span(0, 5, False), Span(0, 7, True), Span(0, 3, False), Span(1, 10, True),
+         Span(2, 6, False), Span(2, 4, True), Span(2, 2, False)]
 
 
 def qkv(n, heads=2, dim=8, seed=0, device="cpu"):
@@ -28,20 +28,20 @@ def reference(layout, q, k, v):
 
 
 def test_dense_mask_is_the_rule_written_out():
-    layout = TokenLayout.from_segments(MIXED)
+    layout = TokenLayout.from_spans(MIXED)
     _, allowed = reference(layout, *qkv(len(layout)))
     assert torch.equal(layout.dense(), allowed)
 
 
 def test_sdpa_backend_equals_the_reference():
-    layout = TokenLayout.from_segments(MIXED)
+    layout = TokenLayout.from_spans(MIXED)
     q, k, v = qkv(len(layout))
     want, _ = reference(layout, q, k, v)
     assert torch.allclose(PackedAttention(layout, "sdpa")(q, k, v), want, atol=1e-6)
 
 
 def test_flex_forward_equals_dense_sdpa_on_cpu():
-    layout = TokenLayout.from_segments(MIXED)
+    layout = TokenLayout.from_spans(MIXED)
     q, k, v = qkv(len(layout), seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager flex warns that it is unfused
@@ -51,29 +51,29 @@ def test_flex_forward_equals_dense_sdpa_on_cpu():
 
 
 def test_documents_do_not_see_each_other():
-    layout = TokenLayout.from_segments([Segment(0, 6, True), Segment(1, 9, False)])
+    layout = TokenLayout.from_spans([Span(0, 6, True), Span(1, 9, False)])
     q, k, v = qkv(len(layout))
     packed = PackedAttention(layout, "sdpa")(q, k, v)
-    alone0 = PackedAttention(TokenLayout.from_segments([Segment(0, 6, True)]), "sdpa")(q[:, :, :6], k[:, :, :6], v[:, :, :6])
-    alone1 = PackedAttention(TokenLayout.from_segments([Segment(0, 9, False)]), "sdpa")(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:])
+    alone0 = PackedAttention(TokenLayout.from_spans([Span(0, 6, True)]), "sdpa")(q[:, :, :6], k[:, :, :6], v[:, :, :6])
+    alone1 = PackedAttention(TokenLayout.from_spans([Span(0, 9, False)]), "sdpa")(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:])
     assert torch.allclose(packed, torch.cat([alone0, alone1], 2), atol=1e-6)
 
 
 def test_padding_rows_stay_finite_and_are_invisible():
-    layout = TokenLayout.from_segments([Segment(0, 5, True)]).padded(8)
+    layout = TokenLayout.from_spans([Span(0, 5, True)]).padded(8)
     assert len(layout) == 8 and layout.doc[-1] == -1
     q, k, v = qkv(8)
     out = PackedAttention(layout, "sdpa")(q, k, v)
     assert torch.isfinite(out).all()
-    real = PackedAttention(TokenLayout.from_segments([Segment(0, 5, True)]), "sdpa")(q[:, :, :5], k[:, :, :5], v[:, :, :5])
+    real = PackedAttention(TokenLayout.from_spans([Span(0, 5, True)]), "sdpa")(q[:, :, :5], k[:, :, :5], v[:, :, :5])
     assert torch.allclose(out[:, :, :5], real, atol=1e-6)
 
 
 def test_plain_document_masks_and_cu_seqlens():
-    full = TokenLayout.from_segments([Segment(0, 4, True), Segment(1, 3, True)])
-    causal = TokenLayout.from_segments([Segment(0, 4, False), Segment(1, 3, False), Segment(1, 2, False)])
+    full = TokenLayout.from_spans([Span(0, 4, True), Span(1, 3, True)])
+    causal = TokenLayout.from_spans([Span(0, 4, False), Span(1, 3, False), Span(1, 2, False)])
     assert full.is_plain_document_mask() and causal.is_plain_document_mask()
-    assert not TokenLayout.from_segments(MIXED).is_plain_document_mask()
+    assert not TokenLayout.from_spans(MIXED).is_plain_document_mask()
     cu, longest = causal.cu_seqlens()
     assert cu.tolist() == [0, 4, 9] and longest == 5
 
@@ -89,15 +89,15 @@ def test_backend_choice():
 
 
 def test_wrong_length_is_refused():
-    layout = TokenLayout.from_segments([Segment(0, 5, True)])
+    layout = TokenLayout.from_spans([Span(0, 5, True)])
     with pytest.raises(ValueError, match=r"\(1, H, 5, D\)"):
         PackedAttention(layout, "sdpa")(*qkv(6))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention needs a CUDA device")
 def test_compiled_flex_forward_and_backward_match_dense_on_gpu():
-    segments = [Segment(s.doc + 3 * i, s.length, s.full) for i in range(8) for s in MIXED]  # several 128-blocks
-    layout = TokenLayout.from_segments(segments, device="cuda")
+    spans = [Span(s.doc + 3 * i, s.length, s.full) for i in range(8) for s in MIXED]  # several 128-blocks
+    layout = TokenLayout.from_spans(spans, device="cuda")
     q, k, v = (t.requires_grad_() for t in qkv(len(layout), heads=4, dim=64, device="cuda"))
     flex = PackedAttention(layout, "flex")(q, k, v)
     g = torch.randn_like(flex)
@@ -111,7 +111,7 @@ def test_compiled_flex_forward_and_backward_match_dense_on_gpu():
 
 def test_split_documents_fall_back_to_one_dense_mask():
     # document 0 appears in two separate runs: only the whole-row mask is right
-    layout = TokenLayout.from_segments([Segment(0, 4, False), Segment(1, 3, True), Segment(0, 5, True)])
+    layout = TokenLayout.from_spans([Span(0, 4, False), Span(1, 3, True), Span(0, 5, True)])
     attn = PackedAttention(layout, "sdpa")
     assert attn.blocks is None
     q, k, v = qkv(len(layout), seed=9)
@@ -120,7 +120,7 @@ def test_split_documents_fall_back_to_one_dense_mask():
 
 
 def test_per_document_sdpa_with_padding_equals_the_dense_mask():
-    layout = TokenLayout.from_segments(MIXED).padded(64)
+    layout = TokenLayout.from_spans(MIXED).padded(64)
     q, k, v = qkv(len(layout), seed=5)
     per_doc = PackedAttention(layout, "sdpa")
     assert per_doc.blocks is not None

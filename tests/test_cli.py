@@ -16,15 +16,6 @@ def test_every_command_has_help(args):
     assert "usage: reasonedit" in res.stdout
 
 
-def test_a_command_whose_module_is_missing_says_not_built_and_exits_3(monkeypatch, capsys):
-    from reasonedit import cli
-    monkeypatch.setitem(cli.PLUGINS, "eval", ("reasonedit.no_such_package.cli", "score things", 7))
-    assert "eval" in cli.planned_commands()
-    assert cli.main(["eval", "--bench", "shapes"]) == 3
-    err = capsys.readouterr().err
-    assert "not built yet" in err and "issue #7" in err
-
-
 def test_synth_verify_and_sheet(tmp_path):
     out = tmp_path / "d"
     res = run_cli("data", "synth", "--out", out, "--n", 4, "--splits", "train,val", "--seed", 3, "--shard-size", 3)

@@ -9,7 +9,7 @@ import math
 import pytest
 from PIL import Image
 
-from reasonedit.eval.benchmark import JudgeQuery, ParseError, SampleResult, parse_reply
+from reasonedit.eval.benchmark import JudgeQuery, JudgeReplyError, SampleResult, parse_reply
 from reasonedit.eval.benchmarks import GEditBenchmark, ImgEditBenchmark, KrisBenchmark, RiseBenchmark, ShapesBenchmark
 from reasonedit.eval.benchmarks.rise import solved
 
@@ -45,7 +45,7 @@ def test_score_list_reply_reads_a_fenced_json_object():
     ("   ", "empty"),
 ])
 def test_score_list_reply_that_does_not_hold_the_scores_is_a_parse_error(text, why):
-    with pytest.raises(ParseError, match=why):
+    with pytest.raises(JudgeReplyError, match=why):
         parse_reply(q("score_list", ["a", "b"]), text)
 
 
@@ -53,7 +53,7 @@ def test_score_fields_reply_needs_every_named_field():
     query = q("score_fields", ["instruction_score", "knowledge_score"], (1, 5))
     assert parse_reply(query, '{"instruction_score": 4, "knowledge_score": 2, "reasoning": "r"}') == {
         "instruction_score": 4.0, "knowledge_score": 2.0}
-    with pytest.raises(ParseError, match="knowledge_score"):
+    with pytest.raises(JudgeReplyError, match="knowledge_score"):
         parse_reply(query, '{"instruction_score": 4}')
 
 
@@ -61,17 +61,17 @@ def test_score_lines_reply_takes_three_labelled_integers_in_order():
     query = q("score_lines", ["score_1", "score_2", "score_3"], (1, 5))
     text = "Brief reasoning: shell unchanged.\nPrompt Compliance: 1\nVisual Seamlessness: 4\nPhysical & Detail Fidelity: 5"
     assert parse_reply(query, text) == {"score_1": 1.0, "score_2": 4.0, "score_3": 5.0}
-    with pytest.raises(ParseError, match="found 2"):
+    with pytest.raises(JudgeReplyError, match="found 2"):
         parse_reply(query, "Prompt Compliance: 1\nVisual Seamlessness: 4")
 
 
 def test_final_score_reply_rejects_two_different_finals_and_out_of_scale_binary():
     assert parse_reply(q("final_score", ["reasoning"], (1, 5)), "Looks right.\nFinal Score: 4") == {"reasoning": 4.0}
-    with pytest.raises(ParseError, match="more than one"):
+    with pytest.raises(JudgeReplyError, match="more than one"):
         parse_reply(q("final_score", ["reasoning"], (1, 5)), "Final Score: 3\n... Final Score: 5")
-    with pytest.raises(ParseError, match="outside the scale"):
+    with pytest.raises(JudgeReplyError, match="outside the scale"):
         parse_reply(q("final_score", ["reasoning"], (0, 1)), "Final Score: 2")
-    with pytest.raises(ParseError, match="Final Score"):
+    with pytest.raises(JudgeReplyError, match="Final Score"):
         parse_reply(q("final_score", ["reasoning"], (1, 5)), "four out of five")
 
 

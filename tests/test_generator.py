@@ -8,16 +8,14 @@ from diffusers import QwenImageTransformer2DModel
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
 
 from reasonedit.models.generator import (
-    ConfigMismatchError,
     GeneratorSample,
     PackedQwenImageTransformer,
-    StateDictMismatchError,
-    load_diffusers_transformer,
     pack_generator_samples,
     patchify,
     target_predictions,
     unpatchify,
 )
+from reasonedit.models.generator_weights import ConfigMismatchError, StateDictMismatchError, load_diffusers_transformer
 
 LATENT_CHANNELS = 4
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
@@ -160,8 +158,7 @@ def test_target_predictions_unpack_each_targets_tokens():
     for s, pred in zip(samples, predictions):
         assert torch.equal(pred, s.target)
     assert batch.target_index.numel() == sum(s.target.numel() // TINY["in_channels"] for s in samples)
-    assert torch.equal(batch.image_token_timesteps()[batch.target_index],
-                       batch.timesteps[batch.image_sample[batch.target_index]])
+    assert not batch.image_is_source[batch.target_index].any()  # targets take their sample's noisy timestep
 
 
 def test_patchify_matches_the_pipelines_packing():

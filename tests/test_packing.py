@@ -200,7 +200,7 @@ def test_stage3_mixed_row_equals_each_segment_alone(model, text_segments, gen_se
     assert {type(s) for s in batch.items} == {ReasonerSegment, GeneratorSegment}
     mixed = mixed_inputs(batch.items, model.reasoner)
     reasoner = model.reasoner
-    states = mixed.condition_states(reasoner.packed_hidden_states(mixed.row))
+    states = mixed.split_condition_states(reasoner.packed_hidden_states(mixed.row))
     logits = mixed.row.split(reasoner.forward_packed(mixed.row).logits)
     for seg, got in zip(mixed.reasoner_segments, logits):
         alone = reasoner.forward_packed(reasoner_inputs([seg], reasoner)).logits[0]

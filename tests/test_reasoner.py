@@ -12,11 +12,12 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from reasonedit.data.shapes import ShapesWorld
 from reasonedit.data.synth import Synthesizer
 from reasonedit.models import prompts
-from reasonedit.models.attention import PackedAttention, Segment, TokenLayout
+from reasonedit.models.attention import PackedAttention, Span, TokenLayout
 from reasonedit.models.config import LoraConfig
 from reasonedit.models.processor import ReasonerProcessor
-from reasonedit.models.prompts import Decision, ParseError, parse_decision, parse_score
-from reasonedit.models.reasoner import LORA_DIR, PACKED_KWARG, TEMPLATE_REPEATS, Reasoner, packed_attention_forward
+from reasonedit.models.prompts import Decision, ThinkerReplyError, parse_decision, parse_score
+from reasonedit.models.reasoner import (LORA_DIR, PACKED_KWARG, TEMPLATE_REPEATS, Reasoner, pack_reasoner_inputs,
+                                        packed_attention_forward)
 from reasonedit.models.tiny import init_tiny_reasoner
 from reasonedit.models.tokenizer import DECISION_TOKENS, decision_token_ids
 
@@ -133,7 +134,7 @@ def test_attention_function_leaves_bidirectional_vision_attention_alone():
     vision_like = torch.nn.Module()
     vision_like.is_causal = False
     q, k, v = torch.randn(3, 1, 2, 5, 8).unbind(0)
-    packed = PackedAttention(TokenLayout.from_segments([Segment(0, 2, False), Segment(1, 3, False)]), "sdpa")
+    packed = PackedAttention(TokenLayout.from_spans([Span(0, 2, False), Span(1, 3, False)]), "sdpa")
     expected, _ = sdpa_attention_forward(vision_like, q, k, v, None, is_causal=False)
     got, _ = packed_attention_forward(vision_like, q, k, v, None, is_causal=False, **{PACKED_KWARG: packed})
     assert torch.equal(got, expected)
@@ -174,7 +175,7 @@ def test_packing_leaves_the_vision_tower_output_unchanged(reasoner, samples):
         lambda module, args, output: outputs.append(output.pooler_output))
     try:
         inputs = reasoner.condition_inputs(*zip(*samples))
-        reasoner.packed_hidden_states(reasoner.pack(inputs))
+        reasoner.packed_hidden_states(pack_reasoner_inputs(inputs, reasoner.model))
         for sample in inputs:
             reasoner.model(**sample, use_cache=False)
     finally:
@@ -188,7 +189,7 @@ def test_packing_leaves_the_vision_tower_output_unchanged(reasoner, samples):
 def test_packed_logits_equal_each_sample_alone(reasoner, samples):
     text_only = reasoner.processor.encode_one([{"role": "user", "content": "make the red circle blue"}])
     inputs = reasoner.condition_inputs(*zip(*samples[:2])) + [text_only] + reasoner.condition_inputs(*zip(*samples[2:]))
-    row = reasoner.pack(inputs)
+    row = pack_reasoner_inputs(inputs, reasoner.model)
     assert row.position_ids.shape == (3, 1, sum(row.lengths))
     logits = row.split(reasoner.forward_packed(row).logits)
     for got, sample in zip(logits, inputs):
@@ -214,7 +215,7 @@ def test_packed_loss_and_lora_gradients_equal_token_weighted_alone(edit_pair):
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in reasoner.trainable_parameters()]
 
-    packed = loss_and_grads(reasoner.forward_packed(reasoner.pack(inputs)).loss)
+    packed = loss_and_grads(reasoner.forward_packed(pack_reasoner_inputs(inputs, reasoner.model)).loss)
     counts = [int((s["labels"][0, 1:] != -100).sum()) for s in inputs]
     alone = loss_and_grads(sum(reasoner.model(**s).loss * n for s, n in zip(inputs, counts)) / sum(counts))
     torch.testing.assert_close(packed[0], alone[0], atol=1e-5, rtol=0)
@@ -354,7 +355,7 @@ def test_parse_decision_accepts_the_three_forms(text, expected):
     ("garbage", "starts with one"),
 ])
 def test_parse_decision_rejects_malformed_answers(text, why):
-    with pytest.raises(ParseError, match=why):
+    with pytest.raises(ThinkerReplyError, match=why):
         parse_decision(text)
 
 
@@ -378,7 +379,7 @@ def test_parse_score_accepts_good_answers(text, expected):
     ("garbage", "not 'score"),
 ])
 def test_parse_score_rejects_malformed_answers(text, why):
-    with pytest.raises(ParseError, match=why):
+    with pytest.raises(ThinkerReplyError, match=why):
         parse_score(text)
 
 

@@ -15,7 +15,7 @@ from reasonedit.inference.types import EditRequest
 from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig
 from reasonedit.models.model import ReasonEditModel
-from reasonedit.models.prompts import ParseError
+from reasonedit.models.prompts import ThinkerReplyError
 from reasonedit.serve import ServeConfig, ServerThread, create_app
 from reasonedit.testing import Reply, ScriptedChatServer
 
@@ -231,7 +231,7 @@ def test_reflect_in_editthinkers_contract(image, reply, decision, instruction):
     ("Sure! The edit looks great.", "<think>"),
 ])
 def test_an_unparsable_editthinker_reply_is_failed_with_parse_error(image, reply, words):
-    with pytest.raises(ParseError, match=words):
+    with pytest.raises(ThinkerReplyError, match=words):
         parse_editthinker(reply)
     with ScriptedChatServer(lambda req: reply) as chat, \
             OpenAIThinker(chat.base_url, "m", contract="editthinker", retry=FAST) as thinker:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import serving
 from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
-from reasonedit.clients.images import decode_base64_image, encode_png
+from reasonedit.clients.images import decode_base64_image, png_base64
 from reasonedit.inference.types import EditRequest
 from reasonedit.models import prompts
 from reasonedit.models.config import ModelConfig
@@ -45,7 +45,7 @@ def server(model):
 
 
 def _body(image, **extra):
-    return {"image": encode_png(image), "prompt": "make the red square blue", "num_inference_steps": STEPS, **extra}
+    return {"image": png_base64(image), "prompt": "make the red square blue", "num_inference_steps": STEPS, **extra}
 
 
 def _status(url, **kw):
@@ -206,7 +206,7 @@ def test_one_bad_request_does_not_fail_the_batch_it_rode_in(image):
 # EditThinker's client (inference/run_edit_thinker_inference.py, get_model_config("flux-kontext-dev") and
 # call_api_with_retry) posts {"image", "prompt", **model_config} to /edit and reads success / edited_image.
 def _editthinker_request(image):
-    return {"image": encode_png(image), "prompt": "make the red square blue", "num_inference_step": 28,
+    return {"image": png_base64(image), "prompt": "make the red square blue", "num_inference_step": 28,
             "guidance_scale": 2.5, "width": 1024, "height": 1024, "enhance_prompt": False, "seed": 0}
 
 

@@ -18,7 +18,7 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode_png(image: np.ndarray) -> str:
+def png_base64(image: np.ndarray) -> str:
     """A uint8 (H, W, 3) array as base64 PNG text."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -46,7 +46,7 @@ def data_url(image: Union[np.ndarray, PILImage.Image, bytes]) -> str:
         return f"data:{image_mime(image)};base64,{base64.b64encode(image).decode('ascii')}"
     if isinstance(image, PILImage.Image):
         image = np.asarray(image.convert("RGB"))
-    return "data:image/png;base64," + encode_png(image)
+    return "data:image/png;base64," + png_base64(image)
 
 
 def decode_image_bytes(raw: bytes, what: str = "image") -> np.ndarray:
@@ -78,5 +78,5 @@ def decode_base64_image(text: str, what: str = "image") -> np.ndarray:
     return decode_image_bytes(raw, what)
 
 
-__all__ = ["data_url", "decode_base64", "decode_base64_image", "decode_image_bytes", "encode_png", "image_mime",
+__all__ = ["data_url", "decode_base64", "decode_base64_image", "decode_image_bytes", "image_mime", "png_base64",
            "png_bytes"]

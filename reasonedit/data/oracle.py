@@ -18,7 +18,7 @@ import numpy as np
 from .language import at, shape_words
 from .shapes import KINDS, PALETTE, SIZES, Cell, Edit, Scene, Shape, ShapesWorld, shape_mask
 
-DECISIONS = ("Success", "Reflection", "Failed")
+RECORD_DECISIONS = ("Success", "Reflection", "Failed")  # as records and the oracle write them
 
 
 @dataclass(frozen=True)
@@ -226,5 +226,5 @@ class Oracle:
         return OracleReport(not errors, score_from_errors(len(errors)), errors, decision, reading)
 
 
-__all__ = ["DECISIONS", "Oracle", "OracleReport", "Reading", "SceneError", "decide",
+__all__ = ["Oracle", "OracleReport", "RECORD_DECISIONS", "Reading", "SceneError", "decide",
            "scene_errors", "score_from_errors"]

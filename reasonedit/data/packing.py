@@ -32,7 +32,7 @@ its pixel values, and its answer, the only labelled tokens, sits at the end. A g
 latents cannot be cut either. The remedy is a larger budget or a smaller bucket, which the log says.
 
 The second half turns packed segments into model inputs: `reasoner_inputs` (next-token rows),
-`condition_inputs` / `condition_states` (the reasoner's condition states for generator segments),
+`condition_states` (the reasoner's condition states for generator segments),
 `generator_inputs` (noisy targets `x_t = (1 - s) x0 + s noise` and the velocity target
 `noise - x0`, packed by the generator) and `mixed_inputs` (stage 3's single reasoner row).
 """
@@ -379,20 +379,13 @@ def reasoner_inputs(segments: Sequence["ReasonerSegment"], reasoner: "Reasoner")
     return pack_reasoner_inputs([s.inputs() for s in segments], reasoner.model)
 
 
-def condition_inputs(segments: Sequence["GeneratorSegment"], reasoner: "Reasoner") -> "PackedReasonerInputs":
-    """One packed row of the segments' condition prompts (no labels)."""
-    from reasonedit.models.reasoner import pack_reasoner_inputs
-
-    return pack_reasoner_inputs([s.condition for s in segments], reasoner.model)
-
-
 def condition_states(segments: Sequence["GeneratorSegment"], reasoner: "Reasoner",
                      backend: str = "auto") -> list[torch.Tensor]:
-    """The generator's text stream per segment: (text_tokens, hidden) last-layer states, prefix dropped.
-    Gradients flow when enabled (stage 3); wrap in no_grad for a frozen reasoner (stage 2)."""
-    row = condition_inputs(segments, reasoner).to(reasoner.device)
-    hidden = reasoner.packed_hidden_states(row, backend=backend)  # (1, L, hidden)
-    return [h[s.prefix_tokens:] for h, s in zip(row.split(hidden), segments)]
+    """The generator's text stream per segment: (text_tokens, hidden) last-layer states, prefix dropped, from the
+    segments' encoded condition prompts in one packed row (`Reasoner.packed_condition_states`). Gradients flow
+    when enabled (stage 3); wrap in no_grad for a frozen reasoner (stage 2)."""
+    return reasoner.packed_condition_states([s.condition for s in segments], [s.prefix_tokens for s in segments],
+                                            backend=backend)
 
 
 def noisy_target(x0: torch.Tensor, noise: torch.Tensor, s: float) -> torch.Tensor:
@@ -461,10 +454,12 @@ class MixedInputs:
     generator_segments: list["GeneratorSegment"]
     condition_docs: list[int]
 
-    def condition_states(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """From the row's last-layer states (1, L, hidden): each generator segment's text stream."""
+    def split_condition_states(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Each generator segment's text stream, cut out of the row's last-layer states (1, L, hidden) that the
+        caller computed (no forward here, unlike `condition_states`)."""
         pieces = self.row.split(hidden)
         return [pieces[d][s.prefix_tokens:] for d, s in zip(self.condition_docs, self.generator_segments)]
+
 
 
 def mixed_inputs(items: Sequence[Any], reasoner: "Reasoner") -> MixedInputs:
@@ -486,5 +481,5 @@ def mixed_inputs(items: Sequence[Any], reasoner: "Reasoner") -> MixedInputs:
 
 
 __all__ = ["GeneratorInputs", "MixedInputs", "PackedBatch", "Packer", "PackerStats", "best_fit_decreasing",
-           "condition_inputs", "condition_states", "default_key", "default_length", "generator_inputs",
-           "mixed_inputs", "noisy_target", "reasoner_inputs"]
+           "condition_states", "default_key", "default_length", "generator_inputs", "mixed_inputs", "noisy_target",
+           "reasoner_inputs"]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from reasonedit.data.oracle import RECORD_DECISIONS
 from reasonedit.data.samples import EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
 from reasonedit.models import prompts
 from reasonedit.models.processor import Messages, ReasonerProcessor
@@ -381,7 +382,7 @@ class Preprocessor:
             kind = record.decision.lower()
             if kind not in prompts.DECISION_KINDS.values():
                 raise ValueError(f"record {record.key}: field 'decision' is {record.decision!r}, not one of "
-                                 "Success, Reflection, Failed")
+                                 f"{', '.join(RECORD_DECISIONS)}")
             decision = prompts.Decision(kind, record.thought,
                                         record.new_instruction if kind == "reflection" else None)
             return [

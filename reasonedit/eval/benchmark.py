@@ -20,7 +20,7 @@ Contract (the runner, the judge client and the CLI rely on exactly this):
    - ``bench.uses_judge`` False (shapes): ``bench.oracle_scores(sample, edited_path)`` -> scores.
    - ``bench.uses_judge`` True: ``bench.judge_queries(sample, edited_path)`` -> ``JudgeQuery`` list;
      send each (prompt text + images in order) to the judge, then ``parse_reply(query, text)`` ->
-     ``{metric: float}``; it raises ``ParseError`` on anything it cannot read (never guesses).
+     ``{metric: float}``; it raises ``JudgeReplyError`` on anything it cannot read (never guesses).
      Merge the dicts of all queries of the sample into ``SampleResult.scores``.
 6. Build one ``SampleResult`` per sample: status "ok" (every query parsed), "missing" (no edited
    image) or "failed" (a reply did not parse, the judge gave up, or the oracle could not read the
@@ -65,7 +65,7 @@ class BenchmarkDataError(ValueError):
     """A benchmark directory that is missing or not in the official layout; names the path and field."""
 
 
-class ParseError(ValueError):
+class JudgeReplyError(ValueError):
     """A judge reply that cannot be read as the scores the query asked for."""
 
 
@@ -143,13 +143,13 @@ def _json_object(text: str) -> dict:
                 body = body.lstrip()[4:]
     start, end = body.find("{"), body.rfind("}")
     if start < 0 or end < start:
-        raise ParseError("no JSON object in the reply")
+        raise JudgeReplyError("no JSON object in the reply")
     try:
         doc = json.loads(body[start:end + 1])
     except json.JSONDecodeError as e:
-        raise ParseError(f"the JSON object in the reply does not parse ({e.msg})") from None
+        raise JudgeReplyError(f"the JSON object in the reply does not parse ({e.msg})") from None
     if not isinstance(doc, dict):
-        raise ParseError("the reply's JSON is not an object")
+        raise JudgeReplyError("the reply's JSON is not an object")
     return doc
 
 
@@ -160,9 +160,9 @@ def _number(value: Any, what: str) -> float:
                 return float(value.strip())
             except ValueError:
                 pass
-        raise ParseError(f"{what} is {value!r}, not a number")
+        raise JudgeReplyError(f"{what} is {value!r}, not a number")
     if not math.isfinite(value):
-        raise ParseError(f"{what} is {value!r}, not a finite number")
+        raise JudgeReplyError(f"{what} is {value!r}, not a finite number")
     return float(value)
 
 
@@ -170,12 +170,12 @@ def parse_score_list(query: JudgeQuery, text: str) -> list[float]:
     """A JSON object whose "score" is a list with one number per metric (VIEScore's format)."""
     doc = _json_object(text)
     if "score" not in doc:
-        raise ParseError('the reply has no "score" field')
+        raise JudgeReplyError('the reply has no "score" field')
     raw = doc["score"]
     if not isinstance(raw, list):
         raw = [raw]
     if len(raw) != len(query.metrics):
-        raise ParseError(f'"score" has {len(raw)} value(s); {query.name} asks for {len(query.metrics)}')
+        raise JudgeReplyError(f'"score" has {len(raw)} value(s); {query.name} asks for {len(query.metrics)}')
     return [_number(v, f'"score"[{i}]') for i, v in enumerate(raw)]
 
 
@@ -185,7 +185,7 @@ def parse_score_fields(query: JudgeQuery, text: str) -> list[float]:
     out = []
     for m in query.metrics:
         if m not in doc:
-            raise ParseError(f'the reply has no "{m}" field')
+            raise JudgeReplyError(f'the reply has no "{m}" field')
         out.append(_number(doc[m], f'"{m}"'))
     return out
 
@@ -196,7 +196,7 @@ def parse_score_lines(query: JudgeQuery, text: str) -> list[float]:
     hits = re.findall(r"^[ \t*#-]*([^:\n\d][^:\n]*?)[ \t*]*[:：][ \t*]*(\d+)[ \t*]*$", text, flags=re.MULTILINE)
     if len(hits) != len(query.metrics):
         found = ", ".join(f"{label.strip()}: {v}" for label, v in hits) or "none"
-        raise ParseError(f'expected {len(query.metrics)} lines "<criterion>: <integer>", found {len(hits)} ({found})')
+        raise JudgeReplyError(f'expected {len(query.metrics)} lines "<criterion>: <integer>", found {len(hits)} ({found})')
     return [float(v) for _, v in hits]
 
 
@@ -207,9 +207,9 @@ def parse_final_score(query: JudgeQuery, text: str) -> list[float]:
         raise ValueError(f"{query.name}: reply_format final_score yields one metric, not {len(query.metrics)}")
     hits = re.findall(r"final\s+score\**\s*[:：]?\s*\**\s*(-?\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
     if not hits:
-        raise ParseError('the reply has no "Final Score: <number>" line')
+        raise JudgeReplyError('the reply has no "Final Score: <number>" line')
     if len(set(float(h) for h in hits)) > 1:
-        raise ParseError(f'the reply gives more than one final score ({", ".join(hits)})')
+        raise JudgeReplyError(f'the reply gives more than one final score ({", ".join(hits)})')
     return [float(hits[0])]
 
 
@@ -222,9 +222,9 @@ REPLY_PARSERS: dict[str, Callable[[JudgeQuery, str], list[float]]] = {
 
 
 def parse_reply(query: JudgeQuery, text: str) -> dict[str, float]:
-    """The named scores in a judge reply; ParseError when the reply does not hold exactly them in range."""
+    """The named scores in a judge reply; JudgeReplyError when the reply does not hold exactly them in range."""
     if not isinstance(text, str) or not text.strip():
-        raise ParseError(f"{query.name}: the reply is empty")
+        raise JudgeReplyError(f"{query.name}: the reply is empty")
     try:
         parser = REPLY_PARSERS[query.reply_format]
     except KeyError:
@@ -232,12 +232,12 @@ def parse_reply(query: JudgeQuery, text: str) -> dict[str, float]:
                          f"known: {sorted(REPLY_PARSERS)}") from None
     try:
         values = parser(query, text)
-    except ParseError as e:
-        raise ParseError(f"{query.name}: {e}") from None
+    except JudgeReplyError as e:
+        raise JudgeReplyError(f"{query.name}: {e}") from None
     lo, hi = query.scale
     for m, v in zip(query.metrics, values):
         if not lo <= v <= hi:
-            raise ParseError(f"{query.name}: {m} = {v:g} is outside the scale [{lo:g}, {hi:g}]")
+            raise JudgeReplyError(f"{query.name}: {m} = {v:g} is outside the scale [{lo:g}, {hi:g}]")
     return dict(zip(query.metrics, values))
 
 
@@ -398,5 +398,5 @@ def existing_file(root: Path, rel: str, where: str, field_name: str) -> Path:
     return path
 
 
-__all__ = ["Benchmark", "BenchmarkDataError", "BenchSample", "JudgeQuery", "ParseError",
+__all__ = ["Benchmark", "BenchmarkDataError", "BenchSample", "JudgeQuery", "JudgeReplyError",
            "REPLY_PARSERS", "STATUSES", "SampleResult", "parse_reply"]

@@ -39,7 +39,7 @@ from reasonedit.inference.types import SHAPES_EDITOR
 from reasonedit.progress import Progress
 from reasonedit.publish import atomic_file
 
-from .benchmark import Benchmark, BenchSample, JudgeQuery, ParseError, SampleResult, parse_reply
+from .benchmark import Benchmark, BenchSample, JudgeQuery, JudgeReplyError, SampleResult, parse_reply
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def _judge_all(bench: Benchmark, samples: Sequence[BenchSample], results: list, 
                 continue
             try:
                 scores.update(parse_reply(q, reply.text))
-            except ParseError as e:
+            except JudgeReplyError as e:
                 errors.append(f"{e} (reply: {reply.text[:120]!r})")
         status = "failed" if errors else "ok"
         results[i] = _result(s, status, scores=scores if status == "ok" else {}, error="; ".join(errors) or None,

@@ -24,7 +24,7 @@ from reasonedit.inference.sampler import SampleSpec, SamplerConfig, sample
 from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
 from reasonedit.inference.vision_cache import VisionCache, cached_generate
 from reasonedit.models import prompts
-from reasonedit.models.prompts import ParseError
+from reasonedit.models.prompts import ThinkerReplyError
 
 if TYPE_CHECKING:
     from reasonedit.models.model import ReasonEditModel
@@ -187,7 +187,7 @@ class ReasonerThinker:
             out[k].raw["score"] = reply
             try:
                 value, reason = prompts.parse_score(reply)
-            except ParseError as e:
+            except ThinkerReplyError as e:
                 self._fail(out[k], "score", str(e))
                 continue
             out[k].score, out[k].reason = float(value), reason
@@ -202,7 +202,7 @@ class ReasonerThinker:
             out[k].raw["decide"] = reply
             try:
                 d = prompts.parse_decision(reply)
-            except ParseError as e:
+            except ThinkerReplyError as e:
                 self._fail(out[k], "decide", str(e))
                 continue
             out[k].decision, out[k].thought, out[k].instruction = d.kind, d.thought, d.new_instruction

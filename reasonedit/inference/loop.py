@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from reasonedit.inference.trace import Round, Trace
-from reasonedit.inference.types import EditRequest, Editor, Thinker
+from reasonedit.inference.types import DECISIONS, EditRequest, Editor, Thinker
 from reasonedit.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def edit_with_reasoning(editor: Editor, thinker: Optional[Thinker], sources: Seq
             last = traces[k].rounds[-1]
             last.reflection = v
             last.timings.update(v.timings)
-            if v.decision not in ("success", "reflection", "failed"):
+            if v.decision not in DECISIONS:
                 v.parse_error = v.parse_error or f"unknown decision {v.decision!r}"
                 v.decision = "failed"
             if v.decision == "success":

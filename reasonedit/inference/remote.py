@@ -25,10 +25,10 @@ import httpx
 import numpy as np
 
 from reasonedit.clients.http import HttpClient, RetryPolicy, Retryable, check_status
-from reasonedit.clients.images import data_url, decode_base64_image, encode_png
+from reasonedit.clients.images import data_url, decode_base64_image, png_base64
 from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
 from reasonedit.models import prompts
-from reasonedit.models.prompts import ParseError
+from reasonedit.models.prompts import ThinkerReplyError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class HttpEditor:
             return list(ex.map(self._edit_one, requests))
 
     def _body(self, request: EditRequest) -> dict[str, Any]:
-        return {"image": encode_png(request.image), "prompt": request.prompt, "seed": int(request.seed),
+        return {"image": png_base64(request.image), "prompt": request.prompt, "seed": int(request.seed),
                 "guidance_scale": float(request.guidance_scale),
                 "num_inference_steps": int(request.num_inference_steps),
                 "negative_prompt": request.negative_prompt, **self.extra}
@@ -153,30 +153,30 @@ class EditThinkerVerdict:
 
 
 def parse_editthinker(text: str) -> EditThinkerVerdict:
-    """Read `<think>..</think><score>{"semantic": s, "quality": q}</score><answer>..</answer>`; ParseError
+    """Read `<think>..</think><score>{"semantic": s, "quality": q}</score><answer>..</answer>`; ThinkerReplyError
     (naming the part) when a part is missing, repeated or out of range."""
     parts = {}
     for name, pattern in (("think", _THINK_RE), ("score", _SCORE_RE), ("answer", _ANSWER_RE)):
         found = pattern.findall(text)
         if len(found) != 1:
-            raise ParseError(f"expected one <{name}>...</{name}>, found {len(found)} in {text[:80]!r}")
+            raise ThinkerReplyError(f"expected one <{name}>...</{name}>, found {len(found)} in {text[:80]!r}")
         parts[name] = found[0].strip()
     try:
         scores = json.loads(parts["score"])
     except ValueError:
-        raise ParseError(f"<score> is not JSON: {parts['score'][:80]!r}") from None
+        raise ThinkerReplyError(f"<score> is not JSON: {parts['score'][:80]!r}") from None
     if not isinstance(scores, dict):
-        raise ParseError(f"<score> is not a JSON object: {parts['score'][:80]!r}")
+        raise ThinkerReplyError(f"<score> is not a JSON object: {parts['score'][:80]!r}")
     values = {}
     for key in ("semantic", "quality"):
         v = scores.get(key)
         if isinstance(v, list) and len(v) == 1:  # some models echo the template's [0-10] brackets
             v = v[0]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
-            raise ParseError(f"<score> {key} must be a number in 0-10, got {v!r}")
+            raise ThinkerReplyError(f"<score> {key} must be a number in 0-10, got {v!r}")
         values[key] = float(v)
     if not parts["answer"]:
-        raise ParseError("<answer> is empty")
+        raise ThinkerReplyError("<answer> is empty")
     return EditThinkerVerdict(parts["think"], values["semantic"], values["quality"], parts["answer"])
 
 
@@ -311,7 +311,7 @@ class OpenAIThinker:
             try:
                 text, problem = parse_editthinker(self.chat(
                     self._editthinker_messages(source, source, instruction, ""))).answer, ""
-            except ParseError as e:
+            except ThinkerReplyError as e:
                 text, problem = "", str(e)
         if not text:  # nothing to act on: the user's own words are the best instruction we have
             with self._lock:
@@ -343,14 +343,14 @@ class OpenAIThinker:
         r.description = description
         try:
             value, reason = prompts.parse_score(self._timed_chat(r, "score", _openai_messages(prompts.score(edited, description))))
-        except ParseError as e:
+        except ThinkerReplyError as e:
             return self._parse_failed(r, "score", str(e))
         r.score, r.reason = float(value), reason
         reply = self._timed_chat(r, "decide", _openai_messages(
             prompts.decide(source, previous or instruction, description, value, reason)))
         try:
             d = prompts.parse_decision(reply)
-        except ParseError as e:
+        except ThinkerReplyError as e:
             return self._parse_failed(r, "decide", str(e))
         r.decision, r.thought, r.instruction, r.restart = d.kind, d.thought, d.new_instruction, d.kind == "failed"
         return r
@@ -369,7 +369,7 @@ class OpenAIThinker:
         reply = self._timed_chat(r, "reflect", self._editthinker_messages(source, edited, instruction, previous))
         try:
             v = parse_editthinker(reply)
-        except ParseError as e:
+        except ThinkerReplyError as e:
             return self._parse_failed(r, "reflect", str(e))
         # one 0-10 score for ranking rounds: the geometric mean, as VIEScore combines its two
         r.score = math.sqrt(v.semantic * v.quality)

@@ -6,7 +6,7 @@ Imported lazily, so that reading configs does not load torch and transformers.
 _EXPORTS = {
     "ReasonEditModel": "model", "Reasoner": "reasoner", "PackedQwenImageTransformer": "generator",
     "GeneratorSample": "generator", "PatchCodec": "vae", "QwenImageVAE": "vae", "ModelConfig": "config",
-    "PackedAttention": "attention", "TokenLayout": "attention", "Segment": "attention",
+    "PackedAttention": "attention", "TokenLayout": "attention", "Span": "attention",
 }
 
 

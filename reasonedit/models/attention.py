@@ -36,8 +36,8 @@ FLEX_BLOCK = 128
 
 
 @dataclass(frozen=True)
-class Segment:
-    """A run of tokens of one document: `length` tokens forming one span, full or causal."""
+class Span:
+    """A span of one document in a packed row: `length` tokens attending fully or causally within it."""
 
     doc: int
     length: int
@@ -53,11 +53,11 @@ class TokenLayout:
     full: torch.Tensor  # (L,) bool
 
     @classmethod
-    def from_segments(cls, segments: Sequence[Segment], device: torch.device | str = "cpu") -> "TokenLayout":
+    def from_spans(cls, spans: Sequence[Span], device: torch.device | str = "cpu") -> "TokenLayout":
         doc, span, full = [], [], []
-        for i, s in enumerate(segments):
+        for i, s in enumerate(spans):
             if s.length <= 0:
-                raise ValueError(f"segment {i} of document {s.doc} has length {s.length}")
+                raise ValueError(f"span {i} of document {s.doc} has length {s.length}")
             doc.append(torch.full((s.length,), s.doc, dtype=torch.int32))
             span.append(torch.full((s.length,), i, dtype=torch.int32))
             full.append(torch.full((s.length,), s.full, dtype=torch.bool))
@@ -223,5 +223,5 @@ class PackedAttention:
         return out.transpose(0, 1)[None]
 
 
-__all__ = ["BACKENDS", "FLEX_BLOCK", "PackedAttention", "Segment", "TokenLayout", "flash_available",
+__all__ = ["BACKENDS", "FLEX_BLOCK", "PackedAttention", "Span", "TokenLayout", "flash_available",
            "resolve_backend"]

@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 from reasonedit.publish import staged_folder
 
 from .config import ModelConfig
-from .generator import GeneratorSample, PackedQwenImageTransformer, load_diffusers_transformer
+from .generator import GeneratorSample, PackedQwenImageTransformer
+from .generator_weights import load_diffusers_transformer
 from .reasoner import Reasoner
 from .vae import PatchCodec, QwenImageVAE, load_codec, to_pixels, to_uint8
 

@@ -164,7 +164,7 @@ def template_texts() -> list[str]:
 # Answers: writers and strict parsers
 
 
-class ParseError(ValueError):
+class ThinkerReplyError(ValueError):
     """A reasoner answer that is not in the expected format; the message says what is wrong."""
 
 
@@ -185,18 +185,18 @@ def format_score(value: int, reason: str) -> str:
 
 
 def parse_score(text: str) -> tuple[int, str]:
-    """Read "score: N\\nreason: ..." with N an integer in 0-10 and a non-empty reason; raise ParseError."""
+    """Read "score: N\\nreason: ..." with N an integer in 0-10 and a non-empty reason; raise ThinkerReplyError."""
     match = _SCORE_RE.fullmatch(text)
     if match is None:
-        raise ParseError(f"score answer is not 'score: N\\nreason: ...': {text[:80]!r}")
+        raise ThinkerReplyError(f"score answer is not 'score: N\\nreason: ...': {text[:80]!r}")
     raw, reason = match.groups()
     if not re.fullmatch(r"[+-]?\d+", raw):
-        raise ParseError(f"score {raw!r} is not an integer")
+        raise ThinkerReplyError(f"score {raw!r} is not an integer")
     value = int(raw)
     if not MIN_SCORE <= value <= MAX_SCORE:
-        raise ParseError(f"score {value} is outside {MIN_SCORE}-{MAX_SCORE}")
+        raise ThinkerReplyError(f"score {value} is outside {MIN_SCORE}-{MAX_SCORE}")
     if not reason:
-        raise ParseError("score answer has an empty reason")
+        raise ThinkerReplyError("score answer has an empty reason")
     return value, reason
 
 
@@ -210,32 +210,32 @@ def format_decision(decision: Decision) -> str:
 def parse_decision(text: str) -> Decision:
     """Read `<#Think> thought` then exactly one of `<#Success>`, `<#Reflection> new instruction`, `<#Failed>`.
 
-    Raise ParseError (naming what is wrong) for a missing or repeated tag, an unknown tag, text after
+    Raise ThinkerReplyError (naming what is wrong) for a missing or repeated tag, an unknown tag, text after
     Success or Failed, or a Reflection without a new instruction.
     """
     tags = _TAG_RE.findall(text)
     unknown = [t for t in tags if t not in DECISION_TOKENS]
     if unknown:
-        raise ParseError(f"unknown tag {unknown[0]!r}; the tags are {', '.join(DECISION_TOKENS)}")
+        raise ThinkerReplyError(f"unknown tag {unknown[0]!r}; the tags are {', '.join(DECISION_TOKENS)}")
     if tags.count(THINK_TOKEN) != 1 or not text.lstrip().startswith(THINK_TOKEN):
-        raise ParseError(f"a decision starts with one {THINK_TOKEN}; found {tags.count(THINK_TOKEN)} in {text[:80]!r}")
+        raise ThinkerReplyError(f"a decision starts with one {THINK_TOKEN}; found {tags.count(THINK_TOKEN)} in {text[:80]!r}")
     decisions = [t for t in tags if t in DECISION_KINDS]
     if len(decisions) != 1:
-        raise ParseError(f"a decision has exactly one of {', '.join(DECISION_KINDS)}; found {decisions or 'none'}")
+        raise ThinkerReplyError(f"a decision has exactly one of {', '.join(DECISION_KINDS)}; found {decisions or 'none'}")
     tag = decisions[0]
     before, after = text.lstrip()[len(THINK_TOKEN):].split(tag)
     thought, after = before.strip(), after.strip()
     kind = DECISION_KINDS[tag]
     if kind == "reflection":
         if not after:
-            raise ParseError(f"{REFLECTION_TOKEN} must be followed by a new instruction")
+            raise ThinkerReplyError(f"{REFLECTION_TOKEN} must be followed by a new instruction")
         return Decision(kind, thought, after)
     if after:
-        raise ParseError(f"unexpected text after {tag}: {after[:80]!r}")
+        raise ThinkerReplyError(f"unexpected text after {tag}: {after[:80]!r}")
     return Decision(kind, thought, None)
 
 
-__all__ = ["CAPTION_TASK", "CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "ParseError",
-           "QWEN_IMAGE_EDIT_PREFIX_TOKENS", "READ_TASK", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "caption_image",
+__all__ = ["CAPTION_TASK", "CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "QWEN_IMAGE_EDIT_PREFIX_TOKENS",
+           "READ_TASK", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "ThinkerReplyError", "caption_image",
            "condition", "condition_prefix", "condition_prefix_length", "decide", "describe_target", "format_decision",
            "format_score", "parse_decision", "parse_score", "read_scene", "role_of", "score", "template_texts", "think"]

@@ -40,7 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from reasonedit.models import prompts
-from reasonedit.models.attention import PackedAttention, Segment, TokenLayout
+from reasonedit.models.attention import PackedAttention, Span, TokenLayout
 from reasonedit.models.config import LoraConfig
 from reasonedit.models.processor import (
     Image,
@@ -114,7 +114,7 @@ class PackedReasonerInputs:
     input_ids: torch.Tensor  # (1, L)
     position_ids: torch.Tensor  # (3, 1, L): each sample's own get_rope_index, concatenated
     mm_token_type_ids: torch.Tensor  # (1, L)
-    layout: TokenLayout  # document-causal: one causal segment per sample
+    layout: TokenLayout  # document-causal: one causal span per sample
     lengths: list[int]
     pixel_values: Optional[torch.Tensor] = None  # (sum of patches, 3 * 2 * 14 * 14)
     image_grid_thw: Optional[torch.Tensor] = None  # (n_images, 3)
@@ -166,7 +166,7 @@ def pack_reasoner_inputs(
             labels.append(label)
     if labels and len(labels) != len(samples):
         raise ValueError("pack_reasoner_inputs: some samples have labels and some do not")
-    layout = TokenLayout.from_segments([Segment(doc=i, length=n, full=False) for i, n in enumerate(lengths)],
+    layout = TokenLayout.from_spans([Span(doc=i, length=n, full=False) for i, n in enumerate(lengths)],
                                        device=samples[0]["input_ids"].device)
     return PackedReasonerInputs(
         input_ids=torch.cat(ids, dim=1),
@@ -376,9 +376,7 @@ class Reasoner:
         samples = self.condition_inputs(images, instructions)
         prefix = self.condition_prefix_length
         if packed:
-            row = pack_reasoner_inputs(samples, self.model)
-            states = row.split(self.packed_hidden_states(row, backend=backend))
-            return [s[prefix:] for s in states]
+            return self.packed_condition_states(samples, [prefix] * len(samples), backend=backend)
         batch = collate(samples, pad_id=self.tokenizer.pad_token_id, padding_side="right")
         hidden = self.model.model(**batch, use_cache=False).last_hidden_state  # (B, T, hidden)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
@@ -386,8 +384,13 @@ class Reasoner:
 
     # -- packed forwards ------------------------------------------------------------------------
 
-    def pack(self, samples: Sequence[Mapping[str, torch.Tensor]]) -> PackedReasonerInputs:
-        return pack_reasoner_inputs(samples, self.model)
+    def packed_condition_states(self, samples: Sequence[Mapping[str, torch.Tensor]], prefix_tokens: Sequence[int],
+                                *, backend: str = "auto") -> list[torch.Tensor]:
+        """Condition states of encoded condition prompts run as one packed row: one (T_i - prefix_tokens[i], hidden)
+        tensor per sample. Gradients flow when enabled."""
+        row = pack_reasoner_inputs(samples, self.model).to(self.device)
+        states = row.split(self.packed_hidden_states(row, backend=backend))  # (1, L, hidden) -> (T_i, hidden) each
+        return [s[p:] for s, p in zip(states, prefix_tokens)]
 
     def _packed_kwargs(self, row: PackedReasonerInputs, backend: str) -> dict[str, Any]:
         return {

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from reasonedit.clients.images import encode_png
+from reasonedit.clients.images import png_base64
 from reasonedit.inference.types import Editor, Thinker
 from reasonedit.serve.batcher import EditBatcher, LockedThinker, QueueFull
 from reasonedit.serve.schema import (
@@ -208,7 +208,7 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
                 answer = await asyncio.wait_for(run_in_threadpool(run_loop, parsed), config.timeout)
             else:
                 image = await asyncio.wait_for(asyncio.wrap_future(batcher.submit(parsed.request)), config.timeout)
-                answer = {"edited_image": await run_in_threadpool(encode_png, image)}
+                answer = {"edited_image": await run_in_threadpool(png_base64, image)}
         except QueueFull as e:
             return _error(503, str(e), None, {"Retry-After": "1"})
         except asyncio.TimeoutError:
@@ -235,7 +235,7 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
                                     think=parsed.think, reflect=parsed.reflect, rounds=parsed.rounds, seed=r.seed,
                                     guidance_scale=r.guidance_scale, num_inference_steps=r.num_inference_steps,
                                     negative_prompt=r.negative_prompt)[0]
-        return {"edited_image": encode_png(np.asarray(trace.image)), "trace": trace.to_dict()}
+        return {"edited_image": png_base64(np.asarray(trace.image)), "trace": trace.to_dict()}
 
     app.add_api_route("/edit", edit, methods=["POST"])
     app.add_api_route("/edit-upload", edit, methods=["POST"])

@@ -7,7 +7,7 @@
 | 3 unified | reasoner LoRA + generator | L_FM + 0.1 L_NTP | all four kinds, mixed rows | stage 2 model |
 """
 
-from .base import Stage, StageContext
+from .base import LossTotals, Stage, StageContext
 from .editing import EditingStage
 from .pretrain import PretrainStage
 from .reasoning import ReasoningStage
@@ -24,5 +24,5 @@ def stage_for(number: int, config) -> Stage:
     return STAGES[number].from_experiment(config)
 
 
-__all__ = ["EditingStage", "PretrainStage", "ReasoningStage", "STAGES", "Stage", "StageContext", "UnifiedStage",
-           "stage_for"]
+__all__ = ["EditingStage", "LossTotals", "PretrainStage", "ReasoningStage", "STAGES", "Stage", "StageContext",
+           "UnifiedStage", "stage_for"]

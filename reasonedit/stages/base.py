@@ -2,19 +2,22 @@
 
 A stage never owns the loop: the trainer asks it for a packer and segments, the token counts a
 batch will contribute to each loss term (known before any forward), and the (sum, count) of each
-term for one micro-batch. The trainer normalises each term by its global count and `combine`s them.
+term for one micro-batch. `Stage.normalised_loss` turns those into what a micro-batch backpropagates
+and `LossTotals` adds them up into per-token means: the training step, the benchmark and the
+validation loss all go through these two.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 
 from reasonedit.data.packing import Packer, PackedBatch
 from reasonedit.data.preprocess import GeneratorSegment, Preprocessor, ReasonerSegment
-from reasonedit.losses import FlowMatchingConfig, LossSum, flow_matching_loss, sample_timesteps, timestep_weights
+from reasonedit.losses import (FlowMatchingConfig, LossSum, flow_matching_loss, normalise, sample_timesteps,
+                               timestep_weights)
 
 if TYPE_CHECKING:
     from reasonedit.config import ExperimentConfig, StageConfig
@@ -28,7 +31,7 @@ class StageContext:
     flow_matching: FlowMatchingConfig
     generator: torch.Generator  # noise and timesteps: seeded per (step, micro-batch), so resume is exact
     device: torch.device
-    condition_cache: Any = None  # a ConditionCache for stage 2, or None
+    condition_cache: Any = None  # a ConditionCache for a stage that `uses_condition_cache`, or None
 
 
 class Stage:
@@ -42,6 +45,7 @@ class Stage:
     from_previous: ClassVar[str]  # a line for people: what comes from the previous stage's checkpoint
     default_mix: ClassVar[dict[str, float]]
     terms: ClassVar[tuple[str, ...]]  # loss terms, in log order
+    uses_condition_cache: ClassVar[bool] = False  # its reasoner is frozen: the trainer may cache condition states
 
     def __init__(self, config: "StageConfig"):
         self.config = config
@@ -78,6 +82,44 @@ class Stage:
     def combine(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(normalised.values())
 
+    def normalised_loss(self, sums: Mapping[str, LossSum], counts: Mapping[str, float],
+                        world_size: int = 1) -> torch.Tensor:
+        """What one micro-batch backpropagates: each term's sum over `counts`, the term's tokens in the whole
+        step (every micro-batch, every rank), then `combine`d."""
+        return self.combine({t: normalise(sums[t].sum, counts[t], world_size) for t in self.terms})
+
+
+@dataclass
+class LossTotals:
+    """Each term's loss sum and token count added up over micro-batches, in float64 where the losses are (a
+    0-dim CPU start adds to a device tensor without a copy), so adding never waits for the device."""
+
+    sums: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor | float]
+
+    @classmethod
+    def zeros(cls, terms: Sequence[str]) -> "LossTotals":
+        return cls({t: torch.zeros((), dtype=torch.float64) for t in terms},
+                   {t: torch.zeros((), dtype=torch.float64) for t in terms})
+
+    def add(self, sums: Mapping[str, LossSum]) -> None:
+        for t, s in sums.items():
+            self.sums[t] = self.sums[t] + s.sum.detach().double()
+            self.counts[t] = self.counts[t] + s.count.detach().double()
+
+    def means(self, empty: float) -> dict[str, torch.Tensor]:
+        """Each term's loss per token (0-dim float64 tensors, where the sums are); `empty` for a term that
+        covered no token."""
+        out = {}
+        for t, s in self.sums.items():
+            c = self.counts[t]
+            if isinstance(c, torch.Tensor) and c.device.type != "cpu":
+                out[t] = torch.where(c > 0, s / c, torch.full_like(s, empty))
+            else:  # a count on the host: reading it costs nothing
+                c = float(c)
+                out[t] = s / c if c > 0 else torch.full_like(s, empty)
+        return out
+
 
 def answer_tokens(segments: Sequence[ReasonerSegment]) -> int:
     """Labelled next-token positions: the first label of each sample never counts (it is -100 packed)."""
@@ -105,4 +147,4 @@ def generator_flow_matching(model: "ReasonEditModel", segments: Sequence[Generat
     return flow_matching_loss(pred, target, weights)
 
 
-__all__ = ["Stage", "StageContext", "answer_tokens", "generator_flow_matching"]
+__all__ = ["LossTotals", "Stage", "StageContext", "answer_tokens", "generator_flow_matching"]

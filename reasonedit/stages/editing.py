@@ -21,6 +21,7 @@ class EditingStage(Stage):
     from_previous = "stage 1's reasoner with its LoRA (frozen) and the initial generator and VAE"
     default_mix = {"edit_pair": 0.5, "text_to_image": 0.5}
     terms = ("fm",)
+    uses_condition_cache = True
 
     def prepare(self, model: ReasonEditModel) -> None:
         freeze(model)

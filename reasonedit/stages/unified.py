@@ -48,7 +48,7 @@ class UnifiedStage(Stage):
                                             output_hidden_states=True)
         sums = {"ntp": next_token_loss(out.logits, row.labels)}
         if mixed.generator_segments:
-            states = mixed.condition_states(out.hidden_states[-1])  # with gradients into the reasoner
+            states = mixed.split_condition_states(out.hidden_states[-1])  # with gradients into the reasoner
             sums["fm"] = generator_flow_matching(model, mixed.generator_segments, states, ctx)
         else:  # no generator sample: a zero term that still touches the generator (DDP expects its grads)
             zero = sum(p.sum() for p in model.generator.parameters() if p.requires_grad) * 0.0

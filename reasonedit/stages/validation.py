@@ -16,9 +16,8 @@ import torch
 
 from reasonedit.data.loader import DatasetSpec, make_loader
 from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
-from reasonedit.losses import LossSum
 
-from .base import Stage, StageContext
+from .base import LossTotals, Stage, StageContext
 
 if TYPE_CHECKING:
     from reasonedit.config import ExperimentConfig
@@ -60,16 +59,15 @@ def validation_losses(stage: Stage, model: "ReasonEditModel", batches: list, cfg
     """Each loss term over all `batches`, token-weighted, with noise and timesteps fixed per batch index."""
     was_training = model.training
     model.eval()
-    totals = {term: LossSum(torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64))
-              for term in stage.terms}
+    totals = LossTotals.zeros(stage.terms)
     try:
         for i, batch in enumerate(batches):
             ctx = StageContext(cfg.flow_matching, _batch_generator(cfg.seed, i), torch.device(device))
-            for term, s in stage.loss_sums(model, batch, ctx).items():
-                totals[term] = totals[term] + LossSum(s.sum.detach().double().cpu(), s.count.double().cpu())
+            totals.add(stage.loss_sums(model, batch, ctx))
     finally:
         model.train(was_training)
-    return {term: float(t.sum / t.count) if t.count > 0 else float("nan") for term, t in totals.items()}
+    means = totals.means(empty=float("nan"))
+    return dict(zip(means, torch.stack(list(means.values())).tolist()))  # one host read for every term
 
 
 __all__ = ["validation_batches", "validation_losses"]

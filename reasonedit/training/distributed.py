@@ -51,11 +51,6 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool) -> bool:
-    """True when `flag` holds on any rank (SIGTERM on one rank stops them all together)."""
-    return bool(all_reduce_sum(torch.tensor(float(flag))).item() > 0)
-
-
 def resolve_parallel(parallel: str, world: World) -> str:
     if parallel == "auto":
         return "ddp" if world.world_size > 1 else "none"
@@ -83,4 +78,4 @@ def wrap(module: torch.nn.Module, parallel: str, world: World) -> torch.nn.Modul
     return module
 
 
-__all__ = ["World", "all_reduce_sum", "any_rank", "barrier", "init_world", "resolve_parallel", "wrap"]
+__all__ = ["World", "all_reduce_sum", "barrier", "init_world", "resolve_parallel", "wrap"]

@@ -2,40 +2,41 @@
 
 The same code path runs one CPU process, torchrun (DDP or FSDP2, gloo on CPU), DeepSpeed ZeRO-2/3 and
 bf16 on GPUs. Everything clever lives in a named component: `losses` (sums and counts, `normalise`),
-`stages` (what trains, data, loss terms), `training.data` (the resumable batch stream),
-`training.checkpoint`, `training.ema`, `training.distributed`, `training.zero` (DeepSpeed),
-`training.schedule`, `training.metrics`.
+`stages` (what trains, data, loss terms), `training.step` (one optimiser step, plain or DeepSpeed),
+`training.data` (the resumable batch stream), `training.checkpoint`, `training.ema`,
+`training.distributed`, `training.zero` (DeepSpeed), `training.schedule`, `training.metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import math
 import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from reasonedit.config import ExperimentConfig
+from reasonedit.config import ExperimentConfig, TrainConfig
 from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
-from reasonedit.losses import global_count, normalise
 from reasonedit.models.model import CONFIG_FILE, ReasonEditModel
 from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
 
 from . import checkpoint as ckpt
 from .data import BatchStream, stage_loader
-from .distributed import World, all_reduce_sum, any_rank, barrier, init_world, resolve_parallel, wrap
+from .distributed import World, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
 from .metrics import MetricsSink, ProgressWindow
 from .resume import check_resume, run_config
 from .schedule import make_scheduler
+from .step import DeepSpeedStepper, StepRecords, Stepper
+
+if TYPE_CHECKING:
+    from reasonedit.data.condition_cache import ConditionCache
 
 log = logging.getLogger("reasonedit.train")
 
@@ -80,11 +81,83 @@ def load_stage_model(stage: Stage, start: Path) -> ReasonEditModel:
     return model
 
 
-def step_generator(seed: int, stage: int, step: int, micro: int) -> torch.Generator:
-    """Noise and timesteps for global micro-batch `micro` of `step`: a pure function of the four, so a
-    resumed run and a run on another number of ranks draw the same."""
-    digest = hashlib.sha256(f"{seed}/{stage}/{step}/{micro}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+@dataclass
+class RunState:
+    """Where a run stands, as a checkpoint's trainer.pt keeps it."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # per applied step: losses, lr, grad_norm
+    skipped: int = 0
+    bad_in_row: int = 0
+    evals: list[dict] = field(default_factory=list)  # {"step": N, **figures} of each held-out evaluation
+
+
+def optimisation(stage: Stage, model: ReasonEditModel, tc: TrainConfig, world: World,
+                 parallel: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, list[torch.nn.Parameter]]:
+    """The stage module wrapped for `parallel`, its optimizer, its schedule and its trainable parameters. Under
+    DeepSpeed the engine is the module: it owns the optimizer, the schedule, clipping and the update."""
+    sc = stage.config
+    if parallel == "deepspeed":
+        from . import zero
+        engine = zero.initialize(StageModule(model, stage), tc, sc, stage.name, world)
+        return engine, engine.optimizer, engine.lr_scheduler, []
+    module = wrap(StageModule(model, stage), parallel, world)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    return module, optimizer, make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio), params
+
+
+def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data: Path, out: Path,
+               world: World) -> tuple[Preprocessor, BatchStream, ConditionCache | None]:
+    """This rank's resumable batch stream of the stage's mix, its preprocessor (with the latent cache when
+    configured) and the condition cache when the stage uses one (else None)."""
+    b, sc = cfg.batches, stage.config
+    pre = Preprocessor.from_model(model, PreprocessConfig(
+        buckets=buckets_for(model, b.pixel_budget), dropout=ConditionDropout(b.text_dropout, b.image_dropout),
+        seed=cfg.seed))
+    stream = BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer, cfg.train.num_workers),
+                         stage.packer(b.window), lambda record: stage.segments(pre, record),
+                         world.rank, world.world_size)
+    if sc.latent_cache and model.vae is not None:
+        from reasonedit.data.latent_cache import LatentCache
+        # one folder per experiment: stage 3 reads what stage 2 encoded (entries are keyed by the VAE's weights)
+        pre.latent_cache = LatentCache(Path(cfg.output_dir) / "latent_cache", model.vae)
+    cache = None
+    if stage.uses_condition_cache and sc.condition_cache:
+        from reasonedit.data.condition_cache import ConditionCache
+        cache = ConditionCache(out / "condition_cache", model.reasoner, backend=model.config.attention_backend)
+    return pre, stream, cache
+
+
+def resume(root: Path, identity: str, run_cfg: dict, stage: Stage, tc: TrainConfig, world: World,
+           module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream: BatchStream,
+           ema: GeneratorEMA | None) -> RunState:
+    """The run's state from its latest checkpoint under `root`, restoring the weights, optimizer, schedule, batch
+    stream and EMA in place; a fresh state when there is none, or when it was trained from another start model
+    (its checkpoints are then moved aside)."""
+    found = ckpt.latest(root)
+    if found is None:
+        return RunState()
+    saved = torch.load(found / "trainer.pt", weights_only=False)
+    if saved.get("start") != identity:
+        stale = root.parent / f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        barrier()
+        if world.is_main:
+            root.rename(stale)  # kept, not deleted, and never mixed with this run's checkpoints
+        barrier()
+        log.info("%s: %s was trained from another starting model; moved to %s, starting afresh",
+                 stage.name, found, stale)
+        return RunState()
+    check_resume(saved.get("config"), run_cfg, f"{stage.name}: checkpoint {found}", tc.allow_config_change)
+    trainer_state, rank_state = ckpt.load_checkpoint(found, world, module, optimizer)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    state = RunState(trainer_state["step"], trainer_state["history"], trainer_state["skipped"],
+                     trainer_state["bad_in_row"], trainer_state.get("evals", []))
+    stream.load_state_dict(rank_state["stream"])
+    if ema is not None:
+        ema.load_state_dict(rank_state["ema"])
+    log.info("%s: resumed from %s at step %d", stage.name, found, state.step)
+    return state
 
 
 def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Path, out: Path,
@@ -111,75 +184,27 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
     parallel = resolve_parallel(tc.parallel, world)
-    engine = None  # the DeepSpeed engine: it owns the optimizer, the schedule, clipping and the update
-    if parallel == "deepspeed":
-        from . import zero
-        module = engine = zero.initialize(StageModule(model, stage), tc, sc, stage.name, world)
-        optimizer, scheduler = engine.optimizer, engine.lr_scheduler
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-    else:
-        module = wrap(StageModule(model, stage), parallel, world)
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        scheduler = make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio)
+    module, optimizer, scheduler, params = optimisation(stage, model, tc, world, parallel)
     ema = None
     if tc.ema_decay > 0 and model.generator is not None:  # after wrapping: it keeps the local shards
         ema = GeneratorEMA({n: p for n, p in model.generator.named_parameters() if p.requires_grad}, tc.ema_decay)
 
     # -- data ------------------------------------------------------------------------------------
-    b = cfg.batches
-    pre = Preprocessor.from_model(model, PreprocessConfig(
-        buckets=buckets_for(model, b.pixel_budget), dropout=ConditionDropout(b.text_dropout, b.image_dropout),
-        seed=cfg.seed))
-    stream = BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer, tc.num_workers),
-                         stage.packer(b.window), lambda record: stage.segments(pre, record),
-                         world.rank, world.world_size)
-    if sc.latent_cache and model.vae is not None:
-        from reasonedit.data.latent_cache import LatentCache
-        # one folder per experiment: stage 3 reads what stage 2 encoded (entries are keyed by the VAE's weights)
-        pre.latent_cache = LatentCache(Path(cfg.output_dir) / "latent_cache", model.vae)
-    cache = None
-    if stage_number == 2 and sc.condition_cache:
-        from reasonedit.data.condition_cache import ConditionCache
-        cache = ConditionCache(out / "condition_cache", model.reasoner, backend=model.config.attention_backend)
+    pre, stream, cache = stage_data(cfg, stage, model, data, out, world)
 
     # -- resume ----------------------------------------------------------------------------------
-    root, identity = out / "checkpoints", _start_identity(start)
-    step, history, skipped, bad_in_row = 0, [], 0, 0
-    evals: list[dict] = []  # {"step": N, **figures} of each held-out evaluation
-    found = ckpt.latest(root)
-    run_cfg = run_config(cfg, stage.name)
-    if found is not None:
-        saved = torch.load(found / "trainer.pt", weights_only=False)
-        if saved.get("start") == identity:
-            check_resume(saved.get("config"), run_cfg, f"{stage.name}: checkpoint {found}", tc.allow_config_change)
-            trainer_state, rank_state = ckpt.load_checkpoint(found, world, module, optimizer)
-            scheduler.load_state_dict(trainer_state["scheduler"])
-            step, history = trainer_state["step"], trainer_state["history"]
-            skipped, bad_in_row = trainer_state["skipped"], trainer_state["bad_in_row"]
-            evals = trainer_state.get("evals", [])
-            stream.load_state_dict(rank_state["stream"])
-            if ema is not None:
-                ema.load_state_dict(rank_state["ema"])
-            log.info("%s: resumed from %s at step %d", stage.name, found, step)
-        else:
-            stale = out / f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}"
-            barrier()
-            if world.is_main:
-                root.rename(stale)  # kept, not deleted, and never mixed with this run's checkpoints
-            barrier()
-            log.info("%s: %s was trained from another starting model; moved to %s, starting afresh",
-                     stage.name, found, stale)
+    root, identity, run_cfg = out / "checkpoints", _start_identity(start), run_config(cfg, stage.name)
+    state = resume(root, identity, run_cfg, stage, tc, world, module, optimizer, scheduler, stream, ema)
 
     def save(at: int) -> Path:
-        trainer_state = {"step": at, "scheduler": scheduler.state_dict(), "history": history, "skipped": skipped,
-                         "bad_in_row": bad_in_row, "start": identity, "stage": stage.name, "config": run_cfg,
-                         "evals": evals}
+        read_records()
+        trainer_state = {"step": at, "scheduler": scheduler.state_dict(), "history": state.history,
+                         "skipped": state.skipped, "bad_in_row": state.bad_in_row, "start": identity,
+                         "stage": stage.name, "config": run_cfg, "evals": state.evals}
         rank_state = {"stream": stream.state_dict(), "ema": ema.state_dict() if ema is not None else None}
         # names as the StageModule sees them ("model." + the ReasonEditModel's name)
         return ckpt.save_checkpoint(root, at, world, module, optimizer, {f"model.{n}" for n in trainable},
-                                    trainer_state, rank_state,
-                                    tc.keep_last)
+                                    trainer_state, rank_state, tc.keep_last)
 
     # -- SIGTERM: finish the step, save, exit cleanly ---------------------------------------------
     stop = {"sigterm": False}
@@ -187,20 +212,22 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
     with contextlib.suppress(ValueError):  # not the main thread: no handler
         previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
 
+    # -- logging: the steps' figures stay on the device until a log line, a checkpoint or an evaluation --
     sink = MetricsSink(out, f"{cfg.name}-{stage.name}", {"stage": asdict(sc), "train": asdict(tc)},
                        tc.wandb, tc.tensorboard, world.is_main)
-    # DeepSpeed runs its own precision (the JSON's bf16 section: bf16 weights, float32 master weights)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if world.device.type == "cuda" and engine is None
-                else contextlib.nullcontext())
-    micro_per_rank = sc.grad_accum
-    log.info("%s: trains %s; %d trainable parameters; %s on %d rank(s); lr %.1e, %d steps",
-             stage.name, stage.trains, trainable_numel,
-             parallel, world.world_size, sc.lr, sc.steps)
-    interrupted = False
     progress = ProgressWindow(stage.name, sc.steps, stage.terms)
+    records = StepRecords(stage.terms)
+
+    def read_records() -> None:
+        for r in records.read():
+            state.history.append(r.history)
+            progress.add(r.history, r.tokens)
+            if world.is_main:
+                sink.log(r.step, r.metrics)
 
     def held_out(at: int) -> None:
-        if evaluate is None or not world.is_main or any(e["step"] == at for e in evals):
+        read_records()
+        if evaluate is None or not world.is_main or any(e["step"] == at for e in state.evals):
             return
         model.eval()
         try:
@@ -208,83 +235,46 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
                 figures = evaluate(model)
         finally:
             model.train()
-        evals.append({"step": at, **figures})
+        state.evals.append({"step": at, **figures})
         sink.log(at, {f"eval/{k}": v for k, v in figures.items()})
         log.info("%s step %d | held-out %s", stage.name, at,
                  " ".join(f"{k} {v:.3g}" for k, v in figures.items() if isinstance(v, (int, float))))
 
-    if tc.eval_every and step == 0:
+    # -- the loop --------------------------------------------------------------------------------
+    step_kw = dict(ema=ema, flow_matching=cfg.flow_matching, seed=cfg.seed, condition_cache=cache,
+                   stop_requested=lambda: stop["sigterm"])
+    stepper = (DeepSpeedStepper(module, stage, world, **step_kw) if parallel == "deepspeed" else
+               Stepper(module, stage, world, optimizer, scheduler, params, tc.grad_clip, **step_kw))
+    log.info("%s: trains %s; %d trainable parameters; %s on %d rank(s); lr %.1e, %d steps",
+             stage.name, stage.trains, trainable_numel, parallel, world.world_size, sc.lr, sc.steps)
+    interrupted = False
+    if tc.eval_every and state.step == 0:
         held_out(0)
     try:
-        while step < sc.steps:
+        while state.step < sc.steps:
             t0 = time.perf_counter()
-            # every micro-batch of the step first: its token counts normalise every term
-            micro = [stream.next() for _ in range(micro_per_rank)]
-            counts = {t: global_count([stage.counts(mb)[t] for mb in micro]) for t in stage.terms}
-            sums = {t: torch.zeros((), dtype=torch.float64) for t in stage.terms}
-            for i, batch in enumerate(micro):
-                ctx = StageContext(cfg.flow_matching, step_generator(cfg.seed, stage.number, step,
-                                                                     i * world.world_size + world.rank),
-                                   world.device, cache)
-                sync = (contextlib.nullcontext() if i == len(micro) - 1 or engine is not None
-                        or not hasattr(module, "no_sync") else module.no_sync())
-                with sync:
-                    with autocast:
-                        terms = module(batch, ctx)
-                    loss = stage.combine({t: normalise(terms[t].sum, counts[t], world.world_size)
-                                          for t in stage.terms})
-                    if engine is not None:
-                        engine.backward(loss, scale_wrt_gas=False)  # already normalised by the global count
-                    else:
-                        loss.backward()
-                for t in stage.terms:
-                    sums[t] += terms[t].sum.detach().double().cpu()
-            # the step's losses over all ranks, for the log and the finiteness check
-            sums = {t: all_reduce_sum(v) for t, v in sums.items()}
-            losses = {t: float(sums[t] / counts[t]) if float(counts[t]) > 0 else 0.0 for t in stage.terms}
-            total = float(stage.combine({t: torch.tensor(v) for t, v in losses.items()}))
-            lr = scheduler.get_last_lr()[0]
-            if engine is not None:
-                # clips, steps AdamW and the schedule; skips by itself (and clears the gradients) when the
-                # gradient norm is not finite
-                engine.step()
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)
-                finite = math.isfinite(total) and engine.was_step_applied()
-            else:
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip > 0
-                             else torch.zeros(()))
-                finite = math.isfinite(total) and math.isfinite(float(grad_norm))
-            if not finite:
-                if engine is None:
-                    optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                bad_in_row += 1
+            outcome = stepper.step([stream.next() for _ in range(sc.grad_accum)], state.step)
+            if not outcome.applied:
+                state.skipped += 1
+                state.bad_in_row += 1
                 log.warning("%s step %d: non-finite loss %s; step skipped (%d in a row, %d in all)",
-                            stage.name, step, losses, bad_in_row, skipped)
-                if bad_in_row >= tc.max_bad_steps:
-                    raise TrainingStopped(f"{stage.name}: {bad_in_row} non-finite losses in a row at step {step} "
-                                          f"(train.max_bad_steps={tc.max_bad_steps}); lower the lr "
+                            stage.name, state.step, outcome.host_losses(), state.bad_in_row, state.skipped)
+                if state.bad_in_row >= tc.max_bad_steps:
+                    read_records()
+                    raise TrainingStopped(f"{stage.name}: {state.bad_in_row} non-finite losses in a row at step "
+                                          f"{state.step} (train.max_bad_steps={tc.max_bad_steps}); lower the lr "
                                           f"({stage.name}.lr={sc.lr}) or check the data")
                 continue  # the same step number is tried again on the next batches
-            bad_in_row = 0
-            if engine is None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            if ema is not None:
-                ema.update()
-            step += 1
-            tokens = float(all_reduce_sum(torch.tensor(float(sum(sum(mb.tokens) for mb in micro)))))
-            history.append({**losses, "loss": total, "lr": lr, "grad_norm": float(grad_norm)})  # pre-clip norm
-            metrics = {**{f"loss/{t}": v for t, v in losses.items()}, "loss/total": total, "lr": lr,
-                       "grad_norm": float(grad_norm), "tokens_per_s": tokens / (time.perf_counter() - t0),
-                       "packing": stream.packer.stats.utilisation, "skipped": skipped}
-            progress.add(history[-1], tokens)
-            if world.is_main:
-                sink.log(step, metrics)
-                if step % tc.log_every == 0 or step == sc.steps:
-                    log.info(progress.line(step, lr, metrics["packing"], skipped))
-            if any_rank(stop["sigterm"]):
+            state.bad_in_row = 0
+            state.step += 1
+            step = state.step
+            packing = stream.packer.stats.utilisation
+            records.add(step, outcome, time.perf_counter() - t0, packing, state.skipped)
+            if step % tc.log_every == 0 or step == sc.steps:
+                read_records()
+                if world.is_main:
+                    log.info(progress.line(step, outcome.lr, packing, state.skipped))
+            if outcome.stop:
                 save(step)
                 log.warning("%s: SIGTERM: saved step %d and stopped; run again to resume", stage.name, step)
                 interrupted = True
@@ -293,8 +283,9 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
                 held_out(step)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < sc.steps:
                 save(step)
+        read_records()
         if not interrupted:
-            held_out(step)
+            held_out(state.step)
     finally:
         sink.close()
         if previous_handler is not None:
@@ -304,11 +295,12 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Pat
         if c is not None:
             log.info("%s: %s: %d hits, %d misses, %d unreadable entries recomputed", stage.name, what,
                      c.stats.hits, c.stats.misses, c.stats.unreadable)
-    result = StageResult(stage.name, out, None, step, history, skipped, interrupted, evals=evals)
+    step = state.step
+    result = StageResult(stage.name, out, None, step, state.history, state.skipped, interrupted, evals=state.evals)
     if world.is_main:  # for the learning curves: per-step losses and the held-out figures
-        atomic_write_text(out / "history.json", json.dumps(history) + "\n")
-        if evals:
-            atomic_write_text(out / "evals.json", json.dumps(evals, indent=2) + "\n")
+        atomic_write_text(out / "history.json", json.dumps(state.history) + "\n")
+        if state.evals:
+            atomic_write_text(out / "evals.json", json.dumps(state.evals, indent=2) + "\n")
     if not interrupted:
         if ckpt.latest(root) is None or ckpt.latest(root).name != f"step_{step:08d}":
             save(step)
@@ -346,4 +338,5 @@ def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Sta
     return path
 
 
-__all__ = ["StageModule", "StageResult", "TrainingStopped", "load_stage_model", "step_generator", "train_stage"]
+__all__ = ["RunState", "StageModule", "StageResult", "TrainingStopped", "load_stage_model", "optimisation", "resume",
+           "stage_data", "train_stage"]

@@ -26,21 +26,25 @@ from .distributed import World
 from .schedule import make_scheduler
 
 log = logging.getLogger(__name__)
-LAUNCH_JSONS = PACKAGE_CONFIGS.parent / "launch" / "deepspeed"
+LAUNCH_JSONS = PACKAGE_CONFIGS / "deepspeed"  # shipped with the package; launch/deepspeed/ in a checkout
 TAG = "deepspeed"  # the sub-folder of a checkpoint that holds DeepSpeed's own files
 
 
 def json_path(tc: TrainConfig) -> Path:
-    """train.deepspeed_config, else launch/deepspeed/zero{train.zero_stage}.json; relative paths are
-    tried from the working directory, then from the repository root."""
+    """train.deepspeed_config, else the packaged zero{train.zero_stage}.json. A relative path is tried from
+    the working directory, then from the source checkout's root; `launch/deepspeed/NAME` also names the
+    packaged JSON, so the documented paths work from an installed package too."""
     if not tc.deepspeed_config:
         return LAUNCH_JSONS / f"zero{tc.zero_stage}.json"
     path = Path(tc.deepspeed_config)
-    if not path.is_absolute() and not path.is_file() and (PACKAGE_CONFIGS.parent / path).is_file():
-        path = PACKAGE_CONFIGS.parent / path
+    if not path.is_absolute() and not path.is_file():
+        candidates = [PACKAGE_CONFIGS.parent.parent / path]
+        if path.parent == Path("launch", "deepspeed"):
+            candidates.append(LAUNCH_JSONS / path.name)
+        path = next((c for c in candidates if c.is_file()), path)
     if not path.is_file():
         raise FileNotFoundError(f"train.deepspeed_config: {tc.deepspeed_config}: no such file")
-    return path.resolve()
+    return path.absolute()
 
 
 def _fill(ds: dict, key: str, ours: Any, source: str, path: Path) -> None:

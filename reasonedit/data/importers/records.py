@@ -1,0 +1,109 @@
+"""Planned records and the builders that make them, shared by every import format.
+
+A format turns each checked row into a `Planned` record: its split, kind, key and where it came
+from, with a builder that decodes the images only when the record is written. Images are named by
+(field, path) pairs so that a file that will not decode is reported against the field that named
+it. Imported records get the category (and error type) "imported", since no source format says.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..samples import EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
+from .rows import DataImportError, Row
+
+IMPORTED = "imported"  # category / error_type of imported records: the source format does not say
+
+
+def load_image(path: Path, where: str, field_name: str) -> np.ndarray:
+    """Decode an image file to an (H, W, 3) uint8 RGB array, upright per its EXIF orientation; alpha is dropped."""
+    try:
+        with Image.open(path) as im:
+            rgb = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataImportError(f"{where}: field '{field_name}': image {path} cannot be decoded ({e}); "
+                              "replace it with a readable PNG or JPEG") from None
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+_STEP_RE = re.compile(r"Step\s+\d+\s*:\s*")
+
+
+def split_steps(concrete: str) -> list[str]:
+    """The steps of a concrete instruction: after each "Step N:" marker, else one per line."""
+    pieces = _STEP_RE.split(concrete)
+    if len(pieces) > 1:
+        return [p.strip() for p in pieces[1:] if p.strip()]
+    lines = [ln.strip() for ln in concrete.splitlines() if ln.strip()]
+    return lines or [concrete.strip()]
+
+
+# -- planning: rows to records still to build --------------------------------------------------------
+@dataclass
+class Planned:
+    """A record checked field by field whose images are decoded only when it is written."""
+
+    split: str
+    kind: str
+    key: str
+    where: str
+    build: Callable[[], Record]
+
+
+@dataclass
+class Context:
+    """The settings of one import that its formats read, and the rows they skipped."""
+
+    split: str  # for rows that name none
+    image_root: Path | None
+    skip_unmapped: bool = False
+    skipped: list[str] = field(default_factory=list)
+
+    def root(self, path: Path) -> Path:
+        return self.image_root if self.image_root is not None else path.parent
+
+
+def key_part(text: str) -> str:
+    """`text` made safe inside a sample key."""
+    # webdataset cuts a key at its first "." and a "/" makes a tar directory
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "x"
+
+
+def row_key(tag: str, row: Row) -> str:
+    """The key of the record(s) made from `row` of the input tagged `tag`."""
+    return f"{tag}-{row.index:07d}"
+
+
+# Builders: each decodes its images (given as (field, path), for error messages) and makes one record.
+ImageRef = tuple[str, Path]
+
+
+def build_edit_pair(key: str, where: str, source: ImageRef, instruction: str, target: ImageRef,
+                    meta: dict) -> EditPair:
+    return EditPair(key, load_image(source[1], where, source[0]), instruction, load_image(target[1], where, target[0]),
+                    meta=meta)
+
+
+def build_thinking_pair(key: str, where: str, image: ImageRef, abstract: str, concrete: str, category: str,
+                        target: ImageRef, meta: dict) -> ThinkingPair:
+    return ThinkingPair(key, load_image(image[1], where, image[0]), abstract, concrete, split_steps(concrete),
+                        category, load_image(target[1], where, target[0]), meta=meta)
+
+
+def build_reflection(key: str, where: str, source: ImageRef, instruction: str, candidate: ImageRef, score: int,
+                     reason: str, thought: str, decision: str, new_instruction: str, meta: dict) -> ReflectionSample:
+    # imports carry no expected-target description (""), and do not know how the candidate was made
+    return ReflectionSample(key, load_image(source[1], where, source[0]), instruction,
+                            load_image(candidate[1], where, candidate[0]), "", score, reason, thought, decision,
+                            new_instruction, IMPORTED, meta=meta)
+
+
+def build_text_to_image(key: str, where: str, caption: str, image: ImageRef, meta: dict) -> TextToImage:
+    return TextToImage(key, caption, load_image(image[1], where, image[0]), meta=meta)
