@@ -192,7 +192,7 @@ def padded_states(hidden: torch.Tensor, batch: dict, rows: list[int], prefix: li
 
 def padded_flow_matching(reference, segments, states, ctx: StageContext) -> dict:
     """The stage's flow-matching loss through diffusers' module on a padded batch of the segments."""
-    from reasonedit.data.packing import noisy_target
+    from reasonedit.models.timesteps import noisy_target
     from reasonedit.models.generator import patchify
 
     fm = ctx.flow_matching

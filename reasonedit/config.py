@@ -104,10 +104,11 @@ class EvalStepConfig:
 
 @dataclass
 class BatchesConfig:
-    """How the batches step streams, preprocesses and packs the train split."""
+    """How the batches step streams, preprocesses and packs the train split: a packing report, not training
+    (each stage packs with its own `stageN.reasoner_budget` / `stageN.generator_budget`)."""
 
-    reasoner_budget: int = 4096  # tokens per packed reasoner row (a multiple of 128)
-    generator_budget: int = 2048  # tokens per packed generator row
+    reasoner_budget: int = 4096  # tokens per packed reasoner row of the report (a multiple of 128)
+    generator_budget: int = 2048  # tokens per packed generator row of the report
     window: int = 64  # samples the packer looks ahead over
     pixel_budget: int = 224 * 224  # size buckets' pixel budget
     text_dropout: float = 0.1  # classifier-free guidance: drop the instruction

@@ -22,12 +22,12 @@ def images(world):
 
 def counting(reasoner, monkeypatch):
     calls = {"n": 0}
-    real = reasoner.condition_states
+    real = reasoner.encoded_condition_states  # what the cache computes misses with
 
-    def wrapped(images, instructions, **kw):
-        calls["n"] += len(instructions)
-        return real(images, instructions, **kw)
-    monkeypatch.setattr(reasoner, "condition_states", wrapped)
+    def wrapped(samples, **kw):
+        calls["n"] += len(samples)
+        return real(samples, **kw)
+    monkeypatch.setattr(reasoner, "encoded_condition_states", wrapped)
     return calls
 
 

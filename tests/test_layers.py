@@ -40,11 +40,10 @@ KNOWN_UPWARD = {
     ("reasonedit/config.py", "reasonedit.data.scene_qa"),
     ("reasonedit/config.py", "reasonedit.losses.flow_matching"),
     ("reasonedit/config.py", "reasonedit.models.config"),
-    # the data layer builds model inputs and runs the reasoner (issue 12, item 2: models/inputs.py)
+    # the packer rounds to the attention kernel's block; the preprocessor tokenises with the models' processor
+    # and tokenizer and encodes latents (they move below data, or the preprocessor above models)
     ("reasonedit/data/latent_cache.py", "reasonedit.models.vae"),
     ("reasonedit/data/packing.py", "reasonedit.models.attention"),
-    ("reasonedit/data/packing.py", "reasonedit.models.generator"),
-    ("reasonedit/data/packing.py", "reasonedit.models.reasoner"),
     ("reasonedit/data/preprocess.py", "reasonedit.models.processor"),
     ("reasonedit/data/preprocess.py", "reasonedit.models.prompts"),
     ("reasonedit/data/preprocess.py", "reasonedit.models.tokenizer"),

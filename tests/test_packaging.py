@@ -1,6 +1,7 @@
 """The package as pip installs it, away from the checkout: a wheel in a fresh venv finds its presets,
 experiments and DeepSpeed JSONs inside itself (slow tier: it builds and installs a wheel)."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,9 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_wheel_in_a_fresh_venv_runs_config_and_a_tiny_run_from_packaged_presets(tmp_path):
+    source = tmp_path / "source"  # a copy: building writes build/ beside setup.py, not in the checkout
+    shutil.copytree(ROOT / "reasonedit", source / "reasonedit", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--disable-pip-version-check", "-w", str(wheels), str(ROOT)], check=True)
+                    "--disable-pip-version-check", "-w", str(wheels), str(source)], check=True)
     (wheel,) = wheels.glob("reasonedit-*.whl")
     fresh = tmp_path / "fresh"
     venv.EnvBuilder(with_pip=False).create(fresh)

@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reasonedit.data.packing import (
-    Packer,
-    best_fit_decreasing,
-    condition_states,
-    generator_inputs,
-    mixed_inputs,
-    reasoner_inputs,
-)
+from reasonedit.data.packing import Packer, best_fit_decreasing
 from reasonedit.data.preprocess import (
     IGNORE_INDEX,
     BucketConfig,
@@ -33,6 +26,7 @@ from reasonedit.data.samples import EditPair, ReflectionSample, TextToImage, Thi
 from reasonedit.data.synth import Synthesizer
 from reasonedit.models.config import ModelConfig
 from reasonedit.models.generator import target_predictions
+from reasonedit.models.inputs import condition_states, generator_inputs, mixed_inputs, reasoner_inputs
 from reasonedit.models.model import ReasonEditModel
 from reasonedit.models.tokenizer import IM_END_TOKEN
 

@@ -109,16 +109,20 @@ class ConditionCache:
     @torch.no_grad()
     def states(self, images: Sequence, instructions: Sequence[str]) -> list[torch.Tensor]:
         """One (T_i, hidden) tensor per sample: from disk where cached, else computed and stored."""
-        inputs = self.reasoner.condition_inputs(images, instructions)
+        return self.encoded_states(self.reasoner.condition_inputs(images, instructions))
+
+    @torch.no_grad()
+    def encoded_states(self, inputs: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """`states` of condition prompts already encoded (a preprocessed segment's `condition`): nothing is
+        encoded twice."""
         keys = [sample_key(x) for x in inputs]
         out: list[torch.Tensor | None] = [self.files.read(k) for k in keys]
         missing = [i for i, s in enumerate(out) if s is None]
         self.stats.hits += len(keys) - len(missing)
         self.stats.misses += len(missing)
         if missing:
-            computed = self.reasoner.condition_states([images[i] for i in missing],
-                                                      [instructions[i] for i in missing],
-                                                      packed=self.packed, backend=self.backend)
+            computed = self.reasoner.encoded_condition_states([inputs[i] for i in missing], packed=self.packed,
+                                                              backend=self.backend)
             for i, states in zip(missing, computed):
                 self.files.write(keys[i], states)
                 out[i] = states.detach().to("cpu")

@@ -31,10 +31,8 @@ truncated. A reasoner segment cannot be cut safely: its image tokens must all be
 its pixel values, and its answer, the only labelled tokens, sits at the end. A generator sample's
 latents cannot be cut either. The remedy is a larger budget or a smaller bucket, which the log says.
 
-The second half turns packed segments into model inputs: `reasoner_inputs` (next-token rows),
-`condition_states` (the reasoner's condition states for generator segments),
-`generator_inputs` (noisy targets `x_t = (1 - s) x0 + s noise` and the velocity target
-`noise - x0`, packed by the generator) and `mixed_inputs` (stage 3's single reasoner row).
+What a packed batch becomes for the models (next-token rows, noisy generator rows, stage 3's mixed
+row) is `reasonedit.models.inputs`.
 """
 
 from __future__ import annotations
@@ -42,16 +40,9 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar, Union
-
-import torch
+from typing import Any, Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
 from reasonedit.models.attention import FLEX_BLOCK
-
-if TYPE_CHECKING:
-    from reasonedit.data.preprocess import GeneratorSegment, ReasonerSegment
-    from reasonedit.models.generator import GeneratorSample, PackedGeneratorBatch, PackedQwenImageTransformer
-    from reasonedit.models.reasoner import PackedReasonerInputs, Reasoner
 
 log = logging.getLogger(__name__)
 
@@ -368,118 +359,4 @@ class Packer(Generic[T]):
         self.stats = PackerStats(**state["stats"])
 
 
-# ---------------------------------------------------------------------------------------------------
-# Packed segments to model inputs
-
-
-def reasoner_inputs(segments: Sequence["ReasonerSegment"], reasoner: "Reasoner") -> "PackedReasonerInputs":
-    """One packed next-token row: the segments in order, each with its own 3-axis positions and labels."""
-    from reasonedit.models.reasoner import pack_reasoner_inputs
-
-    return pack_reasoner_inputs([s.inputs() for s in segments], reasoner.model)
-
-
-def condition_states(segments: Sequence["GeneratorSegment"], reasoner: "Reasoner",
-                     backend: str = "auto") -> list[torch.Tensor]:
-    """The generator's text stream per segment: (text_tokens, hidden) last-layer states, prefix dropped, from the
-    segments' encoded condition prompts in one packed row (`Reasoner.packed_condition_states`). Gradients flow
-    when enabled (stage 3); wrap in no_grad for a frozen reasoner (stage 2)."""
-    return reasoner.packed_condition_states([s.condition for s in segments], [s.prefix_tokens for s in segments],
-                                            backend=backend)
-
-
-def noisy_target(x0: torch.Tensor, noise: torch.Tensor, s: float) -> torch.Tensor:
-    """Flow matching's interpolant x_t = (1 - s) x0 + s noise (s = 0 clean, s = 1 pure noise)."""
-    return (1.0 - s) * x0 + s * noise
-
-
-@dataclass(eq=False)
-class GeneratorInputs:
-    """A packed generator row and, per sample, what the loss compares its prediction with."""
-
-    batch: "PackedGeneratorBatch"
-    samples: list["GeneratorSample"]
-    velocity: list[torch.Tensor]  # per sample noise - x0, shaped like its target latent (C, h, w)
-    noise: list[torch.Tensor]
-
-
-def generator_inputs(
-    segments: Sequence["GeneratorSegment"],
-    states: Sequence[torch.Tensor],
-    timesteps: Sequence[float] | torch.Tensor,
-    generator: "PackedQwenImageTransformer",
-    *,
-    noise: Optional[Sequence[torch.Tensor]] = None,
-    rng: Optional[torch.Generator] = None,
-    sources_at_t0: bool = False,
-) -> GeneratorInputs:
-    """Noisy targets from latents, noise and one timestep per sample, packed by `generator.pack`.
-
-    noise: one (C, h, w) tensor per segment, or None to draw it from `rng` in segment order.
-    """
-    from reasonedit.models.generator import GeneratorSample
-
-    s_values = [float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
-    if not (len(segments) == len(states) == len(s_values)):
-        raise ValueError(f"generator_inputs: {len(segments)} segments, {len(states)} states, "
-                         f"{len(s_values)} timesteps; give one of each per segment")
-    if noise is not None and len(noise) != len(segments):
-        raise ValueError(f"generator_inputs: {len(noise)} noise tensors for {len(segments)} segments")
-    samples, velocity, noises = [], [], []
-    for i, (seg, text, s) in enumerate(zip(segments, states, s_values)):
-        if not seg.has_latents:
-            raise ValueError(f"{seg.key}: no latents; run Preprocessor.encode_latents on the batch first")
-        if not 0.0 <= s <= 1.0:
-            raise ValueError(f"{seg.key}: timestep {s} is outside [0, 1]")
-        if text.shape[0] != seg.text_tokens:
-            raise ValueError(f"{seg.key}: {text.shape[0]} text states for {seg.text_tokens} condition tokens")
-        x0 = seg.target_latent  # (C, h, w)
-        eps = noise[i] if noise is not None else torch.randn(x0.shape, generator=rng, dtype=x0.dtype)
-        if eps.shape != x0.shape:
-            raise ValueError(f"{seg.key}: noise {tuple(eps.shape)} does not match the target {tuple(x0.shape)}")
-        samples.append(GeneratorSample(text_states=text, target=noisy_target(x0, eps, s),
-                                       sources=list(seg.source_latents), timestep=s))
-        velocity.append(eps - x0)
-        noises.append(eps)
-    return GeneratorInputs(generator.pack(samples, sources_at_t0=sources_at_t0), samples, velocity, noises)
-
-
-@dataclass(eq=False)
-class MixedInputs:
-    """Stage 3's reasoner row: the next-token segments, then the generator segments' condition prompts
-    (labels all -100), as documents of one row; `condition_docs` index the latter in `row.lengths`."""
-
-    row: "PackedReasonerInputs"
-    reasoner_segments: list["ReasonerSegment"]
-    generator_segments: list["GeneratorSegment"]
-    condition_docs: list[int]
-
-    def split_condition_states(self, hidden: torch.Tensor) -> list[torch.Tensor]:
-        """Each generator segment's text stream, cut out of the row's last-layer states (1, L, hidden) that the
-        caller computed (no forward here, unlike `condition_states`)."""
-        pieces = self.row.split(hidden)
-        return [pieces[d][s.prefix_tokens:] for d, s in zip(self.condition_docs, self.generator_segments)]
-
-
-
-def mixed_inputs(items: Sequence[Any], reasoner: "Reasoner") -> MixedInputs:
-    """A stage-3 batch (reasoner and generator segments, as a two-budget packer emits them) to one row."""
-    from reasonedit.data.preprocess import IGNORE_INDEX, GeneratorSegment, ReasonerSegment
-    from reasonedit.models.reasoner import pack_reasoner_inputs
-
-    text = [s for s in items if isinstance(s, ReasonerSegment)]
-    gen = [s for s in items if isinstance(s, GeneratorSegment)]
-    if len(text) + len(gen) != len(items):
-        raise TypeError("mixed_inputs: items must be ReasonerSegments or GeneratorSegments")
-    docs = [s.inputs() for s in text]
-    for s in gen:
-        cond = dict(s.condition)
-        cond["labels"] = torch.full_like(cond["input_ids"], IGNORE_INDEX)  # (1, T_c): condition is not a target
-        docs.append(cond)
-    row = pack_reasoner_inputs(docs, reasoner.model)
-    return MixedInputs(row, text, gen, list(range(len(text), len(text) + len(gen))))
-
-
-__all__ = ["GeneratorInputs", "MixedInputs", "PackedBatch", "Packer", "PackerStats", "best_fit_decreasing",
-           "condition_states", "default_key", "default_length", "generator_inputs", "mixed_inputs", "noisy_target",
-           "reasoner_inputs"]
+__all__ = ["PackedBatch", "Packer", "PackerStats", "best_fit_decreasing", "default_key", "default_length"]

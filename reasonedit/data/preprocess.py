@@ -259,14 +259,6 @@ class PreprocessConfig:
     encode_latents: bool = True  # False: leave latents to `encode_latents` (e.g. batched on the accelerator)
 
 
-def condition_messages(images: Sequence[np.ndarray], instruction: str) -> Messages:
-    """The condition prompt: `prompts.condition` with images, the same system prompt and no image without."""
-    if images:
-        return prompts.condition(list(images), instruction)
-    return [{"role": "system", "content": prompts.CONDITION_SYSTEM_PROMPT},
-            {"role": "user", "content": [{"type": "text", "text": instruction}]}]
-
-
 def _with_answer(messages: Messages, answer: str) -> Messages:
     return [*messages, {"role": "assistant", "content": answer}]
 
@@ -288,7 +280,7 @@ class Preprocessor:
         self.sizes = self.config.buckets.sizes()  # validates the buckets too
         tokenizer = processor.tokenizer
         self.im_end_id = single_token_id(tokenizer, IM_END_TOKEN)
-        self.prefix_ids = tokenizer.encode(prompts.condition_prefix(), add_special_tokens=False)
+        self.prefix_ids = prompts.condition_prefix_ids(tokenizer)
         if codec is not None and codec.downsample != self.config.buckets.vae_downsample:
             raise ValueError(f"buckets.vae_downsample={self.config.buckets.vae_downsample} but the codec "
                              f"downsamples by {codec.downsample}; build the buckets with `buckets_for(model, ...)`")
@@ -407,10 +399,10 @@ class Preprocessor:
         drop_image = drop_image and bool(sources)  # a caption has no image to drop
         sources = [] if drop_image else [self.bucket(s) for s in sources]
         instruction = "" if drop_text else instruction
-        condition = self.processor.encode_one(condition_messages(sources, instruction))
-        if condition["input_ids"][0, : len(self.prefix_ids)].tolist() != self.prefix_ids:
-            raise ValueError(f"{key}: the condition prompt does not start with the fixed system prefix; the "
-                             "chat template must render the system turn verbatim")
+        try:
+            condition = prompts.encode_condition(self.processor, list(sources), instruction)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
         target = self.bucket(target)
         segment = GeneratorSegment(
             key=key, instruction=instruction, condition=condition, target_image=target, source_images=sources,
@@ -484,4 +476,4 @@ def buckets_for(model: "ReasonEditModel", pixel_budget: Optional[int] = None, **
 
 
 __all__ = ["BucketConfig", "ConditionDropout", "GeneratorSegment", "IGNORE_INDEX", "PreprocessConfig", "Preprocessor",
-           "ReasonerSegment", "Segment", "buckets_for", "condition_messages", "resize_to", "stage3_lengths"]
+           "ReasonerSegment", "Segment", "buckets_for", "resize_to", "stage3_lengths"]

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
-from reasonedit.models.processor import Image, Messages
+from reasonedit.models.processor import Image, Messages, ReasonerProcessor
 from reasonedit.models.tokenizer import (
     DECISION_TOKENS,
     FAILED_TOKEN,
@@ -88,8 +89,22 @@ def _as_images(images: Image | Sequence[Image]) -> list[Image]:
 
 
 def condition(images: Image | Sequence[Image], instruction: str) -> Messages:
-    """What the generator is conditioned on: source image(s) and the instruction, under the fixed system prompt."""
-    return _conversation(CONDITION_SYSTEM_PROMPT, _user(_as_images(images), instruction), None)
+    """What the generator is conditioned on: source image(s) and the instruction, under the fixed system prompt;
+    no image (an empty list) for text-to-image, where the instruction is the caption."""
+    images = [] if isinstance(images, (list, tuple)) and not images else _as_images(images)
+    return _conversation(CONDITION_SYSTEM_PROMPT, _user(images, instruction), None)
+
+
+def encode_condition(processor: ReasonerProcessor, images: Image | Sequence[Image],
+                     instruction: str) -> dict[str, torch.Tensor]:
+    """The condition prompt's unpadded inputs, checked to start with the fixed system prefix (whose tokens the
+    generator's text stream drops): a chat template that does not render the system turn verbatim fails here."""
+    inputs = processor.encode_one(condition(images, instruction))
+    prefix = condition_prefix_ids(processor.tokenizer)
+    if inputs["input_ids"][0, : len(prefix)].tolist() != prefix:
+        raise ValueError("the condition prompt does not start with the fixed system prefix tokens; the "
+                         "tokenizer's chat template must render the system turn verbatim")
+    return inputs
 
 
 def condition_prefix() -> str:
@@ -97,9 +112,14 @@ def condition_prefix() -> str:
     return f"{IM_START_TOKEN}system\n{CONDITION_SYSTEM_PROMPT}{IM_END_TOKEN}\n{IM_START_TOKEN}user\n"
 
 
+def condition_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The fixed prefix's token ids under `tokenizer`."""
+    return tokenizer.encode(condition_prefix(), add_special_tokens=False)
+
+
 def condition_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
     """How many tokens the fixed condition prefix is under `tokenizer` (64 for Qwen2.5-VL's)."""
-    return len(tokenizer.encode(condition_prefix(), add_special_tokens=False))
+    return len(condition_prefix_ids(tokenizer))
 
 
 def _role(task: str, image: Image, text: str, answer: Optional[str]) -> Messages:
@@ -237,5 +257,5 @@ def parse_decision(text: str) -> Decision:
 
 __all__ = ["CAPTION_TASK", "CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "QWEN_IMAGE_EDIT_PREFIX_TOKENS",
            "READ_TASK", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "ThinkerReplyError", "caption_image",
-           "condition", "condition_prefix", "condition_prefix_length", "decide", "describe_target", "format_decision",
-           "format_score", "parse_decision", "parse_score", "read_scene", "role_of", "score", "template_texts", "think"]
+           "condition", "condition_prefix", "condition_prefix_ids", "condition_prefix_length", "decide",
+           "describe_target", "encode_condition", "format_decision", "format_score", "parse_decision", "parse_score", "read_scene", "role_of", "score", "template_texts", "think"]

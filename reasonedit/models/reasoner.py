@@ -205,7 +205,7 @@ class Reasoner:
         self.model = model
         self.processor = processor
         self.peft_model = None
-        self._prefix_ids = processor.tokenizer.encode(prompts.condition_prefix(), add_special_tokens=False)
+        self._prefix_ids = prompts.condition_prefix_ids(processor.tokenizer)
         if len(processor.tokenizer) > model.get_input_embeddings().num_embeddings:
             raise ValueError(
                 f"tokenizer has {len(processor.tokenizer)} tokens but the model embeds "
@@ -355,11 +355,7 @@ class Reasoner:
             raise ValueError(f"condition: {len(images)} image entries for {len(instructions)} instructions")
         samples = []
         for image, instruction in zip(images, instructions):
-            sample = self.processor.encode_one(prompts.condition(image, instruction))
-            head = sample["input_ids"][0, : self.condition_prefix_length].tolist()
-            if head != self._prefix_ids:
-                raise ValueError("the condition prompt does not start with the fixed system prefix tokens; "
-                                 "the tokenizer's chat template must render the system turn verbatim")
+            sample = prompts.encode_condition(self.processor, image, instruction)
             samples.append({k: v.to(self.device) for k, v in sample.items()})
         return samples
 
@@ -373,7 +369,14 @@ class Reasoner:
     ) -> list[torch.Tensor]:
         """Last-layer hidden states over the condition prompt, fixed system prefix dropped: one (T_i, hidden)
         tensor per sample. `images[i]` is one image or a list (multi-image edit). Gradients flow when enabled."""
-        samples = self.condition_inputs(images, instructions)
+        return self.encoded_condition_states(self.condition_inputs(images, instructions), packed=packed,
+                                             backend=backend)
+
+    def encoded_condition_states(self, samples: Sequence[Mapping[str, torch.Tensor]], *, packed: bool = False,
+                                 backend: str = "auto") -> list[torch.Tensor]:
+        """`condition_states` of condition prompts already encoded (`condition_inputs`, or a preprocessed
+        segment's `condition`), on any device."""
+        samples = [{k: v.to(self.device) for k, v in s.items()} for s in samples]
         prefix = self.condition_prefix_length
         if packed:
             return self.packed_condition_states(samples, [prefix] * len(samples), backend=backend)

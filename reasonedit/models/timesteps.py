@@ -1,4 +1,6 @@
-"""The generator's timestep shift, one rule for the training loss and for the sampler.
+"""The generator's timesteps: the flow's interpolant and the time shift, one rule each for training and sampling.
+
+Flow matching noises a clean latent x0 to x_t = (1 - s) x0 + s noise (s = 0 clean, s = 1 pure noise).
 
 Qwen-Image shifts timesteps toward noise by the exponential time shift s' = e^mu / (e^mu + (1 / s - 1)),
 with mu linear in the target's token count through (base_tokens, base_shift) and (max_tokens, max_shift):
@@ -8,6 +10,11 @@ a larger image spends more of its steps at high noise.
 from __future__ import annotations
 
 import torch
+
+
+def noisy_target(x0: torch.Tensor, noise: torch.Tensor, s: float) -> torch.Tensor:
+    """Flow matching's interpolant x_t = (1 - s) x0 + s noise (s = 0 clean, s = 1 pure noise)."""
+    return (1.0 - s) * x0 + s * noise
 
 
 def linear_mu(tokens: int | float | torch.Tensor, base_shift: float, max_shift: float, base_tokens: int,
@@ -23,4 +30,4 @@ def shift_timesteps(s: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return torch.exp(mu) / (torch.exp(mu) + (1.0 / s - 1.0))
 
 
-__all__ = ["linear_mu", "shift_timesteps"]
+__all__ = ["linear_mu", "noisy_target", "shift_timesteps"]

@@ -129,8 +129,7 @@ def answer_tokens(segments: Sequence[ReasonerSegment]) -> int:
 def generator_flow_matching(model: "ReasonEditModel", segments: Sequence[GeneratorSegment],
                             states: Sequence[torch.Tensor], ctx: StageContext) -> LossSum:
     """Noise the segments' targets at logit-normal shifted timesteps, predict the velocity, sum the loss."""
-    from reasonedit.data.packing import generator_inputs
-    from reasonedit.models.generator import patchify
+    from reasonedit.models.inputs import generator_inputs
 
     gen = model.generator
     s = sample_timesteps([seg.target_tokens for seg in segments], ctx.flow_matching, ctx.generator)  # (B,)
@@ -139,8 +138,7 @@ def generator_flow_matching(model: "ReasonEditModel", segments: Sequence[Generat
     batch = inputs.batch.to(ctx.device)
     out = gen(batch)  # (N_img, p * p * C)
     pred = out[batch.target_index]  # (N_target, p * p * C): loss on noisy target tokens only
-    p = gen.config.patch_size
-    target = torch.cat([patchify(v, p) for v in inputs.velocity]).to(pred.device)  # (N_target, p * p * C)
+    target = inputs.velocity_tokens.to(pred.device)  # (N_target, p * p * C)
     per_sample = torch.cat([torch.full((seg.target_tokens,), float(w))
                             for seg, w in zip(segments, timestep_weights(s, ctx.flow_matching.weighting))])
     weights = None if ctx.flow_matching.weighting == "none" else per_sample

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from reasonedit.data.packing import PackedBatch, Packer, condition_states
+from reasonedit.data.packing import PackedBatch, Packer
 from reasonedit.losses import LossSum
+from reasonedit.models.inputs import condition_states
 from reasonedit.models.model import ReasonEditModel
 
 from .base import Stage, StageContext, generator_flow_matching
@@ -48,10 +49,8 @@ class EditingStage(Stage):
         if cache is not None:
             idx = [i for i, s in enumerate(segments) if s.source_images]
             if idx:
-                got = cache.states([segments[i].source_images for i in idx], [segments[i].instruction for i in idx])
-                for i, st in zip(idx, got):
-                    if st.shape[0] == segments[i].text_tokens:  # else: the cache encodes differently; recompute
-                        out[i] = st
+                for i, st in zip(idx, cache.encoded_states([segments[i].condition for i in idx])):
+                    out[i] = st
         todo = [i for i, s in enumerate(out) if s is None]
         if todo:
             computed = condition_states([segments[i] for i in todo], model.reasoner, model.config.attention_backend)

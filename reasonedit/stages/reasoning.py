@@ -3,8 +3,9 @@ reflection samples. The generator is not loaded."""
 
 from __future__ import annotations
 
-from reasonedit.data.packing import PackedBatch, reasoner_inputs
+from reasonedit.data.packing import PackedBatch
 from reasonedit.losses import LossSum, next_token_loss
+from reasonedit.models.inputs import reasoner_inputs
 from reasonedit.models.model import ReasonEditModel
 
 from .base import Stage, StageContext, answer_tokens

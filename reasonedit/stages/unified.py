@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from reasonedit.data.packing import PackedBatch, Packer, mixed_inputs
+from reasonedit.data.packing import PackedBatch, Packer
 from reasonedit.data.preprocess import GeneratorSegment, ReasonerSegment, stage3_lengths
 from reasonedit.losses import LossSum, joint_loss, next_token_loss
+from reasonedit.models.inputs import mixed_inputs
 from reasonedit.models.model import ReasonEditModel
 
 from .base import Stage, StageContext, answer_tokens, generator_flow_matching
