@@ -90,8 +90,7 @@ class ReasonEditModel(torch.nn.Module):
     def __init__(self, reasoner: Reasoner, generator: PackedQwenImageTransformer | None = None,
                  vae: PatchCodec | QwenImageVAE | None = None, config: ModelConfig | None = None):
         super().__init__()
-        self.reasoner = reasoner
-        self.reasoner_model = reasoner.model  # registered, so .to() / .parameters() reach it
+        self.reasoner = reasoner  # a module: .to() / .parameters() reach it
         self.generator = generator
         self.vae = vae
         self.config = config or ModelConfig()

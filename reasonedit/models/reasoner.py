@@ -192,19 +192,21 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
-class Reasoner:
+class Reasoner(torch.nn.Module):
     """A Qwen2.5-VL model with its processor, running through the `reasonedit_packed` attention.
 
-    `model` is always the transformers module (LoRA layers, when added, sit inside it);
-    `peft_model` is the peft wrapper used to save and load the adapter, or None.
+    A module whose one child is `model`, the transformers module (LoRA layers, when added, sit inside it), so
+    `.to()`, `.train()` and `.parameters()` are nn.Module's; `peft_model` is the peft wrapper used to save and
+    load the adapter, or None, kept out of the module tree (its parameters are `model`'s).
     """
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor: ReasonerProcessor):
+        super().__init__()
         register_packed_attention()
         model.set_attn_implementation(PACKED_ATTENTION)
         self.model = model
         self.processor = processor
-        self.peft_model = None
+        self._set_peft(None)
         self._prefix_ids = prompts.condition_prefix_ids(processor.tokenizer)
         if len(processor.tokenizer) > model.get_input_embeddings().num_embeddings:
             raise ValueError(
@@ -233,8 +235,8 @@ class Reasoner:
             from peft import PeftModel
 
             with _quiet_peft():
-                reasoner.peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=lora_trainable,
-                                                                local_files_only=True)
+                reasoner._set_peft(PeftModel.from_pretrained(model, adapter, is_trainable=lora_trainable,
+                                                             local_files_only=True))
             logger.info("loaded LoRA adapter from %s (trainable=%s)", adapter, lora_trainable)
         elif adapter.exists():
             raise FileNotFoundError(f"{adapter} exists but has no adapter_config.json; remove it or save again")
@@ -324,7 +326,7 @@ class Reasoner:
         peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                      target_modules=pattern, bias="none")
         with _quiet_peft():
-            self.peft_model = get_peft_model(self.model, peft_config)  # injects into self.model in place
+            self._set_peft(get_peft_model(self.model, peft_config))  # injects into self.model in place
         n = sum(p.numel() for p in self.trainable_parameters())
         logger.info("added LoRA (rank %d) on %s: %d trainable parameters", config.rank, list(config.targets), n)
 
@@ -458,18 +460,16 @@ class Reasoner:
             answers.append(self.tokenizer.decode([t for t in row if t not in drop], skip_special_tokens=False))
         return answers
 
-    # -- nn.Module conveniences -----------------------------------------------------------------
+    # -- the adapter's wrapper, outside the module tree ------------------------------------------
 
-    def train(self, mode: bool = True) -> "Reasoner":
-        self.model.train(mode)
-        return self
+    @property
+    def peft_model(self):
+        return self.__dict__["_peft_model"]
 
-    def eval(self) -> "Reasoner":
-        return self.train(False)
-
-    def to(self, *args: Any, **kwargs: Any) -> "Reasoner":
-        self.model.to(*args, **kwargs)
-        return self
+    def _set_peft(self, wrapper) -> None:
+        # not `self.peft_model = ...`: nn.Module would register the wrapper as a child, and its parameters
+        # (which are `model`'s) would appear twice in the state dict
+        self.__dict__["_peft_model"] = wrapper
 
 
 __all__ = ["LORA_DIR", "PACKED_ATTENTION", "PACKED_KWARG", "PackedReasonerInputs", "Reasoner",
