@@ -209,3 +209,18 @@ def test_the_stage_that_declares_a_condition_cache_trains_through_it(start_model
     # the cache computes the states in its own batches (another packing): equal to float tolerance
     assert [h["loss"] for h in runs["cached"].history] == pytest.approx([h["loss"] for h in runs["plain"].history],
                                                                        rel=1e-4)
+
+
+def test_a_checkpoint_of_another_model_layout_is_refused_not_half_loaded(start_model, small_dataset, tmp_path):
+    from reasonedit.training import train_stage
+
+    out = tmp_path / "stage2"
+    train_stage(stage_cfg(tmp_path, 2, steps=1, extra=["train.checkpoint_every=1"]), 2, start_model, small_dataset,
+                out)
+    (latest,) = sorted((out / "checkpoints").glob("step_*"))
+    state = torch.load(latest / "model.pt", weights_only=False)
+    torch.save({k.replace("generator.", "generator_old.", 1): v for k, v in state.items()}, latest / "model.pt")
+    with pytest.raises(KeyError, match=r"saved parameters are not in the model, e.g. \[.*generator_old\."):
+        train_stage(stage_cfg(tmp_path, 2, steps=1, extra=["train.checkpoint_every=1"]), 2, start_model,
+                    small_dataset, out)
+

@@ -134,8 +134,15 @@ def load_checkpoint(path: Path, world: World, module: torch.nn.Module,
     if (path / "deepspeed").is_dir():
         raise FileNotFoundError(f"{path}: written by a DeepSpeed run (no optimizer.pt); resume it with "
                                 f"train.parallel=deepspeed")
+    # the checkpoint holds the trainable parameters only (the frozen ones come from the stage's start model),
+    # hence not strict; but a saved key the model does not have means a checkpoint of another model layout,
+    # which must not resume with some weights silently left unrestored
     options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(module, torch.load(path / "model.pt", weights_only=False), options=options)
+    keys = set_model_state_dict(module, torch.load(path / "model.pt", weights_only=False), options=options)
+    if keys.unexpected_keys:
+        raise KeyError(f"{path / 'model.pt'}: {len(keys.unexpected_keys)} saved parameters are not in the model, "
+                       f"e.g. {sorted(keys.unexpected_keys)[:3]}: the checkpoint was written for another model "
+                       f"layout; start the stage afresh (remove {path.parent}) or resume with the code that wrote it")
     optim_sd = torch.load(path / "optimizer.pt", weights_only=False)
     if _sharded(module):
         # a parameter that never got a gradient (the last block's text output) has no state
