@@ -35,7 +35,7 @@ def bench_generation(args, root: Path) -> None:
     from reasonedit.eval.runner import GenerationSettings, generate
     from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
     from reasonedit.models import prompts
-    from reasonedit.models.config import ModelConfig
+    from reasonedit.config.model import ModelConfig
     from reasonedit.models.model import ReasonEditModel
 
     bench = get_benchmark("shapes", n=max(1, args.samples // 2)).load(None)

@@ -35,7 +35,7 @@ from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.inference.trace import PHASES
 from reasonedit.inference.types import EditRequest
 from reasonedit.models import prompts
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 from reasonedit.models.processor import build_image_processor
 

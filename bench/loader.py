@@ -14,8 +14,8 @@ import tempfile
 import time
 
 from reasonedit.data.loader import DatasetSpec, make_loader
-from reasonedit.data.shapes import ShapesWorld, WorldConfig
-from reasonedit.data.synth import KINDS, SynthConfig, synthesize
+from reasonedit.shapes.world import ShapesWorld, WorldConfig
+from reasonedit.shapes.synth import KINDS, SynthConfig, synthesize
 
 
 def read_epoch(spec: DatasetSpec, workers: int, buffer: int) -> tuple[int, float, float]:

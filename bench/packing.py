@@ -42,12 +42,12 @@ class Sample:
 
 def shapes_lengths(records_per_kind: int, seed: int) -> dict[str, list[list[tuple[int, ...]]]]:
     """Per stream, per record, the exact token counts of its segments (preprocessed for the tiny model)."""
-    from reasonedit.data.preprocess import (ConditionDropout, PreprocessConfig, Preprocessor, ReasonerSegment,
-                                            buckets_for, stage3_lengths)
+    from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.data.segments import ConditionDropout, ReasonerSegment, stage3_lengths
     from reasonedit.data.samples import EditPair, ReflectionSample, TextToImage, ThinkingPair
-    from reasonedit.data.shapes import ShapesWorld
-    from reasonedit.data.synth import KINDS, Synthesizer
-    from reasonedit.models.config import ModelConfig
+    from reasonedit.shapes.world import ShapesWorld
+    from reasonedit.shapes.synth import KINDS, Synthesizer
+    from reasonedit.config.model import ModelConfig
     from reasonedit.models.model import ReasonEditModel
 
     synth = Synthesizer(ShapesWorld(), seed=seed)

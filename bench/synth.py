@@ -10,8 +10,8 @@ import os
 import tempfile
 import time
 
-from reasonedit.data.shapes import ShapesWorld, WorldConfig
-from reasonedit.data.synth import KINDS, SynthConfig, Synthesizer, synthesize
+from reasonedit.shapes.world import ShapesWorld, WorldConfig
+from reasonedit.shapes.synth import KINDS, SynthConfig, Synthesizer, synthesize
 
 
 def main() -> None:

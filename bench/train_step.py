@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from reasonedit.config import ConfigError, load_config  # noqa: E402
 from reasonedit.data.packing import PackedBatch  # noqa: E402
-from reasonedit.data.preprocess import IGNORE_INDEX, GeneratorSegment, ReasonerSegment  # noqa: E402
+from reasonedit.data.segments import GeneratorSegment, IGNORE_INDEX, ReasonerSegment  # noqa: E402
 from reasonedit.losses import flow_matching_loss, next_token_loss, sample_timesteps  # noqa: E402
 from reasonedit.losses import timestep_weights  # noqa: E402
 from reasonedit.stages import StageContext, stage_for  # noqa: E402
@@ -136,8 +136,8 @@ def build_model(cfg, data: Path, device: torch.device, vocab: int):
 
 
 def synthesize_data(cfg, out: Path) -> Path:
-    from reasonedit.data.shapes import ShapesWorld
-    from reasonedit.data.synth import synthesize
+    from reasonedit.shapes.world import ShapesWorld
+    from reasonedit.shapes.synth import synthesize
 
     path = out / "data"
     synthesize(path, cfg.data, ShapesWorld(cfg.world))
@@ -325,7 +325,8 @@ def profile_steps(stepper: Stepper, batches: list[PackedBatch], device: torch.de
 
 
 def bench_stage(number: int, cfg, model, data: Path, args, device: torch.device, peak: float | None) -> None:
-    from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.data.segments import ConditionDropout
     from reasonedit.models.model import ReasonEditModel
     from reasonedit.training.data import BatchStream, stage_loader
     from reasonedit.training.ema import GeneratorEMA

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .data.shapes import ShapesWorld
-    from .data.synth import synthesize
+    from reasonedit.shapes.world import ShapesWorld
+    from reasonedit.shapes.synth import synthesize
 
     overrides = list(args.overrides)
     for flag, key in (("n", "n"), ("seed", "seed"), ("shard_size", "shard_size")):
@@ -168,7 +168,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .data.verify import verify_dataset
+    from reasonedit.shapes.verify import verify_dataset
 
     agreement = verify_dataset(args.path, args.split)
     print(agreement.table())
@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from .config import ConfigError
     from .data.samples import SchemaError
-    from .data.synth import SynthError
+    from reasonedit.shapes.synth import SynthError
     from .errors import NotBuiltError, RemoteServiceError
 
     try:

@@ -13,7 +13,7 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from .config import PLANNED_STEPS, ExperimentConfig, save_config
-from .data.shapes import ShapesWorld
+from reasonedit.shapes.world import ShapesWorld
 from .data.shards import MANIFEST
 from .errors import NotBuiltError
 from .publish import atomic_write_text
@@ -48,7 +48,7 @@ def _same_dataset(path: Path, cfg: ExperimentConfig) -> bool:
 
 
 def step_data(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
-    from .data.synth import synthesize
+    from reasonedit.shapes.synth import synthesize
 
     path = out / "data"
     if _same_dataset(path, cfg):
@@ -103,7 +103,7 @@ def step_vae(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Call
 
 def step_preview(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
     from .data.preview import dataset_sheet
-    from .data.verify import verify_dataset
+    from reasonedit.shapes.verify import verify_dataset
 
     data = out / "data"
     sheet = dataset_sheet(data, out / "preview" / "contact_sheet.png", cfg.preview.rows, cfg.preview.split)
@@ -117,7 +117,8 @@ def step_batches(cfg: ExperimentConfig, out: Path, result: RunResult, progress: 
     (edit pairs, text-to-image), each mixed 50/50 and packed into its token budget."""
     from .data.loader import DatasetSpec, make_loader
     from .data.packing import Packer
-    from .data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.data.segments import ConditionDropout
     from .models.model import CONFIG_FILE, ReasonEditModel
 
     b = cfg.batches
@@ -242,7 +243,8 @@ def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress:
     fine-tunes the tiny reasoner, vision tower included, on captions and scene questions of the train split,
     saves pretrain/model (generator and VAE carried over) and writes its held-out reading accuracy to
     pretrain/reading.json. A released Qwen2.5-VL (model.source != tiny) comes pretrained: the step is skipped."""
-    from .data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.data.segments import ConditionDropout
     from .models.model import CONFIG_FILE, ReasonEditModel
     from .stages.pretrain import heldout_scene_records, reading_accuracy
     from .training import train_stage

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_cli_here
 
 DEMO = ROOT / "configs" / "experiment" / "shapes_tiny.yaml"
 
@@ -11,7 +11,7 @@ DEMO = ROOT / "configs" / "experiment" / "shapes_tiny.yaml"
 @pytest.mark.parametrize("args", [[], ["data"], ["data", "synth"], ["data", "verify"], ["data", "sheet"], ["data", "import"],
                                   ["config"], ["run"], ["train"], ["sweep"], ["edit"], ["serve"], ["eval"]])
 def test_every_command_has_help(args):
-    res = run_cli(*args, "--help")
+    res = (run_cli if not args else run_cli_here)(*args, "--help")  # the entry point itself as a user starts it
     assert res.returncode == 0, res.stderr
     assert "usage: reasonedit" in res.stdout
 
@@ -41,7 +41,7 @@ def test_synth_verify_and_sheet(tmp_path):
 ])
 def test_bad_synth_input_is_a_clear_error_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "d"
-    res = run_cli("data", "synth", "--out", out, *args)
+    res = run_cli_here("data", "synth", "--out", out, *args)
     assert res.returncode == 1, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 
 

@@ -337,7 +337,7 @@ def test_find_output_accepts_jpg_and_reports_missing_as_none(tmp_path):
 # -- shapes -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_synth(tmp_path_factory, world):
-    from reasonedit.data.synth import SynthConfig, synthesize
+    from reasonedit.shapes.synth import SynthConfig, synthesize
     out = tmp_path_factory.mktemp("shapes") / "ds"
     synthesize(out, SynthConfig(n=3, seed=3, splits=("train", "test"), kinds=("edit_pair", "thinking_pair")), world)
     return out
@@ -353,7 +353,7 @@ def test_shapes_reads_the_test_split_of_a_synth_dataset(tiny_synth, tmp_path):
 
 
 def test_shapes_dataset_without_a_test_split_is_refused(tmp_path, world):
-    from reasonedit.data.synth import SynthConfig, synthesize
+    from reasonedit.shapes.synth import SynthConfig, synthesize
     synthesize(tmp_path / "ds", SynthConfig(n=1, splits=("train",), kinds=("edit_pair",)), world)
     with pytest.raises(BenchmarkDataError, match="no 'test' split"):
         get_benchmark("shapes").load(tmp_path / "ds")
@@ -362,8 +362,8 @@ def test_shapes_dataset_without_a_test_split_is_refused(tmp_path, world):
 
 
 def test_shapes_on_the_fly_scenes_are_held_out_and_reproducible():
-    from reasonedit.data.shapes import Scene
-    from reasonedit.data.synth import split_of
+    from reasonedit.shapes.world import Scene
+    from reasonedit.shapes.synth import split_of
     a = get_benchmark("shapes", n=3, seed=11).load(None).samples()
     b = get_benchmark("shapes", n=3, seed=11).load(None).samples()
     assert [x.instruction for x in a] == [x.instruction for x in b]

@@ -143,7 +143,8 @@ def test_scoring_reports_missing_images_and_unparsable_replies_and_records_the_j
 
 def test_external_editor_and_thinker_over_http(model, shapes, tmp_path):
     from reasonedit.inference.builtin import GeneratorEditor
-    from reasonedit.inference.remote import HttpEditor, OpenAIThinker
+    from reasonedit.inference.http_editor import HttpEditor
+    from reasonedit.inference.openai_thinker import OpenAIThinker
     from reasonedit.serve.app import create_app
     from reasonedit.serve.runner import ServerThread
 
@@ -165,7 +166,7 @@ class SceneEditor:
     name = "reference"
 
     def __init__(self, bench, change=True):
-        from reasonedit.data.shapes import Scene
+        from reasonedit.shapes.world import Scene
         self.change = change
         self.targets = {(s.instruction, bench.source_images(s)[0].tobytes()):
                         bench.world.render(Scene.from_dict(s.meta["target_scene"])) for s in bench.samples()}

@@ -213,7 +213,7 @@ def shapes_bench():
 def test_shapes_oracle_scores_exact_target_ten_and_unchanged_source_seven(shapes_bench, tmp_path):
     sample = shapes_bench.samples()[0]  # edit pair 0 is a recolor (ops cycle from "recolor")
     assert sample.meta["kind"] == "recolor"
-    from reasonedit.data.shapes import Scene
+    from reasonedit.shapes.world import Scene
     target = shapes_bench.world.render(Scene.from_dict(sample.meta["target_scene"]))
     Image.fromarray(target).save(tmp_path / "target.png")
     Image.fromarray(shapes_bench.source_images(sample)[0]).save(tmp_path / "source.png")

@@ -316,7 +316,7 @@ def test_from_scratch_fields_are_saved_and_their_defaults_keep_diffusers_behavio
 
 
 def test_model_config_builds_the_generator_with_zero_cond_t_and_the_rope_fields():
-    from reasonedit.models.config import ModelConfig
+    from reasonedit.config.model import ModelConfig
     from reasonedit.models.model import build_generator
     cfg = ModelConfig()
     cfg.generator.zero_cond_t, cfg.generator.rope_theta, cfg.generator.qk_norm_init = True, 100.0, 1.5

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from reasonedit.data.shapes import Scene, Shape, ShapesWorld, WorldConfig
-from reasonedit.data.synth import Synthesizer
+from reasonedit.shapes.world import Scene, Shape, ShapesWorld, WorldConfig
+from reasonedit.shapes.synth import Synthesizer
 from reasonedit.eval.heldout import HeldOut, copy_figures, figures_table, generator_figures, think_figures
 
 SMALL = WorldConfig(image_size=64, grid=4, kinds=("circle", "square", "triangle"),
@@ -48,7 +48,7 @@ def test_copy_figures_count_only_the_cells_the_instruction_leaves_alone():
 
 
 def test_the_exact_editor_scores_everything_and_the_source_scores_copy_only(small):
-    from reasonedit.data.shapes_editor import ShapesEditor
+    from reasonedit.shapes.editor import ShapesEditor
     world, edits, _ = small
     exact = generator_figures(ShapesEditor(world), edits, world)
     assert exact["concrete"] == 1.0 and exact["copy"] == 1.0 and exact["score"] == 10.0
@@ -81,7 +81,7 @@ def test_think_figures_execute_the_thought_with_the_exact_editor(small):
 
 
 def test_heldout_loads_a_fixed_split_and_names_a_missing_one(tmp_path):
-    from reasonedit.data.synth import SynthConfig, synthesize
+    from reasonedit.shapes.synth import SynthConfig, synthesize
     synthesize(tmp_path / "d", SynthConfig(n=6, seed=1, shard_size=6, splits=("train", "val")), ShapesWorld(SMALL))
     held = HeldOut.load(tmp_path / "d", split="val", n=4)
     assert len(held.edits) == len(held.thinking) == len(held.reflections) == 4

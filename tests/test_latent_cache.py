@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from reasonedit.data.latent_cache import LatentCache, codec_fingerprint
+from reasonedit.models.latent_cache import LatentCache, codec_fingerprint
 from reasonedit.models.vae import QwenImageVAE, to_pixels
 from tests.test_stages import stage_cfg, start_model  # noqa: F401  (the module-scoped fixture)
 

@@ -12,8 +12,8 @@ import pytest
 
 from reasonedit.data import loader as loader_module
 from reasonedit.data.loader import DatasetSpec, LoaderError, LoaderStateError, make_loader
-from reasonedit.data.shapes import ShapesWorld, WorldConfig
-from reasonedit.data.synth import SynthConfig, synthesize
+from reasonedit.shapes.world import ShapesWorld, WorldConfig
+from reasonedit.shapes.synth import SynthConfig, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("edit_pair", "text_to_image")

@@ -13,7 +13,7 @@ from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.inference.pipeline import Pipeline
 from reasonedit.inference.report import write_trace
 from reasonedit.models import prompts
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 
 

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.generator import GeneratorSample
 from reasonedit.models.model import ReasonEditModel
 
@@ -111,7 +111,7 @@ def test_generator_width_must_match_the_reasoner(model):
 
 def test_attention_backend_names_agree():
     from reasonedit.models.attention import BACKENDS
-    from reasonedit.models.config import ATTENTION_BACKENDS
+    from reasonedit.config.model import ATTENTION_BACKENDS
     assert BACKENDS == ATTENTION_BACKENDS
     cfg = ModelConfig(attention_backend="fast")
     with pytest.raises(ValueError, match="model.attention_backend"):

@@ -3,8 +3,8 @@ import random
 import numpy as np
 import pytest
 
-from reasonedit.data.oracle import Oracle, decide, scene_errors, score_from_errors
-from reasonedit.data.shapes import Edit, Scene, Shape, apply_edit, apply_edits
+from reasonedit.shapes.oracle import Oracle, decide, scene_errors, score_from_errors
+from reasonedit.shapes.world import Edit, Scene, Shape, apply_edit, apply_edits
 
 SOURCE = Scene("white", (Shape(0, 0, "circle", "red", "small"), Shape(1, 2, "star", "blue", "large"),
                          Shape(3, 3, "circle", "green", "medium")))
@@ -62,7 +62,7 @@ def test_a_different_kind_is_a_removal_and_an_addition():
 
 def test_single_error_fix_always_restores_the_target(world):
     """Any one-atomic-edit deviation from a scene is found, and its fix edit undoes it."""
-    from reasonedit.data.shapes import random_edit
+    from reasonedit.shapes.world import random_edit
     rng = random.Random(11)
     for _ in range(300):
         target = world.random_scene(rng)

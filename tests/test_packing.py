@@ -10,21 +10,11 @@ import pytest
 import torch
 
 from reasonedit.data.packing import Packer, best_fit_decreasing
-from reasonedit.data.preprocess import (
-    IGNORE_INDEX,
-    BucketConfig,
-    ConditionDropout,
-    GeneratorSegment,
-    PreprocessConfig,
-    Preprocessor,
-    ReasonerSegment,
-    buckets_for,
-    resize_to,
-    stage3_lengths,
-)
+from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+from reasonedit.data.segments import BucketConfig, ConditionDropout, GeneratorSegment, IGNORE_INDEX, ReasonerSegment, resize_to, stage3_lengths
 from reasonedit.data.samples import EditPair, ReflectionSample, TextToImage, ThinkingPair
-from reasonedit.data.synth import Synthesizer
-from reasonedit.models.config import ModelConfig
+from reasonedit.shapes.synth import Synthesizer
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.generator import target_predictions
 from reasonedit.models.inputs import condition_states, generator_inputs, mixed_inputs, reasoner_inputs
 from reasonedit.models.model import ReasonEditModel

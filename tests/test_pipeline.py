@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from reasonedit.cli import main
-from reasonedit.data.shapes_editor import ShapesEditor
+from reasonedit.shapes.editor import ShapesEditor
 from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
 from reasonedit.inference.pipeline import Pipeline, build_editor, build_thinker, resolve_device
-from reasonedit.inference.remote import HttpEditor, OpenAIThinker
+from reasonedit.inference.http_editor import HttpEditor
+from reasonedit.inference.openai_thinker import OpenAIThinker
 from reasonedit.inference.types import SHAPES_EDITOR
 from reasonedit.models.model import ReasonEditModel
 from tests.conftest import ROOT

@@ -8,7 +8,7 @@ from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
 from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.inference.prefix_cache import PrefixCache
 from reasonedit.models import prompts
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 
 WELL_FORMED = {"think": "make the circle blue", "describe": "a blue circle", "score": "score: 5\nreason: still red",

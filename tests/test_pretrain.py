@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reasonedit.config import ConfigError, load_config
-from reasonedit.data.shapes import Scene, Shape, ShapesWorld, WorldConfig
+from reasonedit.shapes.world import Scene, Shape, ShapesWorld, WorldConfig
 from tests.conftest import ROOT
 
 DEMO = ROOT / "configs" / "experiment" / "shapes_tiny.yaml"
@@ -44,9 +44,9 @@ def world_config() -> WorldConfig:
 
 
 def test_every_answer_agrees_with_what_the_oracle_reads_from_the_render():
-    from reasonedit.data.language import at, describe, shape_words, where
-    from reasonedit.data.oracle import Oracle
-    from reasonedit.data.scene_qa import NOTHING, QUESTION_KINDS, ask, plural
+    from reasonedit.shapes.language import at, describe, shape_words, where
+    from reasonedit.shapes.oracle import Oracle
+    from reasonedit.shapes.scene_qa import NOTHING, QUESTION_KINDS, ask, plural
 
     world = ShapesWorld(world_config())
     cfg, oracle = world.config, Oracle(world)
@@ -82,7 +82,7 @@ def test_every_answer_agrees_with_what_the_oracle_reads_from_the_render():
 
 
 def test_questions_are_a_pure_function_of_the_rng_seed():
-    from reasonedit.data.scene_qa import scene_questions
+    from reasonedit.shapes.scene_qa import scene_questions
 
     world = ShapesWorld(world_config())
     scene = world.random_scene(random.Random(0))
@@ -94,7 +94,7 @@ def test_questions_are_a_pure_function_of_the_rng_seed():
 
 
 def test_an_empty_scene_gets_no_where_question_and_counts_zero():
-    from reasonedit.data.scene_qa import ask, scene_questions
+    from reasonedit.shapes.scene_qa import ask, scene_questions
 
     cfg = world_config()
     empty = Scene("navy", ())
@@ -104,9 +104,9 @@ def test_an_empty_scene_gets_no_where_question_and_counts_zero():
 
 
 def test_train_records_never_give_questions_about_held_out_scenes(run_dir):
-    from reasonedit.data.scene_qa import record_views
+    from reasonedit.shapes.scene_qa import record_views
     from reasonedit.data.shards import read_records
-    from reasonedit.data.synth import split_of
+    from reasonedit.shapes.synth import split_of
 
     views = [v for r in read_records(run_dir / "data", split="train") for v in record_views(r)]
     assert len(views) > 40 and all(split_of(scene) == "train" for _, _, scene in views)
@@ -116,8 +116,8 @@ def test_train_records_never_give_questions_about_held_out_scenes(run_dir):
 
 def test_a_scene_of_another_split_than_its_record_is_left_out():
     from reasonedit.data.samples import EditPair
-    from reasonedit.data.scene_qa import record_views
-    from reasonedit.data.synth import split_of
+    from reasonedit.shapes.scene_qa import record_views
+    from reasonedit.shapes.synth import split_of
 
     world = ShapesWorld(world_config())
     rng = random.Random(5)
@@ -131,7 +131,7 @@ def test_a_scene_of_another_split_than_its_record_is_left_out():
 
 
 def test_segments_label_only_the_answer_and_put_the_image_first(run_dir, tmp_path):
-    from reasonedit.data.preprocess import PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
     from reasonedit.data.shards import read_records
     from reasonedit.models.model import ReasonEditModel
     from reasonedit.stages import stage_for
@@ -206,8 +206,8 @@ def test_a_short_run_lowers_the_held_out_next_token_loss(run_dir, tmp_path):
 
 
 def test_reading_accuracy_scores_exact_replies_per_kind(run_dir, tmp_path, monkeypatch):
-    from reasonedit.data.preprocess import PreprocessConfig, Preprocessor, buckets_for
-    from reasonedit.data.scene_qa import NOTHING
+    from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.shapes.scene_qa import NOTHING
     from reasonedit.models.model import ReasonEditModel
     from reasonedit.stages.pretrain import heldout_scene_records, reading_accuracy
 
@@ -220,7 +220,7 @@ def test_reading_accuracy_scores_exact_replies_per_kind(run_dir, tmp_path, monke
     report = reading_accuracy(model, records, cfg.world, pre)
     empty = 0
     for r in records:  # the cell each record is asked about: the reading's own draw
-        from reasonedit.data.scene_qa import ask
+        from reasonedit.shapes.scene_qa import ask
         scene = Scene.from_dict(r.meta["scene"])
         empty += ask("cell", scene, cfg.world, random.Random(f"{cfg.seed}/{r.key}/reading")).answer == NOTHING
     assert report.accuracy["cell"] == empty / len(records)
@@ -229,8 +229,8 @@ def test_reading_accuracy_scores_exact_replies_per_kind(run_dir, tmp_path, monke
 
 
 def test_reading_accuracy_counts_any_caption_phrasing_as_right(run_dir, tmp_path, monkeypatch):
-    from reasonedit.data.language import captions
-    from reasonedit.data.preprocess import PreprocessConfig, Preprocessor, buckets_for
+    from reasonedit.shapes.language import captions
+    from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
     from reasonedit.models import prompts
     from reasonedit.models.model import ReasonEditModel
     from reasonedit.stages.pretrain import heldout_scene_records, reading_accuracy

@@ -9,11 +9,11 @@ from peft.tuners.lora import LoraLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from reasonedit.data.shapes import ShapesWorld
-from reasonedit.data.synth import Synthesizer
+from reasonedit.shapes.world import ShapesWorld
+from reasonedit.shapes.synth import Synthesizer
 from reasonedit.models import prompts
 from reasonedit.models.attention import PackedAttention, Span, TokenLayout
-from reasonedit.models.config import LoraConfig
+from reasonedit.config.model import LoraConfig
 from reasonedit.models.processor import ReasonerProcessor
 from reasonedit.models.prompts import Decision, ThinkerReplyError, parse_decision, parse_score
 from reasonedit.models.reasoner import (LORA_DIR, PACKED_KWARG, TEMPLATE_REPEATS, Reasoner, pack_reasoner_inputs,

@@ -10,10 +10,12 @@ import pytest
 from reasonedit.inference.builtin import GeneratorEditor
 from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.clients.http import RetryPolicy, ServiceError
-from reasonedit.inference.remote import HttpEditor, OpenAIThinker, parse_editthinker
+from reasonedit.inference.editthinker import parse_editthinker
+from reasonedit.inference.http_editor import HttpEditor
+from reasonedit.inference.openai_thinker import OpenAIThinker
 from reasonedit.inference.types import EditRequest
 from reasonedit.models import prompts
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 from reasonedit.models.prompts import ThinkerReplyError
 from reasonedit.serve import ServeConfig, ServerThread, create_app

@@ -14,7 +14,7 @@ from reasonedit.inference.sampler import (
     sigma_schedule,
 )
 from reasonedit.inference.types import EditRequest
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.generator import GeneratorSample
 from reasonedit.models.model import ReasonEditModel
 

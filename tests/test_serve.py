@@ -17,7 +17,7 @@ from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
 from reasonedit.clients.images import decode_base64_image, png_base64
 from reasonedit.inference.types import EditRequest
 from reasonedit.models import prompts
-from reasonedit.models.config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from reasonedit.models.model import ReasonEditModel
 from reasonedit.serve import Limits, ServeConfig, ServerThread, create_app
 

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from reasonedit.data.shapes import (KINDS, PALETTE, SIZES, Edit, EditError, Scene, Shape, ShapesWorld, WorldConfig,
+from reasonedit.shapes.world import (KINDS, PALETTE, SIZES, Edit, EditError, Scene, Shape, ShapesWorld, WorldConfig,
                                     apply_edit, random_edit, shape_mask)
 
 

@@ -13,10 +13,10 @@ import pytest
 
 from conftest import ROOT, serving
 from reasonedit.cli import main  # imported at collection: its ProgressLine binds the stderr it finds then
-from reasonedit.data.oracle import Oracle
-from reasonedit.data.shapes import Scene, Shape, ShapesWorld, WorldConfig
-from reasonedit.data.shapes_editor import INJECTED_ERRORS, InstructionParseError, ShapesEditor, parse_instruction
-from reasonedit.data.synth import Synthesizer
+from reasonedit.shapes.oracle import Oracle
+from reasonedit.shapes.world import Scene, Shape, ShapesWorld, WorldConfig
+from reasonedit.shapes.editor import INJECTED_ERRORS, InstructionParseError, ShapesEditor, parse_instruction
+from reasonedit.shapes.synth import Synthesizer
 from reasonedit.inference.types import EditRequest
 
 SMALL = WorldConfig(image_size=64, grid=4, kinds=("circle", "square", "triangle"),
@@ -198,9 +198,9 @@ def test_error_settings_are_checked_and_named(small):
 
 def test_the_editor_imports_and_edits_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from reasonedit.data.shapes import ShapesWorld\n"
-            "from reasonedit.data.synth import Synthesizer\n"
-            "from reasonedit.data.shapes_editor import ShapesEditor\n"
+            "from reasonedit.shapes.world import ShapesWorld\n"
+            "from reasonedit.shapes.synth import Synthesizer\n"
+            "from reasonedit.shapes.editor import ShapesEditor\n"
             "from reasonedit.inference.types import EditRequest\n"
             "w = ShapesWorld(); r = Synthesizer(w, 0).edit_pair('train', 0)\n"
             "assert (ShapesEditor(w).edit([EditRequest(r.source, r.instruction)])[0] == r.target).all()\n")
@@ -219,7 +219,7 @@ def shapes_server():
 
 
 def test_reasonedit_serve_editor_shapes_edits_over_http_byte_for_byte(shapes_server):
-    from reasonedit.inference.remote import HttpEditor
+    from reasonedit.inference.http_editor import HttpEditor
 
     assert httpx.get(shapes_server + "/health").json()["editor"] == "shapes (exact)"
     record = Synthesizer(ShapesWorld(SERVED), seed=4).edit_pair("train", 3)
@@ -230,7 +230,7 @@ def test_reasonedit_serve_editor_shapes_edits_over_http_byte_for_byte(shapes_ser
 
 def test_the_shapes_service_answers_422_for_an_image_of_another_world(shapes_server):
     from reasonedit.clients.http import ServiceError
-    from reasonedit.inference.remote import HttpEditor
+    from reasonedit.inference.http_editor import HttpEditor
 
     with HttpEditor(shapes_server) as editor, pytest.raises(ServiceError, match="422.*64x64 but this shapes world "
                                                                                  "renders 96x96"):

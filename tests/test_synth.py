@@ -5,13 +5,13 @@ import tarfile
 
 import pytest
 
-from reasonedit.data.abstract import CATEGORIES
-from reasonedit.data.oracle import Oracle
+from reasonedit.shapes.abstract import CATEGORIES
+from reasonedit.shapes.oracle import Oracle
 from reasonedit.data.samples import SchemaError
-from reasonedit.data.shapes import OPS, Edit, Scene, apply_edits
+from reasonedit.shapes.world import OPS, Edit, Scene, apply_edits
 from reasonedit.data.shards import read_records
-from reasonedit.data.synth import ERROR_TYPES, SynthConfig, SynthError, Synthesizer, split_of, synthesize
-from reasonedit.data.verify import verify_dataset
+from reasonedit.shapes.synth import ERROR_TYPES, SynthConfig, SynthError, Synthesizer, split_of, synthesize
+from reasonedit.shapes.verify import verify_dataset
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_reflection_mix_is_about_three_to_one_to_one(reflections):
 
 
 def test_reflection_corrective_instruction_turns_candidate_into_target(reflections):
-    from reasonedit.data.oracle import scene_errors
+    from reasonedit.shapes.oracle import scene_errors
     for r in reflections:
         cand, target = Scene.from_dict(r.meta["candidate_scene"]), Scene.from_dict(r.meta["target_scene"])
         if r.decision == "Reflection":
@@ -184,3 +184,10 @@ def test_reader_names_the_bad_field_and_the_shard(small_dataset, tmp_path, suffi
 def test_reading_a_missing_dataset_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="reasonedit data synth"):
         list(read_records(tmp_path / "nothing"))
+
+
+def test_the_config_knows_every_record_kind_the_schema_decodes():
+    from reasonedit.config.synth import KINDS
+    from reasonedit.data.samples import RECORD_KINDS
+
+    assert sorted(KINDS) == sorted(RECORD_KINDS)

@@ -50,14 +50,14 @@ def test_load_codec_names_the_folder(tmp_path):
 
 # -- the tiny qwen_image VAE: built from config, trained on world renders by the `vae` step ----------------
 def _tiny_world():
-    from reasonedit.data.shapes import ShapesWorld, WorldConfig
+    from reasonedit.shapes.world import ShapesWorld, WorldConfig
     return ShapesWorld(WorldConfig(image_size=32, grid=2, min_shapes=1, max_shapes=3, kinds=("circle", "square"),
                                    colors=("red", "yellow", "blue"), backgrounds=("black", "navy"),
                                    sizes=("small", "large")))
 
 
 def _qwen_vae_model_config(**vae):
-    from reasonedit.models.config import ModelConfig
+    from reasonedit.config.model import ModelConfig
     cfg = ModelConfig()
     cfg.vae.kind, cfg.vae.latent_channels, cfg.vae.base_dim = "qwen_image", 16, 8
     for key, value in vae.items():
@@ -180,7 +180,7 @@ def test_the_locality_term_makes_a_one_cell_edit_move_fewer_latents():
 
 
 def test_read_back_is_measured_on_held_out_scenes(trained_tiny_vae):
-    from reasonedit.data.synth import split_of
+    from reasonedit.shapes.synth import split_of
     from reasonedit.training.vae import heldout_scenes, read_back
     world, vae, report = trained_tiny_vae
     scenes = heldout_scenes(world, "val", 24, seed=0)
@@ -283,7 +283,7 @@ def test_bad_vae_settings_name_the_key(tmp_path, override, message):
 
 
 def test_the_loss_weighs_ink_over_background_and_palette_mistakes_over_equal_errors():
-    from reasonedit.data.shapes import PALETTE
+    from reasonedit.shapes.world import PALETTE
     from reasonedit.training.vae import ink_mask, palette_pixels, reconstruction_loss
     cfg = _vae_train_config(ink_weight=5.0, palette_weight=1.0)
     image = torch.tensor(PALETTE["black"], dtype=torch.uint8).expand(1, 4, 4, 3).clone()

@@ -1,11 +1,8 @@
-"""Data: the synthetic shapes world, the four sample kinds, shards, the exact oracle."""
+"""Data: records of the four sample kinds, shards, loading, packing into fixed-budget batches.
 
-from .oracle import Oracle, OracleReport, SceneError, decide, scene_errors
+The synthetic shapes world that makes the demo's records is its own package, `reasonedit.shapes`."""
+
 from .samples import EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
-from .shapes import Edit, Scene, Shape, ShapesWorld, WorldConfig, apply_edit, apply_edits
 from .shards import read_records, write_records
-from .synth import SynthConfig, Synthesizer, synthesize
 
-__all__ = ["EditPair", "Edit", "Oracle", "OracleReport", "Record", "ReflectionSample", "Scene", "SceneError",
-           "Shape", "ShapesWorld", "SynthConfig", "Synthesizer", "TextToImage", "ThinkingPair", "WorldConfig",
-           "apply_edit", "apply_edits", "decide", "read_records", "scene_errors", "synthesize", "write_records"]
+__all__ = ["EditPair", "Record", "ReflectionSample", "TextToImage", "ThinkingPair", "read_records", "write_records"]

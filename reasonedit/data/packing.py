@@ -42,9 +42,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
-from reasonedit.models.attention import FLEX_BLOCK
 
 log = logging.getLogger(__name__)
+
+# Packed rows are multiples of this many tokens: the block of the attention kernel's block mask
+# (`reasonedit.models.attention` pads rows to it), so a full row never needs padding.
+BLOCK = 128
 
 T = TypeVar("T")
 Lengths = tuple[int, ...]
@@ -200,7 +203,7 @@ class Packer(Generic[T]):
         key: Callable[[T], str] = default_key,
         min_fill: float = 0.99,
         max_age: Optional[int] = None,  # None: 4 * window
-        multiple: int = FLEX_BLOCK,
+        multiple: int = BLOCK,
         name: str = "packer",
     ):
         self.budget: Lengths = (int(budget),) if isinstance(budget, int) else tuple(int(b) for b in budget)
@@ -359,4 +362,4 @@ class Packer(Generic[T]):
         self.stats = PackerStats(**state["stats"])
 
 
-__all__ = ["PackedBatch", "Packer", "PackerStats", "best_fit_decreasing", "default_key", "default_length"]
+__all__ = ["BLOCK", "PackedBatch", "Packer", "PackerStats", "best_fit_decreasing", "default_key", "default_length"]

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 SCHEMA_VERSION = 1
+RECORD_DECISIONS = ("Success", "Reflection", "Failed")  # a reflection sample's decision, as records store it
 
 
 class SchemaError(ValueError):
@@ -131,7 +132,7 @@ class ReflectionSample(Record):
     score: int
     reason: str
     thought: str
-    decision: str  # Success | Reflection | Failed
+    decision: str  # one of RECORD_DECISIONS
     new_instruction: str  # the corrective instruction for Reflection, "" otherwise
     error_type: str
     meta: dict = field(default_factory=dict)
@@ -180,5 +181,5 @@ def record_from_wds(sample: dict[str, Any], where: str = "") -> Record:
     return RECORD_KINDS[kind].from_wds(sample, where)
 
 
-__all__ = ["EditPair", "RECORD_KINDS", "Record", "ReflectionSample", "SCHEMA_VERSION", "SchemaError",
+__all__ = ["EditPair", "RECORD_DECISIONS", "RECORD_KINDS", "Record", "ReflectionSample", "SCHEMA_VERSION", "SchemaError",
            "TextToImage", "ThinkingPair", "decode_png", "encode_png", "record_from_wds"]

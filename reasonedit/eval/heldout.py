@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..data.oracle import Oracle
+from reasonedit.shapes.oracle import Oracle
 from ..data.samples import EditPair, ReflectionSample, ThinkingPair
-from ..data.shapes import Scene, ShapesWorld
+from reasonedit.shapes.world import Scene, ShapesWorld
 from ..data.shards import read_records
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def generator_figures(editor, edits: Sequence[EditPair], world: ShapesWorld, *, 
 
 def think_figures(thinker, pairs: Sequence[ThinkingPair], world: ShapesWorld) -> dict[str, float]:
     """think (the thought, executed exactly, gives the target) and think_parse, on held-out thinking pairs."""
-    from ..data.shapes_editor import ShapesEditor
+    from reasonedit.shapes.editor import ShapesEditor
     from ..inference.types import EditRequest
 
     thoughts = thinker.think([p.image for p in pairs], [p.abstract_instruction for p in pairs])

@@ -20,7 +20,7 @@ from reasonedit.inference.types import SHAPES_EDITOR, EditRequest, Editor, Think
 from reasonedit.models.model import COMPONENTS, CONFIG_FILE, ReasonEditModel
 
 if TYPE_CHECKING:
-    from reasonedit.data.shapes import WorldConfig
+    from reasonedit.shapes.world import WorldConfig
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """`device` as a torch.device; None or "auto": CUDA when there is one, else the CPU."""
@@ -111,9 +111,9 @@ def build_editor(editor: str | Sequence[str] | None = None, *, pipeline: Pipelin
             raise ValueError("the built-in editor needs a model; give a model folder or an editor URL")
         return pipeline.editor(progress)
     if editor == SHAPES_EDITOR:
-        from reasonedit.data.shapes_editor import ShapesEditor
+        from reasonedit.shapes.editor import ShapesEditor
         return ShapesEditor(world, error_rate=error_rate, seed=seed)
-    from reasonedit.inference.remote import HttpEditor
+    from reasonedit.inference.http_editor import HttpEditor
     urls = [editor] if isinstance(editor, str) else list(editor)
     return HttpEditor([u.strip() for arg in urls for u in arg.split(",") if u.strip()], concurrency=concurrency)
 
@@ -126,7 +126,7 @@ def build_thinker(thinker: str | None = None, *, pipeline: Pipeline | None = Non
         if pipeline is None:
             raise ValueError("the built-in thinker needs a model; give a model folder or a thinker URL")
         return pipeline.thinker(max_new_tokens=max_new_tokens)
-    from reasonedit.inference.remote import OpenAIThinker
+    from reasonedit.inference.openai_thinker import OpenAIThinker
     return OpenAIThinker(thinker, model_name, api_key, contract=contract, concurrency=concurrency)
 
 

@@ -12,7 +12,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-DECISIONS = ("success", "reflection", "failed")  # a Reflection's; data.oracle.RECORD_DECISIONS capitalised
+DECISIONS = ("success", "reflection", "failed")  # a Reflection's; data.samples.RECORD_DECISIONS capitalised
 SHAPES_EDITOR = "shapes"  # the exact shapes-world editor, named where an editor URL would go
 
 

@@ -10,37 +10,14 @@ one of its target tokens carries it, so the loss is a mean over the tokens of th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from reasonedit.config.flow import WEIGHTINGS, FlowMatchingConfig
 from reasonedit.models.timesteps import linear_mu, shift_timesteps
 
 from .normalise import LossSum
-
-WEIGHTINGS = ("none", "cosmap")
-
-
-@dataclass
-class FlowMatchingConfig:
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    shift: bool = True  # the resolution-dependent exponential shift
-    base_shift: float = 0.5  # mu at base_tokens
-    max_shift: float = 0.9  # mu at max_tokens
-    base_tokens: int = 256
-    max_tokens: int = 8192
-    weighting: str = "none"  # none | cosmap (SD3's 2 / (pi (1 - 2s + 2s^2)))
-
-    def validate(self) -> None:
-        if self.logit_std <= 0:
-            raise ValueError(f"flow_matching.logit_std: must be positive, got {self.logit_std}")
-        if self.max_tokens <= self.base_tokens or self.base_tokens <= 0:
-            raise ValueError(f"flow_matching.max_tokens: must exceed base_tokens > 0, got "
-                             f"{self.base_tokens}..{self.max_tokens}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"flow_matching.weighting: {self.weighting!r}; choose from {list(WEIGHTINGS)}")
 
 
 def resolution_mu(tokens: int | torch.Tensor, cfg: FlowMatchingConfig) -> torch.Tensor:

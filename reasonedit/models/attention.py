@@ -29,10 +29,12 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from reasonedit.data.packing import BLOCK
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flex", "sdpa", "flash")
-FLEX_BLOCK = 128
+FLEX_BLOCK = BLOCK  # flex attention's block: the packer's row multiple
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from reasonedit.data.preprocess import IGNORE_INDEX, GeneratorSegment, ReasonerSegment
+from reasonedit.data.segments import GeneratorSegment, IGNORE_INDEX, ReasonerSegment
 from reasonedit.models.generator import GeneratorSample, PackedGeneratorBatch, PackedQwenImageTransformer, patchify
 from reasonedit.models.reasoner import PackedReasonerInputs, Reasoner, pack_reasoner_inputs
 from reasonedit.models.timesteps import noisy_target

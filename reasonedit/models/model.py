@@ -28,11 +28,11 @@ from omegaconf import OmegaConf
 
 from reasonedit.publish import staged_folder
 
-from .config import ModelConfig
+from reasonedit.config.model import ModelConfig
 from .generator import GeneratorSample, PackedQwenImageTransformer
 from .generator_weights import load_diffusers_transformer
 from .reasoner import Reasoner
-from .vae import PatchCodec, QwenImageVAE, load_codec, to_pixels, to_uint8
+from .vae import PatchCodec, QwenImageVAE, encode_image, load_codec, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -219,13 +219,9 @@ class ReasonEditModel(torch.nn.Module):
                                               backend=self.config.attention_backend)
 
     def encode_images(self, images: Sequence[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
-        """uint8 (H, W, 3) images -> one (C, h, w) latent each (sizes may differ)."""
+        """uint8 (H, W, 3) images -> one float32 (C, h, w) latent each on the VAE's device (sizes may differ)."""
         self.require("vae")
-        out = []
-        for image in images:
-            t = torch.as_tensor(np.asarray(image))[None]
-            out.append(self.vae.encode(to_pixels(t).to(self._vae_device()))[0])
-        return out
+        return [encode_image(self.vae, np.asarray(image), to_cpu=False) for image in images]
 
     def decode_latents(self, latents: Sequence[torch.Tensor]) -> list[np.ndarray]:
         self.require("vae")

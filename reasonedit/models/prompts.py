@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from reasonedit.config.world import NOTHING, phrasing_texts
 from reasonedit.models.processor import Image, Messages, ReasonerProcessor
 from reasonedit.models.tokenizer import (
     DECISION_TOKENS,
@@ -52,7 +53,7 @@ DECIDE_TASK = (
 )
 ROLE_TASKS = {"think": THINK_TASK, "describe": DESCRIBE_TASK, "score": SCORE_TASK, "decide": DECIDE_TASK}
 # The pretrain stage (tiny presets only; it stands in for Qwen2.5-VL's pretraining): read the world back from the
-# image. Same system prompt and image-first layout as the roles; the questions are `reasonedit.data.scene_qa`'s.
+# image. Same system prompt and image-first layout as the roles; the questions are `reasonedit.config.world.PHRASINGS`, asked by `reasonedit.shapes.scene_qa`.
 READ_TASK = "Answer the question about the image."
 CAPTION_TASK = "Caption the image."
 QWEN_IMAGE_EDIT_PREFIX_TOKENS = 64  # len(condition prefix) under the released Qwen2.5-VL tokenizer
@@ -173,8 +174,6 @@ def caption_image(image: Image, answer: Optional[str] = None) -> Messages:
 
 def template_texts() -> list[str]:
     """The fixed prompt texts, for training a tiny tokenizer that encodes them compactly."""
-    from reasonedit.data.scene_qa import NOTHING, phrasing_texts  # here: reading a prompt needs no shapes world
-
     return [CONDITION_SYSTEM_PROMPT, REASONER_SYSTEM_PROMPT, THINK_TASK, DESCRIBE_TASK, SCORE_TASK, DECIDE_TASK,
             "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Picture 1: ", READ_TASK, CAPTION_TASK,
             "Question: ", NOTHING, *phrasing_texts(), "system\n", "user\n", "assistant\n"]

@@ -41,7 +41,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from reasonedit.models import prompts
 from reasonedit.models.attention import PackedAttention, Span, TokenLayout
-from reasonedit.models.config import LoraConfig
+from reasonedit.config.model import LoraConfig
 from reasonedit.models.processor import (
     Image,
     Messages,

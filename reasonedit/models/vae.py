@@ -33,14 +33,15 @@ def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def encode_image(codec: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
-    """One uint8 (H, W, 3) image -> its (C, H / f, W / f) float32 latent on the CPU, encoded alone on the
-    codec's device and dtype (the patch codec, which has no parameters, on the CPU)."""
+def encode_image(codec: torch.nn.Module, image: np.ndarray | torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+    """One uint8 (H, W, 3) image -> its (C, H / f, W / f) float32 latent, encoded alone on the codec's device and
+    dtype (the patch codec, which has no parameters, on the CPU); moved to the CPU unless `to_cpu=False`."""
     weights = next(iter(codec.parameters()), None)
     device, dtype = (weights.device, weights.dtype) if weights is not None else (torch.device("cpu"), None)
-    pixels = to_pixels(torch.from_numpy(np.ascontiguousarray(image))[None]).to(device, dtype)  # (1, 3, H, W)
+    pixels = to_pixels(torch.as_tensor(np.ascontiguousarray(image))[None]).to(device, dtype)  # (1, 3, H, W)
     with torch.no_grad():
-        return codec.encode(pixels)[0].float().cpu()
+        latent = codec.encode(pixels)[0].float()
+    return latent.cpu() if to_cpu else latent
 
 
 class PatchCodec(torch.nn.Module):

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 import torch
 
 from reasonedit.data.packing import Packer, PackedBatch
-from reasonedit.data.preprocess import GeneratorSegment, Preprocessor, ReasonerSegment
+from reasonedit.models.preprocess import Preprocessor
+from reasonedit.data.segments import GeneratorSegment, ReasonerSegment
 from reasonedit.losses import (FlowMatchingConfig, LossSum, flow_matching_loss, normalise, sample_timesteps,
                                timestep_weights)
 

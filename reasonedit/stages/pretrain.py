@@ -4,7 +4,7 @@ A released Qwen2.5-VL has learned to see before stage 1 adds LoRA to its languag
 has not, and LoRA on its attention with a random frozen vision tower cannot learn to (its next-token loss
 stays flat). This stage fully fine-tunes the tiny reasoner, vision tower and merger included, on reading the
 shapes world: the captions of text-to-image records read backwards (image -> caption) and scene questions
-with exact answers (`reasonedit.data.scene_qa`) about every rendered scene the streamed train records carry.
+with exact answers (`reasonedit.shapes.scene_qa`) about every rendered scene the streamed train records carry.
 The questions are drawn per record from (seed, record key), so the loader's state alone resumes the stream
 exactly. `reading_accuracy` scores the greedy answers on held-out scenes, per question kind.
 """
@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from reasonedit.data.language import captions
-from reasonedit.data.preprocess import Preprocessor, ReasonerSegment
+from reasonedit.shapes.language import captions
+from reasonedit.models.preprocess import Preprocessor
+from reasonedit.data.segments import ReasonerSegment
 from reasonedit.data.samples import Record, TextToImage
-from reasonedit.data.scene_qa import QUESTION_KINDS, ask, record_views, scene_questions
-from reasonedit.data.shapes import Scene, WorldConfig
+from reasonedit.shapes.scene_qa import QUESTION_KINDS, ask, record_views, scene_questions
+from reasonedit.shapes.world import Scene, WorldConfig
 from reasonedit.data.shards import read_records, shard_paths
-from reasonedit.data.synth import split_of
+from reasonedit.shapes.synth import split_of
 from reasonedit.models import prompts
 from reasonedit.models.model import ReasonEditModel
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from reasonedit.data.packing import PackedBatch, Packer
-from reasonedit.data.preprocess import GeneratorSegment, ReasonerSegment, stage3_lengths
+from reasonedit.data.segments import GeneratorSegment, ReasonerSegment, stage3_lengths
 from reasonedit.losses import LossSum, joint_loss, next_token_loss
 from reasonedit.models.inputs import mixed_inputs
 from reasonedit.models.model import ReasonEditModel

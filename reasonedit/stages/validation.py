@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from reasonedit.data.loader import DatasetSpec, make_loader
-from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+from reasonedit.data.segments import ConditionDropout
 
 from .base import LossTotals, Stage, StageContext
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from reasonedit.config import ExperimentConfig, TrainConfig
-from reasonedit.data.preprocess import ConditionDropout, PreprocessConfig, Preprocessor, buckets_for
+from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
+from reasonedit.data.segments import ConditionDropout
 from reasonedit.models.model import CONFIG_FILE, ReasonEditModel
 from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
@@ -119,7 +120,7 @@ def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data
                          stage.packer(b.window), lambda record: stage.segments(pre, record),
                          world.rank, world.world_size)
     if sc.latent_cache and model.vae is not None:
-        from reasonedit.data.latent_cache import LatentCache
+        from reasonedit.models.latent_cache import LatentCache
         # one folder per experiment: stage 3 reads what stage 2 encoded (entries are keyed by the VAE's weights)
         pre.latent_cache = LatentCache(Path(cfg.output_dir) / "latent_cache", model.vae)
     cache = None

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from reasonedit.config import VAETrainConfig
-from reasonedit.data.oracle import Oracle
-from reasonedit.data.shapes import PALETTE, Scene, Shape, ShapesWorld
-from reasonedit.data.synth import Synthesizer, split_of
+from reasonedit.shapes.oracle import Oracle
+from reasonedit.shapes.world import PALETTE, Scene, Shape, ShapesWorld
+from reasonedit.shapes.synth import Synthesizer, split_of
 from reasonedit.models.vae import QwenImageVAE, single_frame, to_pixels, to_uint8
 
 from .schedule import make_scheduler

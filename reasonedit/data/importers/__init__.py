@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..samples import SCHEMA_VERSION, Record
 from ..shards import DatasetDirError, building_dataset, write_manifest, write_records
-from ..synth import KINDS, SPLITS
+from reasonedit.config.synth import KINDS, SPLITS
 from .captions import plan_captions
 from .editthinker import editthinker_score, plan_editthinker_rl
 from .jsonl import plan_jsonl

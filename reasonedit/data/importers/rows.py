@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..synth import SPLITS
+from reasonedit.config.synth import SPLITS
 
 
 class DataImportError(ValueError):

@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ...data.oracle import Oracle
+from reasonedit.shapes.oracle import Oracle
 from ...data.samples import EditPair, SchemaError, ThinkingPair
-from ...data.shapes import Scene, ShapesWorld, WorldConfig
+from reasonedit.shapes.world import Scene, ShapesWorld, WorldConfig
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, SampleResult, group_by, mean, ok_only, row,
                          total_counts)
 
@@ -64,7 +64,7 @@ class ShapesBenchmark(Benchmark):
     def load(self, data_dir: str | Path | None) -> "ShapesBenchmark":
         self._scenes, samples = {}, []
         if data_dir is None:
-            from ...data.synth import Synthesizer
+            from reasonedit.shapes.synth import Synthesizer
             synth = Synthesizer(self.world, self.seed)
             records = [synth.edit_pair(SPLIT, i) for i in range(self.n)]
             records += [synth.thinking_pair(SPLIT, i) for i in range(self.n)]

@@ -18,14 +18,14 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .data.shapes import WorldConfig
-from .data.synth import SynthConfig
-from .losses.flow_matching import FlowMatchingConfig
-from .models.config import ModelConfig
-from .publish import atomic_write_text
+from ..publish import atomic_write_text
+from .flow import FlowMatchingConfig
+from .model import ModelConfig
+from .synth import SynthConfig
+from .world import QUESTION_KINDS, WorldConfig
 
 GROUPS = ("model",)
-PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped with the package (`configs/` in a checkout)
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package (`configs/` in a checkout)
 # what `reasonedit run` can do today, in order; later steps are listed as not built yet
 RUN_STEPS = ("data", "models", "vae", "pretrain", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
 PLANNED_STEPS: dict[str, int] = {}  # step -> the issue that builds it
@@ -170,7 +170,6 @@ class StageConfig:
             raise ValueError(f"{name}.mix: weights must be positive, got {dict(self.mix)}")
         if self.ntp_weight < 0:
             raise ValueError(f"{name}.ntp_weight: must be non-negative, got {self.ntp_weight}")
-        from .data.scene_qa import QUESTION_KINDS
         if not 0 <= self.questions_per_image <= len(QUESTION_KINDS):
             raise ValueError(f"{name}.questions_per_image: must lie in [0, {len(QUESTION_KINDS)}] (the question "
                              f"kinds {list(QUESTION_KINDS)}), got {self.questions_per_image}")

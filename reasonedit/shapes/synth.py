@@ -10,22 +10,20 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .abstract import CATEGORIES, resolve
-from .language import caption, describe, join_steps, phrase
-from .oracle import decide, scene_errors, score_from_errors
-from .samples import SCHEMA_VERSION, EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
-from .shapes import OPS, Edit, EditError, Scene, ShapesWorld, apply_edit, apply_edits, random_edit
-from .shards import DatasetDirError, building_dataset, write_manifest, write_records
+from reasonedit.shapes.abstract import CATEGORIES, resolve
+from reasonedit.shapes.language import caption, describe, join_steps, phrase
+from reasonedit.shapes.oracle import decide, scene_errors, score_from_errors
+from reasonedit.config.synth import KINDS, SPLITS, SynthConfig, SynthError
+from reasonedit.data.samples import SCHEMA_VERSION, EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
+from reasonedit.shapes.world import OPS, Edit, EditError, Scene, ShapesWorld, apply_edit, apply_edits, random_edit
+from reasonedit.data.shards import DatasetDirError, building_dataset, write_manifest, write_records
 
 log = logging.getLogger(__name__)
 
-# Share of the scene-hash space each split owns; fixed, so adding a split never moves a scene.
-SPLITS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}
-KINDS = ("thinking_pair", "reflection", "edit_pair", "text_to_image")
 # The paper's reflection data had about three Success to one Reflection to one Failed.
 DECISION_WEIGHTS = {"Success": 3, "Reflection": 1, "Failed": 1}
 ERROR_TYPES = {
@@ -36,37 +34,9 @@ ERROR_TYPES = {
 MAX_TRIES = 5000
 
 
-class SynthError(ValueError):
-    """Bad synthesis settings: names the setting and what to change."""
-
-
 def split_of(scene: Scene) -> str:
     u = int(scene.key()[:8], 16) / 2 ** 32
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= u < hi)
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """What `reasonedit data synth` writes (the `data` section of an experiment config)."""
-
-    n: int = 200  # records of each kind in each split
-    seed: int = 0
-    splits: tuple[str, ...] = ("train", "val", "test")
-    kinds: tuple[str, ...] = KINDS
-    shard_size: int = 500
-    abstract_share: float = 0.5  # share of reflection samples whose instruction is abstract
-
-    def validate(self) -> None:
-        if self.n <= 0:
-            raise SynthError(f"data.n: must be a positive number of records, got {self.n}")
-        if self.shard_size <= 0:
-            raise SynthError(f"data.shard_size: must be positive, got {self.shard_size}")
-        for key, values, allowed in (("splits", self.splits, SPLITS), ("kinds", self.kinds, KINDS)):
-            unknown = [v for v in values if v not in allowed]
-            if unknown or not values:
-                raise SynthError(f"data.{key}: {unknown or 'empty'} is not allowed; choose from {list(allowed)}")
-        if not 0.0 <= self.abstract_share <= 1.0:
-            raise SynthError(f"data.abstract_share: must lie in [0, 1], got {self.abstract_share}")
 
 
 class Synthesizer:
@@ -295,7 +265,7 @@ def _write_splits(tmp: Path, config: SynthConfig, world: ShapesWorld, synth: Syn
                                                 tmp / split, kind, config.shard_size)
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "generator": "reasonedit.data.synth",
+        "generator": "reasonedit.shapes.synth",
         "synth": {**asdict(config), "splits": list(config.splits), "kinds": list(config.kinds)},
         "world": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(world.config).items()},
         "split_ranges": SPLITS,

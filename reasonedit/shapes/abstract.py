@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from .language import COLOR_DESCRIPTIONS, refer, where
-from .shapes import SIZES, Edit, EditError, Scene, Shape, ShapesWorld, apply_edit
+from reasonedit.shapes.language import COLOR_DESCRIPTIONS, refer, where
+from reasonedit.shapes.world import SIZES, Edit, EditError, Scene, Shape, ShapesWorld, apply_edit
 
 CATEGORIES = ("color_description", "relation", "counting", "comparison", "multi_step")
 

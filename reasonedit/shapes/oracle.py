@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .language import at, shape_words
-from .shapes import KINDS, PALETTE, SIZES, Cell, Edit, Scene, Shape, ShapesWorld, shape_mask
+from reasonedit.shapes.language import at, shape_words
+from reasonedit.shapes.world import KINDS, PALETTE, SIZES, Cell, Edit, Scene, Shape, ShapesWorld, shape_mask
 
-RECORD_DECISIONS = ("Success", "Reflection", "Failed")  # as records and the oracle write them
 
 
 @dataclass(frozen=True)
@@ -226,5 +225,5 @@ class Oracle:
         return OracleReport(not errors, score_from_errors(len(errors)), errors, decision, reading)
 
 
-__all__ = ["Oracle", "OracleReport", "RECORD_DECISIONS", "Reading", "SceneError", "decide",
+__all__ = ["Oracle", "OracleReport", "Reading", "SceneError", "decide",
            "scene_errors", "score_from_errors"]

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .condition_cache import CacheStats, TensorFiles, hash_tensors
+from reasonedit.data.condition_cache import CacheStats, TensorFiles, hash_tensors
 
 
 def codec_fingerprint(codec: torch.nn.Module) -> str:

@@ -10,30 +10,17 @@ split, so questions asked of train records never read a held-out scene.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
-from .language import at, describe, refer, shape_words, where
-from .samples import EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
-from .shapes import Scene, WorldConfig
-from .synth import split_of
+from reasonedit.shapes.language import at, describe, refer, shape_words, where
+from reasonedit.data.samples import EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
+from reasonedit.config.world import NOTHING, PHRASINGS, QUESTION_KINDS, WorldConfig, phrasing_texts
+from reasonedit.shapes.world import Scene
+from reasonedit.shapes.synth import split_of
 
-QUESTION_KINDS = ("cell", "count", "background", "where", "list")
-NOTHING = "nothing"  # the answer for an empty cell
-# every phrasing of each question; {at}: "in the top-left corner" / "at row 2, column 3", {ref}: a phrase that
-# names exactly one shape, {kinds}: a plural kind, {color}: a shape colour
-PHRASINGS: dict[str, tuple[str, ...]] = {
-    "cell": ("What is {at}?", "What do you see {at}?"),
-    "count_all": ("How many shapes are there?", "How many shapes does the image show?"),
-    "count_kind": ("How many {kinds} are there?", "How many {kinds} does the image show?"),
-    "count_color": ("How many {color} shapes are there?", "How many {color} shapes does the image show?"),
-    "background": ("What colour is the background?", "Which colour is the background?"),
-    "where": ("Where is {ref}?", "In which cell is {ref}?"),
-    "list": ("List every shape.", "Name every shape and where it is."),
-}
 # the (image field, scene key in meta) pairs of each record kind, source first
 RECORD_SCENES: dict[type, tuple[tuple[str, str], ...]] = {
     TextToImage: (("image", "scene"),),
@@ -135,11 +122,6 @@ def record_views(record: Record) -> list[tuple[str, np.ndarray, Scene]]:
         return []
     split = split_of(views[0][2])
     return [v for v in views if split_of(v[2]) == split]
-
-
-def phrasing_texts() -> list[str]:
-    """The question phrasings with their blanks removed, for the tiny tokenizer's corpus."""
-    return [re.sub(r"\s*\{\w+\}", "", p) for ps in PHRASINGS.values() for p in ps]
 
 
 __all__ = ["NOTHING", "PHRASINGS", "QUESTION_KINDS", "SceneQuestion", "ask", "phrasing_texts", "plural",

@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .oracle import Oracle
-from .samples import EditPair, ReflectionSample, TextToImage, ThinkingPair
-from .shapes import Scene, ShapesWorld, WorldConfig
-from .shards import MANIFEST, read_records
+from reasonedit.shapes.oracle import Oracle
+from reasonedit.data.samples import EditPair, ReflectionSample, TextToImage, ThinkingPair
+from reasonedit.shapes.world import Scene, ShapesWorld, WorldConfig
+from reasonedit.data.shards import MANIFEST, read_records
 
 
 @dataclass

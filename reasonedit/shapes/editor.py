@@ -28,10 +28,10 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .language import TEMPLATES
-from .oracle import Oracle, scene_errors
-from .shapes import KINDS, PALETTE, SIZES, Cell, Edit, EditError, Scene, ShapesWorld, WorldConfig, apply_edit
-from .synth import ERROR_TYPES, make_candidate
+from reasonedit.shapes.language import TEMPLATES
+from reasonedit.shapes.oracle import Oracle, scene_errors
+from reasonedit.shapes.world import KINDS, PALETTE, SIZES, Cell, Edit, EditError, Scene, ShapesWorld, WorldConfig, apply_edit
+from reasonedit.shapes.synth import ERROR_TYPES, make_candidate
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,12 @@
-"""Editors and thinkers over HTTP: `HttpEditor` speaks EditThinker-style editing services (`POST /edit`,
-`GET /health`); `OpenAIThinker` speaks any OpenAI-compatible chat endpoint (vLLM, a hosted model).
+"""`OpenAIThinker`: the thinker behind any OpenAI-compatible chat endpoint (vLLM, a hosted model), in our
+reflection contract or EditThinker's (`reasonedit.inference.editthinker`).
 
-Both go through `reasonedit.clients.http.HttpClient`: what can pass (connection errors, timeouts, 429 and
-5xx, bodies that are not what the API returns) is retried with exponential backoff and jitter, and a
-`ServiceError` names the URL and says what each attempt got. A 4xx other than 429 is the request's fault:
-no retry. See docs/serve.md.
+Calls go through `reasonedit.clients.http.HttpClient` (retries with backoff and jitter, Retry-After, an
+endpoint pool); a reply in neither contract is a parse failure the loop records, not an exception.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,167 +14,22 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import httpx
 import numpy as np
 
 from reasonedit.clients.http import HttpClient, RetryPolicy, Retryable, check_status
-from reasonedit.clients.images import data_url, decode_base64_image, png_base64
-from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
+from reasonedit.clients.images import data_url
+from reasonedit.inference.types import Reflection, check_reflect_inputs
 from reasonedit.models import prompts
 from reasonedit.models.prompts import ThinkerReplyError
 
+from .editthinker import CONTRACTS, EDITTHINKER_TEMPLATE, parse_editthinker
+
 log = logging.getLogger(__name__)
 
-
-# ---------------------------------------------------------------------------------------------------
-# HttpEditor
-
-
-class HttpEditor:
-    """An `Editor` over EditThinker-style editing services: `POST {url}/edit` with JSON
-    `{image: base64 PNG, prompt, seed, guidance_scale, num_inference_steps, negative_prompt, **extra}`,
-    answered `{success, edited_image, ...}`.
-
-    endpoints: one URL, a comma-separated list, or a list: requests go round robin, a failing endpoint
-        sits out `cooldown` seconds. A batch is sent as up to `concurrency` requests at once.
-    extra: fields added to every request (e.g. `{"enhance_prompt": False}` for EditThinker's servers).
-    """
-
-    def __init__(self, endpoints: str | Sequence[str], *, timeout: float = 600.0, retry: Optional[RetryPolicy] = None,
-                 concurrency: int = 8, cooldown: float = 30.0, token: Optional[str] = None,
-                 extra: Optional[dict[str, Any]] = None, name: Optional[str] = None):
-        urls = [u.strip() for u in endpoints.split(",")] if isinstance(endpoints, str) else list(endpoints)
-        urls = [u for u in urls if u]
-        if concurrency < 1:
-            raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
-        self._client = HttpClient(urls, timeout=timeout, retry=retry, cooldown=cooldown, token=token,
-                                  max_connections=concurrency * max(len(urls), 1))
-        self.pool, self.retry = self._client.pool, self._client.retry
-        self.timeout, self.concurrency = timeout, concurrency
-        self.extra = dict(extra or {})
-        self.name = name or "http:" + ",".join(self.pool.urls)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> "HttpEditor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def health(self) -> dict[str, bool]:
-        """Each endpoint: does `GET /health` answer 200 (one try, short timeout)."""
-        out = {}
-        for url in self.pool.urls:
-            try:
-                out[url] = self._client.get(url + "/health", timeout=min(self.timeout, 5.0)).status_code == 200
-            except httpx.HTTPError:
-                out[url] = False
-        return out
-
-    def edit(self, requests: Sequence[EditRequest]) -> list[np.ndarray]:
-        requests = list(requests)
-        if len(requests) <= 1 or self.concurrency == 1:
-            return [self._edit_one(r) for r in requests]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)), thread_name_prefix="http-edit") as ex:
-            return list(ex.map(self._edit_one, requests))
-
-    def _body(self, request: EditRequest) -> dict[str, Any]:
-        return {"image": png_base64(request.image), "prompt": request.prompt, "seed": int(request.seed),
-                "guidance_scale": float(request.guidance_scale),
-                "num_inference_steps": int(request.num_inference_steps),
-                "negative_prompt": request.negative_prompt, **self.extra}
-
-    def _edit_one(self, request: EditRequest) -> np.ndarray:
-        body = self._body(request)
-
-        def attempt(url: str) -> np.ndarray:
-            response = self._client.post(url + "/edit", json=body)
-            check_status(response, url + "/edit")
-            try:
-                answer = response.json()
-            except ValueError:
-                raise Retryable(f"answer is not JSON: {response.text[:80]!r}") from None
-            if not isinstance(answer, dict) or not answer.get("success"):
-                error = answer.get("error") if isinstance(answer, dict) else None
-                raise Retryable(f"success is not true ({error or 'no error given'})")
-            if not isinstance(answer.get("edited_image"), str):
-                raise Retryable("answer has no edited_image")
-            try:
-                return decode_base64_image(answer["edited_image"], "edited_image")
-            except ValueError as e:
-                raise Retryable(str(e)) from None
-
-        return self._client.call(attempt, f"edit {request.prompt[:40]!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# OpenAIThinker
-
-
-# Our wording of EditThinker's reflection contract (its model was trained on its own prompt file, which
-# `prompt_template=` loads as is). Placeholders as EditThinker's: {original_instruction}, {rewritten_prompt}.
-EDITTHINKER_TEMPLATE = """You see two images: first the original image, then the image edited from it.
-The user asked: "{original_instruction}"
-The edit was made with this instruction: "{rewritten_prompt}"
-
-Judge the edited image on two 0-10 scales:
-- semantic: does it do what the user asked, while leaving everything else unchanged?
-- quality: does it look natural, without artifacts?
-If the edit is not good enough, write a better instruction for editing the original image; if it is good
-enough, repeat the instruction that was used.
-
-Reply in exactly this form:
-<think>your analysis</think>
-<score>{"semantic": S, "quality": Q}</score>
-<answer>the instruction</answer>"""
-
-CONTRACTS = ("reasonedit", "editthinker")
-_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_SCORE_RE = re.compile(r"<score>(.*?)</score>", re.DOTALL)
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _DECISION_TAG_RE = re.compile(r"<#[^<>\s]*>")
-
-
-@dataclass
-class EditThinkerVerdict:
-    thought: str
-    semantic: float
-    quality: float
-    answer: str
-
-
-def parse_editthinker(text: str) -> EditThinkerVerdict:
-    """Read `<think>..</think><score>{"semantic": s, "quality": q}</score><answer>..</answer>`; ThinkerReplyError
-    (naming the part) when a part is missing, repeated or out of range."""
-    parts = {}
-    for name, pattern in (("think", _THINK_RE), ("score", _SCORE_RE), ("answer", _ANSWER_RE)):
-        found = pattern.findall(text)
-        if len(found) != 1:
-            raise ThinkerReplyError(f"expected one <{name}>...</{name}>, found {len(found)} in {text[:80]!r}")
-        parts[name] = found[0].strip()
-    try:
-        scores = json.loads(parts["score"])
-    except ValueError:
-        raise ThinkerReplyError(f"<score> is not JSON: {parts['score'][:80]!r}") from None
-    if not isinstance(scores, dict):
-        raise ThinkerReplyError(f"<score> is not a JSON object: {parts['score'][:80]!r}")
-    values = {}
-    for key in ("semantic", "quality"):
-        v = scores.get(key)
-        if isinstance(v, list) and len(v) == 1:  # some models echo the template's [0-10] brackets
-            v = v[0]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 10:
-            raise ThinkerReplyError(f"<score> {key} must be a number in 0-10, got {v!r}")
-        values[key] = float(v)
-    if not parts["answer"]:
-        raise ThinkerReplyError("<answer> is empty")
-    return EditThinkerVerdict(parts["think"], values["semantic"], values["quality"], parts["answer"])
 
 
 def _openai_messages(messages: Sequence[dict]) -> list[dict]:
@@ -383,4 +235,4 @@ class OpenAIThinker:
         return r
 
 
-__all__ = ["CONTRACTS", "EDITTHINKER_TEMPLATE", "HttpEditor", "OpenAIThinker", "parse_editthinker"]
+__all__ = ["OpenAIThinker"]

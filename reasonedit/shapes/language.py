@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from .shapes import Cell, Edit, Scene, Shape
+from reasonedit.shapes.world import Cell, Edit, Scene, Shape
 
 # Everyday descriptions that name exactly one palette colour: what "thinking" has to resolve.
 COLOR_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
