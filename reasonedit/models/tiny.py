@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from reasonedit.models.tokenizer import (
     build_tokenizer,
     single_token_id,
 )
+from reasonedit.publish import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ MAX_POSITIONS = 32768
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
-
 def mrope_section_for(head_dim: int) -> list[int]:
     """Split head_dim / 2 rotary frequencies over (t, h, w) in Qwen's 1/4, 3/8, 3/8 proportions."""
     if head_dim % 2 or head_dim < 6:
@@ -51,7 +49,6 @@ def mrope_section_for(head_dim: int) -> list[int]:
     temporal = half // 4 or 1
     height = (half - temporal) // 2
     return [temporal, height, half - temporal - height]
-
 
 def tiny_reasoner_config(
     tokenizer: PreTrainedTokenizerBase,
@@ -148,7 +145,6 @@ def tiny_reasoner_config(
         initializer_range=initializer_range,
     )
 
-
 def init_tiny_reasoner(
     texts: Iterable[str], *, vocab_size: int = 1024, seed: int = 0, **config_kwargs: int
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, PreTrainedTokenizerBase]:
@@ -161,7 +157,6 @@ def init_tiny_reasoner(
         model = Qwen2_5_VLForConditionalGeneration(config)
     model.eval()  # as from_pretrained returns it
     return model, tokenizer
-
 
 def build_tiny_reasoner(
     out_dir: str | os.PathLike,
@@ -180,27 +175,15 @@ def build_tiny_reasoner(
         raise FileExistsError(f"reasoner directory {out_dir} already exists; remove it or pick another out_dir")
     model, tokenizer = init_tiny_reasoner(texts, vocab_size=vocab_size, seed=seed, **config_kwargs)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the finished model is an ordinary folder
-        try:
-            staging.rename(out_dir)
-        except OSError as err:  # another writer got there first
-            raise FileExistsError(f"reasoner directory {out_dir} appeared while building it") from err
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("saved tiny reasoner (%d parameters, vocab %d) to %s", n_params, len(tokenizer), out_dir)
     return out_dir
 
-
 class WeightMismatchError(ValueError):
     """A checkpoint whose weights do not fit the model: lists the keys."""
-
 
 def load_qwen_strict(path: str | os.PathLike, **model_kwargs: object) -> Qwen2_5_VLForConditionalGeneration:
     """`from_pretrained` that refuses missing, unexpected or mis-shaped weights instead of warning.
@@ -219,7 +202,6 @@ def load_qwen_strict(path: str | os.PathLike, **model_kwargs: object) -> Qwen2_5
     if problems:
         raise WeightMismatchError(f"weights in {path} do not fit the Qwen2.5-VL config there: " + "; ".join(problems))
     return model
-
 
 def load_reasoner(
     path: str | os.PathLike, **model_kwargs: object
