@@ -66,15 +66,6 @@ def test_config_prints_the_resolved_config():
     assert doc["world"]["grid"] == 8 and doc["output_dir"] == "runs/sweep1" and doc["model"]["name"] == "tiny"
 
 
-def test_run_with_a_step_not_built_yet_stops_before_writing(tmp_path, monkeypatch, capsys):
-    from reasonedit import cli, config, experiment
-    monkeypatch.setattr(config, "PLANNED_STEPS", {"eval": 7})
-    monkeypatch.setattr(experiment, "PLANNED_STEPS", {"eval": 7})
-    assert cli.main(["run", str(DEMO), f"output_dir={tmp_path / 'run'}", "steps=[data,eval]"]) == 3
-    assert "issue #7" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
-
-
 def test_run_edit_and_eval_steps_write_traces_and_print_the_ablation_table(tmp_path):
     out = tmp_path / "run"
     res = run_cli("run", DEMO, f"output_dir={out}", "data.n=4", "data.shard_size=4", "steps=[data,models,edit,eval]",

@@ -21,16 +21,15 @@ from omegaconf.errors import OmegaConfBaseException
 from ..publish import atomic_write_text
 from .flow import FlowMatchingConfig
 from .model import ModelConfig
+from .synth import KINDS as RECORD_KINDS
 from .synth import SynthConfig
 from .world import QUESTION_KINDS, WorldConfig
 
 GROUPS = ("model",)
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package (`configs/` in a checkout)
-# what `reasonedit run` can do today, in order; later steps are listed as not built yet
+# the steps of `reasonedit run`, in the order they run
 RUN_STEPS = ("data", "models", "vae", "pretrain", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
-PLANNED_STEPS: dict[str, int] = {}  # step -> the issue that builds it
 PARALLEL = ("auto", "none", "ddp", "fsdp", "deepspeed")
-STAGE_KINDS = ("thinking_pair", "reflection", "edit_pair", "text_to_image")
 
 
 class ConfigError(ValueError):
@@ -163,9 +162,9 @@ class StageConfig:
         for key in ("reasoner_budget", "generator_budget"):
             if getattr(self, key) <= 0 or getattr(self, key) % 128:
                 raise ValueError(f"{name}.{key}: must be a positive multiple of 128, got {getattr(self, key)}")
-        bad = [k for k in self.mix if k not in STAGE_KINDS]
+        bad = [k for k in self.mix if k not in RECORD_KINDS]
         if bad:
-            raise ValueError(f"{name}.mix: unknown record kinds {bad}; choose from {list(STAGE_KINDS)}")
+            raise ValueError(f"{name}.mix: unknown record kinds {bad}; choose from {list(RECORD_KINDS)}")
         if any(not w > 0 for w in self.mix.values()):
             raise ValueError(f"{name}.mix: weights must be positive, got {dict(self.mix)}")
         if self.ntp_weight < 0:
@@ -307,9 +306,9 @@ class ExperimentConfig:
         self.vae_train.validate()
         self.world.validate()
         self.data.validate()
-        unknown = [s for s in self.steps if s not in RUN_STEPS and s not in PLANNED_STEPS]
+        unknown = [s for s in self.steps if s not in RUN_STEPS]
         if unknown:
-            raise ValueError(f"steps: unknown {unknown}; choose from {list(RUN_STEPS) + list(PLANNED_STEPS)}")
+            raise ValueError(f"steps: unknown {unknown}; choose from {list(RUN_STEPS)}")
         self.edit.validate()
         self.eval.validate()
         if self.preview.rows <= 0:
@@ -469,6 +468,6 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "ExperimentConfig", "PACKAGE_CONFIGS", "PLANNED_STEPS",
+__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "ExperimentConfig", "PACKAGE_CONFIGS",
            "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
            "load_config", "save_config"]
