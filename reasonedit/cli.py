@@ -258,10 +258,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from .experiment import initial_model
         start = args.start or (initial_model(out_dir) if n == 1 else out_dir / f"stage{n - 1}" / "model")
     data = args.data or out_dir / "data"
-    if not (start / CONFIG_FILE).is_file():
+    from .models.diffusers_folder import is_diffusers_folder
+    if not (start / CONFIG_FILE).is_file() and not is_diffusers_folder(start):
         before = f"train stage {n - 1}" if n > 1 else "run the models step"
-        raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json); {before} first or "
-                                "pass --start DIR")
+        raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json) nor a diffusers folder "
+                                f"(no model_index.json); {before} first or pass --start DIR")
     if not (data / "manifest.json").is_file():
         raise FileNotFoundError(f"--data {data}: no dataset (no manifest.json); run `reasonedit data synth` or pass --data")
     try:

@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 
 from .config import ExperimentConfig, save_config
 from reasonedit.shapes.world import ShapesWorld
-from .data.shards import MANIFEST
-from .errors import NotBuiltError
+from .data.shards import MANIFEST, holds
 from .publish import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -59,9 +58,9 @@ def step_data(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
 
 
 def step_models(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
-    if cfg.model.source != "tiny":
-        # ReasonEditModel.from_diffusers loads such a folder; a run that trains from it comes with the stages
-        raise NotBuiltError(f"the models step for model.source={cfg.model.source}", 13)
+    if cfg.model.source == "diffusers":
+        result.artifacts["model"] = str(reference_start_model(cfg, out / "model"))
+        return
     from .data.corpus import dataset_texts
     from .models.model import ReasonEditModel
 
@@ -76,6 +75,24 @@ def step_models(cfg: ExperimentConfig, out: Path, result: RunResult, progress: C
     log.info("models: tiny reasoner (%d parameters) and generator (%d parameters) saved to %s",
              n["reasoner"], n["generator"], path)
     result.artifacts["model"] = str(path)
+
+
+def reference_start_model(cfg: ExperimentConfig, path: Path) -> Path:
+    """The start model of a run on real weights (model.source=diffusers): a model folder that refers to the
+    diffusers folder's parts (model.path, or model.reasoner.path / model.generator.path in their place), with
+    the sizes and sigma schedule of those parts and the run's dtype, attention backend and LoRA settings."""
+    from .models.diffusers_folder import folder_config, read_folder, start_config
+    from .models.model import save_reference
+
+    m = cfg.model
+    parts = read_folder(m.path, m.reasoner.path, m.generator.path)
+    config, differ = start_config(m, folder_config(parts))
+    if differ:
+        log.warning("models: the folder's sizes are used where the config's differ (%s)", "; ".join(differ))
+    save_reference(path, parts, config)
+    log.info("models: %s refers to %s (%s; reasoner %s, generator %s, vae %s); no weights copied", path, parts.path,
+             parts.pipeline, parts.text_encoder, parts.transformer, parts.vae)
+    return path
 
 
 def step_vae(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
@@ -166,13 +183,29 @@ def _stage_step(number: int) -> Callable:
             before = "models" if number == 1 else f"stage{number - 1}"
             raise FileNotFoundError(f"{start} holds no model: stage{number} starts from the {before} step's "
                                     f"model, so run that step first (steps: [..., {before}, stage{number}])")
-        res = train_stage(cfg, number, start, out / "data", out / f"stage{number}",
+        res = train_stage(cfg, number, start, stage_sources(cfg, number, out), out / f"stage{number}",
                           evaluate=_held_out_evaluator(cfg, out, STAGE_PARTS[number]))
         result.stages[f"stage{number}"] = res
         if res.model is not None:
             result.artifacts[f"stage{number}"] = str(res.model)
             result.validation[f"stage{number}"] = _validate_stage(cfg, number, start, res.model, out)
     return step
+
+
+def stage_sources(cfg: ExperimentConfig, number: int, out: Path) -> list[tuple[Path, float]]:
+    """The datasets stage N (0: pretrain) trains on: its `data` list, or the run's own dataset (output_dir/data)."""
+    name = "pretrain" if number == 0 else f"stage{number}"
+    sources = getattr(cfg, name).data
+    if not sources:
+        if not (out / "data" / MANIFEST).is_file() and "data" not in cfg.steps:
+            raise FileNotFoundError(f"{name}.data: empty, and {out / 'data'} holds no dataset; name the "
+                                    f"stage's datasets ({name}.data=[{{path: DIR}}]) or add the data step")
+        return [(out / "data", 1.0)]
+    missing = [s.path for s in sources if not (Path(s.path) / MANIFEST).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{name}.data: no dataset (no {MANIFEST}) at {missing}; import or synthesise "
+                                "it first (reasonedit data import / synth)")
+    return [(Path(s.path), s.weight) for s in sources]
 
 
 # what each stage's held-out evaluation measures (reasonedit.eval.heldout parts)
@@ -202,7 +235,7 @@ def initial_model(out: Path) -> Path:
 
 def _held_out_evaluator(cfg: ExperimentConfig, out: Path, parts: tuple[str, ...]) -> Callable | None:
     """The trainer's periodic held-out evaluation for shapes runs (train.eval_every), else None."""
-    if not cfg.train.eval_every or "val" not in cfg.data.splits:
+    if not cfg.train.eval_every or "val" not in cfg.data.splits or not (out / "data" / MANIFEST).is_file():
         return None
     from .eval.heldout import HeldOut, evaluate
 
@@ -219,11 +252,13 @@ def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, 
     from .training.trainer import load_stage_model
 
     stage = stage_for(number, cfg)
-    if "val" not in cfg.data.splits:
-        log.info("%s: no val split (data.splits), so no validation loss", stage.name)
+    sources = [(p, w) for p, w in stage_sources(cfg, number, out)
+               if any(holds(p, "val", kind) for kind in stage.mix)]
+    if not sources:
+        log.info("%s: no val split of its record kinds in its datasets, so no validation loss", stage.name)
         return None
     before = load_stage_model(stage, start)
-    batches = validation_batches(stage, before, cfg, out / "data", split="val")
+    batches = validation_batches(stage, before, cfg, sources if len(sources) > 1 else sources[0][0], split="val")
     report = {"split": "val", "batches": len(batches), "before": validation_losses(stage, before, batches, cfg)}
     del before
     report["after"] = validation_losses(stage, load_stage_model(stage, end), batches, cfg)
@@ -267,7 +302,7 @@ def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress:
 
     # with train.eval_every, the trainer logs the reading accuracy as training goes (pretrain/evals.json)
     evaluate = (lambda model: read(model).accuracy) if records and cfg.train.eval_every else None
-    res = train_stage(cfg, 0, start, out / "data", out / "pretrain", evaluate=evaluate)
+    res = train_stage(cfg, 0, start, stage_sources(cfg, 0, out), out / "pretrain", evaluate=evaluate)
     result.stages["pretrain"] = res
     if res.model is None:
         return
@@ -297,7 +332,7 @@ def latest_model(out: Path) -> Path:
 def _held_out(cfg: ExperimentConfig, out: Path) -> Path | None:
     """The run's dataset when it has a test split, else None: the shapes benchmark then makes its scenes from
     a seed of its own, disjoint from training."""
-    return out / "data" if "test" in cfg.data.splits else None
+    return out / "data" if "test" in cfg.data.splits and (out / "data" / MANIFEST).is_file() else None
 
 
 def step_edit(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
@@ -392,7 +427,7 @@ def _final_figures(cfg: ExperimentConfig, out: Path, model_dir: Path) -> dict | 
     from .eval.heldout import HeldOut, evaluate
     from .models.model import ReasonEditModel
 
-    if "test" not in cfg.data.splits:
+    if _held_out(cfg, out) is None:
         return None
     e = cfg.eval
     heldout = HeldOut.load(out / "data", split="test", n=e.limit)
@@ -410,8 +445,21 @@ STEPS = {"data": step_data, "models": step_models, "vae": step_vae, "pretrain": 
          "edit": step_edit, "eval": step_eval}
 
 
+def preflight(cfg: ExperimentConfig, out: Path) -> None:
+    """What can be checked before the first step runs: a diffusers model folder and its parts (their config
+    files, not their weights), and every stage's datasets. Each error names the key, the folder and the part."""
+    if cfg.model.source == "diffusers" and "models" in cfg.steps:
+        from .models.diffusers_folder import folder_config, read_folder
+        m = cfg.model
+        folder_config(read_folder(m.path, m.reasoner.path, m.generator.path))
+    for number in (1, 2, 3):
+        if f"stage{number}" in cfg.steps:
+            stage_sources(cfg, number, out)
+
+
 def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable | None = None) -> RunResult:
-    """Run every step of `cfg.steps`, in order."""
+    """Run every step of `cfg.steps`, in order, after checking what the steps will read (preflight)."""
+    preflight(cfg, Path(cfg.output_dir))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(tree, out / "config.yaml")

@@ -61,6 +61,28 @@ def run_cli(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=300)
 
 
+def make_diffusers_folder(path, texts, *, pipeline: str = "QwenImageEditPipeline", scheduler: dict | None = None,
+                          seed: int = 3):
+    """A tiny Qwen-Image-Edit folder written by diffusers' own pipeline `save_pretrained` (its VAE class, its
+    scheduler, a Qwen2.5-VL text encoder and tokenizer); returns (path, transformer, text_encoder)."""
+    import diffusers
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    from reasonedit.models.tiny import init_tiny_reasoner
+    from reasonedit.models.vae import QwenImageVAE
+    text_encoder, tokenizer = init_tiny_reasoner(texts, seed=seed)
+    torch.manual_seed(seed + 1)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                              axes_dims_rope=(4, 6, 6))
+    pipe = getattr(diffusers, pipeline)(scheduler=FlowMatchEulerDiscreteScheduler(**(scheduler or {})),
+                                        vae=QwenImageVAE.tiny(z_dim=4).vae, text_encoder=text_encoder,
+                                        tokenizer=tokenizer, processor=None, transformer=transformer)
+    pipe.save_pretrained(path)
+    return path, transformer.eval(), text_encoder
+
+
 def run_cli_here(*args, cwd=ROOT):
     """`reasonedit ARGS` in this process (no interpreter start, no torch import: ~3 s less than `run_cli`), for
     checks of argument parsing and input errors; a CompletedProcess like `run_cli`'s."""

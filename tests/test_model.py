@@ -121,21 +121,8 @@ def test_attention_backend_names_agree():
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory):
     """A tiny Qwen-Image-Edit folder written by diffusers' own pipeline save_pretrained."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageTransformer2DModel
-
-    from reasonedit.models.tiny import init_tiny_reasoner
-    from reasonedit.models.vae import QwenImageVAE
-    text_encoder, tokenizer = init_tiny_reasoner(TEXTS, seed=3)
-    torch.manual_seed(4)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
-                                              axes_dims_rope=(4, 6, 6))
-    pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=QwenImageVAE.tiny(z_dim=4).vae,
-                                 text_encoder=text_encoder, tokenizer=tokenizer, processor=None,
-                                 transformer=transformer)
-    path = tmp_path_factory.mktemp("diffusers") / "qwen-image-edit-tiny"
-    pipe.save_pretrained(path)
-    return path, transformer.eval(), text_encoder
+    from conftest import make_diffusers_folder
+    return make_diffusers_folder(tmp_path_factory.mktemp("diffusers") / "qwen-image-edit-tiny", TEXTS)
 
 
 def test_from_diffusers_loads_strictly_and_matches_the_diffusers_module(diffusers_folder):

@@ -126,6 +126,15 @@ class BatchesConfig:
 
 
 @dataclass
+class DataSourceConfig:
+    """One dataset a stage trains on: a dataset directory (synthesised or imported) and its weight among the
+    stage's datasets that hold the same record kind."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class StageConfig:
     """One training stage: its optimiser schedule, data mix and token budgets.
 
@@ -139,6 +148,9 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_accum: int = 1  # micro-batches per optimiser step on each rank
     mix: dict[str, float] = field(default_factory=dict)  # record kind -> weight; empty: the stage's default
+    # the datasets the stage reads its train split from; empty: the run's own (output_dir/data). A record kind's
+    # share (mix) is split over the datasets that hold it, in proportion to their weights
+    data: list[DataSourceConfig] = field(default_factory=list)
     reasoner_budget: int = 4096  # tokens per packed reasoner row
     generator_budget: int = 2048  # tokens per packed generator row
     ntp_weight: float = 0.1  # stage 3: L = L_FM + ntp_weight * L_NTP
@@ -167,6 +179,11 @@ class StageConfig:
             raise ValueError(f"{name}.mix: unknown record kinds {bad}; choose from {list(RECORD_KINDS)}")
         if any(not w > 0 for w in self.mix.values()):
             raise ValueError(f"{name}.mix: weights must be positive, got {dict(self.mix)}")
+        for i, source in enumerate(self.data):
+            if not source.path:
+                raise ValueError(f"{name}.data[{i}].path: empty; name a dataset directory")
+            if not source.weight > 0:
+                raise ValueError(f"{name}.data[{i}].weight: must be positive, got {source.weight}")
         if self.ntp_weight < 0:
             raise ValueError(f"{name}.ntp_weight: must be non-negative, got {self.ntp_weight}")
         if not 0 <= self.questions_per_image <= len(QUESTION_KINDS):
@@ -468,6 +485,6 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "ExperimentConfig", "PACKAGE_CONFIGS",
+__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "DataSourceConfig", "ExperimentConfig", "PACKAGE_CONFIGS",
            "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
            "load_config", "save_config"]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -95,15 +96,41 @@ class VAEConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """The sampler's sigma schedule. The defaults are Qwen-Image's scheduler config; a diffusers folder's
+    scheduler/scheduler_config.json sets them (use_dynamic_shifting, base/max shift and image sequence lengths,
+    shift, shift_terminal)."""
+
+    shift: str = "resolution"  # resolution: mu from the token count; fixed: mu = fixed_mu for every size
+    fixed_mu: float = math.log(3.0)  # e^mu = 3: SD3-style shift 3
+    base_shift: float = 0.5
+    max_shift: float = 0.9
+    base_tokens: int = 256
+    max_tokens: int = 8192
+    shift_terminal: Optional[float] = 0.02  # Qwen-Image's scheduler ends its schedule at 0.02; None: no stretch
+
+    def validate(self, name: str = "sampler") -> None:
+        if self.shift not in ("resolution", "fixed"):
+            raise ValueError(f"{name}.shift: {self.shift!r}; choose 'resolution' or 'fixed'")
+        if self.shift_terminal is not None and not 0.0 < self.shift_terminal < 1.0:
+            raise ValueError(f"{name}.shift_terminal: must be in (0, 1) or None, got {self.shift_terminal}")
+        if self.max_tokens <= self.base_tokens:
+            raise ValueError(f"{name}.max_tokens: must exceed base_tokens, got {self.base_tokens}..{self.max_tokens}")
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     source: str = "tiny"  # tiny: build random models; diffusers: load a local Qwen-Image-Edit folder
     path: Optional[str] = None  # the local diffusers folder when source=diffusers
     dtype: str = "float32"
     attention_backend: str = "auto"  # auto: compiled flex on CUDA, SDPA on CPU; or flex | sdpa | flash
+    # source=diffusers: the folder's pipeline class (model_index.json), which decides the prompt and image policy
+    pipeline: Optional[str] = None
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def validate(self) -> None:
         """Raise ValueError naming the first field that is wrong."""
@@ -116,6 +143,7 @@ class ModelConfig:
             raise bad("path", "source=diffusers needs the local Qwen-Image-Edit folder: set model.path=DIR")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {list(DTYPES)}")
+        self.schedule.validate("model.schedule")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise bad("attention_backend", f"{self.attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
         if self.vae.kind not in VAE_KINDS:
@@ -186,5 +214,5 @@ class ModelConfig:
                       f"channels), got base_dim={v.base_dim}, dim_mult={list(v.dim_mult)}")
 
 
-__all__ = ["ATTENTION_BACKENDS", "DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "VAEConfig",
+__all__ = ["ATTENTION_BACKENDS", "DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "ScheduleConfig", "VAEConfig",
            "VAE_KINDS"]

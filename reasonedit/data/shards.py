@@ -143,6 +143,16 @@ def shard_paths(path: str | Path, split: str | None = None, kind: str | None = N
     return tars
 
 
+def holds(path: str | Path, split: str, kind: str) -> bool:
+    """Whether a dataset directory's manifest lists shards of `kind` in `split` (a folder of tars or a tar
+    without a manifest: True, its records are filtered as they are read)."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return path.exists()
+    return bool(json.loads(manifest.read_text())["shards"].get(split, {}).get(kind))
+
+
 def read_records(path: str | Path, split: str | None = None, kind: str | None = None) -> Iterator[Record]:
     """Every record of a dataset in stored order, decoded into its typed kind."""
     for shard in shard_paths(path, split, kind):
@@ -155,4 +165,4 @@ def read_records(path: str | Path, split: str | None = None, kind: str | None = 
             yield record
 
 
-__all__ = ["DatasetDirError", "MANIFEST", "ShardWriter", "building_dataset", "write_manifest", "read_records", "shard_paths", "write_records"]
+__all__ = ["DatasetDirError", "MANIFEST", "ShardWriter", "building_dataset", "holds", "write_manifest", "read_records", "shard_paths", "write_records"]

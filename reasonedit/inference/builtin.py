@@ -60,7 +60,7 @@ class GeneratorEditor:
         model.require("generator")
         model.require("vae")
         self.model = model
-        self.sampler = sampler or SamplerConfig()
+        self.sampler = sampler or SamplerConfig.for_model(model.config.schedule)
         self.progress = progress
         # one latent patch of the generator covers this many pixels per side
         self.multiple = int(model.vae.downsample) * int(model.generator.config.patch_size)

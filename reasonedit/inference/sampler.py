@@ -13,12 +13,12 @@ so a sample's result does not depend on what else is in the batch.
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from reasonedit.config.model import ScheduleConfig
 from reasonedit.models.generator import GeneratorSample, patchify, unpatchify
 from reasonedit.models.timesteps import linear_mu, shift_timesteps
 
@@ -29,25 +29,15 @@ Predict = Callable[[Sequence[GeneratorSample]], list[torch.Tensor]]
 
 
 @dataclass
-class SamplerConfig:
-    """How sigmas are scheduled; steps and guidance come per request."""
+class SamplerConfig(ScheduleConfig):
+    """How sigmas are scheduled (the model's `schedule`) and guided; steps and guidance come per request."""
 
-    shift: str = "resolution"  # resolution: mu from the token count; fixed: mu = fixed_mu for every size
-    fixed_mu: float = math.log(3.0)  # e^mu = 3: SD3-style shift 3
-    base_shift: float = 0.5
-    max_shift: float = 0.9
-    base_tokens: int = 256
-    max_tokens: int = 8192
-    shift_terminal: Optional[float] = 0.02  # Qwen-Image's scheduler ends its schedule at 0.02; None: no stretch
     norm_rescale: bool = True  # rescale the guided velocity to the conditional one's norm, per token
 
-    def validate(self) -> None:
-        if self.shift not in ("resolution", "fixed"):
-            raise ValueError(f"sampler.shift: {self.shift!r}; choose 'resolution' or 'fixed'")
-        if self.shift_terminal is not None and not 0.0 < self.shift_terminal < 1.0:
-            raise ValueError(f"sampler.shift_terminal: must be in (0, 1) or None, got {self.shift_terminal}")
-        if self.max_tokens <= self.base_tokens:
-            raise ValueError(f"sampler.max_tokens: must exceed base_tokens, got {self.base_tokens}..{self.max_tokens}")
+    @classmethod
+    def for_model(cls, schedule: ScheduleConfig, **overrides) -> "SamplerConfig":
+        """The sampler of a model whose config carries `schedule` (a diffusers folder's scheduler settings)."""
+        return cls(**{**asdict(schedule), **overrides})
 
     def mu(self, tokens: int) -> float:
         """The exponential shift's mu for a target of `tokens` image tokens."""

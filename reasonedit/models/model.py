@@ -84,6 +84,60 @@ def build_codec(config: ModelConfig, seed: int = 0) -> PatchCodec | QwenImageVAE
     return QwenImageVAE.from_pretrained(v.path)
 
 
+def _load_saved_part(path: Path, component: str, dtype: torch.dtype | None, lora_trainable: bool = False):
+    """One part of a folder written by save_pretrained."""
+    if component == "reasoner":
+        return Reasoner.from_pretrained(path / "reasoner", dtype=dtype, lora_trainable=lora_trainable)
+    if component == "generator":
+        return PackedQwenImageTransformer.from_pretrained(path / "generator", local_files_only=True,
+                                                          **({"torch_dtype": dtype} if dtype else {})).eval()
+    return load_codec(path / "vae")
+
+
+def _load_referenced_part(component: str, ref: dict, dtype: torch.dtype | None):
+    """One part from the folder a reference names (see `ReasonEditModel.references`)."""
+    if component == "reasoner":
+        return _load_referenced_reasoner(ref, dtype)
+    if component == "generator":
+        return load_diffusers_transformer(ref["folder"], torch_dtype=dtype).eval()
+    return QwenImageVAE.from_pretrained(ref["folder"], **({"torch_dtype": dtype} if dtype else {}))
+
+
+def _load_referenced_reasoner(ref: dict, dtype: torch.dtype | None) -> Reasoner:
+    """Qwen2.5-VL from a text encoder folder and a tokenizer folder (a diffusers folder's text_encoder and
+    tokenizer, or one transformers folder), with the decision tokens added (deterministically: their rows
+    start as the mean of the existing ones, so every load gives the same weights)."""
+    from transformers import AutoTokenizer
+
+    from .processor import ReasonerProcessor, build_image_processor
+    from .tiny import load_qwen_strict
+    text_encoder = load_qwen_strict(ref["model"], **({"dtype": dtype} if dtype is not None else {}))
+    tokenizer = AutoTokenizer.from_pretrained(ref["tokenizer"], local_files_only=True)
+    vision = text_encoder.config.vision_config
+    image_processor = build_image_processor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                                            temporal_patch_size=vision.temporal_patch_size)
+    reasoner = Reasoner(text_encoder, ReasonerProcessor(tokenizer, image_processor))
+    reasoner.add_decision_tokens()
+    return reasoner
+
+
+def diffusers_references(parts) -> dict[str, dict]:
+    """Where each component's weights are in a read diffusers folder (`diffusers_folder.read_folder`)."""
+    return {"reasoner": {"model": str(parts.text_encoder.resolve()), "tokenizer": str(parts.tokenizer.resolve())},
+            "generator": {"folder": str(parts.transformer.resolve())},
+            "vae": {"folder": str(parts.vae.resolve())}}
+
+
+def save_reference(path: str | os.PathLike, parts, config: ModelConfig) -> Path:
+    """A model folder that holds no weights, only where they are (a diffusers folder's parts): what a run that
+    starts from real weights trains from, without copying tens of gigabytes. It loads like any model folder."""
+    with staged_folder(path) as staging:
+        meta = {"format": "reasonedit", "version": FORMAT_VERSION, "model": _config_dict(config),
+                "components": list(COMPONENTS), "references": diffusers_references(parts)}
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
 class ReasonEditModel(torch.nn.Module):
     """Reasoner + generator + VAE. Any of generator and VAE may be absent (stage 1 needs neither)."""
 
@@ -94,6 +148,10 @@ class ReasonEditModel(torch.nn.Module):
         self.generator = generator
         self.vae = vae
         self.config = config or ModelConfig()
+        # component -> the folders its weights are read from, while no training has changed them (a start model
+        # from a diffusers folder; a component not loaded keeps its reference); save_pretrained writes these as
+        # references instead of copying the weights
+        self.references: dict[str, dict] = {}
         if generator is not None:
             joint = generator.config.joint_attention_dim
             if joint != reasoner.hidden_size:
@@ -131,8 +189,11 @@ class ReasonEditModel(torch.nn.Module):
         path = Path(path)
         meta_file = path / CONFIG_FILE
         if not meta_file.is_file():
+            from .diffusers_folder import is_diffusers_folder
+            if is_diffusers_folder(path):  # a diffusers Qwen-Image-Edit folder starts a run as it is
+                return cls.from_diffusers(path, dtype, components=components)
             raise FileNotFoundError(f"{meta_file} not found: {path} is not a folder written by "
-                                    "ReasonEditModel.save_pretrained")
+                                    "ReasonEditModel.save_pretrained (nor a diffusers folder with model_index.json)")
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != "reasonedit" or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format {meta.get('format')!r} version {meta.get('version')!r}; "
@@ -145,72 +206,80 @@ class ReasonEditModel(torch.nn.Module):
         missing = [c for c in components if c != "reasoner" and c not in saved]
         if missing:
             raise FileNotFoundError(f"{path} was saved without {missing}; load components={saved}")
-        for c in ["reasoner"] + [c for c in components if c != "reasoner"]:
-            if not (path / c).is_dir():
+        wanted = ["reasoner"] + [c for c in components if c != "reasoner"]
+        all_refs = meta.get("references", {})
+        refs = {c: r for c, r in all_refs.items() if c in wanted}
+        for c in wanted:
+            if c not in refs and not (path / c).is_dir():
                 raise FileNotFoundError(f"{path / c} is missing: the folder is incomplete")
-        reasoner = Reasoner.from_pretrained(path / "reasoner", dtype=dtype, lora_trainable=lora_trainable)
-        generator = vae = None
-        if "generator" in components:
-            generator = PackedQwenImageTransformer.from_pretrained(path / "generator", local_files_only=True,
-                                                                   **({"torch_dtype": dtype} if dtype else {}))
-            generator.eval()
-        if "vae" in components:
-            vae = load_codec(path / "vae")
-        return cls(reasoner, generator, vae, config)
+        ref_dtype = dtype
+        if refs:
+            from .diffusers_folder import check_references, torch_dtype
+            check_references(refs, meta_file)
+            ref_dtype = dtype if dtype is not None else torch_dtype(config.dtype)
+
+        def part(c: str):
+            if c not in wanted:
+                return None
+            if c in refs:
+                return _load_referenced_part(c, refs[c], ref_dtype)
+            return _load_saved_part(path, c, dtype, lora_trainable)
+
+        reasoner, generator, vae = part("reasoner"), part("generator"), part("vae")
+        model = cls(reasoner, generator, vae, config)
+        model.references = dict(all_refs)  # the parts not loaded keep theirs: saving writes them back
+        return model
 
     @classmethod
-    def from_diffusers(cls, path: str | os.PathLike, dtype: torch.dtype | None = None) -> "ReasonEditModel":
-        """Load a local diffusers Qwen-Image-Edit folder: text_encoder + tokenizer, transformer, vae."""
-        from transformers import AutoTokenizer
+    def from_diffusers(cls, path: str | os.PathLike, dtype: torch.dtype | None = None, *,
+                       reasoner_path: str | os.PathLike | None = None,
+                       generator_path: str | os.PathLike | None = None,
+                       components: Sequence[str] = COMPONENTS) -> "ReasonEditModel":
+        """Load a local diffusers Qwen-Image-Edit folder (text_encoder + tokenizer, transformer, vae; the
+        scheduler's sigma schedule), with `reasoner_path` / `generator_path` in place of its parts. The model
+        remembers where each part came from (`references`): saving it writes a reference for a part no training
+        changed instead of a copy of its weights."""
+        from .diffusers_folder import folder_config, read_folder
 
-        from .processor import ReasonerProcessor, build_image_processor
-        from .tiny import load_qwen_strict
-        path = Path(path)
-        for sub in ("text_encoder", "tokenizer", "transformer", "vae"):
-            if not (path / sub).is_dir():
-                raise FileNotFoundError(f"{path / sub} is missing: not a diffusers Qwen-Image-Edit folder")
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        text_encoder = load_qwen_strict(path / "text_encoder", **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        vision = text_encoder.config.vision_config
-        image_processor = build_image_processor(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                                                temporal_patch_size=vision.temporal_patch_size)
-        reasoner = Reasoner(text_encoder, ReasonerProcessor(tokenizer, image_processor))
-        reasoner.add_decision_tokens()
-        generator = load_diffusers_transformer(path / "transformer", torch_dtype=dtype)
-        vae = QwenImageVAE.from_pretrained(path / "vae", **({"torch_dtype": dtype} if dtype else {}))
-        g, t = generator.config, text_encoder.config.text_config
-        config = ModelConfig(name=path.name, source="diffusers", path=str(path),
-                             dtype={v: k for k, v in DTYPES.items()}.get(dtype or torch.float32, "float32"))
-        config.reasoner.hidden_size, config.reasoner.num_layers = t.hidden_size, t.num_hidden_layers
-        config.reasoner.num_heads, config.reasoner.num_kv_heads = t.num_attention_heads, t.num_key_value_heads
-        config.reasoner.intermediate_size = t.intermediate_size
-        config.reasoner.vision_depth, config.reasoner.vision_hidden_size = vision.depth, vision.hidden_size
-        config.reasoner.vision_heads, config.reasoner.vision_intermediate_size = vision.num_heads, vision.intermediate_size
-        for key in ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-                    "num_attention_heads", "joint_attention_dim"):
-            setattr(config.generator, key, getattr(g, key))
-        config.generator.axes_dims_rope = tuple(g.axes_dims_rope)
-        config.generator.zero_cond_t = bool(g.zero_cond_t)
-        config.vae.kind, config.vae.path, config.vae.latent_channels = "qwen_image", str(path / "vae"), vae.latent_channels
-        return cls(reasoner, generator.eval(), vae, config)
+        parts = read_folder(path, reasoner_path, generator_path)
+        name = {v: k for k, v in DTYPES.items()}.get(dtype) if dtype is not None else None
+        return cls._from_references(folder_config(parts, dtype=name), diffusers_references(parts), dtype,
+                                    load=("reasoner", *components))
+
+    @classmethod
+    def _from_references(cls, config: ModelConfig, refs: dict, dtype: torch.dtype | None,
+                         load: Sequence[str] = COMPONENTS) -> "ReasonEditModel":
+        """The parts of `load` named in `refs` ({component: where its weights are}), loaded from those folders;
+        the model keeps every reference (a part not loaded is saved as its reference)."""
+        parts = {c: _load_referenced_part(c, refs[c], dtype) if c in refs and c in load else None for c in COMPONENTS}
+        model = cls(parts["reasoner"], parts["generator"], parts["vae"], config)
+        model.references = dict(refs)
+        return model
 
     # -- save -----------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write the whole model folder; it appears under `path` only once complete."""
+        """Write the whole model folder; it appears under `path` only once complete. A part in `references`
+        (loaded from a diffusers folder and not changed since) is written as a reference to that folder."""
+        refs = dict(self.references)  # loaded and unchanged, or not loaded at all (stage 1's generator and VAE)
         with staged_folder(path) as staging:
-            self.reasoner.save_pretrained(staging / "reasoner")
-            components = ["reasoner"]
-            if self.generator is not None:
-                self.generator.save_pretrained(staging / "generator")
-                components.append("generator")
-            if self.vae is not None:
-                self.vae.save_pretrained(staging / "vae")
-                components.append("vae")
+            components = []
+            for name in COMPONENTS:
+                part = getattr(self, name)
+                if part is None and name not in refs:
+                    continue
+                components.append(name)
+                if name not in refs:
+                    part.save_pretrained(staging / name)
             meta = {"format": "reasonedit", "version": FORMAT_VERSION, "model": _config_dict(self.config),
                     "components": components}
+            if refs:
+                meta["references"] = refs
             (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return Path(path)
+
+    def changed(self, component: str) -> None:
+        """Say that `component`'s weights now differ from where they were loaded: it is saved in full."""
+        self.references.pop(component, None)
 
     # -- the model's two jobs: condition states and latents ------------------------------------
     def encode_condition(self, images: Sequence, instructions: Sequence[str], packed: bool = True) -> list[torch.Tensor]:
@@ -247,4 +316,5 @@ class ReasonEditModel(torch.nn.Module):
         return params[0].device if params else torch.device("cpu")
 
 
-__all__ = ["COMPONENTS", "CONFIG_FILE", "ReasonEditModel", "build_codec", "build_generator"]
+__all__ = ["COMPONENTS", "CONFIG_FILE", "ReasonEditModel", "build_codec", "build_generator", "diffusers_references",
+           "save_reference"]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence, Union
 
 from reasonedit.data.loader import DatasetSpec, StreamingLoader, make_loader
 from reasonedit.data.packing import PackedBatch, Packer
+from reasonedit.data.shards import holds
 
 
 class BatchStream:
@@ -53,11 +54,37 @@ class BatchStream:
         self._records = None  # a fresh iterator continues from the restored loader state
 
 
-def stage_loader(data: Path, mix: dict[str, float], seed: int, shuffle_buffer: int,
+Sources = Union[str, Path, Sequence[tuple[Union[str, Path], float]]]
+
+
+def stage_specs(data: Sources, mix: dict[str, float]) -> list[DatasetSpec]:
+    """The loader's datasets for a stage: for each record kind of the mix, every source that holds train records
+    of it, the kind's weight split over them in proportion to their weights. One source: every kind is read
+    from it (the loader names a kind it lacks)."""
+    sources = [(Path(data), 1.0)] if isinstance(data, (str, Path)) else [(Path(p), float(w)) for p, w in data]
+    if len(sources) == 1:
+        return [DatasetSpec(kind, sources[0][0], split="train", kind=kind, weight=w) for kind, w in mix.items()]
+    specs, names = [], set()
+    for kind, w in mix.items():
+        having = [(p, sw) for p, sw in sources if holds(p, "train", kind)]
+        if not having:
+            raise FileNotFoundError(f"no train records of kind {kind!r} (in the stage's mix) in any of the stage's "
+                                    f"datasets {[str(p) for p, _ in sources]}")
+        total = sum(sw for _, sw in having)
+        for p, sw in having:
+            name = f"{p.name}/{kind}"
+            while name in names:
+                name += "'"
+            names.add(name)
+            specs.append(DatasetSpec(name, p, split="train", kind=kind, weight=w * sw / total))
+    return specs
+
+
+def stage_loader(data: Sources, mix: dict[str, float], seed: int, shuffle_buffer: int,
                  num_workers: int = 0) -> StreamingLoader:
-    specs = [DatasetSpec(kind, data, split="train", kind=kind, weight=w) for kind, w in mix.items()]
-    return make_loader(specs, seed=seed, num_workers=num_workers, rank=0, world_size=1,
+    """The stage's endless train stream over `data`: one dataset directory, or (directory, weight) pairs."""
+    return make_loader(stage_specs(data, mix), seed=seed, num_workers=num_workers, rank=0, world_size=1,
                        shuffle_buffer=shuffle_buffer, epochs=None)
 
 
-__all__ = ["BatchStream", "stage_loader"]
+__all__ = ["BatchStream", "Sources", "stage_loader", "stage_specs"]

@@ -23,12 +23,12 @@ import torch
 from reasonedit.config import ExperimentConfig, TrainConfig
 from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
 from reasonedit.data.segments import ConditionDropout
-from reasonedit.models.model import CONFIG_FILE, ReasonEditModel
+from reasonedit.models.model import COMPONENTS, CONFIG_FILE, ReasonEditModel
 from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
 
 from . import checkpoint as ckpt
-from .data import BatchStream, stage_loader
+from .data import BatchStream, Sources, stage_loader
 from .distributed import World, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
 from .metrics import MetricsSink, ProgressWindow
@@ -108,7 +108,7 @@ def optimisation(stage: Stage, model: ReasonEditModel, tc: TrainConfig, world: W
     return module, optimizer, make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio), params
 
 
-def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data: Path, out: Path,
+def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data: Sources, out: Path,
                world: World) -> tuple[Preprocessor, BatchStream, ConditionCache | None]:
     """This rank's resumable batch stream of the stage's mix, its preprocessor (with the latent cache when
     configured) and the condition cache when the stage uses one (else None)."""
@@ -161,9 +161,10 @@ def resume(root: Path, identity: str, run_cfg: dict, stage: Stage, tc: TrainConf
     return state
 
 
-def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Path, out: Path,
+def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sources, out: Path,
                 world: World | None = None, evaluate: Callable[[ReasonEditModel], dict] | None = None) -> StageResult:
-    """Train one stage from the model folder `start` on the dataset `data` into `out` (checkpoints, model/).
+    """Train one stage from the model folder `start` on `data` (a dataset directory, or (directory, weight)
+    pairs) into `out` (checkpoints, model/).
 
     evaluate: called with the live model every `train.eval_every` steps and at the end, on the main rank; its
         figures (held-out metrics) are logged, kept in the checkpoint and written to out/evals.json.
@@ -319,9 +320,16 @@ def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Sta
     if world.is_main:
         final = load_stage_model(stage, start)  # unsharded, on the CPU, same structure
         final.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
-        if final.generator is None:  # stage 1: the generator and VAE are carried over from the start model
+        if final.generator is None and not {"generator", "vae"} <= set(final.references):
+            # stage 1: the generator and VAE are carried over from the start model (a reference to a diffusers
+            # folder is carried as it is, without loading the weights)
             carried = ReasonEditModel.from_pretrained(start)
+            refs = {**carried.references, **final.references}
             final = ReasonEditModel(final.reasoner, carried.generator, carried.vae, final.config)
+            final.references = refs
+        for component in COMPONENTS:  # a trained part is saved in full, not as a reference to where it came from
+            if any(n.startswith(f"model.{component}.") for n in trainable):  # names as the StageModule has them
+                final.changed(component)
         final.save_pretrained(path)
         if ema is not None and ema.sharded:
             log.warning("%s: the EMA is sharded over the ranks (FSDP2 / ZeRO-3); model_ema/ is not written, the "
