@@ -344,7 +344,7 @@ def step_edit(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
 
     e = cfg.edit
     model_dir = latest_model(out)
-    pipeline = Pipeline.load(model_dir, device=e.device)
+    pipeline = Pipeline.load(model_dir, device=e.device, dtype=e.dtype)
     bench = ShapesBenchmark(n=e.samples, world=ShapesWorld(cfg.world)).load(_held_out(cfg, out))
     picked = []
     for category in ("concrete", "abstract"):
@@ -405,7 +405,7 @@ def step_eval(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
             rate = e.shapes_error_rate if editor == "shapes" else 0.0
             ablation = run_shapes_ablation(model_dir, _held_out(cfg, out), where, modes=list(e.modes), limit=e.limit,
                                            steps=e.sampling_steps, rounds=e.rounds, guidance=e.guidance, seed=e.seed,
-                                           editor=editor, error_rate=rate, device=e.device)
+                                           editor=editor, error_rate=rate, device=e.device, dtype=e.dtype)
             tables.append({"editor": ablation.editor, "thinker": ablation.thinker, "table": ablation.table,
                            "parse_errors": ablation.parse_errors,
                            "paths": {k: str(v) for k, v in ablation.paths.items()}})
@@ -425,13 +425,13 @@ def _final_figures(cfg: ExperimentConfig, out: Path, model_dir: Path) -> dict | 
     """The learning figures of the run's latest model on the test split (eval.limit records of each kind),
     written to eval/figures.json; None without a test split."""
     from .eval.heldout import HeldOut, evaluate
-    from .models.model import ReasonEditModel
+    from .inference.pipeline import Pipeline
 
     if _held_out(cfg, out) is None:
         return None
     e = cfg.eval
     heldout = HeldOut.load(out / "data", split="test", n=e.limit)
-    model = ReasonEditModel.from_pretrained(model_dir).eval()
+    model = Pipeline.load(model_dir, device=e.device, dtype=e.dtype).model  # where the eval step's models run
     figures = evaluate(model, heldout, ShapesWorld(cfg.world), steps=e.sampling_steps, guidance=e.guidance, seed=e.seed)
     doc = {"model": str(model_dir), "split": "test", "samples": {"edits": len(heldout.edits),
            "thinking": len(heldout.thinking), "reflections": len(heldout.reflections)}, "figures": figures}

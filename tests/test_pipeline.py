@@ -77,9 +77,43 @@ def test_the_runs_edit_and_eval_steps_place_the_model_on_the_configured_device(t
                  "eval.limit=1", "eval.rounds=1", "eval.sampling_steps=1", "eval.modes=[base]",
                  "edit.device=cuda:1", "eval.device=cuda:2"])
     assert code == 0
-    assert placements == [torch.device("cuda", 1), torch.device("cuda", 2)]
+    # the edit step's model, then the eval step's for the ablation and for the held-out figures
+    assert placements == [torch.device("cuda", 1), torch.device("cuda", 2), torch.device("cuda", 2)]
 
 
 def test_a_bad_device_in_the_config_is_named(tmp_path, capsys):
     assert main(["run", str(DEMO), f"output_dir={tmp_path / 'run'}", "eval.device=gpu"]) == 1
     assert "eval.device: 'gpu'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def casts(monkeypatch):
+    """(device, dtype) of every move of a ReasonEditModel, in order; the move itself is skipped."""
+    seen = []
+
+    def to(self, *args, **kwargs):
+        seen.append((torch.device(args[0] if args else kwargs["device"]), args[1] if len(args) > 1 else None))
+        return self
+
+    monkeypatch.setattr(ReasonEditModel, "to", to)
+    return seen
+
+
+def test_the_dtype_is_bfloat16_on_cuda_by_default_and_as_saved_on_a_cpu(tmp_path, tiny_model_dir, small_dataset,
+                                                                        casts):
+    code = main(["run", str(DEMO), f"output_dir={tmp_path / 'run'}", "data.n=4", "data.shard_size=4",
+                 "steps=[data,models,edit,eval]", "edit.samples=1", "edit.rounds=1", "edit.sampling_steps=1",
+                 "eval.limit=1", "eval.rounds=1", "eval.sampling_steps=1", "eval.modes=[base]",
+                 "edit.device=cuda:1", "eval.device=cpu", "eval.dtype=float16"])
+    assert code == 0
+    assert casts == [(torch.device("cuda", 1), torch.bfloat16)] + [(torch.device("cpu"), torch.float16)] * 2
+    casts.clear()
+    assert main(["eval", "--bench", "shapes", "--data", str(small_dataset), "--model", str(tiny_model_dir),
+                 "--modes", "base", "--limit", "1", "--steps", "1", "--guidance", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert casts == [(torch.device("cpu"), None)]  # auto on a CPU: the weights stay as saved
+
+
+def test_a_bad_dtype_in_the_config_is_named(tmp_path, capsys):
+    assert main(["run", str(DEMO), f"output_dir={tmp_path / 'run'}", "edit.dtype=half"]) == 1
+    assert "edit.dtype: 'half'" in capsys.readouterr().err

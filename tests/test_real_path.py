@@ -12,7 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
 from PIL import Image
 
-from conftest import ROOT, make_diffusers_folder, run_cli
+from conftest import ROOT, make_diffusers_folder, run_cli, run_cli_here
 from reasonedit.inference.sampler import SamplerConfig, sigma_schedule
 from reasonedit.models.diffusers_folder import ModelFolderError, folder_config, read_folder
 from reasonedit.models.model import CONFIG_FILE, ReasonEditModel, save_reference
@@ -148,7 +148,7 @@ def imported(tmp_path_factory):
 def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights(folder, imported, tmp_path):
     out = tmp_path / "run"
     d = {k: f"{{path: {v}}}" for k, v in imported.items()}
-    scale = ["model.dtype=float32", "train.parallel=none", "train.activation_checkpointing=false",
+    scale = ["model.dtype=float32", "train.parallel=none", "train.data_streams=0", "train.activation_checkpointing=false",
              "train.checkpoint_every=0", "batches.pixel_budget=50176", "batches.window=8", "eval.limit=1",
              "eval.sampling_steps=2", "eval.rounds=1", "eval.modes=[base,think_reflect]", "eval.device=cpu"]
     for n in (1, 2, 3):
@@ -179,11 +179,11 @@ def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights
 
 def test_a_run_on_a_broken_folder_stops_before_its_first_step(folder, tmp_path):
     bad = broken_copy(folder, tmp_path, lambda d: shutil.rmtree(d / "transformer"))
-    res = run_cli("run", ROOT / "configs" / "experiment" / "paper.yaml", f"model.path={bad}",
+    res = run_cli_here("run", ROOT / "configs" / "experiment" / "paper.yaml", f"model.path={bad}",
                   f"output_dir={tmp_path / 'run'}", "stage1.data=[{path: /nowhere}]")
     assert res.returncode == 1 and "part transformer is missing" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "run").exists()
-    res = run_cli("run", ROOT / "configs" / "experiment" / "paper.yaml", f"model.path={folder}",
+    res = run_cli_here("run", ROOT / "configs" / "experiment" / "paper.yaml", f"model.path={folder}",
                   f"output_dir={tmp_path / 'run'}", "steps=[models,stage1]")
     assert res.returncode == 1 and "stage1.data: empty" in res.stderr
     assert not (tmp_path / "run" / "model").exists()

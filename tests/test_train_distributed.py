@@ -187,3 +187,17 @@ def test_deepspeed_zero3_stops_on_sigterm_to_one_rank_resumes_and_saves_a_loadab
     assert_close(result(ddp), result(stage_dir), "zero3 resumed")
     model = ReasonEditModel.from_pretrained(stage_dir / "model")
     assert model.generator is not None
+
+
+def test_split_data_streams_on_two_ranks_equal_one_process_and_halve_each_ranks_data(start_model, small_dataset,  # noqa: F811
+                                                                                      tmp_path):
+    """train.data_streams=2: each rank reads and preprocesses only its own stream's records, and the run still
+    trains what one process with the same two streams and 2 micro-batches per step trains."""
+    import re
+
+    one, res_one = train(layout(tmp_path / "one", start_model, small_dataset), 1, 2, "none", ["train.data_streams=2"])
+    two, res_two = train(layout(tmp_path / "two", start_model, small_dataset), 2, 1, "ddp", ["train.data_streams=2"])
+    assert_close(result(one), result(two), "split data streams")
+    read = {int(r): int(n) for r, n in re.findall(r"rank (\d) read and preprocessed (\d+) records", res_two.stderr)}
+    total = int(re.search(r"rank 0 read and preprocessed (\d+) records", res_one.stderr).group(1))
+    assert sorted(read) == [0, 1] and sum(read.values()) == total and all(n < total for n in read.values())

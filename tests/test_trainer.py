@@ -224,3 +224,48 @@ def test_a_checkpoint_of_another_model_layout_is_refused_not_half_loaded(start_m
         train_stage(stage_cfg(tmp_path, 2, steps=1, extra=["train.checkpoint_every=1"]), 2, start_model,
                     small_dataset, out)
 
+
+
+def split_streams(data, mix, streams, world_size):
+    """Each rank's SplitBatchStream over `data`, with one-record batches that carry the record's key."""
+    from types import SimpleNamespace
+
+    from reasonedit.data.packing import Packer
+    from reasonedit.training.data import BatchStream, SplitBatchStream, stage_loader
+
+    def make(part, parts):
+        return BatchStream(stage_loader(data, mix, seed=0, shuffle_buffer=4, part=part, parts=parts),
+                           Packer(128, window=1), lambda r: [SimpleNamespace(num_tokens=128, key=r.key)])
+    return [SplitBatchStream(make, streams, rank, world_size) for rank in range(world_size)]
+
+
+def test_split_streams_give_each_rank_its_own_records_and_every_record_once(small_dataset):
+    from reasonedit.data.shards import read_records
+
+    every = sorted(r.key for r in read_records(small_dataset, split="train", kind="edit_pair"))
+    ranks = split_streams(small_dataset, {"edit_pair": 1.0}, streams=2, world_size=2)
+    seen = []
+    for rank in ranks:
+        (s, stream), = rank.streams.items()
+        share = stream.loader.samples_per_rank(0)["edit_pair"][s]  # the records of this stream's shards, epoch 0
+        seen.append([b.items[0].key for b in (rank.next() for _ in range(share))])
+        assert rank.records == share, "a rank read records that are not its own"
+    assert sorted(seen[0] + seen[1]) == every  # every record once, on exactly one rank
+    assert 0 < len(seen[0]) < len(every) and 0 < len(seen[1]) < len(every)
+
+
+def test_split_streams_hand_out_the_batches_one_process_would(small_dataset):
+    """Global batch g comes from stream g % S: two ranks take, between them, one process's sequence."""
+    mix = {"edit_pair": 1.0, "text_to_image": 1.0}
+    one, = split_streams(small_dataset, mix, streams=2, world_size=1)
+    two = split_streams(small_dataset, mix, streams=2, world_size=2)
+    single = [one.next().items[0].key for _ in range(8)]
+    split = [two[g % 2].next().items[0].key for g in range(8)]
+    assert split == single
+    state = two[1].state_dict()
+    after = [two[1].next().items[0].key for _ in range(3)]
+    again, = [r for r in split_streams(small_dataset, mix, streams=2, world_size=2)[1:]]
+    again.load_state_dict(state)
+    assert [again.next().items[0].key for _ in range(3)] == after
+    with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
+        split_streams(small_dataset, mix, streams=3, world_size=2)

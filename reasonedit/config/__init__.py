@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ..publish import atomic_write_text
 from .flow import FlowMatchingConfig
-from .model import ModelConfig
+from .model import RUN_DTYPES, ModelConfig
 from .synth import KINDS as RECORD_KINDS
 from .synth import SynthConfig
 from .world import QUESTION_KINDS, WorldConfig
@@ -52,18 +52,25 @@ class EditStepConfig:
     guidance: float = 4.0
     seed: int = 0
     device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
+    dtype: str = "auto"  # what it runs in: auto (bfloat16 on CUDA, as saved on a CPU), float32, bfloat16, float16
 
     def validate(self) -> None:
         for key in ("samples", "rounds", "sampling_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"edit.{key}: must be at least 1, got {getattr(self, key)}")
         check_device("edit.device", self.device)
+        check_dtype("edit.dtype", self.dtype)
 
 
 def check_device(key: str, device: str) -> None:
     """A device name torch will take: auto, cpu, cuda, cuda:N or mps."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
         raise ValueError(f"{key}: {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+
+
+def check_dtype(key: str, dtype: str) -> None:
+    if dtype not in RUN_DTYPES:
+        raise ValueError(f"{key}: {dtype!r}; expected one of {list(RUN_DTYPES)}")
 
 
 EVAL_MODES = ("base", "think", "think_reflect")  # how an eval runs each sample: edit it; think, then edit; think, edit, reflect
@@ -85,6 +92,7 @@ class EvalStepConfig:
     editors: tuple[str, ...] = ("model",)
     shapes_error_rate: float = 0.3
     device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
+    dtype: str = "auto"  # what it runs in: auto (bfloat16 on CUDA, as saved on a CPU), float32, bfloat16, float16
 
     def validate(self) -> None:
         unknown = [m for m in self.modes if m not in EVAL_MODES]
@@ -99,6 +107,7 @@ class EvalStepConfig:
         if not 0.0 <= self.shapes_error_rate <= 1.0:
             raise ValueError(f"eval.shapes_error_rate: must lie in [0, 1], got {self.shapes_error_rate}")
         check_device("eval.device", self.device)
+        check_dtype("eval.dtype", self.dtype)
 
 
 @dataclass
@@ -215,6 +224,9 @@ class TrainConfig:
     wandb: bool = False  # offline when no WANDB_API_KEY is set
     tensorboard: bool = False
     num_workers: int = 0
+    # 0: every rank reads, preprocesses and encodes every record and keeps every world_size-th batch; S > 0: the data
+    # is split into S streams (a multiple of the ranks), each rank reading only its own (training/data.py)
+    data_streams: int = 0
     allow_config_change: bool = False  # resume a checkpoint written with other run-defining values (lr, steps...)
 
     def validate(self) -> None:
@@ -224,7 +236,7 @@ class TrainConfig:
             raise ValueError(f"train.zero_stage: 2 or 3, got {self.zero_stage}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay: must lie in [0, 1), got {self.ema_decay}")
-        for key in ("checkpoint_every", "eval_every", "grad_clip", "weight_decay", "num_workers"):
+        for key in ("checkpoint_every", "eval_every", "grad_clip", "weight_decay", "num_workers", "data_streams"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be non-negative, got {getattr(self, key)}")
         for key in ("keep_last", "log_every", "max_bad_steps"):

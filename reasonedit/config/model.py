@@ -13,6 +13,7 @@ from typing import Optional
 SOURCES = ("tiny", "diffusers")
 VAE_KINDS = ("patch", "qwen_image")
 DTYPES = ("float32", "bfloat16", "float16")
+RUN_DTYPES = ("auto", *DTYPES)  # what a model runs in at inference; auto: bfloat16 on CUDA, as saved elsewhere
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "flash")  # as reasonedit.models.attention.BACKENDS
 
 
@@ -214,5 +215,5 @@ class ModelConfig:
                       f"channels), got base_dim={v.base_dim}, dim_mult={list(v.dim_mult)}")
 
 
-__all__ = ["ATTENTION_BACKENDS", "DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "ScheduleConfig", "VAEConfig",
+__all__ = ["ATTENTION_BACKENDS", "DTYPES", "RUN_DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "ScheduleConfig", "VAEConfig",
            "VAE_KINDS"]

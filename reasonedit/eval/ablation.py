@@ -40,14 +40,15 @@ def run_shapes_ablation(model_dir: Optional[str | os.PathLike], data_dir: Option
                         out_dir: str | os.PathLike, modes: Sequence[str] = MODES, limit: Optional[int] = 12,
                         steps: int = 8, rounds: int = 2, guidance: float = 4.0, seed: int = 0, batch_size: int = 8,
                         progress: Optional[Progress] = None, *, editor: str = "model", error_rate: float = 0.0,
-                        thinker_model: Optional[str | os.PathLike] = None, device: Optional[str] = None) -> Ablation:
+                        thinker_model: Optional[str | os.PathLike] = None, device: Optional[str] = None,
+                        dtype: str = "auto") -> Ablation:
     """Edit `limit` concrete and `limit` abstract held-out samples per mode and tabulate the oracle's verdicts.
 
     data_dir: a `reasonedit data synth` dataset (its test split), or None for scenes made from a held-out seed.
     editor: "model" (model_dir's generator) or "shapes" (the exact shapes editor on the benchmark's world,
         wrong on purpose on a share `error_rate` of its edits; model_dir's generator is not loaded).
     thinker_model: a model folder whose reasoner thinks and reflects (default: model_dir's).
-    device: where the models run (None or "auto": CUDA when there is one).
+    device: where the models run (None or "auto": CUDA when there is one); dtype: what they run in.
     Re-running with the same out_dir reuses the images already written by the same model and settings, and
     refuses (naming what changed) when they were made otherwise.
     """
@@ -65,7 +66,7 @@ def run_shapes_ablation(model_dir: Optional[str | os.PathLike], data_dir: Option
     thinker_dir = Path(thinker_model) if thinker_model is not None else None
     bench = get_benchmark("shapes", **({"n": limit} if data_dir is None and limit else {})).load(data_dir)
     agent, thinker = build_agents(model, SHAPES_EDITOR if shapes else None, None, list(modes), thinker_dir=thinker_dir,
-                                  world=bench.world, editor_error_rate=error_rate, device=device)
+                                  world=bench.world, editor_error_rate=error_rate, device=device, dtype=dtype)
     editor_label, thinker_label = agent_labels(agent, thinker, model, thinker_dir)
     name = default_model_name(model, SHAPES_EDITOR if shapes else None)
     settings = GenerationSettings(rounds=rounds, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,

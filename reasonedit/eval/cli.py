@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from reasonedit.config.model import RUN_DTYPES
+
 from .runner import (MODES, SHAPES_EDITOR, GenerationSettings, ModeRun, Shard, agent_labels, build_agents,
                      default_model_name)
 
@@ -54,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="samples edited at once")
     g.add_argument("--device", default=None, help="where --model runs: cpu, cuda or cuda:N (default: cuda when "
                    "available)")
+    g.add_argument("--dtype", default="auto", choices=RUN_DTYPES,
+                   help="what --model runs in (default auto: bfloat16 on CUDA, as saved on a CPU)")
     g.add_argument("--shard", default="0/1", help="i/n: this process takes samples i, i+n, ... (generation only "
                    "when n > 1; score with one run without --shard once every shard is done)")
     g.add_argument("--limit", type=int, help="only the first N samples of each category (task type, kind)")
@@ -197,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
                                            thinker_model=args.thinker_model, thinker_key=args.thinker_key,
                                            thinker_contract=args.thinker_contract, concurrency=args.concurrency,
                                            thinker_dir=thinker_dir, world=world,
-                                           editor_error_rate=args.editor_error_rate, device=args.device)
+                                           editor_error_rate=args.editor_error_rate, device=args.device,
+                                           dtype=args.dtype)
             editor_label, thinker_label = agent_labels(editor, thinker, args.model, thinker_dir)
             name = args.model_name or default_model_name(args.model, args.editor)
             settings = GenerationSettings(rounds=args.rounds, steps=args.steps, guidance=args.guidance,

@@ -340,7 +340,7 @@ def _result(sample: BenchSample, status: str, scores: Optional[dict] = None, err
 def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_url: Optional[str],
                  modes: list[str], *, thinker_model: Optional[str] = None, thinker_key: Optional[str] = None,
                  thinker_contract: str = "reasonedit", concurrency: int = 8, thinker_dir: Optional[Path] = None,
-                 world=None, editor_error_rate: float = 0.0, editor_seed: int = 0, device=None):
+                 world=None, editor_error_rate: float = 0.0, editor_seed: int = 0, device=None, dtype="auto"):
     """(editor, thinker) from a model folder, HTTP services, the shapes editor and/or a thinker model folder;
     a thinker only when a mode needs one.
 
@@ -348,7 +348,8 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
         None: the default world), which makes errors on purpose at `editor_error_rate`.
     thinker_dir: a model folder whose reasoner is the thinker (its generator is not loaded); without it and
         without `thinker_url`, the thinker is `model_dir`'s reasoner.
-    device: where the models go (None or "auto": CUDA when there is one).
+    device: where the models go (None or "auto": CUDA when there is one); dtype: what they run in ("auto":
+        bfloat16 on CUDA, as saved elsewhere).
     """
     needs_thinker = any(m != "base" for m in modes)
     shapes = editor_url == SHAPES_EDITOR
@@ -367,7 +368,7 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
 
     pipeline = None
     if model_dir is not None and editor_url is None:
-        pipeline = Pipeline.load(model_dir, components=("reasoner", "generator", "vae"), device=device)
+        pipeline = Pipeline.load(model_dir, components=("reasoner", "generator", "vae"), device=device, dtype=dtype)
     editor = build_editor(editor_url, pipeline=pipeline, world=world, error_rate=editor_error_rate, seed=editor_seed,
                           concurrency=concurrency)
     thinker = None
@@ -377,7 +378,7 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
     elif needs_thinker:
         source = thinker_dir if thinker_dir is not None else model_dir
         if pipeline is None or Path(source).resolve() != Path(model_dir).resolve():
-            pipeline = Pipeline.load(source, components=("reasoner",), device=device)
+            pipeline = Pipeline.load(source, components=("reasoner",), device=device, dtype=dtype)
         thinker = build_thinker(pipeline=pipeline)
     return editor, thinker
 

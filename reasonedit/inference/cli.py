@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reasonedit.config.model import RUN_DTYPES
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default=" ", help="the negative prompt of true CFG (default ' ')")
     p.add_argument("--max-new-tokens", type=int, default=128, help="the reasoner's longest reply (default 128)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=RUN_DTYPES,
+                   help="the dtype the model runs in (default auto: bfloat16 on CUDA, as saved on a CPU)")
     p.add_argument("--out", required=True, type=Path, help="the trace folder to write (replaced when it exists)")
 
 
@@ -71,7 +75,7 @@ def _pipeline(args: argparse.Namespace):
     """The model folder on --device, with only the parts this edit uses (no generator under --editor)."""
     from reasonedit.inference.pipeline import Pipeline
     components = ["reasoner"] if args.editor else ["reasoner", "generator", "vae"]
-    return Pipeline.load(args.model, components=components, device=args.device)
+    return Pipeline.load(args.model, components=components, device=args.device, dtype=args.dtype)
 
 
 def _step_progress(done: int, total: int) -> None:

@@ -17,6 +17,7 @@ from reasonedit.inference.builtin import Generate, GeneratorEditor, ReasonerThin
 from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.inference.sampler import SamplerConfig
 from reasonedit.inference.types import SHAPES_EDITOR, EditRequest, Editor, Thinker
+from reasonedit.config.model import RUN_DTYPES
 from reasonedit.models.model import COMPONENTS, CONFIG_FILE, ReasonEditModel
 
 if TYPE_CHECKING:
@@ -32,20 +33,32 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise ValueError(f"device {device!r}: expected auto, cpu, cuda or cuda:N") from None
 
 
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+    """`dtype` as a torch dtype; "auto": bfloat16 on CUDA, as stored elsewhere (None); None: as stored."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in RUN_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {list(RUN_DTYPES)}")
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return getattr(torch, dtype)
+
+
 class Pipeline:
     """A model placed on `device` (and cast to `dtype` when given) in eval mode, with its built-in editor and
     thinker and the think -> edit -> reflect API over them. Lists in give lists out; one image and one
     string give one result."""
 
     def __init__(self, model: ReasonEditModel, *, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, sampler: SamplerConfig | None = None):
+                 dtype: str | torch.dtype | None = None, sampler: SamplerConfig | None = None):
         self.device = resolve_device(device)
-        self.model = (model.to(self.device, dtype) if dtype is not None else model.to(self.device)).eval()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = (model.to(self.device, self.dtype) if self.dtype is not None else model.to(self.device)).eval()
         self.sampler = sampler
 
     @classmethod
     def load(cls, path: str | Path, *, components: Sequence[str] = COMPONENTS,
-             device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
              sampler: SamplerConfig | None = None) -> "Pipeline":
         """A model folder (ReasonEditModel.save_pretrained) with the parts named in `components`."""
         path = Path(path)
@@ -140,4 +153,4 @@ def _as_batch(source, instruction) -> tuple[list, list[str], bool]:
     return sources, instructions, False
 
 
-__all__ = ["Pipeline", "build_editor", "build_thinker", "resolve_device"]
+__all__ = ["Pipeline", "build_editor", "build_thinker", "resolve_device", "resolve_dtype"]

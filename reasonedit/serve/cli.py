@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from reasonedit.config.model import RUN_DTYPES
 from reasonedit.inference.types import SHAPES_EDITOR
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-side", type=int, default=2048, help="largest image side accepted, in pixels")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest image area accepted, in pixels")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=RUN_DTYPES,
+                   help="the dtype the model runs in (default auto: bfloat16 on CUDA, as saved on a CPU)")
     p.add_argument("--no-thinker", action="store_true", help="serve plain edits only (no think/reflect)")
     p.add_argument("--thinker", default=None, metavar="URL",
                    help="use an OpenAI-compatible chat endpoint (base URL ending in /v1) as the loop's thinker "
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from reasonedit.serve.app import create_app
 
     print(f"loading {args.model} on {resolve_device(args.device)}", file=sys.stderr)
-    pipeline = Pipeline.load(args.model, device=args.device)
+    pipeline = Pipeline.load(args.model, device=args.device, dtype=args.dtype)
     thinker = None if args.no_thinker else build_thinker(args.thinker, pipeline=pipeline,
                                                          model_name=args.thinker_model, contract=args.thinker_contract)
     app = create_app(pipeline.editor(), config, thinker, model_name=str(args.model),

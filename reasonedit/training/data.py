@@ -1,10 +1,16 @@
 """The stage's batch stream: loader -> preprocess -> packer, with a state that resumes it exactly.
 
-Every rank reads the same record stream and packs the same sequence of batches; global batch g
-goes to rank g % world_size. So one optimiser step of W ranks x A micro-batches takes the same
-W * A consecutive batches as one process with W * A micro-batches, which is what makes a 2-rank
-run equal to a 1-rank run. (Each rank decodes every record: right for the tiny and mid-size runs
-this targets; sharding records over ranks is the loader's `rank=` and changes which batches exist.)
+Global micro-batch g of a run goes to rank g % world_size, so one optimiser step of W ranks x A
+micro-batches takes the same W * A batches as one process with W * A micro-batches: that is what makes a
+2-rank run equal to a 1-rank run. Where the batches come from is `train.data_streams`:
+
+- 0 (`BatchStream`): every rank reads the same record stream and packs the same sequence of batches, and
+  keeps every world_size-th. Each rank reads, preprocesses and encodes every record: fine for small runs.
+- S > 0 (`SplitBatchStream`): the data is split into S streams by the loader's shard split (stream s reads
+  the shards of "rank" s of S), each packed on its own; global batch g comes from stream g % S, and rank r
+  owns the streams s = r (mod W). A rank reads, preprocesses and VAE-encodes only its own streams' records,
+  1/W of the data. S must be a multiple of W; the same S on W ranks with A micro-batches and on one process
+  with W x A micro-batches trains the same batches.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, Union
 
-from reasonedit.data.loader import DatasetSpec, StreamingLoader, make_loader
+from reasonedit.data.loader import DatasetSpec, LoaderError, StreamingLoader, make_loader
 from reasonedit.data.packing import PackedBatch, Packer
 from reasonedit.data.shards import holds
 
@@ -42,6 +48,15 @@ class BatchStream:
         batches = [self._next_global() for _ in range(self.world_size)]
         return batches[self.rank]
 
+    @property
+    def utilisation(self) -> float:
+        return self.packer.stats.utilisation
+
+    @property
+    def records(self) -> int:
+        """Records this stream has read and preprocessed."""
+        return sum(self.loader.stats().yielded.values())
+
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict(), "packer": self.packer.state_dict(),
                 "ready": list(self.ready), "handed_out": self.handed_out}
@@ -52,6 +67,47 @@ class BatchStream:
         self.ready = deque(state["ready"])
         self.handed_out = state["handed_out"]
         self._records = None  # a fresh iterator continues from the restored loader state
+
+
+class SplitBatchStream:
+    """This rank's share of S streams: global batch g comes from stream g % S; the rank holds s = rank (mod W)."""
+
+    def __init__(self, make_stream: Callable[[int, int], BatchStream], streams: int, rank: int, world_size: int):
+        if streams < world_size or streams % world_size:
+            raise ValueError(f"train.data_streams: {streams} streams cannot be split over {world_size} ranks; use a "
+                             f"multiple of the rank count ({world_size}, {2 * world_size}, ...)")
+        self.count, self.rank, self.world_size = streams, rank, world_size
+        self.streams = {s: make_stream(s, streams) for s in range(rank, streams, world_size)}
+        self.handed_out = 0  # this rank's batches
+
+    def next(self) -> PackedBatch:
+        g = self.rank + self.handed_out * self.world_size
+        self.handed_out += 1
+        return self.streams[g % self.count].next()
+
+    @property
+    def utilisation(self) -> float:
+        """Real tokens / budget tokens over all this rank's streams (mean over budgets), as PackerStats has it."""
+        stats = [s.packer.stats for s in self.streams.values()]
+        ratios = [sum(x.tokens[i] for x in stats) / budget if (budget := sum(x.budget_tokens[i] for x in stats)) else 0.0
+                  for i in range(len(stats[0].tokens))]
+        return sum(ratios) / len(ratios) if ratios else 0.0
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.streams.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "handed_out": self.handed_out,
+                "streams": {s: st.state_dict() for s, st in self.streams.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("count") != self.count:
+            raise ValueError(f"the checkpoint's data was split into {state.get('count', 0)} streams "
+                             f"(train.data_streams), this run into {self.count}: resume with the same value")
+        self.handed_out = state["handed_out"]
+        for s, st in self.streams.items():
+            st.load_state_dict(state["streams"][s])
 
 
 Sources = Union[str, Path, Sequence[tuple[Union[str, Path], float]]]
@@ -81,10 +137,17 @@ def stage_specs(data: Sources, mix: dict[str, float]) -> list[DatasetSpec]:
 
 
 def stage_loader(data: Sources, mix: dict[str, float], seed: int, shuffle_buffer: int,
-                 num_workers: int = 0) -> StreamingLoader:
-    """The stage's endless train stream over `data`: one dataset directory, or (directory, weight) pairs."""
-    return make_loader(stage_specs(data, mix), seed=seed, num_workers=num_workers, rank=0, world_size=1,
-                       shuffle_buffer=shuffle_buffer, epochs=None)
+                 num_workers: int = 0, part: int = 0, parts: int = 1) -> StreamingLoader:
+    """The stage's endless train stream over `data` (one dataset directory, or (directory, weight) pairs), or its
+    part `part` of `parts` (the loader's shard split, as if `part` were a rank of `parts`)."""
+    try:
+        return make_loader(stage_specs(data, mix), seed=seed, num_workers=num_workers, rank=part, world_size=parts,
+                           shuffle_buffer=shuffle_buffer, epochs=None)
+    except LoaderError as e:
+        if parts == 1:
+            raise
+        raise LoaderError(f"train.data_streams={parts} (each stream reads its part of the shards as a rank would): "
+                          f"{e}") from None
 
 
-__all__ = ["BatchStream", "Sources", "stage_loader", "stage_specs"]
+__all__ = ["BatchStream", "Sources", "SplitBatchStream", "stage_loader", "stage_specs"]

@@ -36,6 +36,8 @@ def run_config(cfg: ExperimentConfig, stage_name: str) -> dict[str, Any]:
     out.update(_flat("batches", asdict(cfg.batches)))
     out.update(_flat("flow_matching", asdict(cfg.flow_matching)))
     out.update({f"train.{k}": _flat("x", getattr(cfg.train, k))["x"] for k in TRAIN_KEYS})
+    if cfg.train.data_streams:  # which records make which batch (0, the default, is what older checkpoints had)
+        out["train.data_streams"] = cfg.train.data_streams
     return out
 
 

@@ -28,7 +28,7 @@ from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
 
 from . import checkpoint as ckpt
-from .data import BatchStream, Sources, stage_loader
+from .data import BatchStream, Sources, SplitBatchStream, stage_loader
 from .distributed import World, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
 from .metrics import MetricsSink, ProgressWindow
@@ -109,16 +109,20 @@ def optimisation(stage: Stage, model: ReasonEditModel, tc: TrainConfig, world: W
 
 
 def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data: Sources, out: Path,
-               world: World) -> tuple[Preprocessor, BatchStream, ConditionCache | None]:
+               world: World) -> tuple[Preprocessor, BatchStream | SplitBatchStream, ConditionCache | None]:
     """This rank's resumable batch stream of the stage's mix, its preprocessor (with the latent cache when
     configured) and the condition cache when the stage uses one (else None)."""
     b, sc = cfg.batches, stage.config
     pre = Preprocessor.from_model(model, PreprocessConfig(
         buckets=buckets_for(model, b.pixel_budget), dropout=ConditionDropout(b.text_dropout, b.image_dropout),
         seed=cfg.seed))
-    stream = BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer, cfg.train.num_workers),
-                         stage.packer(b.window), lambda record: stage.segments(pre, record),
-                         world.rank, world.world_size)
+    def stream_of(part: int = 0, parts: int = 1, rank: int = 0, world_size: int = 1) -> BatchStream:
+        return BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer, cfg.train.num_workers, part, parts),
+                           stage.packer(b.window), lambda record: stage.segments(pre, record), rank, world_size)
+
+    streams = cfg.train.data_streams
+    stream = (SplitBatchStream(stream_of, streams, world.rank, world.world_size) if streams
+              else stream_of(rank=world.rank, world_size=world.world_size))
     if sc.latent_cache and model.vae is not None:
         from reasonedit.models.latent_cache import LatentCache
         # one folder per experiment: stage 3 reads what stage 2 encoded (entries are keyed by the VAE's weights)
@@ -131,7 +135,7 @@ def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data
 
 
 def resume(root: Path, identity: str, run_cfg: dict, stage: Stage, tc: TrainConfig, world: World,
-           module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream: BatchStream,
+           module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, stream: BatchStream | SplitBatchStream,
            ema: GeneratorEMA | None) -> RunState:
     """The run's state from its latest checkpoint under `root`, restoring the weights, optimizer, schedule, batch
     stream and EMA in place; a fresh state when there is none, or when it was trained from another start model
@@ -270,7 +274,7 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
             state.bad_in_row = 0
             state.step += 1
             step = state.step
-            packing = stream.packer.stats.utilisation
+            packing = stream.utilisation
             records.add(step, outcome, time.perf_counter() - t0, packing, state.skipped)
             if step % tc.log_every == 0 or step == sc.steps:
                 read_records()
@@ -293,6 +297,9 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
+    log.info("%s: rank %d read and preprocessed %d records%s", stage.name, world.rank, stream.records,
+             f" (its {len(stream.streams)} of {stream.count} data streams)" if isinstance(stream, SplitBatchStream)
+             else "")
     for what, c in (("latent cache", pre.latent_cache), ("condition cache", cache)):
         if c is not None:
             log.info("%s: %s: %d hits, %d misses, %d unreadable entries recomputed", stage.name, what,
