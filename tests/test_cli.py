@@ -49,18 +49,18 @@ def test_bad_synth_input_is_a_clear_error_and_writes_nothing(tmp_path, args, mes
 
 def test_unwritable_output_is_a_clear_error(tmp_path):
     (tmp_path / "afile").write_text("")
-    res = run_cli("data", "synth", "--out", tmp_path / "afile" / "d", "--n", 2)
+    res = run_cli_here("data", "synth", "--out", tmp_path / "afile" / "d", "--n", 2)
     assert res.returncode == 1 and "cannot write the dataset" in res.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["afile"]
 
 
 def test_verify_of_a_missing_dataset_names_the_path(tmp_path):
-    res = run_cli("data", "verify", tmp_path / "nope")
+    res = run_cli_here("data", "verify", tmp_path / "nope")
     assert res.returncode == 1 and "nope" in res.stderr
 
 
 def test_config_prints_the_resolved_config():
-    res = run_cli("config", DEMO, "world.grid=8", "name=sweep1")
+    res = run_cli_here("config", DEMO, "world.grid=8", "name=sweep1")
     assert res.returncode == 0, res.stderr
     doc = yaml.safe_load(res.stdout)
     assert doc["world"]["grid"] == 8 and doc["output_dir"] == "runs/sweep1" and doc["model"]["name"] == "tiny"
@@ -144,18 +144,18 @@ def test_import_jsonl_then_verify_refuses_it(tmp_path):
 def test_import_errors_name_the_file_and_line(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"source": "a.png", "target": "b.png", "instruction": "x"}\n{not json\n')
-    res = run_cli("data", "import", "--format", "jsonl", "--out", tmp_path / "out", rows)
+    res = run_cli_here("data", "import", "--format", "jsonl", "--out", tmp_path / "out", rows)
     assert res.returncode == 1 and "rows.jsonl:" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
-    res = run_cli("data", "import", "--format", "csv", "--out", tmp_path / "out", rows)
+    res = run_cli_here("data", "import", "--format", "csv", "--out", tmp_path / "out", rows)
     assert res.returncode == 1 and "--format 'csv'" in res.stderr
 
 
 def test_sweep_command_expands_and_validates_without_writing(tmp_path):
-    res = run_cli("sweep", "configs/sweep/shapes_grid.yaml", "--dry-run", "--output-dir", tmp_path / "sw")
+    res = run_cli_here("sweep", "configs/sweep/shapes_grid.yaml", "--dry-run", "--output-dir", tmp_path / "sw")
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("python -m reasonedit run") == 4 and not (tmp_path / "sw").exists()
-    res = run_cli("sweep", tmp_path / "missing.yaml")
+    res = run_cli_here("sweep", tmp_path / "missing.yaml")
     assert res.returncode == 1 and "sweep file not found" in res.stderr
 
 
