@@ -122,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(launch/deepspeed/zero2.json, zero3.json); same as train.parallel=deepspeed "
                        "train.deepspeed_config=JSON")
     _add_overrides(train)
+    plan = sub.add_parser("plan", help="per-GPU memory of each stage by part, before launching", description=(
+        "Count what a stage holds on each GPU (parameters, gradients, optimizer state, EMA, an activation estimate "
+        "at the stage's token budgets) from the experiment's models built on the meta device, for a parallel "
+        "layout and GPU count, and say whether it fits the GPU's memory. Nothing is loaded or launched."))
+    plan.add_argument("config", type=Path, help="the experiment YAML (or the name of a packaged one)")
+    plan.add_argument("--stage", type=int, choices=(0, 1, 2, 3), action="append",
+                      help="the stage(s) to plan (default: 1, 2 and 3)")
+    plan.add_argument("--gpus", type=int, help="GPUs (default: each stage's stageN.gpus, the paper's counts in "
+                      "paper.yaml)")
+    plan.add_argument("--parallel", default="fsdp2", choices=("ddp", "fsdp2", "zero2", "zero3"))
+    plan.add_argument("--gpu-memory", type=float, default=80.0, metavar="GiB", help="memory per GPU (default 80)")
+    _add_overrides(plan)
 
     for name, (module, what) in COMMAND_MODULES.items():
         module.add_arguments(sub.add_parser(name, help=what, description=module.__doc__))
@@ -282,6 +294,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.plan import plans
+
+    _, cfg = load_config(args.config, args.overrides)
+    fits = True
+    for plan in plans(cfg, args.stage or [1, 2, 3], args.gpus, args.parallel):
+        print(plan.table(args.gpu_memory) + "\n")
+        fits &= plan.total <= args.gpu_memory * 1024 ** 3
+    return 0 if fits else EXIT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -317,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "plan":
+            return _cmd_plan(args)
         if args.command == "sweep":
             from . import sweep as sweep_module
             return sweep_module.run(args)

@@ -9,7 +9,7 @@ DEMO = ROOT / "configs" / "experiment" / "shapes_tiny.yaml"
 
 
 @pytest.mark.parametrize("args", [[], ["data"], ["data", "synth"], ["data", "verify"], ["data", "sheet"], ["data", "import"],
-                                  ["config"], ["run"], ["train"], ["sweep"], ["edit"], ["serve"], ["eval"]])
+                                  ["config"], ["run"], ["train"], ["plan"], ["sweep"], ["edit"], ["serve"], ["eval"]])
 def test_every_command_has_help(args):
     res = (run_cli if not args else run_cli_here)(*args, "--help")  # the entry point itself as a user starts it
     assert res.returncode == 0, res.stderr

@@ -24,7 +24,7 @@ def test_overrides_change_any_setting_with_its_type():
 def test_a_group_override_swaps_the_whole_preset():
     _, cfg = load_config(DEMO, ["model=qwen-image-edit", "model.path=/models/qwen-image-edit"])
     assert cfg.model.generator.num_layers == 60 and cfg.model.reasoner.hidden_size == 3584
-    assert cfg.model.reasoner.vocab_size == 1024  # a tiny-only key falls back to the schema default
+    assert cfg.model.reasoner.vocab_size == 152064  # the real preset's vocabulary, not the tiny preset's 1024
 
 
 def test_real_preset_without_a_path_says_which_key_to_set():

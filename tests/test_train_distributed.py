@@ -81,6 +81,31 @@ def assert_close(a, b, what):
     assert worst <= TOL, f"{what}: final weights differ by up to {worst}"
 
 
+def assert_plan_matches_what_ranks_hold(stderr, start, root, ranks, parallel):
+    """`reasonedit plan`'s parameter, gradient and optimizer bytes against what each rank logged it holds at its
+    first update. Parameters: over the ranks they sum to the plan's total (uneven shards make ranks differ by a few
+    rows). Gradients and optimizer state: the plan counts every trainable parameter; the few no loss reaches (the
+    generator's last text-stream feed-forward) hold neither, so what is held is at most the plan and close to it."""
+    import json
+    import re
+
+    from reasonedit.config import load_config
+    from reasonedit.training.plan import plan_stage
+
+    held = {int(r): dict(zip(("parameters", "gradients", "optimizer"), map(int, b))) for r, *b in re.findall(
+        r"rank (\d) holds parameters (\d+) B, gradients (\d+) B, optimizer (\d+) B", stderr)}
+    assert sorted(held) == list(range(ranks)), stderr[-2000:]
+    vocab = json.loads((start / "reasoner" / "config.json").read_text())["text_config"]["vocab_size"]
+    _, cfg = load_config(DEMO, [f"output_dir={root}", "train.ema_decay=0.9", f"model.reasoner.vocab_size={vocab}"])
+    rows = {part: b for part, b, _ in plan_stage(cfg, 2, ranks, parallel, adapter=False).rows}
+    total = {part: sum(h[part] for h in held.values()) for part in ("parameters", "gradients", "optimizer")}
+    assert abs(total["parameters"] - rows["parameters"] * ranks) <= 4 * ranks, (total, rows)
+    for h in held.values():
+        assert abs(h["parameters"] - rows["parameters"]) <= 0.05 * rows["parameters"], (h, rows)
+        for part in ("gradients", "optimizer"):
+            assert 0.9 * rows[part] <= h[part] <= 1.05 * rows[part], (part, h, rows)
+
+
 @pytest.fixture(scope="module")
 def single(start_model, small_dataset, tmp_path_factory):  # noqa: F811
     stage_dir, _ = train(layout(tmp_path_factory.mktemp("single"), start_model, small_dataset), 1, 2, "none")
@@ -114,6 +139,7 @@ def test_fsdp2_on_two_ranks_equals_one_process_and_resumes(single, start_model, 
     stage_dir, res = train(root, 2, 1, "fsdp")
     assert "fsdp on 2 rank(s)" in res.stderr
     assert_close(result(single), result(stage_dir), "fsdp")
+    assert_plan_matches_what_ranks_hold(res.stderr, start_model, root, ranks=2, parallel="fsdp2")
     # what a crash after checkpoint STEPS-1 leaves: resume under FSDP2 and finish the same
     shutil.rmtree(stage_dir / "checkpoints" / f"step_{STEPS:08d}")
     shutil.rmtree(stage_dir / "model")

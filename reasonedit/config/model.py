@@ -31,7 +31,7 @@ class ReasonerConfig:
     """Qwen2.5-VL. For source=tiny the sizes below build it; otherwise they must match the weights."""
 
     path: Optional[str] = None  # a local Hugging Face folder; overrides model.path/text_encoder
-    vocab_size: int = 1024  # tiny only: the byte-level BPE vocabulary learned from the corpus
+    vocab_size: int = 1024  # tiny: the byte-level BPE vocabulary learned; real weights: their embedding rows (planning)
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4

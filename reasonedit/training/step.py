@@ -22,6 +22,7 @@ from reasonedit.stages import LossTotals, Stage, StageContext
 
 from .distributed import World, all_reduce_sum
 from .ema import GeneratorEMA
+from .plan import held_bytes
 
 Forward = Callable[[PackedBatch, StageContext], Mapping[str, LossSum]]  # batch, ctx -> each term's loss sum
 
@@ -69,6 +70,7 @@ class Stepper:
         self.ema, self.seed, self.cache = ema, seed, condition_cache
         self.flow_matching = flow_matching or FlowMatchingConfig()
         self.stop_requested = stop_requested
+        self.held: dict[str, int] | None = None  # bytes this rank holds, measured at the first update (plan.py)
 
     def step(self, micro: Sequence[PackedBatch], at: int) -> StepOutcome:
         """Forward and backward each micro-batch (gradients accumulate), then update once: clipped, and only
@@ -147,6 +149,8 @@ class Stepper:
 
     def apply(self) -> None:
         self.optimizer.step()
+        if self.held is None and isinstance(self.forward, torch.nn.Module):  # gradients and moments all exist now
+            self.held = held_bytes(self.forward, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()

@@ -253,7 +253,7 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
                Stepper(module, stage, world, optimizer, scheduler, params, tc.grad_clip, **step_kw))
     log.info("%s: trains %s; %d trainable parameters; %s on %d rank(s); lr %.1e, %d steps",
              stage.name, stage.trains, trainable_numel, parallel, world.world_size, sc.lr, sc.steps)
-    interrupted = False
+    interrupted = held_logged = False
     if tc.eval_every and state.step == 0:
         held_out(0)
     try:
@@ -276,6 +276,10 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
             step = state.step
             packing = stream.utilisation
             records.add(step, outcome, time.perf_counter() - t0, packing, state.skipped)
+            if stepper.held is not None and not held_logged:  # what `reasonedit plan` predicts, measured
+                held_logged = True
+                log.info("%s: rank %d holds parameters %d B, gradients %d B, optimizer %d B", stage.name, world.rank,
+                         stepper.held["parameters"], stepper.held["gradients"], stepper.held["optimizer"])
             if step % tc.log_every == 0 or step == sc.steps:
                 read_records()
                 if world.is_main:

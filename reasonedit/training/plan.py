@@ -1,0 +1,246 @@
+"""`reasonedit plan`: the memory one GPU needs for a stage, by part, before anything is launched.
+
+The models are built on the meta device from the experiment's `model` section (no weights, no memory), and the
+stage's rule for what trains is applied to them, so the counts are the trainer's own:
+
+- parameters: every parameter the stage loads, in the dtype it is stored in (`model.dtype`);
+- gradients: the trainable ones, in the same dtype;
+- optimizer: AdamW's two moments per trainable parameter in its dtype, plus one 4-byte step count per trainable
+  tensor (DeepSpeed: a float32 master copy and float32 moments, ZeRO's 12 bytes per trainable parameter);
+- EMA: a float32 copy of the generator's trainable parameters (stages 2 and 3, `train.ema_decay` > 0);
+- activations: an estimate per token at the stage's row budgets (one micro-batch live at a time): per layer the
+  block's saved tensors, about 9 x hidden + 4 x ffn elements per token, or with activation checkpointing one
+  hidden vector per layer plus one block's worth.
+
+What each parallel layout divides by the rank count G: ddp nothing; zero2 gradients and optimizer; fsdp2 and
+zero3 parameters, gradients, optimizer and EMA (FSDP2 shards every parameter of the wrapped module, frozen ones
+too). The activation figure is an estimate to check against `torch.cuda.max_memory_allocated` on a GPU; the
+others are the bytes the trainer holds (`held_bytes`, logged by every rank at its first step).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from reasonedit.config import ExperimentConfig
+
+PARALLELS = ("ddp", "fsdp2", "zero2", "zero3")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STAGE_COMPONENTS = {0: ("reasoner",), 1: ("reasoner",), 2: ("reasoner", "generator", "vae"),
+                    3: ("reasoner", "generator", "vae")}
+GIB = 1024 ** 3
+
+
+@dataclass
+class ModelCounts:
+    """Parameter counts of the parts a stage loads, and how many of them (and in how many tensors) train."""
+
+    loaded: dict[str, int]  # component -> parameters
+    trainable: dict[str, int]  # component -> trainable parameters (LoRA counted under the reasoner)
+    trainable_tensors: int
+    layers: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # component -> (layers, hidden, ffn)
+
+    @property
+    def total(self) -> int:
+        return sum(self.loaded.values())
+
+    @property
+    def trainable_total(self) -> int:
+        return sum(self.trainable.values())
+
+
+@dataclass
+class Plan:
+    stage: int
+    gpus: int
+    parallel: str
+    dtype: str
+    counts: ModelCounts
+    rows: list[tuple[str, int, str]]  # (part, bytes per GPU, how it was counted)
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    def table(self, gpu_memory_gib: float | None = None) -> str:
+        lines = [f"stage {self.stage} on {self.gpus} GPU(s), {self.parallel}, weights in {self.dtype}: "
+                 f"{self.counts.total:,} parameters loaded, {self.counts.trainable_total:,} trainable",
+                 "| part | per GPU | how |", "| --- | ---: | --- |"]
+        lines += [f"| {part} | {b / GIB:.2f} GiB | {how} |" for part, b, how in self.rows]
+        lines.append(f"| total | {self.total / GIB:.2f} GiB | |")
+        if gpu_memory_gib is not None:
+            verdict = "fits" if self.total <= gpu_memory_gib * GIB else "does NOT fit"
+            lines.append(f"{verdict} in {gpu_memory_gib:g} GiB per GPU "
+                         f"({100 * self.total / (gpu_memory_gib * GIB):.0f} % of it)")
+        return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=1)
+def _special_tokens():
+    """A small tokenizer with Qwen's special tokens: the meta reasoner's config reads only their ids."""
+    from reasonedit.models.prompts import template_texts
+    from reasonedit.models.tokenizer import build_tokenizer
+    return build_tokenizer(template_texts(), vocab_size=512)
+
+
+def _meta_reasoner(cfg: ExperimentConfig) -> torch.nn.Module:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from reasonedit.models.tiny import tiny_reasoner_config
+
+    r = cfg.model.reasoner
+    config = tiny_reasoner_config(_special_tokens(), hidden_size=r.hidden_size, num_layers=r.num_layers,
+                                  num_heads=r.num_heads, num_kv_heads=r.num_kv_heads,
+                                  intermediate_size=r.intermediate_size, vision_depth=r.vision_depth,
+                                  vision_hidden_size=r.vision_hidden_size, vision_heads=r.vision_heads,
+                                  vision_intermediate_size=r.vision_intermediate_size)
+    config.text_config.vocab_size = r.vocab_size  # the weights' vocabulary (Qwen2.5-VL: 152064)
+    with torch.device("meta"):
+        return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _lora_params(reasoner: torch.nn.Module, cfg: ExperimentConfig) -> tuple[int, int]:
+    """(parameters, tensors) of the LoRA adapter `Reasoner.add_lora` puts on the language model's attention."""
+    from reasonedit.models.reasoner import LM_ATTENTION_PREFIX
+
+    lora = cfg.model.reasoner.lora
+    pattern = re.compile(LM_ATTENTION_PREFIX + "(" + "|".join(re.escape(t) for t in lora.targets) + ")$")
+    params = tensors = 0
+    for name, module in reasoner.named_modules():
+        if pattern.search(name) and isinstance(module, torch.nn.Linear):
+            params += lora.rank * (module.in_features + module.out_features)
+            tensors += 2
+    return params, tensors
+
+
+def count_stage(cfg: ExperimentConfig, stage: int, adapter: bool | None = None) -> ModelCounts:
+    """What stage `stage` loads and trains, counted on meta-device models of the configured sizes. `adapter`:
+    whether the start model's reasoner carries stage 1's LoRA adapter (None: from stage 2 on, as in the recipe)."""
+    from reasonedit.models.model import build_generator
+
+    if stage not in STAGE_COMPONENTS:
+        raise ValueError(f"--stage {stage}: choose 0 (pretrain), 1, 2 or 3")
+    components = STAGE_COMPONENTS[stage]
+    reasoner = _meta_reasoner(cfg)
+    loaded = {"reasoner": sum(p.numel() for p in reasoner.parameters())}
+    r, g = cfg.model.reasoner, cfg.model.generator
+    layers = {"reasoner": (r.num_layers, r.hidden_size, r.intermediate_size)}
+    trainable, tensors = {"reasoner": 0}, 0
+    if stage == 0:  # the tiny reasoner's pretraining stand-in: a full fine-tune
+        trainable["reasoner"] = loaded["reasoner"]
+        tensors += sum(1 for _ in reasoner.parameters())
+    elif stage in (1, 3) or (adapter if adapter is not None else stage >= 2):
+        lora, lora_tensors = _lora_params(reasoner, cfg)
+        loaded["reasoner"] += lora
+        if stage != 2:  # stage 2 carries the adapter frozen
+            trainable["reasoner"], tensors = lora, tensors + lora_tensors
+    if "generator" in components:
+        with torch.device("meta"):
+            generator = build_generator(cfg.model)
+        loaded["generator"] = sum(p.numel() for p in generator.parameters())
+        trainable["generator"] = loaded["generator"]
+        tensors += sum(1 for _ in generator.parameters())
+        width = g.num_attention_heads * g.attention_head_dim
+        layers["generator"] = (g.num_layers, width, 4 * width)
+    if "vae" in components:
+        loaded["vae"] = _vae_params(cfg)
+    return ModelCounts(loaded, trainable, tensors, layers)
+
+
+def _vae_params(cfg: ExperimentConfig) -> int:
+    v = cfg.model.vae
+    if v.kind == "patch":
+        return 0
+    from diffusers import AutoencoderKLQwenImage
+    kwargs: dict[str, Any] = {"z_dim": v.latent_channels, "base_dim": v.base_dim, "num_res_blocks": v.num_res_blocks}
+    if v.dim_mult:
+        kwargs["dim_mult"] = list(v.dim_mult)
+    if v.temperal_downsample:
+        kwargs["temperal_downsample"] = list(v.temperal_downsample)
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoencoderKLQwenImage(**kwargs).parameters())
+
+
+def _tokens(cfg: ExperimentConfig, stage: int) -> dict[str, int]:
+    """Tokens of one micro-batch that keep activations for the backward, per model."""
+    sc = cfg.pretrain if stage == 0 else getattr(cfg, f"stage{stage}")
+    if stage in (0, 1):
+        return {"reasoner": sc.reasoner_budget}
+    if stage == 2:  # the frozen reasoner runs without a graph
+        return {"generator": sc.generator_budget}
+    return {"reasoner": sc.reasoner_budget, "generator": sc.generator_budget}
+
+
+def plan_stage(cfg: ExperimentConfig, stage: int, gpus: int, parallel: str, adapter: bool | None = None) -> Plan:
+    if parallel not in PARALLELS:
+        raise ValueError(f"--parallel {parallel!r}: choose from {list(PARALLELS)}")
+    if gpus < 1:
+        raise ValueError(f"--gpus {gpus}: must be at least 1")
+    counts = count_stage(cfg, stage, adapter)
+    width = DTYPE_BYTES[cfg.model.dtype]
+    deepspeed = parallel.startswith("zero")
+    shard_params = parallel in ("fsdp2", "zero3")
+    shard_states = parallel != "ddp"
+    div = lambda n, sharded: -(-n // gpus) if sharded else n  # noqa: E731  (an uneven shard rounds up)
+    rows = [("parameters", div(counts.total * width, shard_params),
+             f"{counts.total:,} x {width} B" + (f" / {gpus}" if shard_params else ""))]
+    grads = counts.trainable_total * (4 if deepspeed else width)
+    rows.append(("gradients", div(grads, shard_states), f"{counts.trainable_total:,} trainable x "
+                 f"{4 if deepspeed else width} B" + (f" / {gpus}" if shard_states else "")))
+    if deepspeed:
+        opt, how = counts.trainable_total * 12, "float32 master + 2 moments: 12 B each"
+        rows.append(("optimizer", div(opt, shard_states), how + (f" / {gpus}" if shard_states else "")))
+    else:  # AdamW's step counts are one float32 scalar per tensor, on every rank
+        opt = div(counts.trainable_total * 2 * width, shard_states) + 4 * counts.trainable_tensors
+        rows.append(("optimizer", opt, f"2 moments x {width} B each" + (f" / {gpus}" if shard_states else "")
+                     + f", + 4 B step per tensor ({counts.trainable_tensors:,})"))
+    if cfg.train.ema_decay > 0 and "generator" in counts.trainable and stage in (2, 3):
+        ema = counts.trainable["generator"] * 4
+        rows.append(("EMA", div(ema, shard_params), "generator's trainable x 4 B"
+                     + (f" / {gpus}" if shard_params else "")))
+    act, parts = 0, []
+    for model, tokens in _tokens(cfg, stage).items():
+        n_layers, hidden, ffn = counts.layers[model]
+        per_layer = 9 * hidden + 4 * ffn
+        per_token = (n_layers * hidden + per_layer) if cfg.train.activation_checkpointing else n_layers * per_layer
+        act += tokens * per_token * width
+        parts.append(f"{model} {tokens:,} tokens")
+    rows.append(("activations (estimate)", act, ", ".join(parts) + (" with" if cfg.train.activation_checkpointing
+                                                                    else " without") + " checkpointing"))
+    return Plan(stage, gpus, parallel, cfg.model.dtype, counts, rows)
+
+
+def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """The bytes this rank holds in parameters, gradients and optimizer state (a sharded tensor counts its local
+    shard): what `plan_stage` predicts, measured."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    def size(t: torch.Tensor) -> int:
+        t = local(t)
+        return t.numel() * t.element_size()
+
+    params = list(module.parameters())
+    out = {"parameters": sum(size(p) for p in params),
+           "gradients": sum(size(p.grad) for p in params if p.grad is not None), "optimizer": 0}
+    if optimizer is not None and hasattr(optimizer, "state"):
+        for state in optimizer.state.values():
+            out["optimizer"] += sum(size(v) for v in state.values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def plans(cfg: ExperimentConfig, stages: Sequence[int], gpus: int | None, parallel: str) -> list[Plan]:
+    """One plan per stage, on `gpus` GPUs or the stage's own `gpus` (the paper's counts in paper.yaml)."""
+    out = []
+    for n in stages:
+        sc = cfg.pretrain if n == 0 else getattr(cfg, f"stage{n}")
+        out.append(plan_stage(cfg, n, gpus or sc.gpus, parallel))
+    return out
+
+
+__all__ = ["GIB", "ModelCounts", "PARALLELS", "Plan", "count_stage", "held_bytes", "plan_stage", "plans"]
