@@ -269,3 +269,37 @@ def test_split_streams_hand_out_the_batches_one_process_would(small_dataset):
     assert [again.next().items[0].key for _ in range(3)] == after
     with pytest.raises(ValueError, match="cannot be split over 2 ranks"):
         split_streams(small_dataset, mix, streams=3, world_size=2)
+
+
+def test_fsdp2_computes_in_bf16_reduces_in_float32_on_cuda_and_offloads_when_asked(monkeypatch):
+    """What `wrap` hands to FSDP2's fully_shard, recorded (CI has no GPU): the mixed-precision policy on CUDA
+    under train.fsdp_mixed_precision=auto, none on a CPU, and the CPU offload policy with train.cpu_offload."""
+    import torch.distributed.fsdp as fsdp
+
+    from reasonedit.training.distributed import World, wrap
+
+    class GeneratorBlock(torch.nn.Linear):
+        pass
+
+    calls = []
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: calls.append(kw) or module)
+    module = torch.nn.Sequential(GeneratorBlock(4, 4), GeneratorBlock(4, 4))
+    wrap(module, "fsdp", World(world_size=2, device=torch.device("cuda", 0)), "auto", cpu_offload=True)
+    assert len(calls) == 3  # each block, then the root
+    for kw in calls:
+        assert kw["mp_policy"].param_dtype is torch.bfloat16 and kw["mp_policy"].reduce_dtype is torch.float32
+        assert isinstance(kw["offload_policy"], fsdp.CPUOffloadPolicy)
+    calls.clear()
+    wrap(module, "fsdp", World(world_size=2), "auto")
+    assert calls == [{}, {}, {}]  # a CPU keeps float32 and nothing is offloaded
+    calls.clear()
+    wrap(module, "fsdp", World(world_size=2), "bf16")
+    assert all(kw["mp_policy"].param_dtype is torch.bfloat16 for kw in calls)
+
+
+def test_cpu_offload_outside_fsdp2_is_refused_by_name(start_model, small_dataset, tmp_path):
+    from reasonedit.training import train_stage
+
+    with pytest.raises(ValueError, match="train.cpu_offload: FSDP2's offload"):
+        train_stage(stage_cfg(tmp_path, 2, steps=1, extra=["train.cpu_offload=true"]), 2, start_model, small_dataset,
+                    tmp_path / "stage2")

@@ -227,11 +227,17 @@ class TrainConfig:
     # 0: every rank reads, preprocesses and encodes every record and keeps every world_size-th batch; S > 0: the data
     # is split into S streams (a multiple of the ranks), each rank reading only its own (training/data.py)
     data_streams: int = 0
+    # FSDP2 (train.parallel=fsdp): auto: bf16 parameters for the forward and backward, gradients reduced in float32,
+    # on CUDA (a CPU keeps float32); bf16: always; none: the parameters' own dtype throughout
+    fsdp_mixed_precision: str = "auto"
+    cpu_offload: bool = False  # FSDP2: sharded parameters, gradients and optimizer state in host memory
     allow_config_change: bool = False  # resume a checkpoint written with other run-defining values (lr, steps...)
 
     def validate(self) -> None:
         if self.parallel not in PARALLEL:
             raise ValueError(f"train.parallel: {self.parallel!r}; choose from {list(PARALLEL)}")
+        if self.fsdp_mixed_precision not in ("auto", "bf16", "none"):
+            raise ValueError(f"train.fsdp_mixed_precision: {self.fsdp_mixed_precision!r}; choose auto, bf16 or none")
         if self.zero_stage not in (2, 3):
             raise ValueError(f"train.zero_stage: 2 or 3, got {self.zero_stage}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -59,8 +59,24 @@ def resolve_parallel(parallel: str, world: World) -> str:
     return parallel
 
 
-def wrap(module: torch.nn.Module, parallel: str, world: World) -> torch.nn.Module:
-    """DDP, or FSDP2 (`fully_shard` on each transformer block, then the root); 'none' returns it as is."""
+def fsdp_policies(mixed_precision: str, cpu_offload: bool, world: World) -> dict:
+    """FSDP2's keyword arguments for `train.fsdp_mixed_precision` and `train.cpu_offload`: bf16 parameters for the
+    forward and backward with gradients reduced in float32 ("auto": on CUDA only), and the sharded parameters,
+    gradients and optimizer state kept in host memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    kwargs: dict = {}
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and world.device.type == "cuda"):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    return kwargs
+
+
+def wrap(module: torch.nn.Module, parallel: str, world: World, mixed_precision: str = "none",
+         cpu_offload: bool = False) -> torch.nn.Module:
+    """DDP, or FSDP2 (`fully_shard` on each transformer block, then the root, with `fsdp_policies`); 'none'
+    returns it as is."""
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -70,12 +86,13 @@ def wrap(module: torch.nn.Module, parallel: str, world: World) -> torch.nn.Modul
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        policies = fsdp_policies(mixed_precision, cpu_offload, world)
         for sub in module.modules():
             if type(sub).__name__ in ("GeneratorBlock", "Qwen2_5_VLDecoderLayer"):
-                fully_shard(sub)
-        fully_shard(module)
+                fully_shard(sub, **policies)
+        fully_shard(module, **policies)
         return module
     return module
 
 
-__all__ = ["World", "all_reduce_sum", "barrier", "init_world", "resolve_parallel", "wrap"]
+__all__ = ["World", "all_reduce_sum", "barrier", "fsdp_policies", "init_world", "resolve_parallel", "wrap"]
