@@ -163,8 +163,11 @@ def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights
     assert sorted(p.name for p in (out / "model").iterdir()) == [CONFIG_FILE]
     refs = {n: sorted(json.loads((out / n / "model" / CONFIG_FILE).read_text()).get("references", {}))
             for n in ("stage1", "stage2", "stage3")}
-    assert refs == {"stage1": ["generator", "vae"], "stage2": ["vae"], "stage3": ["vae"]}
+    # stage 2 keeps stage 1's reasoner (frozen) where stage 1 saved it
+    assert refs == {"stage1": ["generator", "vae"], "stage2": ["reasoner", "vae"], "stage3": ["vae"]}
     assert not (out / "stage1" / "model" / "generator").exists() and (out / "stage2" / "model" / "generator").is_dir()
+    stage2 = json.loads((out / "stage2" / "model" / CONFIG_FILE).read_text())["references"]
+    assert stage2["reasoner"] == {"saved": str((out / "stage1" / "model" / "reasoner").resolve())}
     meta = json.loads((out / "model" / CONFIG_FILE).read_text())["model"]
     assert meta["pipeline"] == "QwenImageEditPipeline" and meta["generator"]["num_layers"] == 2
     assert meta["schedule"]["base_shift"] == 0.6 and meta["schedule"]["shift_terminal"] == 0.05

@@ -94,8 +94,11 @@ def _load_saved_part(path: Path, component: str, dtype: torch.dtype | None, lora
     return load_codec(path / "vae")
 
 
-def _load_referenced_part(component: str, ref: dict, dtype: torch.dtype | None):
-    """One part from the folder a reference names (see `ReasonEditModel.references`)."""
+def _load_referenced_part(component: str, ref: dict, dtype: torch.dtype | None, lora_trainable: bool = False):
+    """One part from the folder a reference names (see `ReasonEditModel.references`): a diffusers folder's part, or
+    (`saved`) the part as another model folder saved it."""
+    if "saved" in ref:
+        return _load_saved_part(Path(ref["saved"]).parent, component, dtype, lora_trainable)
     if component == "reasoner":
         return _load_referenced_reasoner(ref, dtype)
     if component == "generator":
@@ -222,7 +225,7 @@ class ReasonEditModel(torch.nn.Module):
             if c not in wanted:
                 return None
             if c in refs:
-                return _load_referenced_part(c, refs[c], ref_dtype)
+                return _load_referenced_part(c, refs[c], dtype if "saved" in refs[c] else ref_dtype, lora_trainable)
             return _load_saved_part(path, c, dtype, lora_trainable)
 
         reasoner, generator, vae = part("reasoner"), part("generator"), part("vae")

@@ -341,9 +341,13 @@ def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Sta
             refs = {**carried.references, **final.references}
             final = ReasonEditModel(final.reasoner, carried.generator, carried.vae, final.config)
             final.references = refs
-        for component in COMPONENTS:  # a trained part is saved in full, not as a reference to where it came from
+        for component in COMPONENTS:
             if any(n.startswith(f"model.{component}.") for n in trainable):  # names as the StageModule has them
-                final.changed(component)
+                final.changed(component)  # a trained part is saved in full
+            elif component not in final.references and (start / component).is_dir():
+                # a frozen part the start folder holds: referred to there, not copied again (a real reasoner is
+                # ~15 GB); a reference to the start folder's reference is carried as it is
+                final.references[component] = {"saved": str((start / component).resolve())}
         final.save_pretrained(path)
         if ema is not None and ema.sharded:
             log.warning("%s: the EMA is sharded over the ranks (FSDP2 / ZeRO-3); model_ema/ is not written, the "
