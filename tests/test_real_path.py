@@ -103,6 +103,13 @@ def test_a_reference_model_holds_no_weights_and_loads_as_the_folder(folder, tmp_
     assert sorted(meta["references"]) == ["reasoner", "vae"] and (tmp_path / "trained" / "generator").is_dir()
     again = ReasonEditModel.from_pretrained(tmp_path / "trained")
     assert all(torch.equal(p, q) for p, q in zip(again.generator.parameters(), direct.generator.parameters()))
+    # a part written to in place since it was loaded is saved in full, without being told
+    edited = ReasonEditModel.from_pretrained(ref)
+    with torch.no_grad():
+        next(edited.vae.parameters()).add_(1.0)
+    edited.save_pretrained(tmp_path / "edited")
+    meta = json.loads((tmp_path / "edited" / CONFIG_FILE).read_text())
+    assert sorted(meta["references"]) == ["generator", "reasoner"] and (tmp_path / "edited" / "vae").is_dir()
     # a folder that moved away is named, not half-loaded
     shutil.move(folder / "vae", tmp_path / "vae-moved")
     try:

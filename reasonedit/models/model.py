@@ -84,6 +84,12 @@ def build_codec(config: ModelConfig, seed: int = 0) -> PatchCodec | QwenImageVAE
     return QwenImageVAE.from_pretrained(v.path)
 
 
+def _marks(part: torch.nn.Module) -> tuple:
+    """Where each parameter's storage is and how often it was written in place: a part trained, loaded into,
+    cast or moved since these were taken has other marks."""
+    return tuple((p.data_ptr(), p._version) for p in part.parameters())
+
+
 def _load_saved_part(path: Path, component: str, dtype: torch.dtype | None, lora_trainable: bool = False):
     """One part of a folder written by save_pretrained."""
     if component == "reasoner":
@@ -155,6 +161,7 @@ class ReasonEditModel(torch.nn.Module):
         # from a diffusers folder; a component not loaded keeps its reference); save_pretrained writes these as
         # references instead of copying the weights
         self.references: dict[str, dict] = {}
+        self._reference_marks: dict[str, tuple] = {}  # each referenced part's `_marks` when it was loaded
         if generator is not None:
             joint = generator.config.joint_attention_dim
             if joint != reasoner.hidden_size:
@@ -231,6 +238,7 @@ class ReasonEditModel(torch.nn.Module):
         reasoner, generator, vae = part("reasoner"), part("generator"), part("vae")
         model = cls(reasoner, generator, vae, config)
         model.references = dict(all_refs)  # the parts not loaded keep theirs: saving writes them back
+        model._mark_references()
         return model
 
     @classmethod
@@ -257,12 +265,21 @@ class ReasonEditModel(torch.nn.Module):
         parts = {c: _load_referenced_part(c, refs[c], dtype) if c in refs and c in load else None for c in COMPONENTS}
         model = cls(parts["reasoner"], parts["generator"], parts["vae"], config)
         model.references = dict(refs)
+        model._mark_references()
         return model
+
+    def _mark_references(self) -> None:
+        self._reference_marks = {c: _marks(getattr(self, c)) for c in self.references if getattr(self, c) is not None}
 
     # -- save -----------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the whole model folder; it appears under `path` only once complete. A part in `references`
         (loaded from a diffusers folder and not changed since) is written as a reference to that folder."""
+        for c, marks in list(self._reference_marks.items()):  # a part written to since it was loaded is saved in full
+            part = getattr(self, c)
+            if part is not None and c in self.references and _marks(part) != marks:
+                log.info("%s: changed since it was loaded from %s; saved in full", c, self.references[c])
+                self.changed(c)
         refs = dict(self.references)  # loaded and unchanged, or not loaded at all (stage 1's generator and VAE)
         with staged_folder(path) as staging:
             components = []
@@ -281,8 +298,10 @@ class ReasonEditModel(torch.nn.Module):
         return Path(path)
 
     def changed(self, component: str) -> None:
-        """Say that `component`'s weights now differ from where they were loaded: it is saved in full."""
+        """Say that `component`'s weights now differ from where they were loaded: it is saved in full. (A part
+        written to in place, moved or cast is found by itself; this is for changes that leave no trace.)"""
         self.references.pop(component, None)
+        self._reference_marks.pop(component, None)
 
     # -- the model's two jobs: condition states and latents ------------------------------------
     def encode_condition(self, images: Sequence, instructions: Sequence[str], packed: bool = True) -> list[torch.Tensor]:
