@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, type=Path, help="the experiment YAML")
     train.add_argument("--stage", required=True, type=int, choices=(0, 1, 2, 3))
     train.add_argument("--start", type=Path, help="model folder to start from (default: the previous stage's)")
-    train.add_argument("--data", type=Path, help="dataset folder (default: OUTPUT_DIR/data)")
+    train.add_argument("--data", type=Path, help="dataset folder (default: the stage's stageN.data, else "
+                       "OUTPUT_DIR/data)")
     train.add_argument("--out", type=Path, help="stage folder to write (default: OUTPUT_DIR/stage<N>)")
     train.add_argument("--deepspeed", type=Path, metavar="JSON", help="train with DeepSpeed ZeRO-2/3 from this JSON "
                        "(launch/deepspeed/zero2.json, zero3.json); same as train.parallel=deepspeed "
@@ -269,14 +270,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         from .experiment import initial_model
         start = args.start or (initial_model(out_dir) if n == 1 else out_dir / f"stage{n - 1}" / "model")
-    data = args.data or out_dir / "data"
     from .models.diffusers_folder import is_diffusers_folder
     if not (start / CONFIG_FILE).is_file() and not is_diffusers_folder(start):
         before = f"train stage {n - 1}" if n > 1 else "run the models step"
         raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json) nor a diffusers folder "
                                 f"(no model_index.json); {before} first or pass --start DIR")
-    if not (data / "manifest.json").is_file():
-        raise FileNotFoundError(f"--data {data}: no dataset (no manifest.json); run `reasonedit data synth` or pass --data")
+    if args.data is not None:
+        if not (args.data / "manifest.json").is_file():
+            raise FileNotFoundError(f"--data {args.data}: no dataset (no manifest.json); run `reasonedit data synth` "
+                                    "or pass --data")
+        data = args.data
+    else:  # the stage's own datasets (stageN.data), else OUTPUT_DIR/data
+        from .experiment import stage_sources
+        data = stage_sources(cfg, n, out_dir)
+        if not data[0][0].joinpath("manifest.json").is_file():
+            raise FileNotFoundError(f"--data {data[0][0]}: no dataset (no manifest.json); run `reasonedit data synth`, "
+                                    f"pass --data, or name the stage's datasets ({name}.data=[{{path: DIR}}])")
     try:
         res = train_stage(cfg, n, start, data, args.out or out_dir / name)
     except TrainingStopped as e:

@@ -295,6 +295,10 @@ def test_fsdp2_computes_in_bf16_reduces_in_float32_on_cuda_and_offloads_when_ask
     calls.clear()
     wrap(module, "fsdp", World(world_size=2), "bf16")
     assert all(kw["mp_policy"].param_dtype is torch.bfloat16 for kw in calls)
+    calls.clear()
+    vae = list(module[1].parameters())  # what runs outside the wrapped forward stays whole on every rank
+    wrap(module, "fsdp", World(world_size=2), "none", unsharded=vae)
+    assert calls[-1] == {"ignored_params": set(vae)} and calls[:-1] == [{}, {}]
 
 
 def test_cpu_offload_outside_fsdp2_is_refused_by_name(start_model, small_dataset, tmp_path):

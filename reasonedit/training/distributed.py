@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -74,9 +75,10 @@ def fsdp_policies(mixed_precision: str, cpu_offload: bool, world: World) -> dict
 
 
 def wrap(module: torch.nn.Module, parallel: str, world: World, mixed_precision: str = "none",
-         cpu_offload: bool = False) -> torch.nn.Module:
+         cpu_offload: bool = False, unsharded: Iterable[torch.nn.Parameter] = ()) -> torch.nn.Module:
     """DDP, or FSDP2 (`fully_shard` on each transformer block, then the root, with `fsdp_policies`); 'none'
-    returns it as is."""
+    returns it as is. `unsharded`: parameters FSDP2 leaves whole on every rank, those of a part that runs outside
+    the wrapped forward (the VAE, which encodes latents in preprocessing)."""
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -90,7 +92,8 @@ def wrap(module: torch.nn.Module, parallel: str, world: World, mixed_precision: 
         for sub in module.modules():
             if type(sub).__name__ in ("GeneratorBlock", "Qwen2_5_VLDecoderLayer"):
                 fully_shard(sub, **policies)
-        fully_shard(module, **policies)
+        ignored = set(unsharded)
+        fully_shard(module, **policies, **({"ignored_params": ignored} if ignored else {}))
         return module
     return module
 

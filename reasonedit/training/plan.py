@@ -14,7 +14,7 @@ stage's rule for what trains is applied to them, so the counts are the trainer's
 
 What each parallel layout divides by the rank count G: ddp nothing; zero2 gradients and optimizer; fsdp2 and
 zero3 parameters, gradients, optimizer and EMA (FSDP2 shards every parameter of the wrapped module, frozen ones
-too). The activation figure is an estimate to check against `torch.cuda.max_memory_allocated` on a GPU; the
+too, except the VAE, which encodes in preprocessing outside the wrapped forward). The activation figure is an estimate to check against `torch.cuda.max_memory_allocated` on a GPU; the
 others are the bytes the trainer holds (`held_bytes`, logged by every rank at its first step).
 """
 
@@ -187,8 +187,10 @@ def plan_stage(cfg: ExperimentConfig, stage: int, gpus: int, parallel: str, adap
     shard_params = parallel in ("fsdp2", "zero3")
     shard_states = parallel != "ddp"
     div = lambda n, sharded: -(-n // gpus) if sharded else n  # noqa: E731  (an uneven shard rounds up)
-    rows = [("parameters", div(counts.total * width, shard_params),
-             f"{counts.total:,} x {width} B" + (f" / {gpus}" if shard_params else ""))]
+    whole = counts.loaded.get("vae", 0) if parallel == "fsdp2" else 0  # FSDP2 leaves the VAE whole on every rank
+    rows = [("parameters", div((counts.total - whole) * width, shard_params) + whole * width,
+             f"{counts.total:,} x {width} B" + (f" / {gpus}" if shard_params else "")
+             + (f", the VAE's {whole:,} whole" if whole else ""))]
     grads = counts.trainable_total * (4 if deepspeed else width)
     rows.append(("gradients", div(grads, shard_states), f"{counts.trainable_total:,} trainable x "
                  f"{4 if deepspeed else width} B" + (f" / {gpus}" if shard_states else "")))

@@ -105,7 +105,9 @@ def optimisation(stage: Stage, model: ReasonEditModel, tc: TrainConfig, world: W
     if tc.cpu_offload and parallel != "fsdp":
         raise ValueError(f"train.cpu_offload: FSDP2's offload (train.parallel=fsdp); under {parallel} there is none "
                          "(DeepSpeed: set zero_optimization.offload_optimizer in its JSON)")
-    module = wrap(StageModule(model, stage), parallel, world, tc.fsdp_mixed_precision, tc.cpu_offload)
+    # the VAE encodes latents in preprocessing, outside the wrapped forward: FSDP2 must leave it whole
+    vae = list(model.vae.parameters()) if model.vae is not None else []
+    module = wrap(StageModule(model, stage), parallel, world, tc.fsdp_mixed_precision, tc.cpu_offload, vae)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     return module, optimizer, make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio), params
