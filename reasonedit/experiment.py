@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from .config import ExperimentConfig, save_config
 from reasonedit.shapes.world import ShapesWorld
-from .data.shards import MANIFEST, holds
+from .data.shards import MANIFEST
 from .publish import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -247,18 +247,18 @@ def _held_out_evaluator(cfg: ExperimentConfig, out: Path, parts: tuple[str, ...]
 def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, out: Path) -> dict | None:
     """The stage's loss on the val split for the model it started from and the one it saved, with the same
     batches, noise and timesteps; written to <stage name>/validation.json."""
+    from .data.loader import kind_specs
     from .stages import stage_for
     from .stages.validation import validation_batches, validation_losses
     from .training.trainer import load_stage_model
 
     stage = stage_for(number, cfg)
-    sources = [(p, w) for p, w in stage_sources(cfg, number, out)
-               if any(holds(p, "val", kind) for kind in stage.mix)]
-    if not sources:
+    sources = stage_sources(cfg, number, out)
+    if not any(kind_specs(sources, kind, "val") for kind in stage.mix):
         log.info("%s: no val split of its record kinds in its datasets, so no validation loss", stage.name)
         return None
     before = load_stage_model(stage, start)
-    batches = validation_batches(stage, before, cfg, sources if len(sources) > 1 else sources[0][0], split="val")
+    batches = validation_batches(stage, before, cfg, sources, split="val")
     report = {"split": "val", "batches": len(batches), "before": validation_losses(stage, before, batches, cfg)}
     del before
     report["after"] = validation_losses(stage, load_stage_model(stage, end), batches, cfg)

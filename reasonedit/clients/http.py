@@ -252,5 +252,20 @@ class HttpClient:
                            failures)
 
 
-__all__ = ["EndpointPool", "Failure", "HttpClient", "Rejected", "RetryPolicy", "Retryable", "ServiceError",
+class ClientOwner:
+    """For a service client built on an `HttpClient` kept as `self._client`: `close()` and a with-block."""
+
+    _client: HttpClient
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["ClientOwner", "EndpointPool", "Failure", "HttpClient", "Rejected", "RetryPolicy", "Retryable", "ServiceError",
            "auth_headers", "check_status", "error_text", "retry_after", "tls_context"]

@@ -69,7 +69,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .samples import Record, SchemaError, record_from_wds
-from .shards import MANIFEST, shard_paths
+from .shards import MANIFEST, holds, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -635,6 +635,30 @@ class StreamingLoader:
         self._next_worker = state["next_worker"]
 
 
+# a stage's datasets: one directory, or (directory, weight) pairs
+Sources = typing.Union[str, Path, typing.Sequence[typing.Tuple[typing.Union[str, Path], float]]]
+
+
+def as_sources(data: Sources) -> list[tuple[Path, float]]:
+    return [(Path(data), 1.0)] if isinstance(data, (str, Path)) else [(Path(p), float(w)) for p, w in data]
+
+
+def kind_specs(data: Sources, kind: str, split: str, weight: float = 1.0) -> list[DatasetSpec]:
+    """The datasets of `data` whose `split` holds records of `kind`, sharing `weight` in proportion to their own
+    weights (empty when none does). A lone one is named after the kind, several after their folder and the kind."""
+    having = [(p, w) for p, w in as_sources(data) if holds(p, split, kind)]
+    if len(having) == 1:
+        return [DatasetSpec(kind, having[0][0], split=split, kind=kind, weight=weight)]
+    total, specs, names = sum(w for _, w in having), [], set()
+    for p, w in having:
+        name = f"{p.name}/{kind}"
+        while name in names:  # two folders of the same name
+            name += "'"
+        names.add(name)
+        specs.append(DatasetSpec(name, p, split=split, kind=kind, weight=weight * w / total))
+    return specs
+
+
 def make_loader(specs: Sequence[DatasetSpec], *, seed: int = 0, num_workers: int = 0, rank: int | None = None,
                 world_size: int | None = None, shuffle_buffer: int = 1000, epoch: int = 0,
                 epochs: int | None = None, prefetch_factor: int = 2, multiprocessing_context: Any = None,
@@ -650,5 +674,5 @@ def make_loader(specs: Sequence[DatasetSpec], *, seed: int = 0, num_workers: int
                            multiprocessing_context=multiprocessing_context, timeout=timeout)
 
 
-__all__ = ["DatasetSpec", "LoadedSample", "LoaderError", "LoaderStateError", "LoaderStats", "STATE_FORMAT",
+__all__ = ["DatasetSpec", "LoadedSample", "Sources", "as_sources", "kind_specs", "LoaderError", "LoaderStateError", "LoaderStats", "STATE_FORMAT",
            "StreamingLoader", "make_loader"]

@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from reasonedit.clients.http import HttpClient, Rejected, RetryPolicy, Retryable, ServiceError, retry_after
+from reasonedit.clients.http import ClientOwner, HttpClient, Rejected, RetryPolicy, Retryable, ServiceError, retry_after
 from reasonedit.clients.images import data_url, image_mime, png_bytes
 from reasonedit.errors import RemoteServiceError
 
@@ -230,7 +230,7 @@ class ReplyCache:
             self._fd = -1
 
 
-class Judge:
+class Judge(ClientOwner):
     """A vision judge behind an OpenAI-compatible chat-completions endpoint."""
 
     def __init__(self, settings: JudgeSettings, cache: Union[ReplyCache, str, os.PathLike, None] = None,
@@ -246,15 +246,9 @@ class Judge:
         self.url = self._client.pool.urls[0] + "/chat/completions"
 
     def close(self) -> None:
-        self._client.close()
+        super().close()
         if self.cache is not None:
             self.cache.close()
-
-    def __enter__(self) -> "Judge":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import httpx
 import numpy as np
 
-from reasonedit.clients.http import HttpClient, RetryPolicy, Retryable, check_status
+from reasonedit.clients.http import ClientOwner, HttpClient, RetryPolicy, Retryable, check_status
 from reasonedit.clients.images import decode_base64_image, png_base64
 from reasonedit.inference.types import EditRequest
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 
-class HttpEditor:
+class HttpEditor(ClientOwner):
     """An `Editor` over EditThinker-style editing services: `POST {url}/edit` with JSON
     `{image: base64 PNG, prompt, seed, guidance_scale, num_inference_steps, negative_prompt, **extra}`,
     answered `{success, edited_image, ...}`.
@@ -46,15 +46,6 @@ class HttpEditor:
         self.timeout, self.concurrency = timeout, concurrency
         self.extra = dict(extra or {})
         self.name = name or "http:" + ",".join(self.pool.urls)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> "HttpEditor":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def health(self) -> dict[str, bool]:
         """Each endpoint: does `GET /health` answer 200 (one try, short timeout)."""

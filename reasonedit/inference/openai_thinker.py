@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from reasonedit.clients.http import HttpClient, RetryPolicy, Retryable, check_status
+from reasonedit.clients.http import ClientOwner, HttpClient, RetryPolicy, Retryable, check_status
 from reasonedit.clients.images import data_url
 from reasonedit.inference.types import Reflection, check_reflect_inputs
 from reasonedit.models import prompts
@@ -49,7 +49,7 @@ def _openai_messages(messages: Sequence[dict]) -> list[dict]:
     return out
 
 
-class OpenAIThinker:
+class OpenAIThinker(ClientOwner):
     """A `Thinker` over an OpenAI-compatible chat endpoint.
 
     base_url / model / api_key: from the arguments, else OPENAI_BASE_URL / OPENAI_MODEL / OPENAI_API_KEY.
@@ -104,15 +104,6 @@ class OpenAIThinker:
             if placeholder not in text:
                 raise ValueError(f"prompt_template: missing the placeholder {placeholder}")
         return text
-
-    def close(self) -> None:
-        self._client.close()
-
-    def __enter__(self) -> "OpenAIThinker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- transport
     def chat(self, messages: list[dict]) -> str:

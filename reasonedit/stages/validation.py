@@ -9,13 +9,11 @@ started from and the one it ended with is the stage's progress on unseen data.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from reasonedit.data.loader import DatasetSpec, make_loader
-from reasonedit.data.shards import holds
+from reasonedit.data.loader import Sources, as_sources, kind_specs, make_loader
 from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
 from reasonedit.data.segments import ConditionDropout
 
@@ -27,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def validation_batches(stage: Stage, model: "ReasonEditModel", cfg: "ExperimentConfig",
-                       data: Path | Sequence[tuple[Path, float]], split: str = "val", records_per_kind: int = 16) -> list:
+                       data: Sources, split: str = "val", records_per_kind: int = 16) -> list:
     """Packed batches of the first `records_per_kind` records of each kind in the stage's mix (read in order,
     no condition dropout), so every kind counts whatever its weight. `data` is one dataset directory, or the
     stage's (directory, weight) sources: then each kind is read from the sources whose split holds it, in order."""
@@ -36,14 +34,11 @@ def validation_batches(stage: Stage, model: "ReasonEditModel", cfg: "ExperimentC
                                                           dropout=ConditionDropout(0.0, 0.0), seed=cfg.seed))
     packer = stage.packer(b.window)
     batches: list = []
-    paths = [Path(data)] if isinstance(data, (str, Path)) else [Path(p) for p, _ in data]
     for kind in stage.mix:
-        having = [p for p in paths if holds(p, split, kind)]
-        if not having:
+        specs = kind_specs(data, kind, split)
+        if not specs:
             continue
-        names = [kind] if len(having) == 1 else [f"{p.name}/{kind}" for p in having]
-        loader = make_loader([DatasetSpec(name, p, split=split, kind=kind) for name, p in zip(names, having)],
-                             seed=cfg.seed, rank=0, world_size=1, shuffle_buffer=1, epochs=1)
+        loader = make_loader(specs, seed=cfg.seed, rank=0, world_size=1, shuffle_buffer=1, epochs=1)
         for n, sample in enumerate(loader):
             if n == records_per_kind:
                 break
@@ -51,8 +46,8 @@ def validation_batches(stage: Stage, model: "ReasonEditModel", cfg: "ExperimentC
                 batches.extend(packer.add(segment))
     batches.extend(packer.flush())
     if not batches:
-        raise ValueError(f"{[str(p) for p in paths]}: split {split!r} holds no records of {sorted(stage.mix)}; "
-                         f"validation needs some (data.splits)")
+        raise ValueError(f"{[str(p) for p, _ in as_sources(data)]}: split {split!r} holds no records of "
+                         f"{sorted(stage.mix)}; validation needs some (data.splits)")
     return batches
 
 

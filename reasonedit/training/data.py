@@ -16,12 +16,11 @@ micro-batches takes the same W * A batches as one process with W * A micro-batch
 from __future__ import annotations
 
 from collections import deque
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator
 
-from reasonedit.data.loader import DatasetSpec, LoaderError, StreamingLoader, make_loader
-from reasonedit.data.packing import PackedBatch, Packer
-from reasonedit.data.shards import holds
+from reasonedit.data.loader import (DatasetSpec, LoaderError, Sources, StreamingLoader, as_sources, kind_specs,
+                                    make_loader)
+from reasonedit.data.packing import PackedBatch, Packer, PackerStats
 
 
 class BatchStream:
@@ -87,11 +86,10 @@ class SplitBatchStream:
 
     @property
     def utilisation(self) -> float:
-        """Real tokens / budget tokens over all this rank's streams (mean over budgets), as PackerStats has it."""
+        """Real tokens / budget tokens over all this rank's streams (mean over budgets), by PackerStats' rule."""
         stats = [s.packer.stats for s in self.streams.values()]
-        ratios = [sum(x.tokens[i] for x in stats) / budget if (budget := sum(x.budget_tokens[i] for x in stats)) else 0.0
-                  for i in range(len(stats[0].tokens))]
-        return sum(ratios) / len(ratios) if ratios else 0.0
+        return PackerStats(tokens=[sum(t) for t in zip(*(x.tokens for x in stats))],
+                           budget_tokens=[sum(b) for b in zip(*(x.budget_tokens for x in stats))]).utilisation
 
     @property
     def records(self) -> int:
@@ -110,29 +108,17 @@ class SplitBatchStream:
             st.load_state_dict(state["streams"][s])
 
 
-Sources = Union[str, Path, Sequence[tuple[Union[str, Path], float]]]
-
 
 def stage_specs(data: Sources, mix: dict[str, float]) -> list[DatasetSpec]:
     """The loader's datasets for a stage: for each record kind of the mix, every source that holds train records
-    of it, the kind's weight split over them in proportion to their weights. One source: every kind is read
-    from it (the loader names a kind it lacks)."""
-    sources = [(Path(data), 1.0)] if isinstance(data, (str, Path)) else [(Path(p), float(w)) for p, w in data]
-    if len(sources) == 1:
-        return [DatasetSpec(kind, sources[0][0], split="train", kind=kind, weight=w) for kind, w in mix.items()]
-    specs, names = [], set()
+    of it, the kind's weight split over them in proportion to their weights (`data.loader.kind_specs`)."""
+    specs = []
     for kind, w in mix.items():
-        having = [(p, sw) for p, sw in sources if holds(p, "train", kind)]
-        if not having:
+        found = kind_specs(data, kind, "train", w)
+        if not found:
             raise FileNotFoundError(f"no train records of kind {kind!r} (in the stage's mix) in any of the stage's "
-                                    f"datasets {[str(p) for p, _ in sources]}")
-        total = sum(sw for _, sw in having)
-        for p, sw in having:
-            name = f"{p.name}/{kind}"
-            while name in names:
-                name += "'"
-            names.add(name)
-            specs.append(DatasetSpec(name, p, split="train", kind=kind, weight=w * sw / total))
+                                    f"datasets {[str(p) for p, _ in as_sources(data)]}")
+        specs += found
     return specs
 
 
