@@ -30,6 +30,14 @@ def folder(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def plus_folder(tmp_path_factory):
+    """2509 / 2511-style: QwenImageEditPlusPipeline with a zero_cond_t transformer."""
+    path, _, _ = make_diffusers_folder(tmp_path_factory.mktemp("qie-plus") / "Qwen-Image-Edit-2511-tiny", TEXTS,
+                                       pipeline="QwenImageEditPlusPipeline", scheduler=SCHEDULER, zero_cond_t=True)
+    return path
+
+
 def broken_copy(folder, tmp_path, change):
     copy = tmp_path / "broken"
     shutil.copytree(folder, copy)
@@ -152,11 +160,16 @@ def imported(tmp_path_factory):
     return out
 
 
-def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights(folder, imported, tmp_path):
+@pytest.mark.parametrize("which,pipeline", [("folder", "QwenImageEditPipeline"),
+                                            ("plus_folder", "QwenImageEditPlusPipeline")], ids=["edit", "plus-2511"])
+def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights(which, pipeline, imported, tmp_path,
+                                                                                  request):
+    folder = request.getfixturevalue(which)
     out = tmp_path / "run"
     d = {k: f"{{path: {v}}}" for k, v in imported.items()}
     scale = ["model.dtype=float32", "train.parallel=none", "train.data_streams=0", "train.activation_checkpointing=false",
              "train.checkpoint_every=0", "batches.pixel_budget=50176", "batches.window=8", "eval.limit=1",
+             "model.images.area=16384", "model.images.condition_area=4096",
              "eval.sampling_steps=2", "eval.rounds=1", "eval.modes=[base,think_reflect]", "eval.device=cpu"]
     for n in (1, 2, 3):
         scale += [f"stage{n}.steps=2", f"stage{n}.warmup_steps=0", f"stage{n}.reasoner_budget=1024",
@@ -176,7 +189,9 @@ def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights
     stage2 = json.loads((out / "stage2" / "model" / CONFIG_FILE).read_text())["references"]
     assert stage2["reasoner"] == {"saved": str((out / "stage1" / "model" / "reasoner").resolve())}
     meta = json.loads((out / "model" / CONFIG_FILE).read_text())["model"]
-    assert meta["pipeline"] == "QwenImageEditPipeline" and meta["generator"]["num_layers"] == 2
+    assert meta["pipeline"] == pipeline and meta["generator"]["num_layers"] == 2
+    assert meta["generator"]["zero_cond_t"] == (pipeline == "QwenImageEditPlusPipeline")
+    assert meta["images"] == {"policy": "auto", "area": 16384, "condition_area": 4096}  # the run's, kept
     assert meta["schedule"]["base_shift"] == 0.6 and meta["schedule"]["shift_terminal"] == 0.05
     # every stage read the datasets it was given, and the eval step scored the stage-3 model
     for n in (1, 2, 3):

@@ -242,8 +242,23 @@ def test_condition_states_start_right_after_the_fixed_prefix(reasoner, edit_pair
 
 def test_multi_image_condition_labels_each_picture(reasoner):
     text = reasoner.processor.render(prompts.condition([pixels(56, 56, 1), pixels(56, 56, 2)], "swap them"))
-    assert text.startswith(prompts.condition_prefix() + "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
-                           "Picture 2: <|vision_start|>")
+    assert text.startswith(prompts.condition_prefix() + "Image 1: <|vision_start|><|image_pad|><|vision_end|>"
+                           "Image 2: <|vision_start|>")
+    one = reasoner.processor.render(prompts.condition([pixels(56, 56, 1)], "swap them"))
+    assert one.startswith(prompts.condition_prefix() + "<|vision_start|>")  # one image is not numbered
+
+
+def test_a_pipelines_prompt_is_read_from_the_installed_diffusers(reasoner):
+    plus = prompts.pipeline_template("QwenImageEditPlusPipeline")
+    edit = prompts.pipeline_template("QwenImageEditPipeline")
+    assert plus.system == edit.system and plus.system != prompts.OWN_TEMPLATE.system
+    # 2509 / 2511 number every picture, one included; the first Qwen-Image-Edit takes one bare image
+    text = reasoner.processor.render(prompts.condition([pixels(56, 56, 1)], "x", plus))
+    assert plus.label and plus.label_one and text.startswith(plus.prefix() + plus.label.format(1) + "<|vision_start|>")
+    assert reasoner.processor.render(prompts.condition([pixels(56, 56, 1)], "x", edit)).startswith(
+        edit.prefix() + "<|vision_start|>")
+    with pytest.raises(prompts.TemplateError, match="FluxKontextPipelin"):
+        prompts.pipeline_template("FluxKontextPipelin")
 
 
 # -- decision tokens ----------------------------------------------------------------------------------

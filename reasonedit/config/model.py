@@ -15,6 +15,9 @@ VAE_KINDS = ("patch", "qwen_image")
 DTYPES = ("float32", "bfloat16", "float16")
 RUN_DTYPES = ("auto", *DTYPES)  # what a model runs in at inference; auto: bfloat16 on CUDA, as saved elsewhere
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa", "flash")  # as reasonedit.models.attention.BACKENDS
+# the diffusers pipeline classes this code reads, and the image policy each implies (`images.policy: auto`)
+PIPELINE_POLICIES = {"QwenImageEditPipeline": "qwen-image-edit", "QwenImageEditPlusPipeline": "qwen-image-edit-plus"}
+IMAGE_POLICIES = ("auto", "native", *PIPELINE_POLICIES.values())
 
 
 @dataclass
@@ -120,6 +123,30 @@ class ScheduleConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """How big the images are that the reasoner and the VAE see, and how big an edit is
+    (`reasonedit.models.image_policy`); the same in preprocessing, training and inference.
+
+    native: as given (rounded to the latent grid; training buckets them by `buckets.pixel_budget`), and an edit is
+    returned at its source's size. qwen-image-edit: the source resized to about `area` pixels (aspect kept, sides
+    multiples of 32) for both the reasoner and the VAE, and the edit made at that size, as diffusers'
+    QwenImageEditPipeline does. qwen-image-edit-plus (2509 / 2511): each source at about `area` pixels for the VAE
+    and `condition_area` for the reasoner, the edit at about `area` pixels in the last source's aspect, as
+    QwenImageEditPlusPipeline does. auto: the policy of `model.pipeline`, native without one.
+    """
+
+    policy: str = "auto"
+    area: Optional[int] = None  # qwen policies: pixels of the VAE images and of the edit; None: 1024 * 1024
+    condition_area: Optional[int] = None  # qwen-image-edit-plus: pixels of the reasoner's images; None: 384 * 384
+
+    def resolved(self, pipeline: Optional[str]) -> str:
+        """The policy's name, `auto` resolved by the pipeline class."""
+        if self.policy != "auto":
+            return self.policy
+        return PIPELINE_POLICIES.get(pipeline, "native") if pipeline else "native"
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     source: str = "tiny"  # tiny: build random models; diffusers: load a local Qwen-Image-Edit folder
@@ -128,6 +155,7 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto: compiled flex on CUDA, SDPA on CPU; or flex | sdpa | flash
     # source=diffusers: the folder's pipeline class (model_index.json), which decides the prompt and image policy
     pipeline: Optional[str] = None
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     reasoner: ReasonerConfig = field(default_factory=ReasonerConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -145,6 +173,16 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {list(DTYPES)}")
         self.schedule.validate("model.schedule")
+        if self.pipeline is not None and self.pipeline not in PIPELINE_POLICIES:
+            raise bad("pipeline", f"{self.pipeline!r} is not a pipeline class this code reads; it reads "
+                      f"{', '.join(PIPELINE_POLICIES)}")
+        im = self.images
+        if im.policy not in IMAGE_POLICIES:
+            raise bad("images.policy", f"{im.policy!r} is not one of {list(IMAGE_POLICIES)}")
+        for key in ("area", "condition_area"):
+            value = getattr(im, key)
+            if value is not None and value < 32 * 32:
+                raise bad(f"images.{key}", f"must be at least 32 * 32 = 1024 pixels (or null), got {value}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise bad("attention_backend", f"{self.attention_backend!r} is not one of {list(ATTENTION_BACKENDS)}")
         if self.vae.kind not in VAE_KINDS:
@@ -215,5 +253,5 @@ class ModelConfig:
                       f"channels), got base_dim={v.base_dim}, dim_mult={list(v.dim_mult)}")
 
 
-__all__ = ["ATTENTION_BACKENDS", "DTYPES", "RUN_DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "ScheduleConfig", "VAEConfig",
+__all__ = ["ATTENTION_BACKENDS", "DTYPES", "IMAGE_POLICIES", "ImagesConfig", "PIPELINE_POLICIES", "RUN_DTYPES", "GeneratorConfig", "LoraConfig", "ModelConfig", "ReasonerConfig", "SOURCES", "ScheduleConfig", "VAEConfig",
            "VAE_KINDS"]

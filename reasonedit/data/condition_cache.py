@@ -45,6 +45,7 @@ def reasoner_fingerprint(reasoner) -> str:
     h.update((tok.chat_template or "").encode())
     h.update(json.dumps(reasoner.processor.image_processor.to_dict(), sort_keys=True, default=str).encode())
     h.update(str(reasoner.condition_prefix_length).encode())
+    h.update(reasoner.condition_template.prefix().encode())
     return h.hexdigest()
 
 

@@ -51,7 +51,9 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
 
 
 class GeneratorEditor:
-    """Our generator as an `Editor`: an edit keeps the source's size (rounded to the model's pixel grid inside)."""
+    """Our generator as an `Editor`. The model's image policy (`model.images`) sizes what the reasoner and the VAE
+    see and the edit: native keeps the source's size (rounded to the model's latent grid inside); the
+    Qwen-Image-Edit policies resize as diffusers' pipelines do and return the edit at that size."""
 
     name = "reasonedit-generator"
 
@@ -62,40 +64,48 @@ class GeneratorEditor:
         self.model = model
         self.sampler = sampler or SamplerConfig.for_model(model.config.schedule)
         self.progress = progress
-        # one latent patch of the generator covers this many pixels per side
-        self.multiple = int(model.vae.downsample) * int(model.generator.config.patch_size)
+        self.policy = model.image_policy
+        self.multiple = model.grid  # one latent patch of the generator covers this many pixels per side
 
     def edit(self, requests: Sequence[EditRequest]) -> list[np.ndarray]:
         groups: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            check_image(r.image, f"request {i}: image")
+            for k, image in enumerate(r.images):
+                check_image(image, f"request {i}: image" if k == 0 else f"request {i}: extra image {k}")
+            self.policy.check_sources(len(r.images), f"request {i}")
             groups[int(r.num_inference_steps)].append(i)
         out: list[Optional[np.ndarray]] = [None] * len(requests)
         for steps, index in groups.items():
-            for i, image in zip(index, self._edit_group([requests[i] for i in index], steps)):
-                out[i] = image
+            latents, plans = self.latents([requests[i] for i in index], steps)
+            decoded = self.model.decode_latents(latents)
+            for i, image, plan in zip(index, decoded, plans):
+                out[i] = _resize(image, *plan.returned)
         return out  # type: ignore[return-value]
 
-    def _edit_group(self, requests: Sequence[EditRequest], steps: int) -> list[np.ndarray]:
-        m, k = self.model, self.multiple
-        sizes = [r.image.shape[:2] for r in requests]
-        # the grid needs sides that are multiples of k: resize in, and back out to the caller's size
-        grid = [(max(k, round(h / k) * k), max(k, round(w / k) * k)) for h, w in sizes]
-        images = [_resize(r.image, gh, gw) for r, (gh, gw) in zip(requests, grid)]
+    def latents(self, requests: Sequence[EditRequest], steps: int) -> tuple[list[torch.Tensor], list]:
+        """The clean (C, h, w) latents of each request's edit, sampled in `steps` steps as one packed batch, and
+        each request's `SizePlan` (the sizes its sources were resized to and the edit's)."""
+        m, f = self.model, int(self.model.vae.downsample)
+        prepared = [self.policy.prepare(r.images, self.multiple, f"request {i}") for i, r in enumerate(requests)]
+        condition = [c for c, _, _ in prepared]
         guided = [r.guidance_scale > 1.0 for r in requests]
         neg_index = [i for i, g in enumerate(guided) if g]
         with torch.no_grad():  # prompts and negative prompts: one packed reasoner forward
-            states = m.encode_condition(images + [images[i] for i in neg_index],
+            states = m.encode_condition(condition + [condition[i] for i in neg_index],
                                         [r.prompt for r in requests] + [requests[i].negative_prompt or " "
                                                                         for i in neg_index])
             neg = dict(zip(neg_index, states[len(requests):]))
-            latents = m.encode_images(images)
-        specs = [SampleSpec(text_states=s, sources=[z], shape=tuple(z.shape), seed=r.seed,
-                            guidance_scale=float(r.guidance_scale), negative_states=neg.get(i))
-                 for i, (r, s, z) in enumerate(zip(requests, states, latents))]
+            flat = m.encode_images([image for _, vae, _ in prepared for image in vae])
+        sources, at = [], 0
+        for _, vae, _ in prepared:
+            sources.append(flat[at: at + len(vae)])
+            at += len(vae)
+        channels = int(flat[0].shape[0])
+        specs = [SampleSpec(text_states=s, sources=z, shape=(channels, plan.output[0] // f, plan.output[1] // f),
+                            seed=r.seed, guidance_scale=float(r.guidance_scale), negative_states=neg.get(i))
+                 for i, (r, s, z, (_, _, plan)) in enumerate(zip(requests, states, sources, prepared))]
         clean = sample(m.predict, specs, steps, m.generator.config.patch_size, self.sampler, self.progress)
-        decoded = m.decode_latents(clean)
-        return [_resize(img, h, w) for img, (h, w) in zip(decoded, sizes)]
+        return clean, [plan for _, _, plan in prepared]
 
 
 class ReasonerThinker:

@@ -26,6 +26,13 @@ class EditRequest:
     guidance_scale: float = 4.0
     num_inference_steps: int = 28
     negative_prompt: str = " "
+    # further source images ("Picture 2", ...) for a model that takes several (image policy qwen-image-edit-plus)
+    extra_images: tuple[np.ndarray, ...] = ()
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        """Every source image, the one edited first."""
+        return [self.image, *self.extra_images]
 
 
 @runtime_checkable

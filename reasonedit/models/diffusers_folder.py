@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from reasonedit.config.model import DTYPES, ModelConfig
+from reasonedit.config.model import DTYPES, PIPELINE_POLICIES as PIPELINES, ModelConfig
 
 INDEX = "model_index.json"
-# the pipeline classes this code reads, and the image policy each implies (issue 13 builds the policies)
-PIPELINES = {"QwenImageEditPipeline": "qwen-image-edit", "QwenImageEditPlusPipeline": "qwen-image-edit-plus"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -186,7 +184,7 @@ def folder_config(parts: DiffusersFolder, dtype: str | None = None) -> ModelConf
 
 # what a run's model section decides for a model loaded from a folder; everything else (sizes, schedule) comes
 # from the folder's config files
-RUN_SETTINGS = ("name", "dtype", "attention_backend")
+RUN_SETTINGS = ("name", "dtype", "attention_backend", "images")
 REASONER_RUN_SETTINGS = ("lora", "image_min_pixels", "image_max_pixels")
 SIZES = {"reasoner": ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vision_depth",
                       "vision_hidden_size", "vision_heads", "vision_intermediate_size"),
@@ -200,7 +198,7 @@ def start_config(run: ModelConfig, folder: ModelConfig) -> tuple[ModelConfig, li
     import copy
     cfg = copy.deepcopy(folder)
     for key in RUN_SETTINGS:
-        setattr(cfg, key, getattr(run, key))
+        setattr(cfg, key, copy.deepcopy(getattr(run, key)))
     for key in REASONER_RUN_SETTINGS:
         setattr(cfg.reasoner, key, copy.deepcopy(getattr(run.reasoner, key)))
     differ = [f"model.{part}.{key}: {getattr(getattr(run, part), key)} in the config, "

@@ -31,6 +31,8 @@ from reasonedit.publish import staged_folder
 from reasonedit.config.model import ModelConfig
 from .generator import GeneratorSample, PackedQwenImageTransformer
 from .generator_weights import load_diffusers_transformer
+from .image_policy import ImagePolicy, policy_for
+from .prompts import template_for
 from .reasoner import Reasoner
 from .vae import PatchCodec, QwenImageVAE, encode_image, load_codec, to_uint8
 
@@ -157,6 +159,7 @@ class ReasonEditModel(torch.nn.Module):
         self.generator = generator
         self.vae = vae
         self.config = config or ModelConfig()
+        reasoner.condition_template = template_for(self.config.pipeline)  # the prompt the weights were trained on
         # component -> the folders its weights are read from, while no training has changed them (a start model
         # from a diffusers folder; a component not loaded keeps its reference); save_pretrained writes these as
         # references instead of copying the weights
@@ -302,6 +305,18 @@ class ReasonEditModel(torch.nn.Module):
         written to in place, moved or cast is found by itself; this is for changes that leave no trace.)"""
         self.references.pop(component, None)
         self._reference_marks.pop(component, None)
+
+    @property
+    def image_policy(self) -> ImagePolicy:
+        """How big the images are that the reasoner and the VAE see, and the edit (`model.images`)."""
+        return policy_for(self.config)
+
+    @property
+    def grid(self) -> int:
+        """Pixels per generator token side: the VAE's downsampling times the patch size."""
+        self.require("generator")
+        self.require("vae")
+        return int(self.vae.downsample) * int(self.generator.config.patch_size)
 
     # -- the model's two jobs: condition states and latents ------------------------------------
     def encode_condition(self, images: Sequence, instructions: Sequence[str], packed: bool = True) -> list[torch.Tensor]:

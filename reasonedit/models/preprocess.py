@@ -21,6 +21,7 @@ from reasonedit.data.segments import (IGNORE_INDEX, BucketConfig, ConditionDropo
                                       Segment, resize_to)
 
 from . import prompts
+from .image_policy import ImagePolicy, policy_for, resize
 from .processor import Messages, ReasonerProcessor
 from .tokenizer import IM_END_TOKEN, IMAGE_PAD_TOKEN, single_token_id
 
@@ -55,8 +56,14 @@ class Preprocessor:
         processor: ReasonerProcessor,
         codec: Optional["PatchCodec | QwenImageVAE"] = None,
         config: Optional[PreprocessConfig] = None,
+        template: prompts.ConditionTemplate = prompts.OWN_TEMPLATE,
+        policy: Optional[ImagePolicy] = None,
     ):
+        """template: the condition prompt (the model's, `Reasoner.condition_template`); policy: how the generator's
+        images are sized (the model's `image_policy`; default native: every image bucketed)."""
         self.processor = processor
+        self.template = template
+        self.policy = policy or policy_for()
         self.codec = codec
         self.latent_cache: Optional["LatentCache"] = None  # a frozen codec's latents from disk (stages 2 and 3)
         self.config = config or PreprocessConfig()
@@ -64,7 +71,7 @@ class Preprocessor:
         self.sizes = self.config.buckets.sizes()  # validates the buckets too
         tokenizer = processor.tokenizer
         self.im_end_id = single_token_id(tokenizer, IM_END_TOKEN)
-        self.prefix_ids = prompts.condition_prefix_ids(tokenizer)
+        self.prefix_ids = prompts.condition_prefix_ids(tokenizer, template)
         if codec is not None and codec.downsample != self.config.buckets.vae_downsample:
             raise ValueError(f"buckets.vae_downsample={self.config.buckets.vae_downsample} but the codec "
                              f"downsamples by {codec.downsample}; build the buckets with `buckets_for(model, ...)`")
@@ -81,7 +88,7 @@ class Preprocessor:
         if b.reasoner_patch not in (1, expected.reasoner_patch):
             raise ValueError(f"buckets.reasoner_patch={b.reasoner_patch}: the reasoner's merged patch is "
                              f"{expected.reasoner_patch} px (or 1 to let its processor resize)")
-        return cls(model.reasoner.processor, model.vae, config)
+        return cls(model.reasoner.processor, model.vae, config, model.reasoner.condition_template, model.image_policy)
 
     # -- images ---------------------------------------------------------------------------------
 
@@ -181,13 +188,14 @@ class Preprocessor:
         """One generator example, condition dropout applied; latents encoded when the config says so."""
         drop_text, drop_image = self.config.dropout.draw(key, self.config.seed)
         drop_image = drop_image and bool(sources)  # a caption has no image to drop
-        sources = [] if drop_image else [self.bucket(s) for s in sources]
-        instruction = "" if drop_text else instruction
         try:
-            condition = prompts.encode_condition(self.processor, list(sources), instruction)
+            seen, sources, target = self.sized(sources, target, key)  # the sizes do not depend on the dropout
+            if drop_image:
+                seen, sources = [], []
+            instruction = "" if drop_text else instruction
+            condition = prompts.encode_condition(self.processor, seen, instruction, self.template)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
-        target = self.bucket(target)
         segment = GeneratorSegment(
             key=key, instruction=instruction, condition=condition, target_image=target, source_images=sources,
             prefix_tokens=len(self.prefix_ids), target_tokens=self.latent_tokens(target),
@@ -197,6 +205,19 @@ class Preprocessor:
         if self.config.encode_latents:
             self.encode_latents([segment])
         return segment
+
+    def sized(self, sources: Sequence[np.ndarray], target: np.ndarray, key: str = "record"
+              ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """The sources as the reasoner sees them, as the VAE encodes them, and the target, sized by the policy as
+        an edit of these sources is at inference (native: each image bucketed)."""
+        if self.policy.native:
+            bucketed = [self.bucket(s) for s in sources]
+            return bucketed, bucketed, self.bucket(target)
+        grid = self.config.buckets.vae_downsample * self.config.buckets.generator_patch
+        if not sources:
+            return [], [], resize(target, *self.policy.target_size(*target.shape[:2], grid), self.policy.resample)
+        seen, encoded, plan = self.policy.prepare(list(sources), grid, key)
+        return seen, encoded, resize(target, *plan.output, self.policy.resample)
 
     def generator_segments(self, record: Record) -> list[GeneratorSegment]:
         """The generator example of an EditPair, a TextToImage or a ThinkingPair's target; none for reflection."""

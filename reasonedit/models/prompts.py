@@ -5,15 +5,19 @@ steps), `describe_target`, `score` (edited image alone against a description), `
 then exactly one of Success, Reflection + new instruction, Failed). Each builder takes an optional
 `answer`, appended as the assistant turn, so the same builders make stage-1 training text.
 
-The condition prompt is Qwen-Image-Edit's: a fixed system prompt whose tokens, up to and including
-`<|im_start|>user\\n`, are dropped from the states (64 tokens with the Qwen2.5-VL tokenizer; see
-`condition_prefix_length` for any other tokenizer). The other roles share one system prompt and put their
+The condition prompt follows a `ConditionTemplate`: a fixed system prompt whose tokens, up to and including
+`<|im_start|>user\\n`, are dropped from the states (see `condition_prefix_length`), then the source image(s)
+and the instruction. Tiny models use ours (`OWN_TEMPLATE`); a model loaded from a diffusers Qwen-Image-Edit
+folder uses the prompt its pipeline class builds, read from the installed diffusers at run time
+(`pipeline_template`): the released generator weights were trained on states of that prompt, and this project
+does not ship another project's prompt text. The other roles share one system prompt and put their
 image first, the task after it: prompts about the same image then share a token prefix that ends right
 after the image, which inference computes once (`reasonedit.inference.prefix_cache`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,11 +38,10 @@ from reasonedit.models.tokenizer import (
     THINK_TOKEN,
 )
 
-# Qwen-Image-Edit's fixed system prompt, verbatim: real generator weights were trained on states of it.
+# our condition system prompt (tiny models); a diffusers folder's model uses its pipeline's (`pipeline_template`)
 CONDITION_SYSTEM_PROMPT = (
-    "Describe the key features of the input image (color, shape, size, texture, objects, background), then "
-    "explain how the user's text instruction should alter or modify the image. Generate a new image that meets "
-    "the user's requirements while maintaining consistency with the original input where appropriate."
+    "Look at the input image and read the instruction after it. Say to yourself what the image shows and what "
+    "the instruction changes, then picture the result: the instruction carried out, everything else kept as it was."
 )
 # One system prompt for every reasoner role, and the role's task written after the image: think, describe and
 # decide about the same source then share one token prefix (system turn + image), whose KV cache
@@ -56,22 +59,108 @@ ROLE_TASKS = {"think": THINK_TASK, "describe": DESCRIBE_TASK, "score": SCORE_TAS
 # image. Same system prompt and image-first layout as the roles; the questions are `reasonedit.config.world.PHRASINGS`, asked by `reasonedit.shapes.scene_qa`.
 READ_TASK = "Answer the question about the image."
 CAPTION_TASK = "Caption the image."
-QWEN_IMAGE_EDIT_PREFIX_TOKENS = 64  # len(condition prefix) under the released Qwen2.5-VL tokenizer
 
 MIN_SCORE, MAX_SCORE = 0, 10
 DECISION_KINDS = {SUCCESS_TOKEN: "success", REFLECTION_TOKEN: "reflection", FAILED_TOKEN: "failed"}
 
 
+@dataclass(frozen=True)
+class ConditionTemplate:
+    """The condition prompt of one kind of model: its system text and how its source images are labelled.
+
+    label: the text before each image, `{}` standing for its 1-based number; "" for none. label_one: label a
+    single image too (QwenImageEditPlusPipeline does; our template labels only when there are several).
+    """
+
+    name: str
+    system: str
+    label: str = ""
+    label_one: bool = False
+
+    def user(self, images: Sequence[Image], text: str) -> dict:
+        parts: list[dict] = []
+        for i, image in enumerate(images, start=1):
+            if self.label and (len(images) > 1 or self.label_one):
+                parts.append({"type": "text", "text": self.label.format(i)})
+            parts.append({"type": "image", "image": image})
+        parts.append({"type": "text", "text": text})
+        return {"role": "user", "content": parts}
+
+    def prefix(self) -> str:
+        """The fixed text every condition prompt starts with; its tokens are dropped from the states."""
+        return f"{IM_START_TOKEN}system\n{self.system}{IM_END_TOKEN}\n{IM_START_TOKEN}user\n"
+
+
+OWN_TEMPLATE = ConditionTemplate("reasonedit", CONDITION_SYSTEM_PROMPT, label="Image {}: ")
+VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # how Qwen2.5-VL's chat template renders an image
+
+
+class TemplateError(ValueError):
+    """A pipeline whose prompt cannot be read from the installed diffusers."""
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline_template(pipeline: str) -> ConditionTemplate:
+    """The condition prompt diffusers' `pipeline` class builds, read from the installed diffusers: the pipeline
+    is made without weights and its prompt builder is run with a processor that only records the text (for one
+    image and, where the pipeline takes several, for two). Raises TemplateError naming the class when the
+    installed diffusers lacks it or builds a prompt of another shape than system turn, images, instruction."""
+    try:
+        import diffusers
+        cls = getattr(diffusers, pipeline)
+    except (ImportError, AttributeError):
+        raise TemplateError(f"model.pipeline: the installed diffusers has no {pipeline}; its prompt cannot be "
+                            "read (install the diffusers version in pyproject.toml)") from None
+    mark = "\x00instruction\x00"
+
+    class Recorded(Exception):
+        pass
+
+    texts: list[str] = []
+
+    def record(text=None, **_):
+        texts.extend(text)
+        raise Recorded
+
+    pipe = cls(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None)
+    pipe.processor = record
+    from PIL import Image as PILImage
+    stub = PILImage.new("RGB", (32, 32))
+    several = "Plus" in pipeline  # the 2509 / 2511 pipelines take a list of images
+    for images in ([stub], [stub, stub]) if several else (stub,):
+        try:
+            pipe._get_qwen_prompt_embeds(prompt=mark, image=images, device="cpu", dtype=torch.float32)
+        except Recorded:
+            continue
+        raise TemplateError(f"{pipeline}: its prompt builder did not call the processor; this diffusers version "
+                            "builds the prompt in a way this code does not read")
+    head, tail = f"{IM_START_TOKEN}system\n", f"{IM_END_TOKEN}\n{IM_START_TOKEN}user\n"
+    system, label = None, None
+    for n, text in enumerate(texts, start=1):
+        ok = (text.startswith(head) and tail in text
+              and text.endswith(f"{mark}{IM_END_TOKEN}\n{IM_START_TOKEN}assistant\n"))
+        if not ok:
+            raise TemplateError(f"{pipeline}: the installed diffusers builds a condition prompt this code does not "
+                                f"read (expected system turn, images, instruction): {text[:120]!r}")
+        sys_text, user = text[len(head):].split(tail, 1)
+        pieces = user[: user.index(mark)].split(VISION_PLACEHOLDER)
+        if len(pieces) != n + 1 or pieces[-1]:
+            raise TemplateError(f"{pipeline}: expected {n} image placeholder(s) before the instruction: {user!r}")
+        found = pieces[0].replace("1", "{}", 1)
+        if any(p != found.format(i) for i, p in enumerate(pieces[:-1], start=1)) or (system or sys_text) != sys_text:
+            raise TemplateError(f"{pipeline}: its image labels are not numbered as this code reads them: {user!r}")
+        system, label = sys_text, found
+    return ConditionTemplate(pipeline, system, label=label or "", label_one=bool(label))
+
+
+def template_for(pipeline: Optional[str]) -> ConditionTemplate:
+    """The condition template of a model: its diffusers pipeline's (`model.pipeline`), ours without one."""
+    return pipeline_template(pipeline) if pipeline else OWN_TEMPLATE
+
+
 def _user(images: Sequence[Image], text: str) -> dict:
-    """A user turn: the images (labelled "Picture i: " when there are several, as Qwen-Image-Edit-Plus
-    does; bare for one, as Qwen-Image-Edit does), then the text."""
-    parts: list[dict] = []
-    for i, image in enumerate(images, start=1):
-        if len(images) > 1:
-            parts.append({"type": "text", "text": f"Picture {i}: "})
-        parts.append({"type": "image", "image": image})
-    parts.append({"type": "text", "text": text})
-    return {"role": "user", "content": parts}
+    """A reasoner role's user turn: the images (numbered when several), then the text."""
+    return OWN_TEMPLATE.user(images, text)
 
 
 def _conversation(system: str, user: dict, answer: Optional[str]) -> Messages:
@@ -89,38 +178,40 @@ def _as_images(images: Image | Sequence[Image]) -> list[Image]:
     return [images]
 
 
-def condition(images: Image | Sequence[Image], instruction: str) -> Messages:
-    """What the generator is conditioned on: source image(s) and the instruction, under the fixed system prompt;
-    no image (an empty list) for text-to-image, where the instruction is the caption."""
+def condition(images: Image | Sequence[Image], instruction: str,
+              template: ConditionTemplate = OWN_TEMPLATE) -> Messages:
+    """What the generator is conditioned on: source image(s) and the instruction, under the template's fixed
+    system prompt; no image (an empty list) for text-to-image, where the instruction is the caption."""
     images = [] if isinstance(images, (list, tuple)) and not images else _as_images(images)
-    return _conversation(CONDITION_SYSTEM_PROMPT, _user(images, instruction), None)
+    return _conversation(template.system, template.user(images, instruction), None)
 
 
-def encode_condition(processor: ReasonerProcessor, images: Image | Sequence[Image],
-                     instruction: str) -> dict[str, torch.Tensor]:
+def encode_condition(processor: ReasonerProcessor, images: Image | Sequence[Image], instruction: str,
+                     template: ConditionTemplate = OWN_TEMPLATE) -> dict[str, torch.Tensor]:
     """The condition prompt's unpadded inputs, checked to start with the fixed system prefix (whose tokens the
     generator's text stream drops): a chat template that does not render the system turn verbatim fails here."""
-    inputs = processor.encode_one(condition(images, instruction))
-    prefix = condition_prefix_ids(processor.tokenizer)
+    inputs = processor.encode_one(condition(images, instruction, template))
+    prefix = condition_prefix_ids(processor.tokenizer, template)
     if inputs["input_ids"][0, : len(prefix)].tolist() != prefix:
         raise ValueError("the condition prompt does not start with the fixed system prefix tokens; the "
                          "tokenizer's chat template must render the system turn verbatim")
     return inputs
 
 
-def condition_prefix() -> str:
+def condition_prefix(template: ConditionTemplate = OWN_TEMPLATE) -> str:
     """The fixed text every condition prompt starts with; its tokens are dropped from the states."""
-    return f"{IM_START_TOKEN}system\n{CONDITION_SYSTEM_PROMPT}{IM_END_TOKEN}\n{IM_START_TOKEN}user\n"
+    return template.prefix()
 
 
-def condition_prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def condition_prefix_ids(tokenizer: PreTrainedTokenizerBase, template: ConditionTemplate = OWN_TEMPLATE) -> list[int]:
     """The fixed prefix's token ids under `tokenizer`."""
-    return tokenizer.encode(condition_prefix(), add_special_tokens=False)
+    return tokenizer.encode(template.prefix(), add_special_tokens=False)
 
 
-def condition_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
-    """How many tokens the fixed condition prefix is under `tokenizer` (64 for Qwen2.5-VL's)."""
-    return len(condition_prefix_ids(tokenizer))
+def condition_prefix_length(tokenizer: PreTrainedTokenizerBase, template: ConditionTemplate = OWN_TEMPLATE) -> int:
+    """How many tokens the fixed condition prefix is under `tokenizer` (64 for Qwen-Image-Edit's prompt under the
+    released Qwen2.5-VL tokenizer)."""
+    return len(condition_prefix_ids(tokenizer, template))
 
 
 def _role(task: str, image: Image, text: str, answer: Optional[str]) -> Messages:
@@ -175,7 +266,7 @@ def caption_image(image: Image, answer: Optional[str] = None) -> Messages:
 def template_texts() -> list[str]:
     """The fixed prompt texts, for training a tiny tokenizer that encodes them compactly."""
     return [CONDITION_SYSTEM_PROMPT, REASONER_SYSTEM_PROMPT, THINK_TASK, DESCRIBE_TASK, SCORE_TASK, DECIDE_TASK,
-            "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Picture 1: ", READ_TASK, CAPTION_TASK,
+            "Request: ", "Edit: ", "Expected: ", "score: 7\nreason: ", "Image 1: ", READ_TASK, CAPTION_TASK,
             "Question: ", NOTHING, *phrasing_texts(), "system\n", "user\n", "assistant\n"]
 
 
@@ -254,7 +345,7 @@ def parse_decision(text: str) -> Decision:
     return Decision(kind, thought, None)
 
 
-__all__ = ["CAPTION_TASK", "CONDITION_SYSTEM_PROMPT", "DECISION_KINDS", "Decision", "QWEN_IMAGE_EDIT_PREFIX_TOKENS",
-           "READ_TASK", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "ThinkerReplyError", "caption_image",
+__all__ = ["CAPTION_TASK", "CONDITION_SYSTEM_PROMPT", "ConditionTemplate", "DECISION_KINDS", "Decision", "OWN_TEMPLATE",
+           "READ_TASK", "TemplateError", "pipeline_template", "template_for", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "ThinkerReplyError", "caption_image",
            "condition", "condition_prefix", "condition_prefix_ids", "condition_prefix_length", "decide",
            "describe_target", "encode_condition", "format_decision", "format_score", "parse_decision", "parse_score", "read_scene", "role_of", "score", "template_texts", "think"]

@@ -207,7 +207,7 @@ class Reasoner(torch.nn.Module):
         self.model = model
         self.processor = processor
         self._set_peft(None)
-        self._prefix_ids = prompts.condition_prefix_ids(processor.tokenizer)
+        self.condition_template = prompts.OWN_TEMPLATE
         if len(processor.tokenizer) > model.get_input_embeddings().num_embeddings:
             raise ValueError(
                 f"tokenizer has {len(processor.tokenizer)} tokens but the model embeds "
@@ -279,8 +279,18 @@ class Reasoner(torch.nn.Module):
         return self.model.config.text_config.hidden_size
 
     @property
+    def condition_template(self) -> prompts.ConditionTemplate:
+        """The condition prompt's template (ours; a diffusers folder's model sets its pipeline's)."""
+        return self._condition_template
+
+    @condition_template.setter
+    def condition_template(self, template: prompts.ConditionTemplate) -> None:
+        self._condition_template = template
+        self._prefix_ids = prompts.condition_prefix_ids(self.processor.tokenizer, template)
+
+    @property
     def condition_prefix_length(self) -> int:
-        """Tokens of the fixed condition prefix dropped from the states (64 with Qwen's tokenizer)."""
+        """Tokens of the fixed condition prefix dropped from the states (64 with Qwen's prompt and tokenizer)."""
         return len(self._prefix_ids)
 
     def trainable_parameters(self) -> Iterator[torch.nn.Parameter]:
@@ -357,7 +367,7 @@ class Reasoner(torch.nn.Module):
             raise ValueError(f"condition: {len(images)} image entries for {len(instructions)} instructions")
         samples = []
         for image, instruction in zip(images, instructions):
-            sample = prompts.encode_condition(self.processor, image, instruction)
+            sample = prompts.encode_condition(self.processor, image, instruction, self.condition_template)
             samples.append({k: v.to(self.device) for k, v in sample.items()})
         return samples
 
