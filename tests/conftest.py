@@ -62,7 +62,7 @@ def run_cli(*args, cwd=ROOT):
 
 
 def make_diffusers_folder(path, texts, *, pipeline: str = "QwenImageEditPipeline", scheduler: dict | None = None,
-                          seed: int = 3, zero_cond_t: bool = False):
+                          seed: int = 3, zero_cond_t: bool = False, vae_base_dim: int = 8):
     """A tiny Qwen-Image-Edit folder written by diffusers' own pipeline `save_pretrained` (its VAE class, its
     scheduler, a Qwen2.5-VL text encoder and tokenizer); returns (path, transformer, text_encoder)."""
     import diffusers
@@ -77,7 +77,7 @@ def make_diffusers_folder(path, texts, *, pipeline: str = "QwenImageEditPipeline
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                                               axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t)
     pipe = getattr(diffusers, pipeline)(scheduler=FlowMatchEulerDiscreteScheduler(**(scheduler or {})),
-                                        vae=QwenImageVAE.tiny(z_dim=4).vae, text_encoder=text_encoder,
+                                        vae=QwenImageVAE.tiny(z_dim=4, base_dim=vae_base_dim).vae, text_encoder=text_encoder,
                                         tokenizer=tokenizer, processor=None, transformer=transformer)
     pipe.save_pretrained(path)
     return path, transformer.eval(), text_encoder

@@ -93,6 +93,24 @@ def test_jsonl_rows_become_edit_pairs_and_thinking_pairs(tmp_path, images):
     ])
 
 
+def test_jsonl_extra_sources_make_a_multi_image_edit_pair(tmp_path, images):
+    src = write_jsonl(tmp_path / "in" / "edits.jsonl", [
+        {"source": "img/a.png", "extra_sources": ["img/c.png", "img/d.png"], "target": "img/b.png",
+         "instruction": "Put the cup of picture 2 on the table of picture 1."}])
+    import_jsonl(src, tmp_path / "out")
+    (record,) = read_records(tmp_path / "out")
+    assert [s.tobytes() for s in record.sources] == [images[n].tobytes() for n in "acd"]
+    assert record.meta["extra_source_paths"] == ["img/c.png", "img/d.png"]
+    for bad, words in (("img/c.png", "extra_sources.: expected a list of at most 8 image paths, got a string"),
+                       (["img/nothere.png"], "field 'extra_sources[0]': image file"),
+                       (["img/c.png"] * 9, "got 9 paths")):
+        src = write_jsonl(tmp_path / "in" / "bad.jsonl", [
+            {"source": "img/a.png", "extra_sources": bad, "target": "img/b.png", "instruction": "x"}])
+        with pytest.raises(DataImportError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            import_jsonl(src, tmp_path / "bad-out")
+        assert not (tmp_path / "bad-out").exists()
+
+
 def test_sharegpt_editthinker_critiques_become_reflection_samples(tmp_path, images):
     rows = [
         critique("Make it sunset", "Change the sky to orange", "The sky is a warm sunset.", 9, 8,

@@ -84,13 +84,13 @@ def reference(folder, pipeline: str, ours: ReasonEditModel):
 
 
 @pytest.mark.parametrize("pipeline,sizes,guidance,zero_cond_t", [
-    ("QwenImageEditPipeline", [(96, 128)], 4.0, False),
-    ("QwenImageEditPlusPipeline", [(96, 128)], 1.0, False),
+    ("QwenImageEditPipeline", [(96, 128)], 1.0, False),
+    ("QwenImageEditPlusPipeline", [(96, 128)], 4.0, False),  # true CFG
     ("QwenImageEditPlusPipeline", [(120, 80), (64, 96)], 1.0, True),  # 2511: zero_cond_t
 ], ids=["edit", "plus-one-image", "plus-two-images-2511"])
 def test_a_whole_edit_matches_diffusers_pipeline(tmp_path, pipeline, sizes, guidance, zero_cond_t):
     folder, _, _ = make_diffusers_folder(tmp_path / "folder", TEXTS, pipeline=pipeline, scheduler=QWEN_SCHEDULER,
-                                         zero_cond_t=zero_cond_t)
+                                         zero_cond_t=zero_cond_t, vae_base_dim=4)  # 1024 px: the smallest VAE
     model = ReasonEditModel.from_pretrained(folder)
     assert model.config.pipeline == pipeline and model.config.generator.zero_cond_t == zero_cond_t
     editor = GeneratorEditor(model)
@@ -173,6 +173,28 @@ def test_training_sizes_a_record_as_the_edit_is_sized(tmp_path):
     assert segment.prefix_tokens == model.reasoner.condition_prefix_length
     (caption,) = pre.generator_segments(TextToImage("t", "a cup", picture(60, 200, seed=3)))
     assert caption.target_image.shape[:2] == editor.policy.target_size(60, 200, editor.multiple)
+    extra = picture(200, 100, seed=4)  # a second source: its own sizes, numbered in the prompt
+    (two,) = pre.generator_segments(EditPair("k2", source, "put it here", target, extra_sources=[extra]))
+    _, _, plan2 = editor.policy.prepare([source, extra], editor.multiple)
+    assert [s.shape[:2] for s in two.source_images] == list(plan2.vae) and len(two.source_latents) == 2
+    assert two.target_image.shape[:2] == plan2.output  # the last source's aspect, as the pipeline
+    assert two.condition["image_grid_thw"].shape[0] == 2
     model.config.images.policy = "native"  # the training buckets, as before
     (native,) = Preprocessor.from_model(model).generator_segments(EditPair("k", source, "x", target))
     assert native.target_image.shape[:2] == pre.bucket(target).shape[:2]
+
+
+def test_a_model_that_takes_one_source_refuses_several_naming_the_record(tmp_path):
+    from reasonedit.data.samples import EditPair
+    from reasonedit.models.preprocess import Preprocessor
+
+    folder, _, _ = make_diffusers_folder(tmp_path / "edit", TEXTS)
+    model = ReasonEditModel.from_pretrained(folder)
+    model.config.images.area = 64 * 64
+    two = EditPair("k", picture(64, 64, 1), "x", picture(64, 64, 2), extra_sources=[picture(64, 64, 3)])
+    with pytest.raises(ValueError, match="^k/generate: 2 source images, but the qwen-image-edit image policy takes "
+                                         "at most 1"):
+        Preprocessor.from_model(model).generator_segments(two)
+    request = EditRequest(image=two.source, extra_images=(two.extra_sources[0],), prompt="x")
+    with pytest.raises(ValueError, match="^request 0: 2 source images"):
+        GeneratorEditor(model).edit([request])

@@ -152,9 +152,11 @@ def imported(tmp_path_factory):
            "edited_image_path": f"img/{i}_edit.png", "evaluation": {"semantics": 3 + 2 * i, "quality": 9}}
           for i in range(4)]
     (root / "rl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rl))
+    multi = [{**r, "extra_sources": [f"img/{(i + 1) % 5}.png"] * (1 + i % 2)} for i, r in enumerate(rows)]
+    (root / "multi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in multi))  # 2-3 sources (2509 / 2511)
     out = {}
     for name, fmt, src in (("edits", "jsonl", root / "edits.jsonl"), ("captions", "captions", root / "captions"),
-                           ("critiques", "editthinker-rl", root / "rl.jsonl")):
+                           ("critiques", "editthinker-rl", root / "rl.jsonl"), ("multi", "jsonl", root / "multi.jsonl")):
         out[name] = root / "datasets" / name
         import_dataset(fmt, [src], out[name], shard_size=4)
     return out
@@ -174,8 +176,9 @@ def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights
     for n in (1, 2, 3):
         scale += [f"stage{n}.steps=2", f"stage{n}.warmup_steps=0", f"stage{n}.reasoner_budget=1024",
                   f"stage{n}.generator_budget=1024"]
-    data = [f"stage1.data=[{d['edits']},{d['critiques']}]", f"stage2.data=[{d['captions']},{d['edits']}]",
-            f"stage3.data=[{d['edits']},{d['captions']},{d['critiques']}]"]
+    edits = d["multi"] if pipeline == "QwenImageEditPlusPipeline" else d["edits"]  # the Plus pipelines take several
+    data = [f"stage1.data=[{d['edits']},{d['critiques']}]", f"stage2.data=[{d['captions']},{edits}]",
+            f"stage3.data=[{edits},{d['captions']},{d['critiques']}]"]
     res = run_cli("run", ROOT / "configs" / "experiment" / "paper.yaml", f"model.path={folder}",
                   f"output_dir={out}", *scale, *data)
     assert res.returncode == 0, res.stderr[-3000:]

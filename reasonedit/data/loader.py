@@ -292,7 +292,7 @@ def _field_types(cls: type[Record]) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in fields(cls):
-        if f.name == "key" or f.name in cls.IMAGES:
+        if f.name == "key" or f.name in cls.IMAGES or f.name in cls.IMAGE_LISTS:
             continue
         origin = typing.get_origin(hints[f.name]) or hints[f.name]
         if origin in (str, int, float, bool, list, dict):

@@ -1,7 +1,8 @@
 """The four sample kinds and their webdataset encoding.
 
 A record is stored as `<key>.json` (every text and number field, plus `kind` and
-`schema_version`) and one `<key>.<name>.png` per image field. `docs/data.md` documents each
+`schema_version`) and one `<key>.<name>.png` per image field; an image-list field (an edit pair's
+`extra_sources`) stores its length in the json and `<key>.<name>.<i>.png` per image (absent: empty). `docs/data.md` documents each
 kind's fields; `from_wds` refuses a record that does not match the schema, naming the field.
 """
 
@@ -36,12 +37,20 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+MAX_LIST_IMAGES = 8  # an image-list field holds at most this many
+
+
+def _same_image(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
 @dataclass
 class Record:
     """Base of the sample kinds: a key, typed fields, images as (H, W, 3) uint8 arrays."""
 
     KIND: ClassVar[str] = ""
     IMAGES: ClassVar[tuple[str, ...]] = ()
+    IMAGE_LISTS: ClassVar[tuple[str, ...]] = ()  # fields holding a list of images
 
     def to_wds(self) -> dict[str, Any]:
         sample: dict[str, Any] = {"__key__": self.key}
@@ -50,6 +59,10 @@ class Record:
             value = getattr(self, f.name)
             if f.name in self.IMAGES:
                 sample[f"{f.name}.png"] = encode_png(value)
+            elif f.name in self.IMAGE_LISTS:
+                doc[f.name] = len(value)
+                for i, image in enumerate(value):
+                    sample[f"{f.name}.{i}.png"] = encode_png(image)
             elif f.name != "key":
                 doc[f.name] = value
         sample["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
@@ -82,11 +95,29 @@ class Record:
                     values[f.name] = decode_png(blob)
                 except Exception as e:  # PIL raises several types for bad bytes
                     raise SchemaError(f"{at}: image field '{f.name}.png' cannot be decoded ({e})") from None
+            elif f.name in cls.IMAGE_LISTS:
+                values[f.name] = cls._image_list(sample, doc, f.name, at)
             elif f.name in doc:
                 values[f.name] = doc[f.name]
             else:
                 raise SchemaError(f"{at}: missing field '{f.name}'")
         return cls(**values)
+
+    @staticmethod
+    def _image_list(sample: dict[str, Any], doc: dict, name: str, at: str) -> list[np.ndarray]:
+        count = doc.get(name, 0)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_LIST_IMAGES:
+            raise SchemaError(f"{at}: field '{name}' must count its images, 0-{MAX_LIST_IMAGES}, got {count!r}")
+        images = []
+        for i in range(count):
+            blob = sample.get(f"{name}.{i}.png")
+            if blob is None:
+                raise SchemaError(f"{at}: missing image field '{name}.{i}.png' ({name} counts {count})")
+            try:
+                images.append(decode_png(blob))
+            except Exception as e:  # PIL raises several types for bad bytes
+                raise SchemaError(f"{at}: image field '{name}.{i}.png' cannot be decoded ({e})") from None
+        return images
 
     def equals(self, other: "Record") -> bool:
         """Field by field, images byte by byte."""
@@ -95,7 +126,10 @@ class Record:
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
             if f.name in self.IMAGES:
-                if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+                if not _same_image(a, b):
+                    return False
+            elif f.name in self.IMAGE_LISTS:
+                if len(a) != len(b) or not all(_same_image(x, y) for x, y in zip(a, b)):
                     return False
             elif a != b:
                 return False
@@ -140,15 +174,23 @@ class ReflectionSample(Record):
 
 @dataclass
 class EditPair(Record):
-    """A source image, a concrete instruction and its exact target."""
+    """A source image, a concrete instruction and its exact target; `extra_sources` are further input images
+    ("Picture 2", ...) for models that take several (Qwen-Image-Edit-2509 / 2511)."""
 
     KIND: ClassVar[str] = "edit_pair"
     IMAGES: ClassVar[tuple[str, ...]] = ("source", "target")
+    IMAGE_LISTS: ClassVar[tuple[str, ...]] = ("extra_sources",)
     key: str
     source: np.ndarray
     instruction: str
     target: np.ndarray
     meta: dict = field(default_factory=dict)
+    extra_sources: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[np.ndarray]:
+        """Every input image, the one edited first."""
+        return [self.source, *self.extra_sources]
 
 
 @dataclass

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="a model folder (ReasonEditModel.save_pretrained); needed unless "
                    "--editor and --thinker replace both of its parts")
     p.add_argument("--image", required=True, type=Path, help="the source image (PNG, JPEG, ...)")
+    p.add_argument("--extra-image", action="append", type=Path, default=[], metavar="PATH",
+                   help="a further source image (Picture 2, 3, ...), for a model that takes several "
+                        "(Qwen-Image-Edit-2509 / 2511); repeat for more; the built-in generator only")
     p.add_argument("--instruction", required=True, help="the editing request")
     p.add_argument("--think", action="store_true", help="rewrite the request as concrete steps first")
     p.add_argument("--reflect", action="store_true", help="check each edit and correct or restart")
@@ -44,16 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="the trace folder to write (replaced when it exists)")
 
 
-def load_image(path: Path) -> np.ndarray:
+def load_image(path: Path, option: str = "--image") -> np.ndarray:
     """The image at `path` as uint8 (H, W, 3) RGB; a clear error when it is missing or not an image."""
     from PIL import Image, UnidentifiedImageError
     if not path.is_file():
-        raise FileNotFoundError(f"--image {path}: no such file")
+        raise FileNotFoundError(f"{option} {path}: no such file")
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({e})") from None
+        raise ValueError(f"{option} {path}: not a readable image ({e})") from None
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -67,6 +70,9 @@ def _check(args: argparse.Namespace) -> None:
     if args.model is None and (not args.editor or needs_reasoner):
         raise ValueError("--model: needed for the built-in generator (no --editor) or reasoner "
                          "(--think/--reflect without --thinker)")
+    if args.extra_image and args.editor:
+        raise ValueError("--extra-image: an editing service (--editor) takes one image per request; extra images "
+                         "need the built-in generator of a model that takes several")
     if args.thinker and not (args.think or args.reflect):
         raise ValueError("--thinker: given, but neither --think nor --reflect asks for a thinker")
 
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check(args)
     image = load_image(args.image)
+    extra = [load_image(path, "--extra-image") for path in args.extra_image]
     started = time.perf_counter()
     needs_model = args.model is not None and (not args.editor or not args.thinker)
     pipeline = _pipeline(args) if needs_model else None
@@ -111,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
         (trace,) = edit_with_reasoning(editor, thinker, [image], [args.instruction], think=args.think,
                                        reflect=args.reflect, rounds=args.rounds, seed=args.seed,
                                        guidance_scale=args.guidance, num_inference_steps=args.steps,
-                                       negative_prompt=args.negative_prompt, progress=progress)
+                                       negative_prompt=args.negative_prompt, progress=progress,
+                                       extra_images=[extra])
     except RemoteServiceError as e:  # a service that stayed down through its retries: say so, no traceback
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return 1

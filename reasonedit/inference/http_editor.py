@@ -59,6 +59,11 @@ class HttpEditor(ClientOwner):
 
     def edit(self, requests: Sequence[EditRequest]) -> list[np.ndarray]:
         requests = list(requests)
+        for i, r in enumerate(requests):
+            if getattr(r, "extra_images", ()):
+                raise ValueError(f"request {i}: {len(r.extra_images)} extra images, but an editing service takes one "
+                                 "image per request (EditThinker's protocol); use the built-in generator of a model "
+                                 "that takes several")
         if len(requests) <= 1 or self.concurrency == 1:
             return [self._edit_one(r) for r in requests]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)), thread_name_prefix="http-edit") as ex:

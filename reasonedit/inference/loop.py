@@ -37,11 +37,17 @@ def best_round(rounds: Sequence[Round]) -> int:
 def edit_with_reasoning(editor: Editor, thinker: Optional[Thinker], sources: Sequence[np.ndarray],
                         instructions: Sequence[str], *, think: bool = True, reflect: bool = True, rounds: int = 3,
                         seed: int | Sequence[int] = 0, guidance_scale: float = 4.0, num_inference_steps: int = 28,
-                        negative_prompt: str = " ", progress: Optional[Progress] = None) -> list[Trace]:
-    """Run the loop on every (source, instruction); one Trace each, in order."""
+                        negative_prompt: str = " ", progress: Optional[Progress] = None,
+                        extra_images: Optional[Sequence[Sequence[np.ndarray]]] = None) -> list[Trace]:
+    """Run the loop on every (source, instruction); one Trace each, in order. `extra_images[i]`: sample i's
+    further source images ("Picture 2", ...), given to every round's edit; each round edits the source or the
+    previous output as the first picture."""
     n = len(sources)
     if len(instructions) != n:
         raise ValueError(f"edit_with_reasoning: {n} sources for {len(instructions)} instructions")
+    extras = [tuple(e) for e in extra_images] if extra_images is not None else [()] * n
+    if len(extras) != n:
+        raise ValueError(f"edit_with_reasoning: extra images for {len(extras)} samples, {n} sources")
     if rounds < 1:
         raise ValueError(f"rounds: must be at least 1, got {rounds}")
     if (think or reflect) and thinker is None:
@@ -76,7 +82,7 @@ def edit_with_reasoning(editor: Editor, thinker: Optional[Thinker], sources: Seq
         report("edit", r, len(live))
         requests = [EditRequest(image=inputs[k], prompt=next_instruction[k], seed=seeds[k] + r - 1,
                                 guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                negative_prompt=negative_prompt) for k in live]
+                                negative_prompt=negative_prompt, extra_images=extras[k]) for k in live]
         t0 = time.perf_counter()
         edited = editor.edit(requests)
         share = (time.perf_counter() - t0) / len(live)

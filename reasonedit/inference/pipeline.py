@@ -80,12 +80,15 @@ class Pipeline:
         return out[0] if single else out
 
     def edit(self, source, instruction, *, seed: int = 0, guidance_scale: float = 4.0,
-             num_inference_steps: int = 28, negative_prompt: str = " "):
-        """Edited uint8 (H, W, 3) image(s) from the generator alone; lists run as one packed batch."""
+             num_inference_steps: int = 28, negative_prompt: str = " ", extra_images=None):
+        """Edited uint8 (H, W, 3) image(s) from the generator alone; lists run as one packed batch.
+        `extra_images`: further source images ("Picture 2", ...): a sequence for one edit, one per sample for lists."""
         sources, instructions, single = _as_batch(source, instruction)
+        extras = _extras(extra_images, len(sources), single)
         requests = [EditRequest(image=s, prompt=i, seed=seed, guidance_scale=guidance_scale,
-                                num_inference_steps=num_inference_steps, negative_prompt=negative_prompt)
-                    for s, i in zip(sources, instructions)]
+                                num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
+                                extra_images=e)
+                    for s, i, e in zip(sources, instructions, extras)]
         out = self.editor().edit(requests)
         return out[0] if single else out
 
@@ -100,7 +103,7 @@ class Pipeline:
     def edit_with_reasoning(self, source, instruction, *, think: bool = True, reflect: bool = True,
                             rounds: int = 3, seed: int = 0, guidance_scale: float = 4.0,
                             num_inference_steps: int = 28, negative_prompt: str = " ",
-                            generate: Optional[Generate] = None, progress=None):
+                            generate: Optional[Generate] = None, progress=None, extra_images=None):
         """The think -> edit -> reflect loop with this model as editor and thinker: a `Trace` per sample.
         `generate` replaces the reasoner's text generation (a `messages_batch -> list[str]` callable)."""
         sources, instructions, single = _as_batch(source, instruction)
@@ -108,7 +111,7 @@ class Pipeline:
         traces = edit_with_reasoning(self.editor(), thinker, sources, instructions, think=think, reflect=reflect,
                                      rounds=rounds, seed=seed, guidance_scale=guidance_scale,
                                      num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
-                                     progress=progress)
+                                     progress=progress, extra_images=_extras(extra_images, len(sources), single))
         return traces[0] if single else traces
 
 
@@ -141,6 +144,19 @@ def build_thinker(thinker: str | None = None, *, pipeline: Pipeline | None = Non
         return pipeline.thinker(max_new_tokens=max_new_tokens)
     from reasonedit.inference.openai_thinker import OpenAIThinker
     return OpenAIThinker(thinker, model_name, api_key, contract=contract, concurrency=concurrency)
+
+
+def _extras(extra_images, n: int, single: bool) -> list[tuple]:
+    """Each sample's further source images: `extra_images` is a sequence of images for one edit, one sequence
+    per sample for a batch, or None."""
+    if extra_images is None:
+        return [()] * n
+    if single:
+        return [tuple(extra_images)]
+    extras = [tuple(e) for e in extra_images]
+    if len(extras) != n:
+        raise ValueError(f"extra_images: {len(extras)} entries for {n} samples")
+    return extras
 
 
 def _as_batch(source, instruction) -> tuple[list, list[str], bool]:

@@ -77,10 +77,11 @@ class ImagePolicy:
         return self.area is None
 
     def check_sources(self, count: int, where: str = "edit") -> None:
+        at = f"{where}: " if where else ""
         if count < 1:
-            raise ValueError(f"{where}: an edit needs at least one source image")
+            raise ValueError(f"{at}an edit needs at least one source image")
         if self.max_sources is not None and count > self.max_sources:
-            raise ValueError(f"{where}: {count} source images, but the {self.name} image policy takes at most "
+            raise ValueError(f"{at}{count} source images, but the {self.name} image policy takes at most "
                              f"{self.max_sources} (QwenImageEditPlusPipeline models, policy qwen-image-edit-plus, "
                              "take several)")
 

@@ -189,7 +189,7 @@ class Preprocessor:
         drop_text, drop_image = self.config.dropout.draw(key, self.config.seed)
         drop_image = drop_image and bool(sources)  # a caption has no image to drop
         try:
-            seen, sources, target = self.sized(sources, target, key)  # the sizes do not depend on the dropout
+            seen, sources, target = self.sized(sources, target)  # the sizes do not depend on the dropout
             if drop_image:
                 seen, sources = [], []
             instruction = "" if drop_text else instruction
@@ -206,7 +206,7 @@ class Preprocessor:
             self.encode_latents([segment])
         return segment
 
-    def sized(self, sources: Sequence[np.ndarray], target: np.ndarray, key: str = "record"
+    def sized(self, sources: Sequence[np.ndarray], target: np.ndarray, key: str = ""
               ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
         """The sources as the reasoner sees them, as the VAE encodes them, and the target, sized by the policy as
         an edit of these sources is at inference (native: each image bucketed)."""
@@ -223,7 +223,7 @@ class Preprocessor:
         """The generator example of an EditPair, a TextToImage or a ThinkingPair's target; none for reflection."""
         key = f"{record.key}/generate"
         if isinstance(record, EditPair):
-            return [self.generator_segment(key, [record.source], record.instruction, record.target)]
+            return [self.generator_segment(key, record.sources, record.instruction, record.target)]
         if isinstance(record, TextToImage):
             return [self.generator_segment(key, [], record.caption, record.image)]
         if isinstance(record, ThinkingPair):

@@ -86,9 +86,9 @@ ImageRef = tuple[str, Path]
 
 
 def build_edit_pair(key: str, where: str, source: ImageRef, instruction: str, target: ImageRef,
-                    meta: dict) -> EditPair:
+                    meta: dict, extra_sources: list[ImageRef] = ()) -> EditPair:
     return EditPair(key, load_image(source[1], where, source[0]), instruction, load_image(target[1], where, target[0]),
-                    meta=meta)
+                    meta=meta, extra_sources=[load_image(p, where, name) for name, p in extra_sources])
 
 
 def build_thinking_pair(key: str, where: str, image: ImageRef, abstract: str, concrete: str, category: str,
