@@ -197,9 +197,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .experiment import run_experiment
 
+    from .experiment import launch_rank
+
     tree, cfg = load_config(args.config, args.overrides)
-    print(f"experiment {cfg.name}: steps {', '.join(cfg.steps)} -> {cfg.output_dir}")
+    rank, world_size = launch_rank()
+    if rank == 0:
+        print(f"experiment {cfg.name}: steps {', '.join(cfg.steps)} -> {cfg.output_dir}" +
+              (f" ({world_size} ranks: the training steps on all, the others on rank 0)" if world_size > 1 else ""))
     result = run_experiment(tree, cfg, progress=ProgressLine())
+    if rank != 0:  # the main rank prints the run's summary
+        return 0
     for step, seconds in result.timings.items():
         print(f"  {step:<8} {seconds:6.1f}s")
     for name, path in result.artifacts.items():

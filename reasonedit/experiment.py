@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -186,7 +188,7 @@ def _stage_step(number: int) -> Callable:
         res = train_stage(cfg, number, start, stage_sources(cfg, number, out), out / f"stage{number}",
                           evaluate=_held_out_evaluator(cfg, out, STAGE_PARTS[number]))
         result.stages[f"stage{number}"] = res
-        if res.model is not None:
+        if res.model is not None and launch_rank()[0] == 0:  # the model's validation: the main rank's work
             result.artifacts[f"stage{number}"] = str(res.model)
             result.validation[f"stage{number}"] = _validate_stage(cfg, number, start, res.model, out)
     return step
@@ -457,14 +459,51 @@ def preflight(cfg: ExperimentConfig, out: Path) -> None:
             stage_sources(cfg, number, out)
 
 
+# the steps every rank of a torchrun / deepspeed launch runs together (each trains on its share of the data); every
+# other step (data, models, vae, pretrain, batches, preview, edit, eval, and a stage's validation) is the main
+# rank's alone while the other ranks wait for the next training step or, after the last one, are done
+RANK_STEPS = ("stage1", "stage2", "stage3")
+STEP_WAIT = datetime.timedelta(days=7)  # how long the other ranks wait for the main rank's steps
+
+
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a torchrun / deepspeed launch; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _step_group():
+    """A gloo group for waiting on the main rank's steps, whose timeout outlasts them (an eval or a data step can
+    take hours, far past the training group's collective timeout)."""
+    import torch.distributed as dist
+
+    from .training.distributed import init_world
+    init_world()
+    return dist.new_group(backend="gloo", timeout=STEP_WAIT)
+
+
 def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable | None = None) -> RunResult:
-    """Run every step of `cfg.steps`, in order, after checking what the steps will read (preflight)."""
+    """Run every step of `cfg.steps`, in order, after checking what the steps will read (preflight). Under torchrun
+    the training steps run on every rank and the others on the main rank (`RANK_STEPS`)."""
+    import torch.distributed as dist
+
+    rank, world_size = launch_rank()
     preflight(cfg, Path(cfg.output_dir))
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(tree, out / "config.yaml")
+    group = _step_group() if world_size > 1 else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(tree, out / "config.yaml")
     result = RunResult(out)
-    for name in cfg.steps:
+    last = max((i for i, name in enumerate(cfg.steps) if name in RANK_STEPS), default=-1)
+    for i, name in enumerate(cfg.steps):
+        together = name in RANK_STEPS
+        if group is not None and together:
+            dist.barrier(group=group)  # the main rank's steps before this one are done
+        if rank != 0 and not together:
+            if i > last:
+                log.info("rank %d: done; the main rank runs %s", rank, ", ".join(cfg.steps[i:]))
+                break
+            continue
         started = time.perf_counter()
         log.info("step %s", name)
         STEPS[name](cfg, out, result, progress)
@@ -472,4 +511,4 @@ def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable |
     return result
 
 
-__all__ = ["RunResult", "STEPS", "latest_model", "pretrain_start", "run_experiment", "step_pretrain"]
+__all__ = ["RANK_STEPS", "RunResult", "STEPS", "launch_rank", "latest_model", "pretrain_start", "run_experiment", "step_pretrain"]

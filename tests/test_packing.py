@@ -196,6 +196,33 @@ def test_stage3_mixed_row_equals_each_segment_alone(model, text_segments, gen_se
         assert (mixed.row.split(mixed.row.labels[..., None])[d] == IGNORE_INDEX).all()
 
 
+def test_a_row_without_images_runs_the_vision_tower_on_an_idle_image_that_changes_nothing(model, records):
+    """Under FSDP2 and ZeRO-3 every rank runs the same modules each step: a stage-3 row holding no image (captions
+    only) gets a blank image document of its own, which no label reads and no other document sees."""
+    from reasonedit.stages.base import StageContext, idle_generator_term
+    captions = [s for s in Preprocessor.from_model(model).generator_segments(records["text_to_image"][0])]
+    assert captions and all("pixel_values" not in s.condition for s in captions)
+    plain, idle = mixed_inputs(captions, model.reasoner), mixed_inputs(captions, model.reasoner, with_image=True)
+    assert plain.row.pixel_values is None and idle.row.pixel_values is not None
+    assert len(idle.row.lengths) == len(plain.row.lengths) + 1 and (idle.row.labels[0, sum(plain.row.lengths):]
+                                                                     == IGNORE_INDEX).all()
+    with torch.no_grad():
+        a = plain.split_condition_states(model.reasoner.packed_hidden_states(plain.row))
+        b = idle.split_condition_states(model.reasoner.packed_hidden_states(idle.row))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+    # a rank with no generator sample runs the generator on a dummy that adds zero, with gradients of zero
+    hidden = torch.randn(3, model.reasoner.hidden_size, requires_grad=True)
+    term = idle_generator_term(model, StageContext(None, torch.Generator(), torch.device("cpu")), hidden)
+    term.sum.backward()
+    assert term.sum.item() == 0.0 and term.count.item() == 0 and hidden.grad is not None
+    grads = dict(model.generator.named_parameters())
+    assert all(not p.grad.any() for p in grads.values() if p.grad is not None)
+    last = f"transformer_blocks.{len(model.generator.transformer_blocks) - 1}."  # its text output is never read
+    assert {n for n, p in grads.items() if p.grad is None} <= {n for n in grads if n.startswith(last)}
+    model.generator.zero_grad(set_to_none=True)
+
+
 # -- the packer -----------------------------------------------------------------------------------------
 
 

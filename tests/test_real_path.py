@@ -162,25 +162,32 @@ def imported(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("which,pipeline", [("folder", "QwenImageEditPipeline"),
-                                            ("plus_folder", "QwenImageEditPlusPipeline")], ids=["edit", "plus-2511"])
-def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights(which, pipeline, imported, tmp_path,
-                                                                                  request):
-    folder = request.getfixturevalue(which)
-    out = tmp_path / "run"
+def paper_run(folder, imported, out, plus: bool) -> list[str]:
+    """`reasonedit run paper.yaml` arguments at a CPU scale: two steps a stage, small budgets and image areas,
+    the imported datasets as each stage's data (several sources a record for the Plus pipelines)."""
     d = {k: f"{{path: {v}}}" for k, v in imported.items()}
-    scale = ["model.dtype=float32", "train.parallel=none", "train.data_streams=0", "train.activation_checkpointing=false",
+    scale = ["model.dtype=float32", "train.data_streams=0", "train.activation_checkpointing=false",
              "train.checkpoint_every=0", "batches.pixel_budget=50176", "batches.window=8", "eval.limit=1",
              "model.images.area=16384", "model.images.condition_area=4096",
              "eval.sampling_steps=2", "eval.rounds=1", "eval.modes=[base,think_reflect]", "eval.device=cpu"]
     for n in (1, 2, 3):
         scale += [f"stage{n}.steps=2", f"stage{n}.warmup_steps=0", f"stage{n}.reasoner_budget=1024",
                   f"stage{n}.generator_budget=1024"]
-    edits = d["multi"] if pipeline == "QwenImageEditPlusPipeline" else d["edits"]  # the Plus pipelines take several
+    edits = d["multi"] if plus else d["edits"]  # the Plus pipelines take several sources
     data = [f"stage1.data=[{d['edits']},{d['critiques']}]", f"stage2.data=[{d['captions']},{edits}]",
             f"stage3.data=[{edits},{d['captions']},{d['critiques']}]"]
-    res = run_cli("run", ROOT / "configs" / "experiment" / "paper.yaml", f"model.path={folder}",
-                  f"output_dir={out}", *scale, *data)
+    return [str(ROOT / "configs" / "experiment" / "paper.yaml"), f"model.path={folder}", f"output_dir={out}",
+            *scale, *data]
+
+
+@pytest.mark.parametrize("which,pipeline", [("folder", "QwenImageEditPipeline"),
+                                            ("plus_folder", "QwenImageEditPlusPipeline")], ids=["edit", "plus-2511"])
+def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights(which, pipeline, imported, tmp_path,
+                                                                                  request):
+    folder = request.getfixturevalue(which)
+    out = tmp_path / "run"
+    res = run_cli("run", *paper_run(folder, imported, out, pipeline == "QwenImageEditPlusPipeline"),
+                  "train.parallel=none")
     assert res.returncode == 0, res.stderr[-3000:]
     # the start model refers to the folder; each stage writes only what it trained
     assert sorted(p.name for p in (out / "model").iterdir()) == [CONFIG_FILE]
@@ -218,26 +225,31 @@ def test_a_run_on_a_broken_folder_stops_before_its_first_step(folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_stage_2_of_the_paper_recipe_under_fsdp2_on_two_ranks(folder, imported, tmp_path):
-    """The paper's stage 2 from a diffusers folder under torchrun (2 gloo ranks, FSDP2): the real VAE stays whole
-    on each rank (it encodes latents in preprocessing, through the latent cache) while the rest is sharded."""
+@pytest.mark.parametrize("which,parallel", [("folder", ["train.parallel=fsdp"]),
+                                            ("folder", ["train.parallel=deepspeed", "train.zero_stage=3"]),
+                                            ("plus_folder", ["train.parallel=fsdp"]),
+                                            ("plus_folder", ["train.parallel=deepspeed", "train.zero_stage=3"])],
+                         ids=["edit-fsdp2", "edit-zero3", "plus-fsdp2", "plus-zero3"])
+def test_the_paper_recipe_runs_under_torchrun_on_two_ranks(which, parallel, imported, tmp_path, request):
+    """The whole run under torchrun (2 gloo ranks): the stages on both ranks, each reading half the records (the
+    real VAE whole on each rank under FSDP2, as it encodes in preprocessing); the models step, each stage's
+    validation and the eval on rank 0 alone. In stage 3 a rank whose batch holds no image or no generator sample
+    still runs the vision tower and the generator (FSDP2 and ZeRO-3 need the same modules on every rank)."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "run"
-    common = [f"model.path={folder}", f"output_dir={out}", "model.dtype=float32", "train.data_streams=0",
-              "train.activation_checkpointing=false", "train.checkpoint_every=0", "batches.pixel_budget=50176",
-              "batches.window=8", "stage2.steps=2", "stage2.warmup_steps=0", "stage2.generator_budget=1024",
-              f"stage2.data=[{{path: {imported['captions']}}},{{path: {imported['edits']}}}]"]
-    assert run_cli_here("run", ROOT / "configs" / "experiment" / "paper.yaml", *common, "steps=[models]").returncode == 0
-    (out / "stage1").mkdir()  # stage 2's default start (torchrun's own parser would take --start)
-    (out / "stage1" / "model").symlink_to(out / "model")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          "-m", "reasonedit", "train", "--config", str(ROOT / "configs" / "experiment" / "paper.yaml"),
-                          "--stage", "2", *common, "train.parallel=fsdp"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          "-m", "reasonedit", "run", *paper_run(request.getfixturevalue(which), imported, out,
+                                                                which == "plus_folder"), *parallel],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "fsdp on 2 rank(s)" in res.stderr and "latent cache:" in res.stderr
-    refs = json.loads((out / "stage2" / "model" / CONFIG_FILE).read_text())["references"]
-    assert sorted(refs) == ["reasoner", "vae"] and (out / "stage2" / "model" / "generator").is_dir()
+    kind = "fsdp" if "train.parallel=fsdp" in parallel else "deepspeed"
+    for n in (1, 2, 3):
+        assert f"stage{n}: trains" in res.stderr and f"{kind} on 2 rank(s)" in res.stderr
+        assert f"stage{n}: rank 1 read and preprocessed" in res.stderr
+    assert "rank 1: done; the main rank runs eval" in res.stderr and "latent cache:" in res.stderr
+    assert res.stdout.count("experiment paper: steps") == 1 and res.stdout.count("| base |") == 1
+    assert res.stderr.count("step models") == 1 and res.stderr.count("step eval") == 1
+    assert (out / "eval" / "report.md").is_file() and (out / "stage3" / "model" / CONFIG_FILE).is_file()

@@ -106,8 +106,23 @@ class MixedInputs:
 
 
 
-def mixed_inputs(items: Sequence[Any], reasoner: Reasoner) -> MixedInputs:
-    """A stage-3 batch (reasoner and generator segments, as a two-budget packer emits them) to one row."""
+def idle_image_document(reasoner: Reasoner) -> dict[str, torch.Tensor]:
+    """A document of one blank image at the processor's smallest size, nothing to learn in it (labels -100): a
+    row without images that carries it runs the vision tower as every other rank's row does."""
+    import numpy as np
+
+    from reasonedit.models.processor import processor_min_pixels
+    side = int(np.ceil(processor_min_pixels(reasoner.processor.image_processor) ** 0.5))
+    doc = reasoner.processor.encode_one([{"role": "user", "content": [
+        {"type": "image", "image": np.zeros((side, side, 3), np.uint8)}]}], add_generation_prompt=False)
+    doc["labels"] = torch.full_like(doc["input_ids"], IGNORE_INDEX)
+    return doc
+
+
+def mixed_inputs(items: Sequence[Any], reasoner: Reasoner, with_image: bool = False) -> MixedInputs:
+    """A stage-3 batch (reasoner and generator segments, as a two-budget packer emits them) to one row.
+    with_image: a row that holds no image gets `idle_image_document` last (under FSDP2 and ZeRO-3 every rank must
+    run the same modules each step; its own document, it changes no other document's states)."""
     text = [s for s in items if isinstance(s, ReasonerSegment)]
     gen = [s for s in items if isinstance(s, GeneratorSegment)]
     if len(text) + len(gen) != len(items):
@@ -117,8 +132,11 @@ def mixed_inputs(items: Sequence[Any], reasoner: Reasoner) -> MixedInputs:
         cond = dict(s.condition)
         cond["labels"] = torch.full_like(cond["input_ids"], IGNORE_INDEX)  # (1, T_c): condition is not a target
         docs.append(cond)
+    if with_image and not any("pixel_values" in d for d in docs):
+        docs.append(idle_image_document(reasoner))
     row = pack_reasoner_inputs(docs, reasoner.model)
     return MixedInputs(row, text, gen, list(range(len(text), len(text) + len(gen))))
 
 
-__all__ = ["GeneratorInputs", "MixedInputs", "condition_states", "generator_inputs", "mixed_inputs", "reasoner_inputs"]
+__all__ = ["GeneratorInputs", "MixedInputs", "condition_states", "generator_inputs", "idle_image_document",
+           "mixed_inputs", "reasoner_inputs"]

@@ -33,6 +33,9 @@ class StageContext:
     generator: torch.Generator  # noise and timesteps: seeded per (step, micro-batch), so resume is exact
     device: torch.device
     condition_cache: Any = None  # a ConditionCache for a stage that `uses_condition_cache`, or None
+    # several ranks: each runs the same modules every step whatever its batch holds (FSDP2 and ZeRO-3 gather and
+    # reduce per module, and ZeRO-3 checks that the ranks' module orders agree)
+    same_modules: bool = False
 
 
 class Stage:
@@ -146,4 +149,22 @@ def generator_flow_matching(model: "ReasonEditModel", segments: Sequence[Generat
     return flow_matching_loss(pred, target, weights)
 
 
-__all__ = ["LossTotals", "Stage", "StageContext", "answer_tokens", "generator_flow_matching"]
+def idle_generator_term(model: "ReasonEditModel", ctx: StageContext,
+                        text_states: torch.Tensor | None = None) -> LossSum:
+    """A zero loss through one generator forward on a one-token dummy sample. A rank whose batch holds no
+    generator sample still runs the generator's forward and backward, as every other rank does: FSDP2 and
+    ZeRO-3 gather the generator's shards in the forward and reduce its gradients in the backward, one collective
+    per unit on every rank, and DDP expects a gradient for every parameter. text_states: (T, hidden) reasoner
+    states the dummy reads (zeroed), so the backward also runs through the reasoner's state output as it does
+    where the generator reads real states (stage 3)."""
+    from reasonedit.models.generator import GeneratorSample
+
+    gen = model.generator
+    cfg, p = gen.config, gen.config.patch_size
+    text = torch.zeros(1, cfg.joint_attention_dim) if text_states is None else text_states[:1].float() * 0.0
+    dummy = GeneratorSample(text_states=text, target=torch.zeros(cfg.out_channels, p, p), timestep=1.0)
+    out = gen(gen.pack([dummy]).to(ctx.device))
+    return LossSum(out.float().sum() * 0.0, torch.zeros(()))
+
+
+__all__ = ["LossTotals", "Stage", "StageContext", "answer_tokens", "generator_flow_matching", "idle_generator_term"]

@@ -12,7 +12,7 @@ from reasonedit.losses import LossSum, joint_loss, next_token_loss
 from reasonedit.models.inputs import mixed_inputs
 from reasonedit.models.model import ReasonEditModel
 
-from .base import Stage, StageContext, answer_tokens, generator_flow_matching
+from .base import Stage, StageContext, answer_tokens, generator_flow_matching, idle_generator_term
 from .reasoning import train_only_lora
 
 
@@ -43,7 +43,7 @@ class UnifiedStage(Stage):
                 "ntp": answer_tokens([s for s in batch.items if isinstance(s, ReasonerSegment)])}
 
     def loss_sums(self, model: ReasonEditModel, batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
-        mixed = mixed_inputs(batch.items, model.reasoner)
+        mixed = mixed_inputs(batch.items, model.reasoner, with_image=ctx.same_modules)
         row = mixed.row.to(ctx.device)
         out = model.reasoner.forward_packed(row, backend=model.config.attention_backend, with_loss=False,
                                             output_hidden_states=True)
@@ -51,9 +51,8 @@ class UnifiedStage(Stage):
         if mixed.generator_segments:
             states = mixed.split_condition_states(out.hidden_states[-1])  # with gradients into the reasoner
             sums["fm"] = generator_flow_matching(model, mixed.generator_segments, states, ctx)
-        else:  # no generator sample: a zero term that still touches the generator (DDP expects its grads)
-            zero = sum(p.sum() for p in model.generator.parameters() if p.requires_grad) * 0.0
-            sums["fm"] = LossSum(zero, torch.zeros(()))
+        else:  # no generator sample on this rank: the same forward and backward as the others, adding zero
+            sums["fm"] = idle_generator_term(model, ctx, out.hidden_states[-1][0])
         return sums
 
     def combine(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -121,7 +121,7 @@ class Stepper:
         world = self.world
         return StageContext(self.flow_matching, step_generator(self.seed, self.stage.number, at,
                                                                i * world.world_size + world.rank),
-                            world.device, self.cache)
+                            world.device, self.cache, same_modules=world.world_size > 1)
 
     def autocast(self):
         return (torch.autocast("cuda", dtype=torch.bfloat16) if self.world.device.type == "cuda"
