@@ -51,11 +51,16 @@ def test_the_lora_count_is_what_peft_adds_to_a_real_reasoner(tiny_model_dir):
 def test_layouts_divide_what_they_shard():
     _, cfg = load_config(PAPER, ["model.path=/models/Qwen-Image-Edit"])
     rows = {p: {part: b for part, b, _ in plan_stage(cfg, 2, 8, p).rows} for p in ("ddp", "fsdp2", "zero2", "zero3")}
-    vae = count_stage(cfg, 2).loaded["vae"] * 2  # bf16
-    assert rows["zero3"]["parameters"] == -(-rows["ddp"]["parameters"] // 8)
+    counts = count_stage(cfg, 2)
+    vae = counts.loaded["vae"] * 2  # bf16
     assert rows["fsdp2"]["parameters"] == -(-(rows["ddp"]["parameters"] - vae) // 8) + vae  # the VAE stays whole
     assert rows["zero2"]["parameters"] == rows["ddp"]["parameters"]
-    assert rows["zero2"]["optimizer"] == rows["zero3"]["optimizer"] < rows["ddp"]["optimizer"]
+    # ZeRO-3 keeps what trains nothing whole (stage 2: the reasoner and the VAE) and the tensors under DeepSpeed's
+    # persistence threshold gathered besides their partitions (norms, biases: well under 1 % of the generator)
+    frozen, gen = (counts.loaded["reasoner"] + counts.loaded["vae"]) * 2, counts.loaded["generator"] * 2
+    assert frozen + gen / 8 <= rows["zero3"]["parameters"] <= frozen + gen / 8 + 0.01 * gen
+    assert rows["zero2"]["optimizer"] <= rows["zero3"]["optimizer"] <= rows["zero2"]["optimizer"] + 12 * 8 * 3000
+    assert rows["zero3"]["optimizer"] < rows["ddp"]["optimizer"]
     assert rows["fsdp2"]["EMA"] == -(-rows["ddp"]["EMA"] // 8)
 
 

@@ -176,6 +176,7 @@ def test_deepspeed_zero2_on_two_ranks_lands_where_ddp_lands(ddp, start_model, sm
     else:  # the same JSON through the config key, under torchrun
         stage_dir, res = train(root, 2, 1, "deepspeed", ["train.deepspeed_config=launch/deepspeed/zero2.json"])
     assert "deepspeed on 2 rank(s)" in res.stderr and "ZeRO-2" in res.stderr
+    assert_plan_matches_what_ranks_hold(res.stderr, start_model, root, ranks=2, parallel="zero2")
     assert (stage_dir / "checkpoints" / f"step_{STEPS:08d}" / "deepspeed").is_dir()  # DeepSpeed's optimizer state
     assert_close(result(ddp), result(stage_dir), "zero2")
     from safetensors.torch import load_file
@@ -210,6 +211,7 @@ def test_deepspeed_zero3_stops_on_sigterm_to_one_rank_resumes_and_saves_a_loadab
     assert not (root / "stage2" / "model").exists()
     stage_dir, res = train(root, 2, 1, "deepspeed", extra)
     assert "resumed from" in res.stderr and "ZeRO-3" in res.stderr
+    assert_plan_matches_what_ranks_hold(res.stderr, start_model, root, ranks=2, parallel="zero3")
     assert_close(result(ddp), result(stage_dir), "zero3 resumed")
     model = ReasonEditModel.from_pretrained(stage_dir / "model")
     assert model.generator is not None

@@ -13,8 +13,10 @@ stage's rule for what trains is applied to them, so the counts are the trainer's
   hidden vector per layer plus one block's worth.
 
 What each parallel layout divides by the rank count G: ddp nothing; zero2 gradients and optimizer; fsdp2 and
-zero3 parameters, gradients, optimizer and EMA (FSDP2 shards every parameter of the wrapped module, frozen ones
-too, except the VAE, which encodes in preprocessing outside the wrapped forward). The activation figure is an estimate to check against `torch.cuda.max_memory_allocated` on a GPU; the
+zero3 parameters, gradients, optimizer and EMA. FSDP2 shards every parameter of the wrapped module, frozen ones
+too, except the VAE, which encodes in preprocessing outside the wrapped forward. ZeRO-3 keeps a part that trains
+nothing whole on every rank (stage 2's reasoner, the VAE) and holds each tensor of at most the JSON's
+stage3_param_persistence_threshold elements whole besides its partition. The activation figure is an estimate to check against `torch.cuda.max_memory_allocated` on a GPU; the
 others are the bytes the trainer holds (`held_bytes`, logged by every rank at its first step).
 """
 
@@ -44,6 +46,8 @@ class ModelCounts:
     trainable: dict[str, int]  # component -> trainable parameters (LoRA counted under the reasoner)
     trainable_tensors: int
     layers: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # component -> (layers, hidden, ffn)
+    # component -> (elements, trains) of each of its tensors: ZeRO-3 partitions a tensor only above a size
+    tensors: dict[str, list[tuple[int, bool]]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -104,18 +108,18 @@ def _meta_reasoner(cfg: ExperimentConfig) -> torch.nn.Module:
         return Qwen2_5_VLForConditionalGeneration(config)
 
 
-def _lora_params(reasoner: torch.nn.Module, cfg: ExperimentConfig) -> tuple[int, int]:
-    """(parameters, tensors) of the LoRA adapter `Reasoner.add_lora` puts on the language model's attention."""
+def _lora_tensors(reasoner: torch.nn.Module, cfg: ExperimentConfig) -> list[int]:
+    """The elements of each tensor of the LoRA adapter `Reasoner.add_lora` puts on the language model's attention
+    (A: rank x in, B: out x rank per adapted projection)."""
     from reasonedit.models.reasoner import LM_ATTENTION_PREFIX
 
     lora = cfg.model.reasoner.lora
     pattern = re.compile(LM_ATTENTION_PREFIX + "(" + "|".join(re.escape(t) for t in lora.targets) + ")$")
-    params = tensors = 0
+    out = []
     for name, module in reasoner.named_modules():
         if pattern.search(name) and isinstance(module, torch.nn.Linear):
-            params += lora.rank * (module.in_features + module.out_features)
-            tensors += 2
-    return params, tensors
+            out += [lora.rank * module.in_features, module.out_features * lora.rank]
+    return out
 
 
 def count_stage(cfg: ExperimentConfig, stage: int, adapter: bool | None = None) -> ModelCounts:
@@ -127,29 +131,60 @@ def count_stage(cfg: ExperimentConfig, stage: int, adapter: bool | None = None) 
         raise ValueError(f"--stage {stage}: choose 0 (pretrain), 1, 2 or 3")
     components = STAGE_COMPONENTS[stage]
     reasoner = _meta_reasoner(cfg)
-    loaded = {"reasoner": sum(p.numel() for p in reasoner.parameters())}
     r, g = cfg.model.reasoner, cfg.model.generator
     layers = {"reasoner": (r.num_layers, r.hidden_size, r.intermediate_size)}
-    trainable, tensors = {"reasoner": 0}, 0
-    if stage == 0:  # the tiny reasoner's pretraining stand-in: a full fine-tune
-        trainable["reasoner"] = loaded["reasoner"]
-        tensors += sum(1 for _ in reasoner.parameters())
-    elif stage in (1, 3) or (adapter if adapter is not None else stage >= 2):
-        lora, lora_tensors = _lora_params(reasoner, cfg)
-        loaded["reasoner"] += lora
-        if stage != 2:  # stage 2 carries the adapter frozen
-            trainable["reasoner"], tensors = lora, tensors + lora_tensors
+    sizes = {"reasoner": [(p.numel(), stage == 0) for p in reasoner.parameters()]}  # stage 0: a full fine-tune
+    if stage in (1, 3) or (stage == 2 and (adapter if adapter is not None else True)):
+        sizes["reasoner"] += [(n, stage != 2) for n in _lora_tensors(reasoner, cfg)]  # stage 2: the adapter frozen
     if "generator" in components:
         with torch.device("meta"):
             generator = build_generator(cfg.model)
-        loaded["generator"] = sum(p.numel() for p in generator.parameters())
-        trainable["generator"] = loaded["generator"]
-        tensors += sum(1 for _ in generator.parameters())
+        sizes["generator"] = [(p.numel(), True) for p in generator.parameters()]
         width = g.num_attention_heads * g.attention_head_dim
         layers["generator"] = (g.num_layers, width, 4 * width)
     if "vae" in components:
-        loaded["vae"] = _vae_params(cfg)
-    return ModelCounts(loaded, trainable, tensors, layers)
+        sizes["vae"] = [(_vae_params(cfg), False)]
+    loaded = {c: sum(n for n, _ in t) for c, t in sizes.items()}
+    trainable = {c: sum(n for n, trains in t if trains) for c, t in sizes.items() if c != "vae"}
+    tensors = sum(1 for t in sizes.values() for _, trains in t if trains)
+    return ModelCounts(loaded, trainable, tensors, layers, sizes)
+
+
+def zero3_persistence_threshold(cfg: ExperimentConfig) -> int:
+    """The ZeRO-3 JSON's stage3_param_persistence_threshold (DeepSpeed's default 1e5): a tensor of at most that
+    many elements stays gathered between steps, its whole data held besides its partition."""
+    import copy
+    import json
+
+    from .zero import json_path
+    tc = copy.copy(cfg.train)
+    tc.zero_stage = 3
+    doc = json.loads(json_path(tc).read_text())
+    return int((doc.get("zero_optimization") or {}).get("stage3_param_persistence_threshold", 100_000))
+
+
+def _zero3_rows(counts: ModelCounts, gpus: int, width: int, threshold: int, ema: bool) -> list[tuple[str, int, str]]:
+    """ZeRO-3's bytes per rank: a part that trains nothing stays whole (`zero.keep_frozen_whole`); in the others
+    each tensor is split into `gpus` padded partitions, and one of at most `threshold` elements is also held
+    whole (persistent, gathered once). Gradients, master weights and moments: the partitions."""
+    def part(n: int) -> int:
+        return -(-n // gpus)
+
+    partitioned = {c for c, t in counts.tensors.items() if any(trains for _, trains in t)}
+    params = sum(part(n) + (n if n <= threshold else 0) if c in partitioned else n
+                 for c, t in counts.tensors.items() for n, _ in t)
+    persistent = sum(n for c in partitioned for n, _ in counts.tensors[c] if n <= threshold)
+    trains = sum(part(n) for t in counts.tensors.values() for n, tr in t if tr)
+    whole = sorted(set(counts.tensors) - partitioned)
+    rows = [("parameters", params * width, f"{counts.total:,} x {width} B / {gpus}"
+             + (f", {', '.join(whole)} whole (trains nothing)" if whole else "")
+             + f", + {persistent:,} in tensors of <= {threshold:,} kept gathered"),
+            ("gradients", trains * 4, f"{counts.trainable_total:,} trainable x 4 B / {gpus}"),
+            ("optimizer", trains * 12, f"float32 master + 2 moments: 12 B each / {gpus}")]
+    if ema:
+        rows.append(("EMA", sum(part(n) for n, tr in counts.tensors.get("generator", []) if tr) * 4,
+                     f"generator's trainable x 4 B / {gpus}"))
+    return rows
 
 
 def _vae_params(cfg: ExperimentConfig) -> int:
@@ -188,6 +223,10 @@ def plan_stage(cfg: ExperimentConfig, stage: int, gpus: int, parallel: str, adap
     shard_states = parallel != "ddp"
     div = lambda n, sharded: -(-n // gpus) if sharded else n  # noqa: E731  (an uneven shard rounds up)
     whole = counts.loaded.get("vae", 0) if parallel == "fsdp2" else 0  # FSDP2 leaves the VAE whole on every rank
+    with_ema = cfg.train.ema_decay > 0 and "generator" in counts.trainable and stage in (2, 3)
+    if parallel == "zero3":
+        rows = _zero3_rows(counts, gpus, width, zero3_persistence_threshold(cfg), with_ema)
+        return Plan(stage, gpus, parallel, cfg.model.dtype, counts, rows + _activation_rows(cfg, stage, counts, width))
     rows = [("parameters", div((counts.total - whole) * width, shard_params) + whole * width,
              f"{counts.total:,} x {width} B" + (f" / {gpus}" if shard_params else "")
              + (f", the VAE's {whole:,} whole" if whole else ""))]
@@ -201,10 +240,14 @@ def plan_stage(cfg: ExperimentConfig, stage: int, gpus: int, parallel: str, adap
         opt = div(counts.trainable_total * 2 * width, shard_states) + 4 * counts.trainable_tensors
         rows.append(("optimizer", opt, f"2 moments x {width} B each" + (f" / {gpus}" if shard_states else "")
                      + f", + 4 B step per tensor ({counts.trainable_tensors:,})"))
-    if cfg.train.ema_decay > 0 and "generator" in counts.trainable and stage in (2, 3):
+    if with_ema:
         ema = counts.trainable["generator"] * 4
         rows.append(("EMA", div(ema, shard_params), "generator's trainable x 4 B"
                      + (f" / {gpus}" if shard_params else "")))
+    return Plan(stage, gpus, parallel, cfg.model.dtype, counts, rows + _activation_rows(cfg, stage, counts, width))
+
+
+def _activation_rows(cfg: ExperimentConfig, stage: int, counts: ModelCounts, width: int) -> list[tuple[str, int, str]]:
     act, parts = 0, []
     for model, tokens in _tokens(cfg, stage).items():
         n_layers, hidden, ffn = counts.layers[model]
@@ -212,9 +255,8 @@ def plan_stage(cfg: ExperimentConfig, stage: int, gpus: int, parallel: str, adap
         per_token = (n_layers * hidden + per_layer) if cfg.train.activation_checkpointing else n_layers * per_layer
         act += tokens * per_token * width
         parts.append(f"{model} {tokens:,} tokens")
-    rows.append(("activations (estimate)", act, ", ".join(parts) + (" with" if cfg.train.activation_checkpointing
-                                                                    else " without") + " checkpointing"))
-    return Plan(stage, gpus, parallel, cfg.model.dtype, counts, rows)
+    return [("activations (estimate)", act, ", ".join(parts) + (" with" if cfg.train.activation_checkpointing
+                                                                else " without") + " checkpointing")]
 
 
 def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
@@ -236,6 +278,31 @@ def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None)
     return out
 
 
+def _size(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def deepspeed_held_bytes(engine, gradients: int) -> dict[str, int]:
+    """`held_bytes` of a DeepSpeed rank, with `gradients` measured where they exist (the float32 partitions'
+    gradients, as its optimizer steps on them; `DeepSpeedStepper`): its parameter
+    partitions (ZeRO-3: each parameter's `ds_tensor`, the whole data of those it keeps gathered, and the frozen
+    parts it keeps whole; ZeRO-2: whole parameters) and the optimizer: the float32 master partitions and AdamW's moments over them."""
+    opt = engine.optimizer
+    # a ZeRO-3 parameter: its partition, and its whole data too while gathered (a persistent one stays gathered)
+    params = {id(p): (_size(p.ds_tensor) + _size(p.data)) if hasattr(p, "ds_tensor") else _size(p)
+              for p in engine.module.parameters()}
+    for m in engine.module.modules():  # the frozen parts `zero.keep_frozen_whole` took out of the module tree
+        for k, v in vars(m).items():
+            if isinstance(v, torch.nn.Module) and k not in m._modules:
+                params.update({id(p): _size(p) for p in v.parameters() if id(p) not in params})
+    masters = list(getattr(opt, "fp32_partitioned_groups_flat", None) or
+                   getattr(opt, "single_partition_of_fp32_groups", None) or [])
+    inner = getattr(opt, "optimizer", opt)
+    moments = sum(_size(v) for state in getattr(inner, "state", {}).values() for v in state.values())
+    return {"parameters": sum(params.values()), "gradients": gradients,
+            "optimizer": sum(_size(m) for m in masters) + moments}
+
+
 def plans(cfg: ExperimentConfig, stages: Sequence[int], gpus: int | None, parallel: str) -> list[Plan]:
     """One plan per stage, on `gpus` GPUs or the stage's own `gpus` (the paper's counts in paper.yaml)."""
     out = []
@@ -245,4 +312,5 @@ def plans(cfg: ExperimentConfig, stages: Sequence[int], gpus: int | None, parall
     return out
 
 
-__all__ = ["GIB", "ModelCounts", "PARALLELS", "Plan", "count_stage", "held_bytes", "plan_stage", "plans"]
+__all__ = ["GIB", "ModelCounts", "PARALLELS", "Plan", "count_stage", "deepspeed_held_bytes", "held_bytes", "plan_stage",
+           "plans"]

@@ -22,7 +22,7 @@ from reasonedit.stages import LossTotals, Stage, StageContext
 
 from .distributed import World, all_reduce_sum
 from .ema import GeneratorEMA
-from .plan import held_bytes
+from .plan import deepspeed_held_bytes, held_bytes
 
 Forward = Callable[[PackedBatch, StageContext], Mapping[str, LossSum]]  # batch, ctx -> each term's loss sum
 
@@ -166,6 +166,16 @@ class DeepSpeedStepper(Stepper):
     def __init__(self, engine, stage: Stage, world: World, **kw):
         super().__init__(engine, stage, world, engine.optimizer, engine.lr_scheduler, **kw)
         self.engine = engine
+        # the gradient partitions exist only inside the update: counted as the inner optimizer steps on them
+        self._gradient_bytes = 0
+        inner = getattr(engine.optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            inner.register_step_pre_hook(self._count_gradients)
+
+    def _count_gradients(self, optimizer, args, kwargs) -> None:
+        if self.held is None:
+            self._gradient_bytes += sum(p.grad.numel() * p.grad.element_size() for g in optimizer.param_groups
+                                        for p in g["params"] if p.grad is not None)
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -180,6 +190,8 @@ class DeepSpeedStepper(Stepper):
         # clips, steps AdamW and the schedule; skips by itself (and clears the gradients) when the gradient
         # norm is not finite
         self.engine.step()
+        if self.held is None:  # the partitions and the moments all exist now (plan.py)
+            self.held = deepspeed_held_bytes(self.engine, self._gradient_bytes)
         grad_norm = self.engine.get_global_grad_norm()
         if not isinstance(grad_norm, torch.Tensor):  # a float, or None before any step
             grad_norm = torch.full((), 0.0 if grad_norm is None else grad_norm, device=total.device)
