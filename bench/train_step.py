@@ -354,7 +354,7 @@ def bench_stage(number: int, cfg, model, data: Path, args, device: torch.device,
         buckets=buckets_for(full, b.pixel_budget), dropout=ConditionDropout(b.text_dropout, b.image_dropout),
         seed=cfg.seed))
     stream = BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer), stage.packer(b.window),
-                         lambda record: stage.segments(pre, record))
+                         lambda sample: stage.segments(pre, sample.record))
     started = time.perf_counter()
     batches = [stream.next() for _ in range(args.warmup + args.steps)]
     counts = [step_flops(number, model, batch) for batch in batches]

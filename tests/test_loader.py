@@ -122,6 +122,37 @@ def test_a_restored_loader_continues_the_uninterrupted_stream(shards, workers, k
         assert len(uninterrupted) == 2 * 90
 
 
+def where_and_what(record):
+    """A transform that says which process ran it; one record kind fails, to come back with its sample."""
+    import os
+    if record.KIND == "text_to_image" and record.key.endswith("3"):
+        raise ValueError(f"{record.key}: no")
+    return os.getpid(), record.key
+
+
+def test_the_transform_runs_in_the_worker_that_reads_the_record_and_resumes_exactly(shards):
+    import os
+    def build():
+        return make_loader(mix(shards, 0.6, 0.4), seed=3, num_workers=2, shuffle_buffer=5, epochs=1,
+                           transform=where_and_what)
+    loader = build()
+    it = iter(loader)
+    head = [next(it) for _ in range(20)]
+    state = loader.state_dict()
+    it.close()
+    done = [s for s in head if s.failure is None]
+    assert {s.result()[1] for s in done} == {s.key for s in done}
+    pids = {s.result()[0] for s in done}
+    assert len(pids) == 2 and os.getpid() not in pids  # both workers did the work, the main process none
+    failed = [s for s in head if s.failure is not None]
+    assert failed and all(s.key.endswith("3") for s in failed)
+    with pytest.raises(ValueError, match=f"{failed[0].key}: no"):
+        failed[0].result()
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert [s.key for s in resumed][:5] == [s.key for s in build()][20:25]
+
+
 def test_resume_decodes_only_what_it_yields_and_skips_whole_shards(shards, monkeypatch):
     def build():
         return make_loader([DatasetSpec("all", shards, split="train")], seed=3, shuffle_buffer=5, epochs=1)

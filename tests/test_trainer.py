@@ -17,11 +17,12 @@ def weights(path):
     return load_file(str(path / "generator" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(start_model, small_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: records preprocessed in the loader's worker processes
+def test_resume_after_a_crash_equals_the_uninterrupted_run(start_model, small_dataset, tmp_path, monkeypatch, workers):
     from reasonedit.training import data as data_mod
     from reasonedit.training import train_stage
 
-    extra = ["train.checkpoint_every=1", "train.keep_last=2"]
+    extra = ["train.checkpoint_every=1", "train.keep_last=2", f"train.num_workers={workers}"]
     whole = train_stage(stage_cfg(tmp_path / "a", 2, steps=4, extra=extra), 2, start_model, small_dataset,
                         tmp_path / "a" / "stage2")
     real_next, calls = data_mod.BatchStream.next, {"n": 0}

@@ -223,6 +223,8 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     wandb: bool = False  # offline when no WANDB_API_KEY is set
     tensorboard: bool = False
+    # loader worker processes per rank (per data stream): each reads, decodes and preprocesses (tokenises, resizes)
+    # its records; the VAE encodes in the main process, on its device. 0: all of it in the main process
     num_workers: int = 0
     # 0: every rank reads, preprocesses and encodes every record and keeps every world_size-th batch; S > 0: the data
     # is split into S streams (a multiple of the ranks), each rank reading only its own (training/data.py)

@@ -63,7 +63,7 @@ import tarfile
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -113,7 +113,8 @@ class DatasetSpec:
 
 @dataclass
 class LoadedSample:
-    """A decoded record and where it came from."""
+    """A decoded record and where it came from; `prepared`, the loader's `transform` of the record, computed in the
+    worker that read it (`failure`: what the transform raised there, raised again by `result()` in the caller)."""
 
     record: Record
     dataset: str
@@ -121,6 +122,14 @@ class LoadedSample:
     shard: str  # the shard's path relative to its dataset
     epoch: int  # the dataset's epoch in the worker that read it
     worker: int  # the global worker: rank * workers_per_rank + worker
+    prepared: Any = None
+    failure: BaseException | None = None
+
+    def result(self) -> Any:
+        """The transform's output, or the exception it raised in the worker."""
+        if self.failure is not None:
+            raise self.failure
+        return self.prepared
 
 
 @dataclass
@@ -454,10 +463,10 @@ class _MixedStream(IterableDataset):
     """What each DataLoader worker runs: yields (sample or None, local worker, its state after)."""
 
     def __init__(self, plans: Sequence[_DatasetPlan], seed: int, rank: int, world_size: int, workers: int,
-                 buffer: int, states: list[dict[str, Any]], rotation: int):
+                 buffer: int, states: list[dict[str, Any]], rotation: int, transform: Callable[[Record], Any] | None):
         self.plans, self.seed, self.buffer = list(plans), seed, buffer
         self.rank, self.world_size, self.workers = rank, world_size, workers
-        self.states, self.rotation = states, rotation
+        self.states, self.rotation, self.transform = states, rotation, transform
 
     def __iter__(self) -> Iterator[tuple[LoadedSample | None, int, dict[str, Any]]]:
         info = get_worker_info()
@@ -479,6 +488,11 @@ class _MixedStream(IterableDataset):
                     active.remove(plan)
                     continue
                 state["draws"] += 1
+                if self.transform is not None:  # the caller's per-record work, here in the worker
+                    try:
+                        sample.prepared = self.transform(sample.record)
+                    except Exception as e:  # handed over with the sample: the caller decides
+                        sample.failure = e
                 yield sample, local, _snapshot(state)
             yield None, local, _snapshot(state)  # the final counters, skips after the last sample included
         finally:
@@ -522,7 +536,8 @@ class StreamingLoader:
 
     def __init__(self, specs: Sequence[DatasetSpec], *, seed: int, num_workers: int, rank: int, world_size: int,
                  shuffle_buffer: int, epoch: int = 0, epochs: int | None = None, prefetch_factor: int = 2,
-                 multiprocessing_context: Any = None, timeout: float = 0):
+                 multiprocessing_context: Any = None, timeout: float = 0,
+                 transform: Callable[[Record], Any] | None = None):
         if not specs:
             raise LoaderError("no datasets: pass at least one DatasetSpec")
         names = [s.name for s in specs]
@@ -535,6 +550,7 @@ class StreamingLoader:
         if epochs is not None and epochs < 1:
             raise LoaderError(f"epochs must be None (stream forever) or >= 1, got {epochs}")
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
+        self.transform = transform  # run on each record in the worker that reads it (LoadedSample.prepared)
         self.shuffle_buffer, self.epochs = shuffle_buffer, epochs
         self.workers_per_rank = max(1, num_workers)
         self.global_workers = world_size * self.workers_per_rank
@@ -564,7 +580,8 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[LoadedSample]:
         dataset = _MixedStream(self.plans, self.seed, self.rank, self.world_size, self.workers_per_rank,
-                               self.shuffle_buffer, [_snapshot(w) for w in self._workers], self._next_worker)
+                               self.shuffle_buffer, [_snapshot(w) for w in self._workers], self._next_worker,
+                               self.transform)
         if self.num_workers == 0:
             items: Iterator = iter(dataset)
         else:
@@ -662,16 +679,18 @@ def kind_specs(data: Sources, kind: str, split: str, weight: float = 1.0) -> lis
 def make_loader(specs: Sequence[DatasetSpec], *, seed: int = 0, num_workers: int = 0, rank: int | None = None,
                 world_size: int | None = None, shuffle_buffer: int = 1000, epoch: int = 0,
                 epochs: int | None = None, prefetch_factor: int = 2, multiprocessing_context: Any = None,
-                timeout: float = 0) -> StreamingLoader:
+                timeout: float = 0, transform: Callable[[Record], Any] | None = None) -> StreamingLoader:
     """A resumable loader over `specs`; rank and world_size default to torch.distributed's, else 0 of 1.
 
     `epochs=None` streams forever (each dataset cycling through its own epochs); `epochs=E`
-    yields `E` epochs of every dataset from `epoch` on, then ends.
+    yields `E` epochs of every dataset from `epoch` on, then ends. `transform`: a pure function of a record, run
+    in the worker that reads it (with num_workers > 0, in that worker process), its output in
+    `LoadedSample.prepared`; it must not depend on anything but the record, so resume stays exact.
     """
     rank, world_size = _rank_and_world(rank, world_size)
     return StreamingLoader(specs, seed=seed, num_workers=num_workers, rank=rank, world_size=world_size,
                            shuffle_buffer=shuffle_buffer, epoch=epoch, epochs=epochs, prefetch_factor=prefetch_factor,
-                           multiprocessing_context=multiprocessing_context, timeout=timeout)
+                           multiprocessing_context=multiprocessing_context, timeout=timeout, transform=transform)
 
 
 __all__ = ["DatasetSpec", "LoadedSample", "Sources", "as_sources", "kind_specs", "LoaderError", "LoaderStateError", "LoaderStats", "STATE_FORMAT",

@@ -73,6 +73,9 @@ class Stage:
         return Packer(self.config.reasoner_budget, window=window, name=self.name)
 
     def segments(self, pre: Preprocessor, record: Any) -> list:
+        """The record's training segments; a generator segment's latents are encoded here when `pre` encodes
+        them (`PreprocessConfig.encode_latents`), else left to `Preprocessor.encode_latents` (the trainer
+        preprocesses in the loader workers and encodes in the main process, on the VAE's device)."""
         raise NotImplementedError
 
     def counts(self, batch: PackedBatch) -> dict[str, int]:

@@ -34,9 +34,7 @@ class EditingStage(Stage):
         return Packer(self.config.generator_budget, window=window, name=self.name)
 
     def segments(self, pre, record) -> list:
-        segs = pre.generator_segments(record)
-        pre.encode_latents(segs)
-        return segs
+        return pre.generator_segments(record)
 
     def counts(self, batch: PackedBatch) -> dict[str, int]:
         return {"fm": sum(s.target_tokens for s in batch.items)}

@@ -34,9 +34,7 @@ class UnifiedStage(Stage):
                       length=stage3_lengths, name=self.name)
 
     def segments(self, pre, record) -> list:
-        gen = pre.generator_segments(record)
-        pre.encode_latents(gen)
-        return pre.reasoner_segments(record) + gen
+        return pre.reasoner_segments(record) + pre.generator_segments(record)
 
     def counts(self, batch: PackedBatch) -> dict[str, int]:
         return {"fm": sum(s.target_tokens for s in batch.items if isinstance(s, GeneratorSegment)),

@@ -24,6 +24,9 @@ from reasonedit.data.packing import PackedBatch, Packer, PackerStats
 
 
 class BatchStream:
+    """loader -> segments -> packer. `segments(sample)`: a `LoadedSample`'s segments (what the loader's transform
+    prepared in its worker, finished here, e.g. latents encoded on the VAE's device)."""
+
     def __init__(self, loader: StreamingLoader, packer: Packer, segments: Callable[[Any], list],
                  rank: int = 0, world_size: int = 1):
         self.loader, self.packer, self.segments = loader, packer, segments
@@ -37,7 +40,7 @@ class BatchStream:
             if self._records is None:
                 self._records = iter(self.loader)
             sample = next(self._records)  # an infinite stream: never StopIteration
-            for seg in self.segments(sample.record):
+            for seg in self.segments(sample):
                 self.ready.extend(self.packer.add(seg))
         self.handed_out += 1
         return self.ready.popleft()
@@ -123,12 +126,14 @@ def stage_specs(data: Sources, mix: dict[str, float]) -> list[DatasetSpec]:
 
 
 def stage_loader(data: Sources, mix: dict[str, float], seed: int, shuffle_buffer: int,
-                 num_workers: int = 0, part: int = 0, parts: int = 1) -> StreamingLoader:
+                 num_workers: int = 0, part: int = 0, parts: int = 1,
+                 transform: Callable[[Any], Any] | None = None) -> StreamingLoader:
     """The stage's endless train stream over `data` (one dataset directory, or (directory, weight) pairs), or its
-    part `part` of `parts` (the loader's shard split, as if `part` were a rank of `parts`)."""
+    part `part` of `parts` (the loader's shard split, as if `part` were a rank of `parts`); `transform` runs on
+    each record in the loader worker that reads it."""
     try:
         return make_loader(stage_specs(data, mix), seed=seed, num_workers=num_workers, rank=part, world_size=parts,
-                           shuffle_buffer=shuffle_buffer, epochs=None)
+                           shuffle_buffer=shuffle_buffer, epochs=None, transform=transform)
     except LoaderError as e:
         if parts == 1:
             raise

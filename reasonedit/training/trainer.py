@@ -10,6 +10,8 @@ bf16 on GPUs. Everything clever lives in a named component: `losses` (sums and c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import signal
@@ -22,7 +24,7 @@ import torch
 
 from reasonedit.config import ExperimentConfig, TrainConfig
 from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
-from reasonedit.data.segments import ConditionDropout
+from reasonedit.data.segments import ConditionDropout, GeneratorSegment
 from reasonedit.models.model import COMPONENTS, CONFIG_FILE, ReasonEditModel
 from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
@@ -121,9 +123,20 @@ def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data
     pre = Preprocessor.from_model(model, PreprocessConfig(
         buckets=buckets_for(model, b.pixel_budget), dropout=ConditionDropout(b.text_dropout, b.image_dropout),
         seed=cfg.seed))
+    # tokenising and resizing run in the loader workers (train.num_workers), the VAE here on its device
+    prepare = functools.partial(stage.segments, Preprocessor(
+        pre.processor, None, dataclasses.replace(pre.config, encode_latents=False), pre.template, pre.policy))
+
+    def finish(sample) -> list:
+        segments = sample.result()
+        todo = [s for s in segments if isinstance(s, GeneratorSegment) and not s.has_latents]
+        if todo:
+            pre.encode_latents(todo)  # through the latent cache
+        return segments
+
     def stream_of(part: int = 0, parts: int = 1, rank: int = 0, world_size: int = 1) -> BatchStream:
-        return BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer, cfg.train.num_workers, part, parts),
-                           stage.packer(b.window), lambda record: stage.segments(pre, record), rank, world_size)
+        return BatchStream(stage_loader(data, stage.mix, cfg.seed, b.shuffle_buffer, cfg.train.num_workers, part, parts,
+                                        transform=prepare), stage.packer(b.window), finish, rank, world_size)
 
     streams = cfg.train.data_streams
     stream = (SplitBatchStream(stream_of, streams, world.rank, world.world_size) if streams
@@ -306,9 +319,9 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 
-    log.info("%s: rank %d read and preprocessed %d records%s", stage.name, world.rank, stream.records,
+    log.info("%s: rank %d read and preprocessed %d records%s%s", stage.name, world.rank, stream.records,
              f" (its {len(stream.streams)} of {stream.count} data streams)" if isinstance(stream, SplitBatchStream)
-             else "")
+             else "", f" in {tc.num_workers} loader workers" if tc.num_workers else "")
     for what, c in (("latent cache", pre.latent_cache), ("condition cache", cache)):
         if c is not None:
             log.info("%s: %s: %d hits, %d misses, %d unreadable entries recomputed", stage.name, what,
