@@ -64,6 +64,20 @@ def test_layouts_divide_what_they_shard():
     assert rows["fsdp2"]["EMA"] == -(-rows["ddp"]["EMA"] // 8)
 
 
+def test_cpu_offload_moves_the_shards_to_host_memory():
+    _, cfg = load_config(PAPER, ["model.path=/models/Qwen-Image-Edit"])
+    on_gpu = {part: b for part, b, _ in plan_stage(cfg, 2, 8, "fsdp2").rows}
+    _, cfg = load_config(PAPER, ["model.path=/models/Qwen-Image-Edit", "train.cpu_offload=true"])
+    plan = plan_stage(cfg, 2, 8, "fsdp2")
+    rows = {part: b for part, b, _ in plan.rows}
+    vae = count_stage(cfg, 2).loaded["vae"] * 2
+    assert rows["parameters (host)"] + rows["VAE"] == on_gpu["parameters"] and rows["VAE"] == vae
+    assert rows["gradients (host)"] == on_gpu["gradients"] and rows["optimizer (host)"] == on_gpu["optimizer"]
+    assert plan.host_total == on_gpu["parameters"] - vae + on_gpu["gradients"] + on_gpu["optimizer"]
+    assert plan.total == sum(on_gpu.values()) - plan.host_total
+    assert "host memory per rank" in plan.table(80)
+
+
 def test_the_command_prints_each_stage_and_exits_1_when_one_does_not_fit(capsys):
     assert main(["plan", "paper", "model.path=/models/Qwen-Image-Edit"]) == 0
     out = capsys.readouterr().out

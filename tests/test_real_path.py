@@ -180,7 +180,9 @@ def paper_run(folder, imported, out, plus: bool) -> list[str]:
             *scale, *data]
 
 
-@pytest.mark.parametrize("which,pipeline", [("folder", "QwenImageEditPipeline"),
+# the 2511-style folder in the default tier (several sources, zero_cond_t); the first Qwen-Image-Edit's in the slow
+# tier, with the torchrun runs on both (the suite's 10 minutes)
+@pytest.mark.parametrize("which,pipeline", [pytest.param("folder", "QwenImageEditPipeline", marks=pytest.mark.slow),
                                             ("plus_folder", "QwenImageEditPlusPipeline")], ids=["edit", "plus-2511"])
 def test_the_paper_recipe_runs_on_a_diffusers_folder_without_copying_its_weights(which, pipeline, imported, tmp_path,
                                                                                   request):

@@ -8,6 +8,10 @@ stage's rule for what trains is applied to them, so the counts are the trainer's
 - optimizer: AdamW's two moments per trainable parameter in its dtype, plus one 4-byte step count per trainable
   tensor (DeepSpeed: a float32 master copy and float32 moments, ZeRO's 12 bytes per trainable parameter);
 - EMA: a float32 copy of the generator's trainable parameters (stages 2 and 3, `train.ema_decay` > 0);
+- gathered blocks (fsdp2, zero3; an estimate): the largest transformer block's parameters, gathered whole while it
+  computes, twice (the next one is prefetched);
+- with `train.cpu_offload` (fsdp2): the sharded parameters, gradients and optimizer state are host memory, shown
+  apart and not counted in the GPU's total;
 - activations: an estimate per token at the stage's row budgets (one micro-batch live at a time): per layer the
   block's saved tensors, about 9 x hidden + 4 x ffn elements per token, or with activation checkpointing one
   hidden vector per layer plus one block's worth.
@@ -32,6 +36,7 @@ import torch
 from reasonedit.config import ExperimentConfig
 
 PARALLELS = ("ddp", "fsdp2", "zero2", "zero3")
+HOST = " (host)"  # a row held in host memory (FSDP2's train.cpu_offload), not on the GPU
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STAGE_COMPONENTS = {0: ("reasoner",), 1: ("reasoner",), 2: ("reasoner", "generator", "vae"),
                     3: ("reasoner", "generator", "vae")}
@@ -69,14 +74,21 @@ class Plan:
 
     @property
     def total(self) -> int:
-        return sum(b for _, b, _ in self.rows)
+        """Bytes per GPU (the rows held in host memory, `HOST`, not counted)."""
+        return sum(b for part, b, _ in self.rows if not part.endswith(HOST))
+
+    @property
+    def host_total(self) -> int:
+        return sum(b for part, b, _ in self.rows if part.endswith(HOST))
 
     def table(self, gpu_memory_gib: float | None = None) -> str:
         lines = [f"stage {self.stage} on {self.gpus} GPU(s), {self.parallel}, weights in {self.dtype}: "
                  f"{self.counts.total:,} parameters loaded, {self.counts.trainable_total:,} trainable",
                  "| part | per GPU | how |", "| --- | ---: | --- |"]
         lines += [f"| {part} | {b / GIB:.2f} GiB | {how} |" for part, b, how in self.rows]
-        lines.append(f"| total | {self.total / GIB:.2f} GiB | |")
+        lines.append(f"| total | {self.total / GIB:.2f} GiB | on the GPU |")
+        if self.host_total:
+            lines.append(f"| host memory per rank | {self.host_total / GIB:.2f} GiB | train.cpu_offload |")
         if gpu_memory_gib is not None:
             verdict = "fits" if self.total <= gpu_memory_gib * GIB else "does NOT fit"
             lines.append(f"{verdict} in {gpu_memory_gib:g} GiB per GPU "
@@ -225,7 +237,8 @@ def plan_stage(cfg: ExperimentConfig, stage: int, gpus: int, parallel: str, adap
     whole = counts.loaded.get("vae", 0) if parallel == "fsdp2" else 0  # FSDP2 leaves the VAE whole on every rank
     with_ema = cfg.train.ema_decay > 0 and "generator" in counts.trainable and stage in (2, 3)
     if parallel == "zero3":
-        rows = _zero3_rows(counts, gpus, width, zero3_persistence_threshold(cfg), with_ema)
+        rows = _zero3_rows(counts, gpus, width, zero3_persistence_threshold(cfg), with_ema) + [
+            _gathered_row(counts, width)]
         return Plan(stage, gpus, parallel, cfg.model.dtype, counts, rows + _activation_rows(cfg, stage, counts, width))
     rows = [("parameters", div((counts.total - whole) * width, shard_params) + whole * width,
              f"{counts.total:,} x {width} B" + (f" / {gpus}" if shard_params else "")
@@ -244,7 +257,36 @@ def plan_stage(cfg: ExperimentConfig, stage: int, gpus: int, parallel: str, adap
         ema = counts.trainable["generator"] * 4
         rows.append(("EMA", div(ema, shard_params), "generator's trainable x 4 B"
                      + (f" / {gpus}" if shard_params else "")))
+    if parallel == "fsdp2" and cfg.train.cpu_offload:
+        rows = _offloaded(rows, counts, width, whole)
+    if shard_params:
+        rows.append(_gathered_row(counts, width))
     return Plan(stage, gpus, parallel, cfg.model.dtype, counts, rows + _activation_rows(cfg, stage, counts, width))
+
+
+def _offloaded(rows: list[tuple[str, int, str]], counts: ModelCounts, width: int, whole: int
+               ) -> list[tuple[str, int, str]]:
+    """FSDP2 with CPUOffloadPolicy: the sharded parameters, their gradients and the optimizer state live in host
+    memory; the GPU holds the VAE (left whole) besides the gathered blocks and the activations."""
+    out = []
+    for part, b, how in rows:
+        if part == "parameters":
+            out.append(("parameters" + HOST, b - whole * width, how))
+            if whole:
+                out.append(("VAE", whole * width, "whole on every rank, on the GPU"))
+        elif part in ("gradients", "optimizer"):
+            out.append((part + HOST, b, how))
+        else:
+            out.append((part, b, how))
+    return out
+
+
+def _gathered_row(counts: ModelCounts, width: int) -> tuple[str, int, str]:
+    """What a sharding layout gathers while it computes: the largest transformer block's parameters, twice (the
+    one computing and the one prefetched)."""
+    block = max(counts.loaded.get(c, 0) // max(1, layers[0]) for c, layers in counts.layers.items())
+    return ("gathered blocks (estimate)", 2 * block * width,
+            f"the largest block's ~{block:,} parameters x {width} B, computing and prefetched")
 
 
 def _activation_rows(cfg: ExperimentConfig, stage: int, counts: ModelCounts, width: int) -> list[tuple[str, int, str]]:
