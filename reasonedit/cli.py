@@ -154,6 +154,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             overrides.append(f"data.{flag}=[{getattr(args, flag)}]")
     _, cfg = load_config(args.config, overrides)
+    if args.config is not None and args.config.is_file():  # else a packaged config's name
+        from .data.shards import check_apart
+        check_apart(args.out, [("--config", args.config)])
     started = time.perf_counter()
     print(f"writing {cfg.data.n} records x {len(cfg.data.kinds)} kinds x {len(cfg.data.splits)} splits "
           f"to {args.out}", file=sys.stderr)
@@ -331,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.samples import SchemaError
     from reasonedit.shapes.synth import SynthError
     from .errors import NotBuiltError, RemoteServiceError
+    from .publish import OutputError
 
     try:
         if args.command in COMMAND_MODULES:
@@ -365,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotBuiltError as e:
         print(f"reasonedit: {e}", file=sys.stderr)
         return EXIT_NOT_BUILT
-    except (ConfigError, SynthError, SchemaError, FileNotFoundError, ValueError, RemoteServiceError) as e:
+    except (ConfigError, SynthError, SchemaError, FileNotFoundError, ValueError, RemoteServiceError,
+            OutputError) as e:
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     parser.error(f"unknown command {args.command}")

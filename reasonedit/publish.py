@@ -1,15 +1,28 @@
 """Write a folder or a file so that it appears whole or not at all: build it in a hidden staging folder or
 temporary file beside its destination, then rename it into place (replacing an older version only after the
-new one is whole)."""
+new one is whole). `clear_interrupted` tidies what a killed writer left behind.
+
+Hidden names, beside the destination X: `.X.<random>.partial` (a folder being built), `.X.old-<pid>` (the
+older version while it is swapped out), `.X.<random>.tmp` (a file being written).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+_PARTIAL = re.compile(r"^\..+\.partial$")
+_OLD = re.compile(r"^\.(?P<name>.+)\.old-\d+$")
+_TMP = re.compile(r"^\..+\.tmp$")
+
+
+class OutputError(RuntimeError):
+    """An output file or folder could not be written; the message names the path and the OS error."""
 
 
 @contextlib.contextmanager
@@ -52,6 +65,27 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def clear_interrupted(folder: str | os.PathLike) -> list[str]:
+    """Tidy what writers killed mid-write left in `folder` (not below it): staging folders and temporary files
+    are removed; an older version swapped out when the kill came (`.X.old-PID`) is put back as `X` when `X` is
+    gone, else removed. Returns one line per entry handled, for the log."""
+    folder, done = Path(folder), []
+    if not folder.is_dir():
+        return done
+    for entry in sorted(folder.iterdir()):
+        old = _OLD.match(entry.name)
+        if entry.is_dir() and old and not (folder / old["name"]).exists():
+            os.replace(entry, folder / old["name"])
+            done.append(f"put back {folder / old['name']} from {entry.name}, left by an interrupted save")
+        elif entry.is_dir() and (old or _PARTIAL.match(entry.name)):
+            shutil.rmtree(entry)
+            done.append(f"removed {entry}, left by an interrupted save")
+        elif entry.is_file() and _TMP.match(entry.name):
+            entry.unlink()
+            done.append(f"removed {entry}, left by an interrupted write")
+    return done
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to a hidden temporary file beside `path`, then rename it into place."""
     return atomic_write_bytes(path, text.encode())
@@ -64,4 +98,5 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
-__all__ = ["atomic_file", "atomic_write_bytes", "atomic_write_text", "staged_folder"]
+__all__ = ["OutputError", "atomic_file", "atomic_write_bytes", "atomic_write_text", "clear_interrupted",
+           "staged_folder"]

@@ -214,7 +214,7 @@ SERVED = WorldConfig(image_size=96)
 
 @pytest.fixture(scope="module")
 def shapes_server():
-    with serving("--editor", "shapes", "world.image_size=96", what="reasonedit serve --editor shapes") as url:
+    with serving("--editor", "shapes", "world.image_size=96", "--no-auth", what="reasonedit serve --editor shapes") as url:
         yield url
 
 

@@ -3,13 +3,15 @@
 A record is stored as `<key>.json` (every text and number field, plus `kind` and
 `schema_version`) and one `<key>.<name>.png` per image field; an image-list field (an edit pair's
 `extra_sources`) stores its length in the json and `<key>.<name>.<i>.png` per image (absent: empty). `docs/data.md` documents each
-kind's fields; `from_wds` refuses a record that does not match the schema, naming the field.
+kind's fields; `from_wds` refuses a record that does not match the schema, naming the field, and `to_wds` one
+holding a NaN or an infinity (JSON has neither), naming the record and the field.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -40,6 +42,18 @@ def decode_png(data: bytes) -> np.ndarray:
 MAX_LIST_IMAGES = 8  # an image-list field holds at most this many
 
 
+def _non_finite(value: Any, name: str) -> tuple[str, float] | None:
+    """(the field's dotted name, the value) of the first NaN or infinity in `value`, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (name, value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite(v, f"{name}.{k}" if isinstance(value, dict) else f"{name}[{k}]")
+        if found is not None:
+            return found
+    return None
+
+
 def _same_image(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
@@ -64,8 +78,12 @@ class Record:
                 for i, image in enumerate(value):
                     sample[f"{f.name}.{i}.png"] = encode_png(image)
             elif f.name != "key":
+                bad = _non_finite(value, f.name)
+                if bad is not None:
+                    raise SchemaError(f"record {self.key}: field '{bad[0]}' is {bad[1]}: records are stored as JSON, "
+                                      "which has no NaN or infinity; drop the value or store null")
                 doc[f.name] = value
-        sample["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()
+        sample["json"] = json.dumps(doc, sort_keys=True, ensure_ascii=False, allow_nan=False).encode()
         return sample
 
     @classmethod

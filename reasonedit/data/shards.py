@@ -78,6 +78,23 @@ class DatasetDirError(ValueError):
     """The output directory of a dataset cannot be used."""
 
 
+def check_apart(out: str | Path, inputs: Iterable[tuple[str, str | Path]]) -> None:
+    """Refuse an output folder that is, holds or lies inside one of `inputs` ((what it is, its path) pairs):
+    replacing it (--overwrite) would delete that input, and a dataset inside an input folder is mixed with it."""
+    out = Path(out)
+    mine = out.resolve()
+    for what, path in inputs:
+        theirs = Path(path).resolve()
+        if theirs == mine:
+            raise DatasetDirError(f"--out {out} is {what} {path}: write the dataset to another folder")
+        if mine in theirs.parents:
+            raise DatasetDirError(f"--out {out} holds {what} {path}: replacing it (--overwrite) would delete it; "
+                                  "write the dataset to another folder")
+        if theirs in mine.parents:
+            raise DatasetDirError(f"--out {out} lies inside {what} {path}: the dataset would be mixed with its "
+                                  "input; write it to another folder")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that is a file, or a non-empty directory unless `overwrite`."""
     if out.exists() and not out.is_dir():
@@ -87,10 +104,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def building_dataset(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def building_dataset(out: str | Path, overwrite: bool = False,
+                     inputs: Iterable[tuple[str, str | Path]] = ()) -> Iterator[Path]:
     """Yield a hidden sibling directory to build a dataset in; it replaces `out` only if the block
-    completes (with its manifest written by `write_manifest`), and is removed if anything fails."""
+    completes (with its manifest written by `write_manifest`), and is removed if anything fails. `out` must
+    lie apart from `inputs` ((what it is, its path) pairs; see `check_apart`)."""
     out = Path(out)
+    check_apart(out, inputs)
     _check_out(out, overwrite)
     with contextlib.ExitStack() as stack:
         try:
@@ -103,7 +123,7 @@ def building_dataset(out: str | Path, overwrite: bool = False) -> Iterator[Path]
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_records(records: Iterable[Record], directory: Path, prefix: str, shard_size: int = 1000) -> list[dict]:
@@ -165,4 +185,5 @@ def read_records(path: str | Path, split: str | None = None, kind: str | None = 
             yield record
 
 
-__all__ = ["DatasetDirError", "MANIFEST", "ShardWriter", "building_dataset", "holds", "write_manifest", "read_records", "shard_paths", "write_records"]
+__all__ = ["DatasetDirError", "MANIFEST", "ShardWriter", "building_dataset", "check_apart", "holds", "write_manifest",
+           "read_records", "shard_paths", "write_records"]

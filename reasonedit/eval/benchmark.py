@@ -7,12 +7,18 @@ Contract (the runner, the judge client and the CLI rely on exactly this):
    ``shapes``, ``gedit``, ``imgedit``, ``kris``, ``rise``.
 2. ``bench.load(data_dir)`` reads the user's local copy in the benchmark's official layout and
    validates it; a missing directory, file or field raises ``BenchmarkDataError`` (a ValueError)
-   naming the path and the field. ``shapes`` also accepts ``None``: scenes made on the fly from
-   its seed (held out: only scenes of the synth ``test`` split).
+   naming the path and the field. A key (index, image id) that names an output file must be one
+   plain file name (``output_name``; see ``paths.py``) and a source file a relative path inside the
+   data folder (``existing_file``): anything else is refused, naming the benchmark, key and file.
+   ``shapes`` also accepts ``None``: scenes made on the fly from its seed (held out: only scenes of
+   the synth ``test`` split).
 3. ``bench.samples()`` -> the ``BenchSample`` list, in a stable order (keys are unique).
-   ``bench.source_images(sample)`` -> the input image(s) as uint8 (H, W, 3) arrays, in order.
+   ``bench.source_images(sample)`` -> the input image(s) as uint8 (H, W, 3) arrays, in order;
+   ``BadImageError`` for one that is not an image, is truncated or has more than ``bench.max_pixels``.
 4. ``bench.output_path(images_dir, sample, model_name)`` -> where the edited image goes, in the
-   layout the benchmark's official scoring scripts read (so they can score the same images).
+   layout the benchmark's official scoring scripts read (so they can score the same images), built
+   with ``paths.output_file`` from plain names only; ``bench.writable_output(...)`` is the same path
+   proved to lie inside ``images_dir`` with symlinks resolved, and is what the runner writes to.
    ``bench.find_output(images_dir, sample, model_name)`` -> that file, or the same stem with another
    image extension (.jpg, ...), or None: the sample is "missing". Scoring images made elsewhere
    (``--images``) is the same call.
@@ -23,8 +29,9 @@ Contract (the runner, the judge client and the CLI rely on exactly this):
      ``{metric: float}``; it raises ``JudgeReplyError`` on anything it cannot read (never guesses).
      Merge the dicts of all queries of the sample into ``SampleResult.scores``.
 6. Build one ``SampleResult`` per sample: status "ok" (every query parsed), "missing" (no edited
-   image) or "failed" (a reply did not parse, the judge gave up, or the oracle could not read the
-   image; ``error`` says why). Copy the sample's ``category``, ``language`` and ``meta`` (scoring
+   image) or "failed" (``error`` says why, ``failure`` names the kind, one of ``FAILURES``: the
+   source image could not be read, the edited image could not be read, the judge gave no reply,
+   a reply did not parse). Copy the sample's ``category``, ``language`` and ``meta`` (scoring
    reads e.g. GEdit's "intersection", RISE's "consistency_free" and "binary" from it), the judge id
    and temperature. Scores of a failed sample are ignored by ``score``. ``to_dict``/``from_dict``
    round-trip it through JSON (for resumable JSONL files).
@@ -33,7 +40,7 @@ Contract (the runner, the judge client and the CLI rely on exactly this):
    belong to and are left out of the means (as the official scripts leave out what they cannot
    score); they are never given a guessed score.
 8. ``reasonedit.eval.report.write_reports(out_dir, {mode: report}, Stamp(...), {mode: results})``
-   writes results.json, report.md and the charts; ``ablation_table({mode: shapes report})`` is the
+   writes results.json, report.md (which counts and names the failed samples by kind) and the charts; ``ablation_table({mode: shapes report})`` is the
    paper's ablation table.
 
 Report dict (JSON-serialisable)::
@@ -57,7 +64,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .images import DEFAULT_MAX_PIXELS, read_rgb
+from .paths import UnsafeNameError, inside, name_problem, relative_source
+
 STATUSES = ("ok", "missing", "failed")
+# why a failed sample has no scores: its source image, its edited image, no reply from the judge, a reply
+# that did not parse
+FAILURES = ("bad_source", "bad_image", "not_judged", "bad_reply")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -113,10 +126,13 @@ class SampleResult:
     judge: str | None = None  # judge model id ("oracle" for shapes)
     temperature: float | None = None
     language: str = "en"
+    failure: str | None = None  # for status "failed": one of FAILURES
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"SampleResult {self.key}: status {self.status!r} is not one of {STATUSES}")
+        if self.failure is not None and self.failure not in FAILURES:
+            raise ValueError(f"SampleResult {self.key}: failure {self.failure!r} is not one of {FAILURES}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +267,7 @@ class Benchmark:
     def __init__(self) -> None:
         self._samples: list[BenchSample] | None = None
         self.data_dir: Path | None = None
+        self.max_pixels = DEFAULT_MAX_PIXELS  # a source or edited image with more is a failed sample
 
     def load(self, data_dir: str | Path | None) -> "Benchmark":
         raise NotImplementedError
@@ -261,16 +278,18 @@ class Benchmark:
         return self._samples
 
     def source_images(self, sample: BenchSample) -> list[np.ndarray]:
-        """The input images of a sample as uint8 (H, W, 3) arrays."""
-        from PIL import Image
-        out = []
-        for p in sample.sources:
-            with Image.open(p) as im:
-                out.append(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
-        return out
+        """The input images of a sample as uint8 (H, W, 3) arrays; BadImageError (naming the file) for one that
+        is not an image, is truncated or has more than `max_pixels` pixels."""
+        return [read_rgb(p, self.max_pixels) for p in sample.sources]
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
+        """Where the edited image goes; built with `paths.output_file`, so every part is one plain name."""
         raise NotImplementedError
+
+    def writable_output(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
+        """`output_path`, proved to lie inside `images_dir` with every symlink resolved (`paths.inside`):
+        what the runner writes to."""
+        return inside(images_dir, self.output_path(images_dir, sample, model_name))
 
     def find_output(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path | None:
         """The edited image of a sample if present: `output_path`, or the same stem with another image
@@ -391,12 +410,27 @@ def require(record: dict, fields: Sequence[str], where: str, types: dict[str, ty
             raise BenchmarkDataError(f"{where}: field {f!r} is {record[f]!r}, expected {types[f]}")
 
 
+def output_name(bench: str, value: Any, where: str, field_name: str) -> str:
+    """A record's key (or index, task type) that names an output file, as a string; BenchmarkDataError naming
+    the benchmark, the value and where it came from when it is not one plain file name (see `paths`)."""
+    problem = name_problem(str(value))
+    if problem is not None:
+        raise BenchmarkDataError(f"{bench}: {where}: {field_name} {value!r} cannot name an output file ({problem}); "
+                                 f"outputs are named <{field_name}>.png as the official scripts expect: "
+                                 "fix or remove that record")
+    return str(value)
+
+
 def existing_file(root: Path, rel: str, where: str, field_name: str) -> Path:
-    path = root / rel
+    """root / rel, a file that exists, named by a relative path that stays inside root."""
+    try:
+        path = relative_source(root, rel, f"{where}: field {field_name!r}")
+    except UnsafeNameError as e:
+        raise BenchmarkDataError(str(e)) from None
     if not path.is_file():
         raise BenchmarkDataError(f"{where}: field {field_name!r} names {path}, which does not exist")
     return path
 
 
-__all__ = ["Benchmark", "BenchmarkDataError", "BenchSample", "JudgeQuery", "JudgeReplyError",
-           "REPLY_PARSERS", "STATUSES", "SampleResult", "parse_reply"]
+__all__ = ["Benchmark", "BenchmarkDataError", "BenchSample", "FAILURES", "JudgeQuery", "JudgeReplyError",
+           "REPLY_PARSERS", "STATUSES", "SampleResult", "output_name", "parse_reply"]

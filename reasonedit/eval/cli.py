@@ -8,6 +8,8 @@ Images go to OUT/images/<mode>/ in the benchmark's official output layout; repor
 report.md, PNG charts) to OUT. Re-running skips every image already there and every judge reply
 already in OUT/judge_cache.jsonl. Judged benchmarks need --judge-url/--judge-model (or
 REASONEDIT_JUDGE_BASE_URL/_MODEL/_API_KEY, falling back to OPENAI_*).
+A sample whose source or edited image cannot be read, or that the judge gave no reply for, is a failed
+sample named in the report; the exit status is 1 when the judge was asked and never answered.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Optional
 
 from reasonedit.config.model import RUN_DTYPES
 
+from .images import DEFAULT_MAX_PIXELS
 from .runner import (MODES, SHAPES_EDITOR, GenerationSettings, ModeRun, Shard, agent_labels, build_agents,
                      default_model_name)
 
@@ -61,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shard", default="0/1", help="i/n: this process takes samples i, i+n, ... (generation only "
                    "when n > 1; score with one run without --shard once every shard is done)")
     g.add_argument("--limit", type=int, help="only the first N samples of each category (task type, kind)")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="a source or edited image with more pixels is a failed sample, never decoded (a "
+                        f"decompression bomb); default {DEFAULT_MAX_PIXELS:,}")
     g = p.add_argument_group("judge (gedit, imgedit, kris, rise)")
     g.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
     g.add_argument("--judge-model", help="e.g. gpt-4.1")
@@ -69,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request")
     g.add_argument("--judge-retries", type=int, default=4, help="retries after a timeout, 429 or 5xx")
     g.add_argument("--concurrency", type=int, default=8, help="judge (and HTTP editor) requests in flight at once")
+    g.add_argument("--judge-max-reply-bytes", type=int, default=1 << 20, metavar="N",
+                   help="a judge reply body longer than this is a failed call for its sample, read no further "
+                        "(default 1 MiB)")
     g.add_argument("--judge-cache", type=Path, help="reply cache (default OUT/judge_cache.jsonl)")
     g.add_argument("--judge-prompts", type=Path, help="JSON {query name: template} replacing our judge prompt "
                    "text, e.g. with the official scripts' wording (see eval/README.md)")
@@ -96,6 +105,9 @@ def _bench(args: argparse.Namespace):
         if args.image_cache is not None:
             raise ValueError(f"--image-cache: only gedit reads embedded images, not {args.bench}")
         bench = get_benchmark(args.bench)
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels {args.max_pixels}: must be at least 1")
+    bench.max_pixels = args.max_pixels  # before load: gedit checks the images it extracts
     if args.judge_prompts is not None:
         if not bench.uses_judge:
             raise ValueError(f"--judge-prompts: {args.bench} is scored by its oracle, not a judge")
@@ -136,7 +148,8 @@ def _judge(args: argparse.Namespace, bench, out: Path):
 
     settings = JudgeSettings.resolve(args.judge_url, args.judge_model, args.judge_key,
                                      temperature=args.judge_temperature, timeout=args.judge_timeout,
-                                     retries=args.judge_retries, concurrency=args.concurrency)
+                                     retries=args.judge_retries, concurrency=args.concurrency,
+                                     max_reply_bytes=args.judge_max_reply_bytes)
     return Judge(settings, cache=args.judge_cache or out / "judge_cache.jsonl")
 
 
@@ -217,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
                 g = r.generation
                 print(f"{mode}: generated {g.generated} of {g.total} ({g.done_before} already done) in "
                       f"{g.seconds:.1f}s -> {r.images_dir}", file=sys.stderr)
+                if g.bad_sources:
+                    print(f"{mode}: {len(g.bad_sources)} sample(s) skipped, their source image unreadable: "
+                          + ", ".join(g.bad_sources), file=sys.stderr)
             if args.editor == SHAPES_EDITOR:
                 print(f"{editor.name}: {editor.stats.summary()}", file=sys.stderr)
             model_label = f"{name} ({', '.join(filter(None, [str(args.model or ''), args.editor or '']))})"
@@ -238,10 +254,23 @@ def run(args: argparse.Namespace) -> int:
         if c["missing"] or c["failed"]:
             print(f"{r.mode}: {c['missing']} missing and {c['failed']} failed of {c['total']} samples "
                   f"(see {paths['results']})", file=sys.stderr)
+        if r.scoring.not_judged:
+            print(f"{r.mode}: {r.scoring.not_judged} of {c['total']} samples not judged: the judge gave no reply "
+                  "(a rerun asks again)", file=sys.stderr)
+    for what, path in paths.items():
+        print(f"{what}: {path}")
     if judge is not None:
         s = judge.stats
         print(f"judge: {s.requests} requests, {s.cache_hits} cached replies, {s.retries} retries, "
-              f"{s.failures} gave up", file=sys.stderr)
-    for what, path in paths.items():
-        print(f"{what}: {path}")
+              f"{s.failures} gave up" + (f" ({_kinds(s.by_error)})" if s.by_error else ""), file=sys.stderr)
+        answered = sum(r.scoring.answered for r in runs.values())
+        unanswered = sum(r.scoring.unanswered for r in runs.values())
+        if unanswered and not answered:
+            print(f"reasonedit: error: the judge at {judge.url} never answered: no reply to any of its {unanswered} "
+                  "queries; the report counts every sample sent to it as not judged", file=sys.stderr)
+            return 1
     return 0
+
+
+def _kinds(by_error: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(by_error.items()))

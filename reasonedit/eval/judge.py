@@ -8,6 +8,8 @@ is appended to a persistent cache keyed by (model, system, prompt, images' SHA-2
 max_tokens), so a run killed at any point resumes without asking for a reply it already has. A
 request that still fails after its retries comes back as a `JudgeReply` with `error` set (and is not
 cached, so the next run asks again); the caller records it as a failed sample, never a guess.
+A reply body is read as a stream and given up on past `max_reply_bytes` (a failed call, not retried:
+the same question would get the same answer), so a runaway server never fills our memory.
 
 Settings come from arguments, else the environment: REASONEDIT_JUDGE_BASE_URL / _API_KEY / _MODEL,
 falling back to OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL.
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import httpx
 import numpy as np
 
 from reasonedit.clients.http import ClientOwner, HttpClient, Rejected, RetryPolicy, Retryable, ServiceError, retry_after
@@ -58,6 +61,7 @@ class JudgeSettings:
     backoff: float = 1.0  # first wait in seconds; doubles each retry, plus up to as much jitter
     max_backoff: float = 60.0
     concurrency: int = 8
+    max_reply_bytes: int = 1 << 20  # a chat completion of 1024 tokens is a few KB; past this: a failed call
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -66,6 +70,8 @@ class JudgeSettings:
             raise ValueError(f"judge concurrency must be at least 1, got {self.concurrency}")
         if self.retries < 0:
             raise ValueError(f"judge retries must be 0 or more, got {self.retries}")
+        if self.max_reply_bytes < 1:
+            raise ValueError(f"judge max_reply_bytes must be at least 1, got {self.max_reply_bytes}")
 
     @property
     def retry_policy(self) -> RetryPolicy:
@@ -117,6 +123,7 @@ class JudgeReply:
     judge: str  # JudgeSettings.judge_id
     temperature: float
     error: Optional[str] = None
+    error_kind: Optional[str] = None  # with error: "bad_image" (never sent), "timeout", "http_503", "reply_too_large"
     cached: bool = False
     attempts: int = 0  # HTTP requests this reply cost in this run (0 when it came from the cache)
     seconds: float = 0.0
@@ -167,6 +174,8 @@ def _sendable(data: bytes, what: str) -> bytes:
             im.convert("RGB").save(buf, format="PNG")
     except (UnidentifiedImageError, OSError):
         raise ValueError(f"{what} is not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{what}: {e}") from None
     return buf.getvalue()
 
 
@@ -230,6 +239,36 @@ class ReplyCache:
             self._fd = -1
 
 
+class ReplyTooLarge(Rejected):
+    """A reply body past the bound: given up on without reading the rest."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="reply_too_large")
+
+
+class _StreamingClient(HttpClient):
+    """The shared HTTP client, plus a POST whose body is read as a stream (HttpClient reads it whole)."""
+
+    def post_bounded(self, url: str, limit: int, deadline: float, **kwargs) -> tuple[httpx.Response, bytes]:
+        """(response, body) with the body read chunk by chunk: ReplyTooLarge as soon as it passes `limit` bytes,
+        httpx.ReadTimeout once `deadline` (time.monotonic) passes."""
+        headers = {"Accept-Encoding": "identity", **kwargs.pop("headers", {})}  # count the bytes as they come
+        with self._http.stream("POST", url, headers=headers, **kwargs) as response:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise ReplyTooLarge(f"HTTP {response.status_code} reply of {int(declared):,} bytes (Content-Length) "
+                                    f"is over the bound of {limit:,} bytes (max_reply_bytes); not read")
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise ReplyTooLarge(f"HTTP {response.status_code} reply passed the bound of {limit:,} bytes "
+                                        "(max_reply_bytes); the rest was not read")
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"the reply was still arriving after {self.timeout:g}s")
+        return response, bytes(body)
+
+
 class Judge(ClientOwner):
     """A vision judge behind an OpenAI-compatible chat-completions endpoint."""
 
@@ -240,9 +279,9 @@ class Judge(ClientOwner):
         self.stats = JudgeStats()
         self._sleep = sleep
         self._stats_lock = threading.Lock()
-        self._client = HttpClient([settings.base_url], timeout=settings.timeout, retry=settings.retry_policy,
-                                  cooldown=0.0, token=settings.api_key, max_connections=settings.concurrency,
-                                  sleep=self._backoff)
+        self._client = _StreamingClient([settings.base_url], timeout=settings.timeout, retry=settings.retry_policy,
+                                        cooldown=0.0, token=settings.api_key, max_connections=settings.concurrency,
+                                        sleep=self._backoff)
         self.url = self._client.pool.urls[0] + "/chat/completions"
 
     def close(self) -> None:
@@ -271,7 +310,8 @@ class Judge(ClientOwner):
             except (OSError, ValueError) as e:  # an unreadable image fails its request, not the whole call
                 self._count(failures=1)
                 self._count_error("bad_image")
-                replies[i] = JudgeReply(text=None, judge=s.judge_id, temperature=s.temperature, error=str(e))
+                replies[i] = JudgeReply(text=None, judge=s.judge_id, temperature=s.temperature, error=str(e),
+                                        error_kind="bad_image")
                 if on_reply:
                     on_reply(i, replies[i])
                 continue
@@ -327,19 +367,21 @@ class Judge(ClientOwner):
             nonlocal tries
             tries += 1
             self._count(requests=1)
-            response = self._client.post(url + "/chat/completions", json=body)
+            response, raw = self._client.post_bounded(url + "/chat/completions", s.max_reply_bytes,
+                                                      time.monotonic() + s.timeout, json=body)
+            shown = raw[:200].decode("utf-8", "replace")
             if response.status_code != 200:
-                error, kind = f"HTTP {response.status_code}: {response.text[:200]}", f"http_{response.status_code}"
+                error, kind = f"HTTP {response.status_code}: {shown}", f"http_{response.status_code}"
                 if response.status_code in RETRY_STATUS:
                     raise Retryable(error, retry_after(response), kind)
                 if response.status_code in (401, 403):
                     error += " (check --judge-key / REASONEDIT_JUDGE_API_KEY)"
                 raise Rejected(error, kind)  # a request the server will never accept: retrying cannot help
             try:
-                doc = response.json()
+                doc = json.loads(raw)
                 text = doc["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
-                raise Retryable(f"malformed response body: {response.text[:200]!r}", kind="malformed_body") from None
+                raise Retryable(f"malformed response body: {shown!r}", kind="malformed_body") from None
             if not isinstance(text, str):
                 raise Retryable(f"reply has no text content: {str(doc)[:200]}", kind="no_content")
             return text, doc
@@ -352,7 +394,8 @@ class Judge(ClientOwner):
             self._count_error(last.kind)
             log.warning("judge request to %s failed: %s", self.url, last.message)
             return JudgeReply(text=None, judge=s.judge_id, temperature=s.temperature,
-                              error=f"{self.url}: {last.message}", attempts=tries, seconds=time.perf_counter() - started)
+                              error=f"{self.url}: {last.message}", error_kind=last.kind, attempts=tries,
+                              seconds=time.perf_counter() - started)
         self._count(replies=1)
         return JudgeReply(text=text, judge=s.judge_id, temperature=s.temperature, attempts=tries,
                           seconds=time.perf_counter() - started, served_model=doc.get("model"))

@@ -2,7 +2,9 @@
 
 Everything is stamped with the model (and the editor and thinker that made the images), the judge, its
 temperature, the image resize policy and the counts of missing and failed samples, and written atomically
-(a temporary file renamed into place).
+(a temporary file renamed into place). Given the per-sample results, report.md also counts and names the
+failed samples by why they failed (`unscored`): a source image that cannot be read, an edited image that
+cannot be read, no reply from the judge, a reply that did not parse; results.json holds the same counts.
 `reports` everywhere is {mode: the report dict of `Benchmark.score`} (see `benchmark.py`).
 """
 
@@ -14,7 +16,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..publish import atomic_file, atomic_write_text
-from .benchmark import SampleResult
+from .benchmark import FAILURES, SampleResult
+
+FAILURE_TEXT = {"bad_source": "source image unreadable", "bad_image": "edited image unreadable",
+                "not_judged": "not judged (the judge gave no reply; a rerun asks again)",
+                "bad_reply": "judge reply did not parse"}
+NAMED = 20  # failed samples named per kind in report.md; results.json has every one
 
 
 @dataclass
@@ -83,12 +90,37 @@ def section_table(report: Mapping[str, Any], section: str) -> str:
     return "\n".join(lines)
 
 
-def markdown(reports: Mapping[str, Mapping[str, Any]], stamp: Stamp) -> str:
-    """Every mode's report as markdown: per section, a table per category; the stamp above each."""
+def unscored(results: Sequence[SampleResult]) -> dict[str, list[str]]:
+    """The keys of the failed samples by why they failed (`FAILURES`, then "other"), only kinds that occur."""
+    out: dict[str, list[str]] = {}
+    for r in results:
+        if r.status == "failed":
+            out.setdefault(r.failure if r.failure in FAILURES else "other", []).append(r.key)
+    return {k: out[k] for k in (*FAILURES, "other") if k in out}
+
+
+def unscored_lines(results: Sequence[SampleResult]) -> list[str]:
+    """Markdown bullets: how many samples failed for each reason, and which (the first NAMED of each)."""
+    lines = []
+    for kind, keys in unscored(results).items():
+        named = ", ".join(keys[:NAMED]) + (f" and {len(keys) - NAMED} more" if len(keys) > NAMED else "")
+        lines.append(f"- {len(keys)} {FAILURE_TEXT.get(kind, 'failed')}: {named}")
+    return lines
+
+
+def markdown(reports: Mapping[str, Mapping[str, Any]], stamp: Stamp,
+             results: Mapping[str, Sequence[SampleResult]] | None = None) -> str:
+    """Every mode's report as markdown: per section, a table per category; the stamp above each; with
+    `results`, the failed samples counted and named by why they failed."""
     out = []
     for mode, report in reports.items():
         out.append(f"## {report['benchmark']}: {mode}\n")
         out.append(f"_{stamp.line(report['counts'])}_\n")
+        failed = unscored_lines(results[mode]) if results is not None and mode in results else []
+        if failed:
+            out.append("Not scored:\n")
+            out += failed
+            out.append("")
         for section in report["sections"]:
             out.append(f"### {section}\n")
             out.append(section_table(report, section) + "\n")
@@ -186,9 +218,10 @@ def write_reports(out_dir: str | Path, reports: Mapping[str, Mapping[str, Any]],
     for mode, rep in reports.items():
         doc["modes"][mode] = {"report": rep}
         if results is not None and mode in results:
+            doc["modes"][mode]["unscored"] = {k: len(v) for k, v in unscored(results[mode]).items()}
             doc["modes"][mode]["samples"] = [r.to_dict() for r in results[mode]]
     paths = {"results": write_json(out / "results.json", doc)}
-    text = markdown(reports, stamp)
+    text = markdown(reports, stamp, results)
     if len(reports) > 1:
         sections = next(iter(reports.values()))["sections"]
         text += "\n## modes compared\n\n" + "\n\n".join(comparison_table(reports, s) for s in sections) + "\n"
@@ -201,5 +234,5 @@ def write_reports(out_dir: str | Path, reports: Mapping[str, Mapping[str, Any]],
     return paths
 
 
-__all__ = ["Stamp", "ablation_table", "comparison_table", "markdown", "plot_modes", "section_table",
-           "write_json", "write_reports", "write_text"]
+__all__ = ["FAILURE_TEXT", "Stamp", "ablation_table", "comparison_table", "markdown", "plot_modes", "section_table",
+           "unscored", "unscored_lines", "write_json", "write_reports", "write_text"]

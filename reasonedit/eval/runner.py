@@ -6,10 +6,15 @@ Two separate paths, so images made elsewhere score the same way as ours:
   shard that has no image yet at `bench.output_path(...)` (the benchmark's official layout), in
   batches, writing each image to a temporary file and renaming it into place: a killed run leaves
   only whole images, and the next run skips them. Mode `base` is a plain edit; `think` rewrites
-  the instruction first; `think_reflect` runs the whole think -> edit -> reflect loop.
+  the instruction first; `think_reflect` runs the whole think -> edit -> reflect loop. Every path
+  it writes is first proved to lie inside `images_dir` (`paths.inside`, symlinks resolved). A sample
+  whose source image cannot be read (not an image, truncated, more than `bench.max_pixels` pixels) is
+  skipped and named in `GenerationStats.bad_sources`; the rest go on. An editor that fails after its
+  retries stops the run (RemoteServiceError): the images written so far stay, and a rerun resumes.
 - `score(bench, images_dir, model_name, judge)` gives one `SampleResult` per sample: "missing"
-  when its image is absent (never dropped), "failed" when the judge gave up or a reply did not
-  parse (never guessed), else "ok" with the scores and the judge's id and temperature.
+  when its image is absent (never dropped), "failed" when its source or edited image cannot be read,
+  the judge gave no reply or a reply did not parse (never guessed; `failure` says which), else "ok"
+  with the scores and the judge's id and temperature.
 
 `run_modes` does both for each mode (base, think, think_reflect) into OUT/images/<mode>/, and
 `build_agents` makes the editor and thinker from a model folder, HTTP services and/or the exact shapes
@@ -40,6 +45,8 @@ from reasonedit.progress import Progress
 from reasonedit.publish import atomic_file
 
 from .benchmark import Benchmark, BenchSample, JudgeQuery, JudgeReplyError, SampleResult, parse_reply
+from .images import BadImageError, check_image
+from .paths import inside, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +107,7 @@ class GenerationStats:
     done_before: int = 0  # already at their output path (skipped)
     generated: int = 0
     multi_source: int = 0  # samples with several inputs, edited from the first (editors take one image)
+    bad_sources: dict[str, str] = field(default_factory=dict)  # key -> why its source image could not be read
     seconds: float = 0.0
 
     @property
@@ -186,7 +194,7 @@ def check_generation_stamp(bench: Benchmark, editor, thinker, images_dir: Path, 
                "editor": getattr(editor, "name", type(editor).__name__),
                "thinker": getattr(thinker, "name", "") if settings.mode != "base" and thinker is not None else "",
                "origin": origin}
-    path = images_dir / model_name / STAMP
+    path = inside(images_dir, images_dir / safe_name(model_name, "model name (--model-name)") / STAMP)
     if path.is_file():
         try:
             before = json.loads(path.read_text())
@@ -218,32 +226,41 @@ def generate(bench: Benchmark, editor, thinker, images_dir: str | os.PathLike, m
              settings.shard, stats.total, stats.done_before, len(todo))
     started = time.perf_counter()
     for start in range(0, len(todo), settings.batch_size):
-        batch = todo[start:start + settings.batch_size]
-        sources = []
-        for s in batch:
-            images = bench.source_images(s)
+        batch, sources = [], []
+        for s in todo[start:start + settings.batch_size]:
+            try:
+                images = bench.source_images(s)
+            except (BadImageError, OSError) as e:  # this sample's failure, not the run's
+                stats.bad_sources[s.key] = str(e)
+                log.warning("%s sample %s: source image unreadable, skipped: %s", bench.name, s.key, e)
+                continue
             if not images:
                 raise ValueError(f"{bench.name} sample {s.key}: no source image")
             if len(images) > 1:
                 stats.multi_source += 1
                 log.warning("%s sample %s has %d source images; editing the first (an Editor takes one image)",
                             bench.name, s.key, len(images))
+            batch.append(s)
             sources.append(images[0])
-        edited, traces = _edit_batch(editor, thinker, sources, [s.instruction for s in batch],
-                                     [sample_seed(settings.seed, s.key) for s in batch], settings)
-        for k, (s, image) in enumerate(zip(batch, edited)):
-            if settings.traces_dir is not None and traces:
-                write_json(Path(settings.traces_dir) / f"{_safe(s.key)}.json", traces[k].to_dict())
-            write_image(bench.output_path(images_dir, s, model_name), image)
-        stats.generated += len(batch)
+        if batch:
+            edited, traces = _edit_batch(editor, thinker, sources, [s.instruction for s in batch],
+                                         [sample_seed(settings.seed, s.key) for s in batch], settings)
+            for k, (s, image) in enumerate(zip(batch, edited)):
+                if settings.traces_dir is not None and traces:
+                    trace = Path(settings.traces_dir) / f"{_trace_name(s.key)}.json"
+                    write_json(inside(settings.traces_dir, trace), traces[k].to_dict())
+                write_image(bench.writable_output(images_dir, s, model_name), image)
+            stats.generated += len(batch)
         if progress:
-            progress(f"{bench.name} {settings.mode}", stats.generated, len(todo))
+            progress(f"{bench.name} {settings.mode}", stats.generated + len(stats.bad_sources), len(todo))
     stats.seconds = time.perf_counter() - started
     return stats
 
 
-def _safe(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+def _trace_name(key: str) -> str:
+    """A sample key as one file name: KRIS's "category/id" becomes "category_id"."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    return "_" + name if name.startswith(".") else name
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -252,7 +269,10 @@ class ScoreStats:
     total: int = 0
     missing: int = 0
     failed: int = 0
+    not_judged: int = 0  # failed samples with a query the judge gave no reply to (failure "not_judged")
     queries: int = 0
+    answered: int = 0  # judge calls that came back with a reply (from the cache too), parsable or not
+    unanswered: int = 0  # judge calls that got none: the judge down, timing out, refusing, a reply over the bound
     seconds: float = 0.0
 
 
@@ -261,6 +281,7 @@ def score(bench: Benchmark, images_dir: str | os.PathLike, model_name: str, judg
           progress: Optional[Progress] = None) -> tuple[list[SampleResult], ScoreStats]:
     """One SampleResult per selected sample, in order; see the module docstring."""
     images_dir = Path(images_dir)
+    safe_name(model_name, "model name (--model-name)")
     samples = select(bench, limit, shard)
     stats = ScoreStats(total=len(samples))
     started = time.perf_counter()
@@ -269,33 +290,68 @@ def score(bench: Benchmark, images_dir: str | os.PathLike, model_name: str, judg
     for i, s in enumerate(samples):
         path = bench.find_output(images_dir, s, model_name)  # the official name, or the same stem as .jpg etc.
         if path is None:
-            results[i] = _result(s, "missing", error=f"no image at {bench.output_path(images_dir, s, model_name)}")
+            bad = _source_problem(bench, s)  # a source that cannot be read is why there is no image
+            results[i] = _result(s, "failed", error=f"source image unreadable: {bad}", failure="bad_source") if bad \
+                else _result(s, "missing", error=f"no image at {bench.output_path(images_dir, s, model_name)}")
             continue
         if not bench.uses_judge:
             try:
                 results[i] = _result(s, "ok", scores=bench.oracle_scores(s, path), judge="oracle")
-            except (ValueError, OSError) as e:  # an unreadable image is this sample's failure, not the run's
-                results[i] = _result(s, "failed", error=f"{path}: {e}", judge="oracle")
+            except BadImageError as e:  # an unreadable image is this sample's failure, not the run's
+                results[i] = _result(s, "failed", error=f"edited image unreadable: {e}", judge="oracle",
+                                     failure="bad_image")
+            except (ValueError, OSError) as e:  # the oracle cannot read it as a scene
+                results[i] = _result(s, "failed", error=f"{path}: {e}", judge="oracle", failure="bad_image")
             if progress:
                 progress(f"{bench.name} oracle", i + 1, len(samples))
             continue
         if judge is None:
             raise ValueError(f"{bench.name} is scored by a judge: give --judge-url and --judge-model "
                              "(or REASONEDIT_JUDGE_BASE_URL / _MODEL)")
-        asks.extend((i, q) for q in bench.prompted_queries(s, path))
+        queries = bench.prompted_queries(s, path)
+        bad = _query_image_problem(bench, queries, path)
+        if bad is not None:  # never sent: a bomb or a non-image is this sample's failure, not the judge's
+            failure, error = bad
+            results[i] = _result(s, "failed", error=error, failure=failure)
+            continue
+        asks.extend((i, q) for q in queries)
     if asks:
         bench.check_judge_prompts((q.name, samples[i].category) for i, q in asks)
-        _judge_all(bench, samples, results, asks, judge, progress)
+        stats.answered, stats.unanswered = _judge_all(bench, samples, results, asks, judge, progress)
     stats.queries = len(asks)
     for r in results:
         stats.missing += r.status == "missing"
         stats.failed += r.status == "failed"
+        stats.not_judged += r.failure == "not_judged"
     stats.seconds = time.perf_counter() - started
     return results, stats  # type: ignore[return-value]
 
 
+def _source_problem(bench: Benchmark, sample: BenchSample) -> Optional[str]:
+    """Why a sample's source images cannot be read (decoded in full), or None."""
+    try:
+        bench.source_images(sample)
+    except (BadImageError, OSError) as e:
+        return str(e)
+    return None
+
+
+def _query_image_problem(bench: Benchmark, queries: Sequence[JudgeQuery], edited: Path) -> Optional[tuple[str, str]]:
+    """(failure, why) for the first image of the queries that is not an image or has too many pixels (from its
+    header: nothing is decoded), or None."""
+    for path in dict.fromkeys(p for q in queries for p in q.images):
+        try:
+            check_image(path, bench.max_pixels)
+        except (BadImageError, OSError) as e:
+            if Path(path) == Path(edited):
+                return "bad_image", f"edited image unreadable: {e}"
+            return "bad_source", f"source image unreadable: {e}"
+    return None
+
+
 def _judge_all(bench: Benchmark, samples: Sequence[BenchSample], results: list, asks: list, judge,
-               progress: Optional[Progress]) -> None:
+               progress: Optional[Progress]) -> tuple[int, int]:
+    """Ask the judge every query and fill in their samples' results; (calls answered, calls unanswered)."""
     from .judge import JudgeRequest
 
     requests = [JudgeRequest(prompt=q.prompt, images=list(q.images), system=q.system) for _, q in asks]
@@ -312,26 +368,35 @@ def _judge_all(bench: Benchmark, samples: Sequence[BenchSample], results: list, 
     for (i, q), reply in zip(asks, replies):
         per_sample.setdefault(i, []).append((q, reply))
     s_judge, temperature = judge.settings.judge_id, judge.settings.temperature
+    answered = unanswered = 0
     for i, pairs in per_sample.items():
-        s, scores, errors = samples[i], {}, []
+        s, scores, errors, failures = samples[i], {}, [], set()
         for q, reply in pairs:
             if not reply.ok:
+                unreadable = reply.error_kind == "bad_image"  # our side: the judge was never asked
+                failures.add("bad_image" if unreadable else "not_judged")
+                unanswered += not unreadable
                 errors.append(f"{q.name}: judge gave no reply ({reply.error})")
                 continue
+            answered += 1
             try:
                 scores.update(parse_reply(q, reply.text))
             except JudgeReplyError as e:
+                failures.add("bad_reply")
                 errors.append(f"{e} (reply: {reply.text[:120]!r})")
         status = "failed" if errors else "ok"
+        failure = next((f for f in ("not_judged", "bad_image", "bad_reply") if f in failures), None)
         results[i] = _result(s, status, scores=scores if status == "ok" else {}, error="; ".join(errors) or None,
-                             judge=s_judge, temperature=temperature)
+                             judge=s_judge, temperature=temperature, failure=failure)
+    return answered, unanswered
 
 
 def _result(sample: BenchSample, status: str, scores: Optional[dict] = None, error: Optional[str] = None,
-            judge: Optional[str] = None, temperature: Optional[float] = None) -> SampleResult:
+            judge: Optional[str] = None, temperature: Optional[float] = None,
+            failure: Optional[str] = None) -> SampleResult:
     return SampleResult(key=sample.key, category=sample.category, status=status, scores=scores or {},
                         meta=dict(sample.meta), error=error, judge=judge, temperature=temperature,
-                        language=sample.language)
+                        language=sample.language, failure=failure)
 
 
 # -- editors and thinkers ----------------------------------------------------------------------------
@@ -430,8 +495,10 @@ def run_modes(bench: Benchmark, editor, thinker, modes: Sequence[str], out_dir: 
     out_dir = Path(out_dir)
     runs = {}
     for mode in modes:
-        s = replace(settings, mode=mode, traces_dir=None if mode == "base" else out_dir / "traces" / mode)
-        run = ModeRun(mode, out_dir / "images" / mode)
+        # each folder proved inside OUT here, each file inside its folder by `generate`
+        traces = None if mode == "base" else inside(out_dir, out_dir / "traces" / mode)
+        s = replace(settings, mode=mode, traces_dir=traces)
+        run = ModeRun(mode, inside(out_dir, out_dir / "images" / mode))
         run.generation = generate(bench, editor, thinker, run.images_dir, model_name, s, progress, origin)
         log.info("%s %s: generated %d (%.2f samples/s), %d were already done", bench.name, mode,
                  run.generation.generated, run.generation.samples_per_second, run.generation.done_before)

@@ -1,9 +1,12 @@
 """The edit service as a FastAPI app around any `Editor` (and, for the loop, a `Thinker`).
 
 Routes: `POST /edit` (JSON or multipart; `/edit-upload` is the same route under EditThinker's name for
-uploads), `GET /health` (no token needed), `GET /status`. A request is validated (`schema.parse_edit`),
-queued (503 when the queue is full), batched with its neighbours by the `EditBatcher`, and answered
-within `timeout` seconds (504 otherwise). Errors answer `{"success": false, "error": ..., "field": ...}`.
+uploads), `GET /health` (no token needed), `GET /status`, and the API docs (`/docs`, `/redoc`,
+`/openapi.json`: with a token set they need it too). A request's body is read within bounds
+(`body.limit_body`, `body.parse_json_object`), validated (`schema.parse_edit`), queued (503 when the queue
+is full), batched with its neighbours by the `EditBatcher`, and answered within `timeout` seconds (504
+otherwise); a remote editor or thinker that fails is 502 or 503. Every error, a crash included, answers
+`{"success": false, "error": ..., "field": ...}`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -20,14 +24,18 @@ from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from reasonedit.clients.images import png_base64
+from reasonedit.errors import RemoteServiceError
 from reasonedit.inference.types import Editor, Thinker
 from reasonedit.serve.batcher import EditBatcher, LockedThinker, QueueFull
+from reasonedit.serve.body import limit_body, parse_json_object
 from reasonedit.serve.schema import (
     COMPAT_MODES,
     UPLOAD_FILE_FIELDS,
@@ -40,10 +48,14 @@ from reasonedit.serve.schema import (
 
 log = logging.getLogger(__name__)
 
+TOKEN_PATTERN = re.compile(r"[!-~]+")  # what a bearer token may be: visible ASCII, one word
+# failure kinds (clients.http.Failure) after which a later try may work: the upstream was away or busy
+_UPSTREAM_AWAY = {"transport", "timeout", "http_429", "http_503"}
+
 
 @dataclass
 class ServeConfig:
-    """How the service takes requests. `token` None: no authentication."""
+    """How the service takes requests. `token` None: no authentication (the CLI's --no-auth)."""
 
     token: Optional[str] = None
     max_queue: int = 64
@@ -62,6 +74,9 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0 or self.timeout <= 0:
             raise ValueError(f"--batch-wait-ms must be >= 0 and --timeout > 0 (got {self.batch_wait_ms}, {self.timeout})")
+        if self.token is not None and not TOKEN_PATTERN.fullmatch(self.token):
+            raise ValueError("token: " + ("is empty" if not self.token else "must be visible ASCII without spaces "
+                                          "(it travels in an HTTP header)") + "; None serves without authentication")
 
 
 @dataclass
@@ -73,8 +88,21 @@ class _Counters:
     loops: int = 0
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON in ASCII: text from a thinker may hold what UTF-8 cannot carry (an unpaired surrogate)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def _error(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"success": False, "error": message, "field": field}, status_code=status, headers=headers)
+    return AsciiJSONResponse({"success": False, "error": message, "field": field}, status_code=status, headers=headers)
+
+
+def upstream_status(error: RemoteServiceError) -> int:
+    """503 when every attempt found the remote service away or busy (a later try may work), else 502."""
+    kinds = {f.kind for f in getattr(error, "failures", ())}
+    return 503 if kinds and kinds <= _UPSTREAM_AWAY else 502
 
 
 def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Optional[Thinker] = None,
@@ -104,9 +132,19 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
         finally:
             batcher.stop()
 
-    app = FastAPI(title="ReasonEdit edit service", lifespan=lifespan,
+    # the docs routes are ours, below, so they take the token as every other route does
+    app = FastAPI(title="ReasonEdit edit service", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=AsciiJSONResponse,
                   description="EditThinker-style editing API over a ReasonEdit generator (docs/serve.md).")
     app.state.batcher, app.state.config, app.state.counters = batcher, config, counters
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:  # no such route or method
+        return _error(e.status_code, str(e.detail), {404: "path", 405: "method"}.get(e.status_code), e.headers)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, e: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        return _error(500, f"internal error ({type(e).__name__}); see the server's log", None)
 
     def count(name: str) -> None:
         with counters_lock:
@@ -126,6 +164,24 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
             count("unauthorized")
             return _error(403, "the bearer token is not valid for this server", "authorization")
         return None
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        return AsciiJSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -148,47 +204,47 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
 
     async def read_fields(request: Request) -> tuple[dict[str, Any], Optional[bytes], bool]:
         """(fields, uploaded image bytes, from a form)."""
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            raise RequestError("body", f"{int(length)} bytes is over the {config.max_body_bytes}-byte limit", 413)
+        request = limit_body(request, config.max_body_bytes)
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data" or ctype == "application/x-www-form-urlencoded":
-            try:
-                form = await request.form(max_files=2, max_fields=64, max_part_size=config.max_body_bytes)
-            except HTTPException as e:  # starlette's word on a broken multipart body, in our error format
-                raise RequestError("body", f"malformed form data ({e.detail})", 400) from None
-            fields: dict[str, Any] = {}
-            upload: Optional[bytes] = None
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    if key not in UPLOAD_FILE_FIELDS:
-                        raise RequestError(key, f"unexpected file field; upload the image as "
-                                                f"'{UPLOAD_FILE_FIELDS[0]}' (or '{UPLOAD_FILE_FIELDS[1]}')")
-                    upload = await value.read()
-                elif key in fields:
-                    raise RequestError(key, "given more than once")
-                else:
-                    fields[key] = value
-            if upload is not None and "image" in fields:
-                raise RequestError("image", "given both as a file and as a field; send one")
-            return fields, upload, True
-        if ctype != "application/json":
-            raise RequestError("content-type", f"{ctype!r} is not supported: send application/json or "
-                                               "multipart/form-data", 415)
-        raw = await request.body()
-        if len(raw) > config.max_body_bytes:
-            raise RequestError("body", f"{len(raw)} bytes is over the {config.max_body_bytes}-byte limit", 413)
         try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise RequestError("body", f"not valid JSON ({e})", 400) from None
-        if not isinstance(body, dict):
-            raise RequestError("body", f"expected a JSON object of fields, got {type(body).__name__}")
-        return body, None, False
+            if ctype == "multipart/form-data" or ctype == "application/x-www-form-urlencoded":
+                return await read_form(request)
+            if ctype != "application/json":
+                raise RequestError("content-type", f"{ctype!r} is not supported: send application/json or "
+                                                   "multipart/form-data", 415)
+            raw = await request.body()
+            return await run_in_threadpool(parse_json_object, raw, config.limits), None, False
+        except ClientDisconnect:
+            raise RequestError("body", "the client went away before its body was in", 400) from None
+
+    async def read_form(request: Request) -> tuple[dict[str, Any], Optional[bytes], bool]:
+        try:
+            async with request.form(max_files=2, max_fields=config.limits.max_fields,
+                                    max_part_size=config.max_body_bytes) as form:  # closes the files' spools
+                fields: dict[str, Any] = {}
+                upload: Optional[bytes] = None
+                for key, value in form.multi_items():
+                    if isinstance(value, UploadFile):
+                        if key not in UPLOAD_FILE_FIELDS:
+                            raise RequestError(key, f"unexpected file field; upload the image as "
+                                                    f"'{UPLOAD_FILE_FIELDS[0]}' (or '{UPLOAD_FILE_FIELDS[1]}')")
+                        if upload is not None:
+                            raise RequestError(key, "a second image file; upload one")
+                        upload = await value.read()
+                    elif key in fields:
+                        raise RequestError(key, "given more than once")
+                    else:
+                        fields[key] = value
+        except HTTPException as e:  # starlette's word on a broken multipart body, in our error format
+            raise RequestError("body", f"malformed form data ({e.detail})", 400) from None
+        if upload is not None and "image" in fields:
+            raise RequestError("image", "given both as a file and as a field; send one")
+        return fields, upload, True
 
     async def edit(request: Request):
         count("requests")
         if (denied := unauthorized(request)) is not None:
+            denied.headers["connection"] = "close"  # its body is not read: do not wait for it on this connection
             return denied
         t0 = time.perf_counter()
         try:
@@ -202,7 +258,8 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
         except RequestError as e:
             count("bad_requests")
             log.info("rejected a request: %s", e)
-            return _error(e.status, str(e), e.field)
+            # a body cut off at the limit is not read to its end: close rather than read on
+            return _error(e.status, str(e), e.field, {"connection": "close"} if e.status == 413 else None)
         try:
             if parsed.loop:
                 answer = await asyncio.wait_for(run_in_threadpool(run_loop, parsed), config.timeout)
@@ -214,6 +271,11 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
         except asyncio.TimeoutError:
             count("timed_out")
             return _error(504, f"no answer within the server's {config.timeout:g}s timeout", None)
+        except RemoteServiceError as e:  # the remote editor or thinker behind this server
+            status = upstream_status(e)
+            log.warning("an upstream service failed (%d): %s", status, e)
+            return _error(status, f"an upstream service failed: {e}", None,
+                          {"Retry-After": "1"} if status == 503 else None)
         except ValueError as e:  # the editor's word on this request
             return _error(422, f"the editor refused the request: {e}", None)
         except Exception as e:
@@ -242,4 +304,4 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
     return app
 
 
-__all__ = ["ServeConfig", "create_app"]
+__all__ = ["AsciiJSONResponse", "ServeConfig", "create_app", "upstream_status"]

@@ -3,7 +3,8 @@ editing services speak: POST /edit (JSON with a base64 PNG, or a multipart uploa
 GET /status. Concurrent requests are batched; a full queue answers 503, a slow one 504. With
 --compat editthinker, requests exactly as EditThinker's client sends them are accepted.
 --editor shapes serves the exact shapes-world editor instead of a model (the world from --config and
-world.key=value overrides; --error-rate P makes errors on purpose). See docs/serve.md."""
+world.key=value overrides; --error-rate P makes errors on purpose). A bearer token (--token-file PATH,
+$REASONEDIT_SERVE_TOKEN or --token T) is required unless --no-auth says otherwise. See docs/serve.md."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Mapping, Optional
 
 from reasonedit.config.model import RUN_DTYPES
 from reasonedit.inference.types import SHAPES_EDITOR
 
 log = logging.getLogger(__name__)
+
+TOKEN_VARIABLE = "REASONEDIT_SERVE_TOKEN"
+_TOKEN_FILE_MOST = 4096  # bytes: a token file holds one token, not a disk image
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--editor shapes: world settings over --config's, e.g. world.grid=5 world.image_size=160")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on /edit and /status "
-                   "(default: $REASONEDIT_SERVE_TOKEN; unset: no authentication)")
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on every route but "
+                   f"/health (default: ${TOKEN_VARIABLE}); other users see it in ps: prefer --token-file")
+    p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                   help="read the token from this file (surrounding whitespace and the newline are dropped)")
+    p.add_argument("--no-auth", action="store_true", help="serve without authentication; without it a token is "
+                   "required, so an empty --token or an unset variable is an error, never an open server")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more are answered 503")
     p.add_argument("--max-batch", type=int, default=8, help="edits run together in one generator call")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
@@ -62,19 +71,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the chat model replies: our role prompts, or EditThinker's think/score/answer")
 
 
-def _config(args: argparse.Namespace):
+def resolve_token(token: Optional[str], token_file: Optional[Path], no_auth: bool,
+                  environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The bearer token from --token-file, --token or $REASONEDIT_SERVE_TOKEN (in that order); None only with
+    --no-auth. An empty or unusable token is an error naming where it came from."""
+    from reasonedit.serve.app import TOKEN_PATTERN
+
+    if token is not None and token_file is not None:
+        raise ValueError("--token-file: give the token once, with --token-file or --token, not both")
+    if no_auth:
+        if token is not None or token_file is not None:
+            raise ValueError(f"--no-auth: contradicts {'--token' if token is not None else '--token-file'}; drop one")
+        if TOKEN_VARIABLE in environ:
+            raise ValueError(f"--no-auth: but ${TOKEN_VARIABLE} is set; unset it to serve without authentication")
+        return None
+    if token_file is not None:
+        source = f"--token-file {token_file}"
+        try:
+            with open(token_file, "rb") as f:
+                raw = f.read(_TOKEN_FILE_MOST + 1)
+        except OSError as e:
+            raise ValueError(f"{source}: cannot read it ({e.strerror or e})") from None
+        if len(raw) > _TOKEN_FILE_MOST:
+            raise ValueError(f"{source}: longer than {_TOKEN_FILE_MOST} bytes; it should hold the token alone")
+        value = raw.decode("utf-8", "replace").strip()
+    elif token is not None:
+        source, value = "--token", token
+    elif TOKEN_VARIABLE in environ:
+        source, value = f"${TOKEN_VARIABLE}", environ[TOKEN_VARIABLE]
+    else:
+        raise ValueError(f"no token given: pass --token-file PATH or set ${TOKEN_VARIABLE} (or --token T, which ps "
+                         "shows), or --no-auth to serve without authentication")
+    if not value:
+        raise ValueError(f"{source}: the token is empty (an unset variable?); give one, or --no-auth to serve "
+                         "without authentication")
+    if not TOKEN_PATTERN.fullmatch(value):
+        raise ValueError(f"{source}: the token must be visible ASCII without spaces (it travels in an HTTP header)")
+    return value
+
+
+def serve_config(args: argparse.Namespace):
+    """The `ServeConfig` the flags describe; ValueError naming the flag that is wrong."""
     from reasonedit.serve.app import ServeConfig
     from reasonedit.serve.schema import Limits
 
     for flag in ("port", "steps", "max_steps", "max_side", "max_pixels"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
-    config = ServeConfig(token=args.token or os.environ.get("REASONEDIT_SERVE_TOKEN") or None,
-                         max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+    config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          timeout=args.timeout, compat=args.compat,
                          limits=Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
                                        default_steps=args.steps))
     config.validate()
+    config.token = resolve_token(args.token, args.token_file, args.no_auth)  # last: a wrong --max-queue is named first
     return config
 
 
@@ -96,7 +145,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
     if not 0.0 <= args.error_rate <= 1.0:
         raise ValueError(f"--error-rate {args.error_rate}: must lie in [0, 1]")
     world = _shapes_world(args)
-    config = _config(args)
+    config = serve_config(args)
     import uvicorn
 
     from reasonedit.inference.pipeline import build_editor, build_thinker
@@ -108,7 +157,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
         thinker = build_thinker(args.thinker, model_name=args.thinker_model, contract=args.thinker_contract)
     name = f"shapes world {world.image_size}px, grid {world.grid}" + (f" ({args.config})" if args.config else "")
     app = create_app(editor, config, thinker, model_name=name, thinker_shares_model=False)
-    auth = "bearer token required" if config.token else "no authentication"
+    auth = "bearer token required" if config.token else "no authentication: --no-auth"
     print(f"serving {editor.name} on {name} at http://{args.host}:{args.port} ({auth}; "
           f"{'thinker ' + thinker.name if thinker else 'plain edits only: no thinker'})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
@@ -126,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from reasonedit.models.model import CONFIG_FILE
     if not (args.model / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"--model {args.model}: not a model folder (no reasonedit.json)")
-    config = _config(args)
+    config = serve_config(args)
     import uvicorn
 
     from reasonedit.inference.pipeline import Pipeline, build_thinker, resolve_device
@@ -138,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                                                          model_name=args.thinker_model, contract=args.thinker_contract)
     app = create_app(pipeline.editor(), config, thinker, model_name=str(args.model),
                      thinker_shares_model=not args.thinker)
-    auth = "bearer token required" if config.token else "no authentication"
+    auth = "bearer token required" if config.token else "no authentication: --no-auth"
     print(f"serving {args.model} on http://{args.host}:{args.port} ({auth}; queue {config.max_queue}, "
           f"batch {config.max_batch}{', compat ' + config.compat if config.compat else ''})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")

@@ -1,11 +1,13 @@
-"""The edit service's request schema: field types, ranges and defaults, image limits, and the EditThinker
-compatibility mapping. Every error names the field (and, for a misspelling, the field it resembles)."""
+"""The edit service's request schema: field types, ranges and defaults, text and image limits, and the
+EditThinker compatibility mapping. Every error names the field (and, for a misspelling, the field it
+resembles); what a client sent is quoted so that the error itself can always be sent back."""
 
 from __future__ import annotations
 
 import difflib
 import io
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -15,6 +17,7 @@ from PIL import Image as PILImage
 
 from reasonedit.clients.images import decode_base64
 from reasonedit.inference.types import EditRequest
+from reasonedit.serve.image_header import HeaderError, read_header
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +26,17 @@ COMPAT_MODES = ("editthinker",)
 EDITTHINKER_RENAMES = {"num_inference_step": "num_inference_steps", "text_guidance_scale": "guidance_scale"}
 
 
+def field_label(name: str, most: int = 64) -> str:
+    """A client's field name as an error shows it: unpaired surrogates escaped, cut to `most` characters."""
+    name = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return name if len(name) <= most else name[:most] + "..."
+
+
 class RequestError(ValueError):
     """A request the service cannot take: answered with `status`, naming `field`."""
 
     def __init__(self, field: Optional[str], message: str, status: int = 422):
+        field = field_label(field) if field else field
         super().__init__(f"{field}: {message}" if field else message)
         self.field, self.status = field, status
 
@@ -39,7 +49,10 @@ class Limits:
     max_pixels: int = 2048 * 2048
     max_steps: int = 100
     max_rounds: int = 8
-    max_prompt_chars: int = 4000
+    max_prompt_chars: int = 4000  # prompt and negative_prompt, each: attention's cost grows with the square
+    max_fields: int = 64  # fields in one request, JSON or form
+    max_json_depth: int = 64
+    max_json_values: int = 1024  # containers and their items, over the whole body
     default_steps: int = 28
 
 
@@ -81,21 +94,27 @@ class ParsedEdit:
         return self.think or self.reflect
 
 
+TEXT_FIELDS = ("prompt", "negative_prompt")  # the text a model reads: bounded by Limits.max_prompt_chars
+
+
 def suggest(name: str) -> str:
     close = difflib.get_close_matches(name, list(FIELDS) + ["image_file"], n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else f"; the fields are {', '.join(FIELDS)}"
 
 
 class IgnoredFieldLog:
-    """Logs each field that compat mode ignores once per server, not once per request."""
+    """Logs each field that compat mode ignores once per server, not once per request; after `most` names
+    it logs no new ones, so clients that send new names cannot grow it without end."""
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = 256) -> None:
         self.seen: set[str] = set()
+        self.most = most
         self._lock = threading.Lock()
 
     def note(self, name: str, how: str) -> None:
+        name = field_label(name)
         with self._lock:
-            if name in self.seen:
+            if name in self.seen or len(self.seen) >= self.most:
                 return
             self.seen.add(name)
         log.info("compat editthinker: field '%s' %s (logged once)", name, how)
@@ -121,6 +140,10 @@ def _coerce(name: str, value: Any, spec: FieldSpec, from_form: bool) -> Any:
         value = int(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise RequestError(name, f"expected {kind.__name__}, got {type(value).__name__} {str(value)[:40]!r}")
+    if kind is str:
+        check_utf8(name, value)
+    if kind is float and not math.isfinite(value):
+        raise RequestError(name, f"must be a finite number, got {value}")
     if kind in (int, float):
         if spec.lo is not None and value < spec.lo:
             raise RequestError(name, f"must be at least {spec.lo:g}, got {value}")
@@ -129,21 +152,41 @@ def _coerce(name: str, value: Any, spec: FieldSpec, from_form: bool) -> Any:
     return value
 
 
-def read_image(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
-    """Encoded image bytes to uint8 (H, W, 3), checking the size from the header before decoding pixels."""
+def check_utf8(name: str, text: str) -> None:
+    """Text JSON can carry but UTF-8 cannot (an unpaired surrogate, as `"\\ud800"` decodes to) is refused."""
+    if text.isascii():  # the base64 image, most prompts: no copy to check
+        return
     try:
-        im = PILImage.open(io.BytesIO(raw))
-        width, height = im.size
-    except (PILImage.UnidentifiedImageError, OSError, ValueError) as e:
-        raise RequestError(name, f"not a readable image ({type(e).__name__})") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(name, f"holds an unpaired surrogate ({ascii(text[e.start])}) at character {e.start}: "
+                                 "send surrogates in pairs, or the text as UTF-8") from None
+
+
+def read_image(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
+    """Encoded PNG, JPEG or WebP bytes to uint8 (H, W, 3). The format and size come from the header, checked
+    before any decoder sees the bytes, so no other format is decoded and no image over the limits is."""
+    try:
+        header = read_header(raw)
+    except HeaderError as e:
+        raise RequestError(name, str(e)) from None
+    width, height = header.width, header.height
     if max(width, height) > limits.max_side:
         raise RequestError(name, f"{width}x{height} is larger than the {limits.max_side}-pixel side limit")
     if width * height > limits.max_pixels:
         raise RequestError(name, f"{width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}")
+    # past the header, the bytes are the client's and Pillow's decoders raise many kinds on damaged data
+    # (OSError, SyntaxError for a broken PNG chunk, DecompressionBombError, ...): each is the image's fault
+    try:
+        im = PILImage.open(io.BytesIO(raw), formats=[header.format])
+    except Exception as e:
+        raise RequestError(name, f"not a readable {header.format} image ({type(e).__name__})") from None
+    if im.size != (width, height):  # a second frame header, say: what would be decoded is not what was checked
+        raise RequestError(name, f"its header declares {width}x{height} but its frame is {im.size[0]}x{im.size[1]}")
     try:
         im.load()
         return np.array(im.convert("RGB"))  # writable: torch warns on read-only arrays
-    except (OSError, ValueError) as e:
+    except Exception as e:
         raise RequestError(name, f"image data is damaged ({type(e).__name__}: {e})") from None
 
 
@@ -153,11 +196,14 @@ def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[st
     """Validate one request's fields (a JSON object, or form fields plus an uploaded file's bytes)."""
     if compat is not None and compat not in COMPAT_MODES:
         raise ValueError(f"compat {compat!r}: expected one of {', '.join(COMPAT_MODES)}")
+    if len(fields) > limits.max_fields:
+        raise RequestError("body", f"{len(fields)} fields; a request holds at most {limits.max_fields} fields")
     values: dict[str, Any] = {}
     ignored: list[str] = []
     renamed: dict[str, str] = {}
     note: Callable[[str, str], None] = ignored_log.note if ignored_log else (lambda n, h: None)
     for name, value in fields.items():
+        check_utf8(name, name)
         if name in FIELDS:
             values[name] = value
         elif compat == "editthinker" and name in EDITTHINKER_RENAMES:
@@ -178,6 +224,19 @@ def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[st
     values = {k: v for k, v in values.items() if v is not None}  # null means "the default"
     typed = {k: _coerce(k, v, FIELDS[k], from_form) for k, v in values.items()}
 
+    prompt = typed.get("prompt")
+    if prompt is None or not prompt.strip():
+        raise RequestError("prompt", "missing or empty: say what to edit")
+    for name in TEXT_FIELDS:
+        if name in typed and len(typed[name]) > limits.max_prompt_chars:
+            raise RequestError(name, f"is {len(typed[name])} characters; the limit is {limits.max_prompt_chars}")
+    steps = typed.get("num_inference_steps", limits.default_steps)
+    if steps > limits.max_steps:
+        raise RequestError("num_inference_steps", f"must be at most {limits.max_steps}, got {steps}")
+    rounds = typed.get("rounds", 3)
+    if rounds > limits.max_rounds:
+        raise RequestError("rounds", f"must be at most {limits.max_rounds}, got {rounds}")
+
     if image_bytes is not None:
         image = read_image(image_bytes, limits)
     elif "image" in typed:
@@ -191,17 +250,6 @@ def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[st
     else:
         raise RequestError("image", "missing: send a base64 PNG in 'image' (or upload a file as multipart)")
 
-    prompt = typed.get("prompt")
-    if prompt is None or not prompt.strip():
-        raise RequestError("prompt", "missing or empty: say what to edit")
-    if len(prompt) > limits.max_prompt_chars:
-        raise RequestError("prompt", f"is {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
-    steps = typed.get("num_inference_steps", limits.default_steps)
-    if steps > limits.max_steps:
-        raise RequestError("num_inference_steps", f"must be at most {limits.max_steps}, got {steps}")
-    rounds = typed.get("rounds", 3)
-    if rounds > limits.max_rounds:
-        raise RequestError("rounds", f"must be at most {limits.max_rounds}, got {rounds}")
     request = EditRequest(image=image, prompt=prompt, seed=typed.get("seed", 0),
                           guidance_scale=typed.get("guidance_scale", 4.0), num_inference_steps=steps,
                           negative_prompt=typed.get("negative_prompt", " "))
@@ -210,4 +258,4 @@ def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[st
 
 
 __all__ = ["COMPAT_MODES", "EDITTHINKER_RENAMES", "FIELDS", "IgnoredFieldLog", "Limits", "ParsedEdit",
-           "RequestError", "parse_edit", "read_image", "suggest"]
+           "RequestError", "TEXT_FIELDS", "check_utf8", "field_label", "parse_edit", "read_image", "suggest"]

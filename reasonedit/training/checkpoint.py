@@ -9,13 +9,19 @@
         trainer.pt     step, scheduler, skipped-step counters, loss history
         rank<r>.pt     per rank: the batch stream (loader + packer + packed-but-unused batches), the
                        EMA (this rank's local tensors) and every RNG state (python, numpy, torch, cuda)
-The last `keep_last` are kept. `latest(root)` is the highest complete step folder.
+The last `keep_last` are kept. `latest(root)` is the highest complete step folder. Hidden beside them:
+`.step_N.partial` (a checkpoint being written) and `.step_N.deleting` (one being removed); a kill can leave
+either, `clear_interrupted(root)` removes them.
+
+Every file holds tensors and plain data only (`plain`), read back with `torch.load(weights_only=True)`, so
+loading a checkpoint runs no code from it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -29,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from .distributed import World, barrier
+from .plain import from_plain, to_plain
 from .zero import full_trainable_state as full_trainable_state_zero
 from .zero import is_engine
 from .zero import load as load_zero
@@ -36,6 +43,11 @@ from .zero import save as save_zero
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+HIDDEN_STEP_DIR = re.compile(r"^\.step_\d{8}\.(partial|deleting)$")  # `_staging`, `_remove`
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely; the message names the file and what to do."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,6 +75,43 @@ def latest(root: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def clear_interrupted(root: Path) -> list[str]:
+    """Remove the hidden folders a kill mid-save or mid-delete left in `root`; one line per folder, for the log."""
+    done = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if HIDDEN_STEP_DIR.match(path.name) and path.is_dir():
+            shutil.rmtree(path)
+            done.append(f"removed {path}, left by an interrupted checkpoint save")
+    return done
+
+
+def write_state(state: Any, path: Path) -> None:
+    """Save `state` as plain data; through a Python file, so that a full disk or a failed write is an OSError
+    naming `path` (torch's own file writer says only `basic_ios::clear` or `unexpected pos`)."""
+    plain = to_plain(state, path.name)
+    try:
+        with open(path, "wb") as f:
+            torch.save(plain, f)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def read_state(path: Path) -> Any:
+    """What `write_state` saved, loaded with weights_only=True: tensors and plain data, no code run."""
+    try:
+        return from_plain(torch.load(path, weights_only=True))
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain data, so it is not loaded "
+                              f"(weights_only=True); it was written by an older reasonedit: resume with that version "
+                              f"or start the stage afresh (move {path.parent.parent} aside)") from None
+    except (RuntimeError, EOFError) as e:  # not a torch file, or one written on a device this machine lacks
+        raise CheckpointError(f"{path}: cannot be loaded: {e}") from None
+
+
+def _staging(root: Path, step: int) -> Path:
+    return root / f".step_{step:08d}.partial"
+
+
 def _remove(path: Path) -> None:
     """Rename a step folder to a hidden name first, then delete it: a kill mid-delete must not leave a
     visible `step_N` with some of its files gone (it would be taken for a complete checkpoint)."""
@@ -87,8 +136,9 @@ def full_trainable_state(module: torch.nn.Module, trainable: set[str]) -> dict[s
 def save_checkpoint(root: Path, step: int, world: World, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainable: set[str], trainer_state: dict[str, Any], rank_state: dict[str, Any],
                     keep_last: int) -> Path:
-    final = root / f"step_{step:08d}"
-    staging = root / f".step_{step:08d}.partial"
+    """Write the checkpoint of `step` into a hidden staging folder and rename it to `step_N` (every rank joins);
+    a write that fails removes the staging folder and raises (an OSError names the file)."""
+    final, staging = root / f"step_{step:08d}", _staging(root, step)
     deepspeed = is_engine(module)
     kept = full_trainable_state(module, trainable)
     optim_sd = None
@@ -96,18 +146,23 @@ def save_checkpoint(root: Path, step: int, world: World, module: torch.nn.Module
         optim_sd = (get_optimizer_state_dict(module, optimizer,
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
                     if _sharded(module) else optimizer.state_dict())  # replicated: the plain, id-keyed state
-    if world.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    if deepspeed:
-        save_zero(module, staging)  # every rank writes its own partition files
-    if world.is_main:
-        torch.save(kept, staging / "model.pt")
-        if optim_sd is not None:
-            torch.save(optim_sd, staging / "optimizer.pt")
-        torch.save(trainer_state, staging / "trainer.pt")
-    torch.save({**rank_state, "rng": rng_state()}, staging / f"rank{world.rank}.pt")
+    try:
+        if world.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        if deepspeed:
+            save_zero(module, staging)  # every rank writes its own partition files
+        if world.is_main:
+            write_state(kept, staging / "model.pt")
+            if optim_sd is not None:
+                write_state(optim_sd, staging / "optimizer.pt")
+            write_state(trainer_state, staging / "trainer.pt")
+        write_state({**rank_state, "rng": rng_state()}, staging / f"rank{world.rank}.pt")
+    except BaseException:
+        if world.is_main:  # nothing half-written stays behind, and its space is freed at once
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     barrier()
     if world.is_main:
         if final.exists():
@@ -138,12 +193,12 @@ def load_checkpoint(path: Path, world: World, module: torch.nn.Module,
     # hence not strict; but a saved key the model does not have means a checkpoint of another model layout,
     # which must not resume with some weights silently left unrestored
     options = StateDictOptions(full_state_dict=True, strict=False)
-    keys = set_model_state_dict(module, torch.load(path / "model.pt", weights_only=False), options=options)
+    keys = set_model_state_dict(module, read_state(path / "model.pt"), options=options)
     if keys.unexpected_keys:
         raise KeyError(f"{path / 'model.pt'}: {len(keys.unexpected_keys)} saved parameters are not in the model, "
                        f"e.g. {sorted(keys.unexpected_keys)[:3]}: the checkpoint was written for another model "
                        f"layout; start the stage afresh (remove {path.parent}) or resume with the code that wrote it")
-    optim_sd = torch.load(path / "optimizer.pt", weights_only=False)
+    optim_sd = read_state(path / "optimizer.pt")
     if _sharded(module):
         # a parameter that never got a gradient (the last block's text output) has no state
         set_optimizer_state_dict(module, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True,
@@ -154,10 +209,11 @@ def load_checkpoint(path: Path, world: World, module: torch.nn.Module,
 
 
 def _load_states(path: Path, world: World) -> tuple[dict[str, Any], dict[str, Any]]:
-    trainer_state = torch.load(path / "trainer.pt", weights_only=False)
-    rank_state = torch.load(path / f"rank{world.rank}.pt", weights_only=False)
+    trainer_state = read_state(path / "trainer.pt")
+    rank_state = read_state(path / f"rank{world.rank}.pt")
     set_rng_state(rank_state["rng"])
     return trainer_state, rank_state
 
 
-__all__ = ["full_trainable_state", "latest", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["CheckpointError", "clear_interrupted", "full_trainable_state", "latest", "load_checkpoint", "read_state",
+           "rng_state", "save_checkpoint", "set_rng_state", "write_state"]

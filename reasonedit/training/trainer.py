@@ -4,7 +4,8 @@ The same code path runs one CPU process, torchrun (DDP or FSDP2, gloo on CPU), D
 bf16 on GPUs. Everything clever lives in a named component: `losses` (sums and counts, `normalise`),
 `stages` (what trains, data, loss terms), `training.step` (one optimiser step, plain or DeepSpeed),
 `training.data` (the resumable batch stream), `training.checkpoint`, `training.ema`,
-`training.distributed`, `training.zero` (DeepSpeed), `training.schedule`, `training.metrics`.
+`training.distributed`, `training.zero` (DeepSpeed), `training.schedule`, `training.metrics`, `training.output`
+(the output folder checked before the model loads; a failed write is one clear `OutputError`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .data import BatchStream, Sources, SplitBatchStream, stage_loader
 from .distributed import World, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
 from .metrics import MetricsSink, ProgressWindow
+from .output import prepare_output, writing
 from .resume import check_resume, run_config
 from .schedule import make_scheduler
 from .step import DeepSpeedStepper, StepRecords, Stepper
@@ -161,7 +163,7 @@ def resume(root: Path, identity: str, run_cfg: dict, stage: Stage, tc: TrainConf
     found = ckpt.latest(root)
     if found is None:
         return RunState()
-    saved = torch.load(found / "trainer.pt", weights_only=False)
+    saved = ckpt.read_state(found / "trainer.pt")
     if saved.get("start") != identity:
         stale = root.parent / f"checkpoints.stale-{time.strftime('%Y%m%d-%H%M%S')}"
         barrier()
@@ -194,7 +196,8 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
     world = world or init_world()
     stage = stage_for(stage_number, cfg)
     sc, tc = stage.config, cfg.train
-    out.mkdir(parents=True, exist_ok=True)
+    root = out / "checkpoints"
+    prepare_output(out, root, world, stage.name)  # before the model loads: a folder we cannot write fails now
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
@@ -217,7 +220,7 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
     pre, stream, cache = stage_data(cfg, stage, model, data, out, world)
 
     # -- resume ----------------------------------------------------------------------------------
-    root, identity, run_cfg = out / "checkpoints", _start_identity(start), run_config(cfg, stage.name)
+    identity, run_cfg = _start_identity(start), run_config(cfg, stage.name)
     state = resume(root, identity, run_cfg, stage, tc, world, module, optimizer, scheduler, stream, ema)
 
     def save(at: int) -> Path:
@@ -227,8 +230,9 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
                          "stage": stage.name, "config": run_cfg, "evals": state.evals}
         rank_state = {"stream": stream.state_dict(), "ema": ema.state_dict() if ema is not None else None}
         # names as the StageModule sees them ("model." + the ReasonEditModel's name)
-        return ckpt.save_checkpoint(root, at, world, module, optimizer, {f"model.{n}" for n in trainable},
-                                    trainer_state, rank_state, tc.keep_last)
+        with writing(f"{stage.name}: checkpoint of step {at}"):
+            return ckpt.save_checkpoint(root, at, world, module, optimizer, {f"model.{n}" for n in trainable},
+                                        trainer_state, rank_state, tc.keep_last)
 
     # -- SIGTERM: finish the step, save, exit cleanly ---------------------------------------------
     stop = {"sigterm": False}
@@ -329,13 +333,16 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
     step = state.step
     result = StageResult(stage.name, out, None, step, state.history, state.skipped, interrupted, evals=state.evals)
     if world.is_main:  # for the learning curves: per-step losses and the held-out figures
-        atomic_write_text(out / "history.json", json.dumps(state.history) + "\n")
-        if state.evals:
-            atomic_write_text(out / "evals.json", json.dumps(state.evals, indent=2) + "\n")
+        with writing(f"{stage.name}: the loss history"):
+            atomic_write_text(out / "history.json", json.dumps(state.history) + "\n")
+            if state.evals:
+                atomic_write_text(out / "evals.json", json.dumps(state.evals, indent=2) + "\n")
     if not interrupted:
         if ckpt.latest(root) is None or ckpt.latest(root).name != f"step_{step:08d}":
             save(step)
-        result.model = save_stage_model(module, model, stage, start, out, world, ema, {f"model.{n}" for n in trainable})
+        with writing(f"{stage.name}: the trained model"):
+            result.model = save_stage_model(module, model, stage, start, out, world, ema,
+                                            {f"model.{n}" for n in trainable})
     result.seconds = time.perf_counter() - started
     return result
 

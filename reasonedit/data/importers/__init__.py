@@ -7,7 +7,9 @@ paths (`jsonl`), LLaMA-Factory sharegpt conversations such as EditThinker's `sft
 checking each field and that each image file exists, then decodes the images and writes
 `OUT/<split>/<kind>-NNNNN.tar` plus `manifest.json` in a hidden sibling directory that is renamed
 into place only when complete. A bad row stops the import with a `DataImportError` naming the file,
-the line and the field.
+the line and the field; so does a NaN or an infinity in a record, when it is written. `--out` must lie
+apart from the inputs: it may not be, hold or lie inside an input file or folder or the image root, nor
+hold an image that a row names (replacing it would delete them).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..samples import SCHEMA_VERSION, Record
-from ..shards import DatasetDirError, building_dataset, write_manifest, write_records
+from ..samples import SCHEMA_VERSION, Record, SchemaError
+from ..shards import DatasetDirError, building_dataset, check_apart, write_manifest, write_records
 from reasonedit.config.synth import KINDS, SPLITS
 from .captions import plan_captions
 from .editthinker import editthinker_score, plan_editthinker_rl
@@ -66,6 +68,22 @@ def _source_entry(path: Path) -> dict:
     return entry
 
 
+def _check_apart(out: Path, inputs: list[tuple[str, Path]]) -> None:
+    try:
+        check_apart(out, inputs)
+    except DatasetDirError as e:
+        raise DataImportError(str(e)) from None
+
+
+def _named_images(planned: list[Planned]) -> list[tuple[str, Path]]:
+    """Each image file the rows name, once, with the first row and field that name it."""
+    images: dict[Path, str] = {}
+    for p in planned:
+        for field_name, path in p.images:
+            images.setdefault(path, f"the image that {p.where} names in field '{field_name}',")
+    return [(what, path) for path, what in images.items()]
+
+
 def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: str | Path, *,
                    shard_size: int = DEFAULT_SHARD_SIZE, split: str = "train", overwrite: bool = False,
                    image_root: str | Path | None = None, skip_unmapped: bool = False,
@@ -85,6 +103,8 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
         raise DataImportError(f"--shard-size must be a positive number of records, got {shard_size!r}")
     paths, out = _as_paths(inputs), Path(out)
     ctx = Context(split, Path(image_root) if image_root is not None else None, skip_unmapped)
+    roots = [("--image-root", ctx.image_root)] if ctx.image_root is not None else []
+    _check_apart(out, [("the input", p) for p in paths] + roots)  # before anything is read or deleted
 
     planned: list[Planned] = []
     seen: dict[tuple[str, str], str] = {}
@@ -98,6 +118,8 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
     if not planned:
         skipped = f" ({len(ctx.skipped)} skipped)" if ctx.skipped else ""
         raise DataImportError(f"no records to import from {', '.join(map(str, paths))}{skipped}")
+    if out.is_dir():  # else it holds no image
+        _check_apart(out, _named_images(planned))
 
     groups: dict[str, dict[str, list[Planned]]] = {}
     for s in SPLITS:  # fixed order, so the manifest is the same whatever order the rows come in
@@ -107,6 +129,7 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
                 groups.setdefault(s, {})[kind] = group
     done, total = 0, len(planned)
     shards: dict[str, dict[str, list]] = {}
+    writing = [""]  # where the record being written comes from, for its errors
 
     def write(tmp: Path) -> dict:
         for s, kinds in groups.items():
@@ -116,6 +139,7 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
                 def built(group: list[Planned] = group, label: str = f"{s}/{kind}") -> Iterator[Record]:
                     nonlocal done
                     for p in group:
+                        writing[0] = p.where
                         yield p.build()
                         done += 1
                         if progress is not None:
@@ -140,6 +164,8 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
             manifest = write(tmp)
     except DatasetDirError as e:
         raise DataImportError(str(e)) from None
+    except SchemaError as e:  # a record that cannot be stored (a NaN in its fields): nothing was written
+        raise DataImportError(f"{writing[0]}: {e}") from None
     log.info("imported %d records from %d %s input(s) into %s%s", total, len(paths), format, out,
              f"; skipped {len(ctx.skipped)} rows that fit no record kind" if ctx.skipped else "")
     return manifest

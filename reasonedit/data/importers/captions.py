@@ -41,7 +41,7 @@ def _caption_rows(path: Path, tag: str, ctx: Context) -> Iterator[Planned]:
         split, key = split_of(row, ctx.split), row_key(tag, row)
         meta = {"origin": row.origin, "image_path": obj["image"]}
         yield Planned(split, TextToImage.KIND, key, row.where,
-                      partial(build_text_to_image, key, row.where, caption, image, meta))
+                      partial(build_text_to_image, key, row.where, caption, image, meta), (image,))
 
 
 def _caption_pairs(folder: Path, tag: str, ctx: Context) -> Iterator[Planned]:
@@ -74,5 +74,6 @@ def _caption_pairs(folder: Path, tag: str, ctx: Context) -> Iterator[Planned]:
         key = f"{tag}-{key_part(stem)}"
         meta = {"origin": {"file": txt.relative_to(folder).as_posix(), "line": 1},
                 "image_path": found[0].relative_to(folder).as_posix()}
+        image = ("image", found[0])
         yield Planned(ctx.split, TextToImage.KIND, key, where,
-                      partial(build_text_to_image, key, where, caption, ("image", found[0]), meta))
+                      partial(build_text_to_image, key, where, caption, image, meta), (image,))

@@ -100,4 +100,4 @@ def plan_editthinker_rl(path: Path, tag: str, ctx: Context) -> Iterator[Planned]
                 "extra": {k: v for k, v in obj.items() if k not in known}}
         yield Planned(split, ReflectionSample.KIND, key, row.where, partial(
             build_reflection, key, row.where, source, instruction, candidate, score,
-            given or score_reason(semantic, quality), thought, decision, "", meta))
+            given or score_reason(semantic, quality), thought, decision, "", meta), (source, candidate))

@@ -40,7 +40,9 @@ def plan_jsonl(path: Path, tag: str, ctx: Context) -> Iterator[Planned]:
                 **({"extra_source_paths": extra} if extra else {}),
                 "extra": {k: v for k, v in obj.items() if k not in known}}
         yield Planned(split, EditPair.KIND, key, row.where,
-                      partial(build_edit_pair, key, row.where, source, instruction, target, meta, extras))
+                      partial(build_edit_pair, key, row.where, source, instruction, target, meta, extras),
+                      (source, target, *extras))
         if abstract is not None:
             yield Planned(split, ThinkingPair.KIND, key, row.where, partial(
-                build_thinking_pair, key, row.where, source, abstract, instruction, category, target, meta))
+                build_thinking_pair, key, row.where, source, abstract, instruction, category, target, meta),
+                (source, target))

@@ -46,6 +46,9 @@ def split_steps(concrete: str) -> list[str]:
 
 
 # -- planning: rows to records still to build --------------------------------------------------------
+ImageRef = tuple[str, Path]  # (the field that names an image, its file), for error messages
+
+
 @dataclass
 class Planned:
     """A record checked field by field whose images are decoded only when it is written."""
@@ -55,6 +58,7 @@ class Planned:
     key: str
     where: str
     build: Callable[[], Record]
+    images: tuple[ImageRef, ...] = ()  # the image files it reads, as (field, path): inputs, kept apart from --out
 
 
 @dataclass
@@ -82,7 +86,6 @@ def row_key(tag: str, row: Row) -> str:
 
 
 # Builders: each decodes its images (given as (field, path), for error messages) and makes one record.
-ImageRef = tuple[str, Path]
 
 
 def build_edit_pair(key: str, where: str, source: ImageRef, instruction: str, target: ImageRef,

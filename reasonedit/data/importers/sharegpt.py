@@ -172,9 +172,10 @@ def _critique(row: Row, turn: _Turns, paths: list[Path], split: str, key: str, m
     meta = {**meta, **score_meta(semantic, quality), "rewritten_prompt": rewritten, "refined_prompt": refined,
             "new_instruction_applies_to": "source"}
     reason = think or score_reason(semantic, quality)
+    images = (("images[0]", paths[0]), ("images[1]", paths[1]))
     return Planned(split, ReflectionSample.KIND, key, row.where, partial(
-        build_reflection, key, row.where, ("images[0]", paths[0]), instruction, ("images[1]", paths[1]), score,
-        reason, think, decision, new_instruction, meta))
+        build_reflection, key, row.where, images[0], instruction, images[1], score, reason, think, decision,
+        new_instruction, meta), images)
 
 
 def _thinking(row: Row, turn: _Turns, paths: list[Path], split: str, key: str, meta: dict) -> Planned:
@@ -191,6 +192,7 @@ def _thinking(row: Row, turn: _Turns, paths: list[Path], split: str, key: str, m
     abstract = match.group(1).strip() if match else request
     if not abstract:
         raise row.error(turn.question_field, "has no request text besides the images")
+    images = (("images[0]", paths[0]), ("images[1]", paths[1]))
     return Planned(split, ThinkingPair.KIND, key, row.where, partial(
-        build_thinking_pair, key, row.where, ("images[0]", paths[0]), abstract, concrete, IMPORTED,
-        ("images[1]", paths[1]), {**meta, "thought": think}))
+        build_thinking_pair, key, row.where, images[0], abstract, concrete, IMPORTED, images[1],
+        {**meta, "thought": think}), images)

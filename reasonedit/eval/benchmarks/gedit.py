@@ -20,7 +20,6 @@ intersection subset beside the full set.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -31,7 +30,9 @@ from typing import Any, Iterator, Sequence
 
 from ...publish import atomic_write_bytes
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
-                         group_by, mean, ok_only, require, row, total_counts)
+                         group_by, mean, ok_only, output_name, require, row, total_counts)
+from ..images import DEFAULT_MAX_PIXELS, BadImageError, decoded_format
+from ..paths import output_file
 
 TASK_TYPES = ("background_change", "color_alter", "material_alter", "motion_change", "ps_human", "style_change",
               "subject-add", "subject-remove", "subject-replace", "text_change", "tone_transfer")
@@ -87,6 +88,7 @@ class ImageCache:
     """A folder of images named by the SHA-256 of their bytes: each written once, atomically."""
 
     folder: Path
+    max_pixels: int = DEFAULT_MAX_PIXELS  # an embedded image with more is a data error, like a corrupt one
     written: int = 0
     reused: int = 0
     _index: dict[str, Path] = field(default_factory=dict, repr=False)  # digest -> file already on disk
@@ -109,21 +111,18 @@ class ImageCache:
         if path is not None and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == digest:
             self.reused += 1
         else:
-            path = self.folder / f"{digest}{_image_suffix(data, where, column)}"
+            path = self.folder / f"{digest}{_image_suffix(data, where, column, self.max_pixels)}"
             atomic_write_bytes(path, data)
             self.written += 1
         self._known[digest] = path
         return path
 
 
-def _image_suffix(data: bytes, where: str, column: str) -> str:
-    """The file suffix of encoded image bytes, after decoding them fully (a corrupt image is an error)."""
-    from PIL import Image
+def _image_suffix(data: bytes, where: str, column: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """The file suffix of encoded image bytes, after decoding them fully (a corrupt or oversized image is an error)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or "PNG"
-            im.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        fmt = decoded_format(data, max_pixels, what="them")
+    except BadImageError as e:
         raise BenchmarkDataError(f"{where}: column {column!r} holds {len(data)} bytes that do not decode "
                                  f"as an image ({e})") from None
     return IMAGE_SUFFIXES.get(fmt, f".{fmt.lower()}")
@@ -235,7 +234,7 @@ def image_file(value: Any, column: str, where: str, table_path: Path, cache: Ima
         if not path.is_file():
             raise BenchmarkDataError(f"{where}: column {column!r} has no bytes and its path names {path}, "
                                      "which does not exist")
-        _image_suffix(path.read_bytes(), where, column)
+        _image_suffix(path.read_bytes(), where, column, cache.max_pixels)
         return path
     raise BenchmarkDataError(f"{where}: column {column!r} has neither image bytes nor a path")
 
@@ -280,6 +279,7 @@ class GEditBenchmark(Benchmark):
         if rec["instruction_language"] not in LANGUAGES:
             raise BenchmarkDataError(f"{where}: {noun} 'instruction_language' is "
                                      f"{rec['instruction_language']!r}, expected one of {list(LANGUAGES)}")
+        output_name(self.name, rec["key"], where, "key")
         key = (rec["key"], rec["instruction_language"])
         if key in seen:
             raise BenchmarkDataError(f"{where}: key {rec['key']!r} ({rec['instruction_language']}) appears twice "
@@ -323,7 +323,7 @@ class GEditBenchmark(Benchmark):
     def _load_tables(self, root: Path, paths: list[Path], cache_parent: Path) -> "GEditBenchmark":
         tables = [open_table(p) for p in paths]  # every schema checked before any image is written
         total = sum(t.num_rows for t in tables)
-        cache = ImageCache(self.image_cache or cache_parent / CACHE_DIRNAME)
+        cache = ImageCache(self.image_cache or cache_parent / CACHE_DIRNAME, self.max_pixels)
         log.info("gedit: reading %d rows from %d file(s) under %s; images go to %s",
                  total, len(tables), root, cache.folder)
         samples: list[BenchSample] = []
@@ -353,8 +353,8 @@ class GEditBenchmark(Benchmark):
         return self._finish(samples, root, root)
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
-        return (Path(images_dir) / model_name / "fullset" / sample.category / sample.language
-                / f"{sample.meta['key']}.png")
+        return output_file(images_dir, model_name, "fullset", sample.category, sample.language,
+                           f"{sample.meta['key']}.png")
 
     def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
         source = Path(sample.meta["input_image"])

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
-                         group_by, mean, ok_only, read_json, require, row, total_counts)
+                         group_by, mean, ok_only, output_name, read_json, require, row, total_counts)
+from ..paths import output_file
 
 EDIT_FILES = ("basic_edit.json", "singleturn.json")
 PROMPT_FILES = ("prompts.json", "judge_prompts.json", "basic_prompts.json")
@@ -67,6 +68,7 @@ class ImgEditBenchmark(Benchmark):
         samples = []
         for key, rec in edits.items():
             where = f"{edit_path}: sample {key}"
+            output_name(self.name, key, edit_path, "key")
             require(rec, ("id", "prompt", "edit_type"), where, {"id": str, "prompt": str, "edit_type": str})
             if rec["edit_type"] not in prompts:
                 raise BenchmarkDataError(f"{where}: edit_type {rec['edit_type']!r} has no prompt in {prompt_path} "
@@ -79,7 +81,7 @@ class ImgEditBenchmark(Benchmark):
         return self
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
-        return Path(images_dir) / model_name / f"{sample.key}.png"
+        return output_file(images_dir, model_name, f"{sample.key}.png")
 
     def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
         prompt = self.prompts[sample.category].replace("<edit_prompt>", sample.instruction)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
-                         mean, ok_only, read_json, require, total_counts, counts)
+                         mean, ok_only, output_name, read_json, require, total_counts, counts)
+from ..paths import output_file
 
 TYPES = {
     "Attribute Perception": ("count_change", "color_change", "size_adjustment", "part_completion", "anomaly_correction"),
@@ -116,6 +117,7 @@ class KrisBenchmark(Benchmark):
             if not isinstance(ann, dict) or not ann:
                 raise BenchmarkDataError(f"{ann_path}: expected an object {{image_id: annotation}}")
             for image_id, rec in ann.items():
+                output_name(self.name, image_id, ann_path, "image_id")
                 samples.append(self._sample(root / cat, cat, str(image_id), rec, f"{ann_path}: sample {image_id}"))
         self._samples, self.data_dir = samples, root
         return self
@@ -135,7 +137,7 @@ class KrisBenchmark(Benchmark):
         return BenchSample(f"{cat}/{image_id}", cat, rec["ins_en"], sources, "en", meta)
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
-        return Path(images_dir) / model_name / sample.category / f"{sample.meta['image_id']}.png"
+        return output_file(images_dir, model_name, sample.category, f"{sample.meta['image_id']}.png")
 
     def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
         edited = Path(edited_path)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
-                         group_by, mean, ok_only, read_json, require, row, total_counts)
+                         group_by, mean, ok_only, output_name, read_json, require, row, total_counts)
+from ..paths import output_file
 
 CATEGORIES = ("temporal_reasoning", "causal_reasoning", "spatial_reasoning", "logical_reasoning")
 DATA_FILES = ("datav2_total_w_subtask.json", "data.json")
@@ -151,10 +152,11 @@ class RiseBenchmark(Benchmark):
             cat = rec["category"]
             if cat not in CATEGORIES:
                 raise BenchmarkDataError(f"{where}: field 'category' is {cat!r}; RISEBench has {list(CATEGORIES)}")
-            if rec["index"] in seen:
+            index = output_name(self.name, rec["index"], where, "index")
+            if index in seen:  # 7 and "7" name the same file
                 raise BenchmarkDataError(f"{where}: index {rec['index']!r} appears twice")
-            seen.add(rec["index"])
-            meta: dict[str, Any] = {"index": str(rec["index"]), "subtask": rec.get("subtask"),
+            seen.add(index)
+            meta: dict[str, Any] = {"index": index, "subtask": rec.get("subtask"),
                                     "consistency_free": bool(_present(rec, "consistency_free") and rec["consistency_free"]),
                                     "binary": cat == "logical_reasoning",
                                     "reasoning_img": _present(rec, "reasoning_img")}
@@ -166,12 +168,12 @@ class RiseBenchmark(Benchmark):
             if "reference_image" not in meta and "reference_text" not in meta:
                 raise BenchmarkDataError(f"{where}: needs {ref_field!r} or 'reference_img'")
             source = existing_file(root, rec["image"], where, "image")
-            samples.append(BenchSample(f"{cat}/{rec['index']}", cat, rec["instruction"], [source], "en", meta))
+            samples.append(BenchSample(f"{cat}/{index}", cat, rec["instruction"], [source], "en", meta))
         self._samples, self.data_dir = samples, root
         return self
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
-        return Path(images_dir) / model_name / "images" / sample.category / f"{sample.meta['index']}.png"
+        return output_file(images_dir, model_name, "images", sample.category, f"{sample.meta['index']}.png")
 
     def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
         edited, source, m = Path(edited_path), sample.sources[0], sample.meta

@@ -18,8 +18,10 @@ import numpy as np
 from reasonedit.shapes.oracle import Oracle
 from ...data.samples import EditPair, SchemaError, ThinkingPair
 from reasonedit.shapes.world import Scene, ShapesWorld, WorldConfig
-from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, SampleResult, group_by, mean, ok_only, row,
-                         total_counts)
+from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, SampleResult, group_by, mean, ok_only,
+                         output_name, row, total_counts)
+from ..images import read_rgb
+from ..paths import output_file
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,9 @@ class ShapesBenchmark(Benchmark):
             records += [synth.thinking_pair(SPLIT, i) for i in range(self.n)]
         else:
             records = self._read_dataset(Path(data_dir))
+        where = f"shapes dataset {data_dir}" if data_dir is not None else f"shapes scenes of seed {self.seed}"
         for rec in records:
-            samples.append(self._add(rec))
+            samples.append(self._add(rec, where))
         self._samples, self.data_dir = samples, None if data_dir is None else Path(data_dir)
         self._oracle = Oracle(self.world)
         log.info("shapes: %d samples (%s)", len(samples), data_dir or f"made on the fly from seed {self.seed}")
@@ -101,8 +104,9 @@ class ShapesBenchmark(Benchmark):
             raise BenchmarkDataError(f"shapes dataset {path}: {e}") from None
         return records
 
-    def _add(self, rec: EditPair | ThinkingPair) -> BenchSample:
+    def _add(self, rec: EditPair | ThinkingPair, where: str) -> BenchSample:
         meta = rec.meta
+        output_name(self.name, rec.key, f"{where}: record {rec.key!r}", "key")
         for f in ("source_scene", "target_scene"):
             if f not in meta:
                 raise BenchmarkDataError(f"shapes: record {rec.key}: missing field 'meta.{f}'")
@@ -118,16 +122,14 @@ class ShapesBenchmark(Benchmark):
         return [self._scenes[sample.key].source]
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
-        return Path(images_dir) / model_name / "shapes" / sample.category / f"{sample.key}.png"
+        return output_file(images_dir, model_name, "shapes", sample.category, f"{sample.key}.png")
 
     # -- scoring --------------------------------------------------------------------------------
     def oracle_scores(self, sample: BenchSample, edited_path: Path) -> dict[str, float]:
         """Exact oracle scores of one edited image: success (1/0), score (0-10), errors."""
-        from PIL import Image
         if self._oracle is None:
             raise RuntimeError("shapes: call load() before oracle_scores()")
-        with Image.open(edited_path) as im:
-            image = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        image = read_rgb(edited_path, self.max_pixels)
         scenes = self._scenes[sample.key]
         report = self._oracle.score(image, scenes.target_scene, scenes.source_scene)
         return {"success": float(report.success), "score": float(report.score), "errors": float(len(report.errors))}
