@@ -77,20 +77,42 @@ def test_train_refuses_a_read_only_output_folder_before_loading_the_model(start_
     assert f"output folder {out}" in line and "Permission denied (EACCES)" in line
 
 
+@pytest.fixture
+def train_log():
+    """The trainer's log lines, from a handler on its own logger (caplog misses them after a test elsewhere in the
+    suite changed the logger's level, propagation or disabled flag)."""
+    records, logger = [], logging.getLogger("reasonedit.train")
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, level, disabled = Keep(level=logging.INFO), logger.level, logger.disabled
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.disabled = False  # a library's logging.config call with disable_existing_loggers turns it off
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
+
+
 def test_train_logs_the_output_folder_and_its_free_space_before_loading_the_model(start_model, small_dataset,
-                                                                                  tmp_path, no_model, caplog):
+                                                                                  tmp_path, no_model, train_log):
     from reasonedit.training import train_stage
 
     out = tmp_path / "stage2"
-    with caplog.at_level(logging.INFO), pytest.raises(ModelLoaded):
+    with pytest.raises(ModelLoaded):
         train_stage(stage_cfg(tmp_path, 2), 2, start_model, small_dataset, out)
-    (line,) = [r.getMessage() for r in caplog.records if "free there" in r.getMessage()]
+    (line,) = [m for m in train_log if "free there" in m]
     assert line.startswith(f"stage2: output {out} is writable; ") and line.endswith("iB free there")
     assert list(out.iterdir()) == [out / "checkpoints"]  # the write check leaves nothing behind
 
 
 def test_train_removes_an_interrupted_saves_hidden_folders_at_start(start_model, small_dataset, tmp_path, no_model,
-                                                                     caplog):
+                                                                     train_log):
     from reasonedit.training import train_stage
 
     out = tmp_path / "stage2"
@@ -101,13 +123,13 @@ def test_train_removes_an_interrupted_saves_hidden_folders_at_start(start_model,
         hidden.mkdir(parents=True)
         (hidden / "model.pt").write_bytes(b"x")
     (out / ".history.json.ab12.tmp").write_text("[")
-    with caplog.at_level(logging.INFO), pytest.raises(ModelLoaded):
+    with pytest.raises(ModelLoaded):
         train_stage(stage_cfg(tmp_path, 2), 2, start_model, small_dataset, out)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003"]
     # the older model swapped out when the kill came is put back; what is whole and what is not ours stays
     assert sorted(p.name for p in out.iterdir()) == [".mine", "checkpoints", "model", "model_ema"]
     assert (out / "model" / "model.pt").is_file()
-    logged = "\n".join(r.getMessage() for r in caplog.records)
+    logged = "\n".join(train_log)
     assert f"stage2: removed {checkpoints / '.step_00000004.partial'}, left by an interrupted checkpoint save" in logged
     assert f"stage2: put back {out / 'model'} from .model.old-4242" in logged
     assert logged.count("left by an interrupted") == 6
