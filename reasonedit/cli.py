@@ -192,6 +192,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for name, t in agreement.rows():
             if t.failures:
                 print(f"disagreements in '{name}': {', '.join(t.failures)}", file=sys.stderr)
+        for line in agreement.unreadable:
+            print(f"unreadable shard {line}", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

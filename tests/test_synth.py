@@ -119,6 +119,23 @@ def test_verify_reports_full_agreement_on_a_written_dataset(small_dataset):
     assert agreement.reflection_decision.total == 120 and agreement.targets_perfect.total == 240
 
 
+def test_verify_names_truncated_and_unreadable_shards_without_a_traceback(small_dataset, tmp_path):
+    import shutil
+
+    from conftest import run_cli_here
+    copy = tmp_path / "d"
+    shutil.copytree(small_dataset, copy)
+    cut, garbage = sorted((copy / "train").glob("edit_pair-*.tar"))[0], sorted((copy / "train").glob("reflection-*.tar"))[0]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
+    garbage.write_bytes(b"not a tar" * 100)
+    agreement = verify_dataset(copy, "train")
+    assert not agreement.all_agree and len(agreement.unreadable) == 2
+    assert agreement.targets_perfect.total > 0 and agreement.targets_perfect.passed == agreement.targets_perfect.total
+    res = run_cli_here("data", "verify", copy, "--split", "train")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert str(cut) in res.stderr and str(garbage) in res.stderr and "could not be read whole: 2" in res.stdout
+
+
 def test_a_failure_mid_write_leaves_nothing_behind(world, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = Synthesizer.make
