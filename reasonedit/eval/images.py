@@ -47,33 +47,30 @@ def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
         return im.size
 
 
-def decoded_format(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                   what: str | None = None) -> str:
-    """The format ("PNG", "JPEG", ...) of an image, after decoding all of it; BadImageError naming it otherwise."""
+def _decoded(source: str | os.PathLike | bytes, max_pixels: int, what: str | None, use):
+    """`use(image)` of the fully decoded image after the header check; BadImageError naming `what` otherwise."""
     from PIL import Image
     what = what or (f"{len(source)} image bytes" if isinstance(source, bytes) else str(Path(source)))
     with _open(source, what, max_pixels) as im:
         try:
             im.load()
+            return use(im)
         except Image.DecompressionBombError as e:
             raise BadImageError(f"{what}: {e}") from None
-        except (OSError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: "image file is truncated", broken chunks, ...
             raise BadImageError(f"{what}: truncated or damaged image ({e})") from None
-        return im.format or "PNG"
+
+
+def decoded_format(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   what: str | None = None) -> str:
+    """The format ("PNG", "JPEG", ...) of an image, after decoding all of it; BadImageError naming it otherwise."""
+    return _decoded(source, max_pixels, what, lambda im: im.format or "PNG")
 
 
 def read_rgb(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
              what: str | None = None) -> np.ndarray:
     """An image file (or encoded bytes) decoded as a uint8 (H, W, 3) array; BadImageError naming it otherwise."""
-    from PIL import Image
-    what = what or (f"{len(source)} image bytes" if isinstance(source, bytes) else str(Path(source)))
-    with _open(source, what, max_pixels) as im:
-        try:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-        except Image.DecompressionBombError as e:
-            raise BadImageError(f"{what}: {e}") from None
-        except (OSError, SyntaxError, ValueError) as e:  # PIL: "image file is truncated", broken chunks, ...
-            raise BadImageError(f"{what}: truncated or damaged image ({e})") from None
+    return _decoded(source, max_pixels, what, lambda im: np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
 
 
 __all__ = ["BadImageError", "DEFAULT_MAX_PIXELS", "check_image", "decoded_format", "read_rgb"]
