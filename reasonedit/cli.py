@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = dsub.add_parser("verify", help="score a dataset with the exact oracle", description=(
         "Read every image of a synthesized dataset back from its pixels and print how often the oracle "
-        "agrees with what was generated; exits 1 on any disagreement."))
+        "agrees with what was generated, and the records that could not be read, per split/kind and reason, "
+        "counted as the training loader counts them; exits 1 on any disagreement or skipped record."))
     verify.add_argument("path", type=Path)
     verify.add_argument("--split", help="only this split")
 
@@ -193,7 +194,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             if t.failures:
                 print(f"disagreements in '{name}': {', '.join(t.failures)}", file=sys.stderr)
         for line in agreement.unreadable:
-            print(f"unreadable shard {line}", file=sys.stderr)
+            print(f"shard not read whole: {line}", file=sys.stderr)
+        for line in agreement.skips:
+            print(f"skipped record: {line}", file=sys.stderr)
+        for line in agreement.unchecked:
+            print(f"record not checked: {line}", file=sys.stderr)
+        skipped = agreement.records.total_skipped
+        if skipped or agreement.records.total_uncounted:
+            print(f"{skipped} records skipped" + (f" and {agreement.records.total_uncounted} shard(s) of unknown size"
+                                                  if agreement.records.total_uncounted else "")
+                  + " (by split/kind and reason in the table above)", file=sys.stderr)
         return EXIT_ERROR
     return 0
 
@@ -216,6 +226,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"  {step:<8} {seconds:6.1f}s")
     for name, path in result.artifacts.items():
         print(f"  {name}: {path}")
+    for name, res in result.stages.items():
+        if res.data is not None:
+            print(f"  {name} records: {res.data.summary()}")
     if result.batches:
         print(f"{'packed stream':<14} {'records':>8} {'segments':>9} {'batches':>8} {'budget':>7} "
               f"{'utilisation':>12} {'padding if padded':>18} {'oversize':>9} {'corrupt':>8}")
@@ -308,6 +321,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         terms = [k for k in first if k not in ("lr",)]
         print(f"{name}: {res.steps} steps in {res.seconds:.1f}s; " +
               ", ".join(f"{k} {first[k]:.4f} -> {last[k]:.4f}" for k in terms))
+    if res.data is not None:  # this rank's loader: with train.data_streams, its own share of the records
+        print(f"{name}: records read by the loader, skipped records counted once each by reason:")
+        print(res.data.table())
     if res.interrupted:
         print(f"{name}: stopped by SIGTERM at step {res.steps}; run the same command to resume")
     else:
@@ -332,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # httpx says every request it sends at INFO: a judge, thinker or editor run would drown in it
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     from .config import ConfigError
     from .data.samples import SchemaError
     from reasonedit.shapes.synth import SynthError

@@ -27,8 +27,13 @@ class OutputError(RuntimeError):
 
 @contextlib.contextmanager
 def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder; on a clean exit it becomes `path`, on an exception it is removed."""
+    """Yield an empty staging folder; on a clean exit it becomes `path`, on an exception it is removed. A symlink
+    at `path` is refused (OutputError) before anything is written: the folder would replace the link, not fill
+    what it points to."""
     path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link (to {os.readlink(path)}); nothing was written: remove the link "
+                          "or write to the folder it points to")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
@@ -68,13 +73,17 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 def clear_interrupted(folder: str | os.PathLike) -> list[str]:
     """Tidy what writers killed mid-write left in `folder` (not below it): staging folders and temporary files
     are removed; an older version swapped out when the kill came (`.X.old-PID`) is put back as `X` when `X` is
-    gone, else removed. Returns one line per entry handled, for the log."""
+    gone, else removed; a symlink under one of these hidden names is removed, never followed nor put back.
+    Returns one line per entry handled, for the log."""
     folder, done = Path(folder), []
     if not folder.is_dir():
         return done
     for entry in sorted(folder.iterdir()):
         old = _OLD.match(entry.name)
-        if entry.is_dir() and old and not (folder / old["name"]).exists():
+        if entry.is_symlink() and (old or _PARTIAL.match(entry.name) or _TMP.match(entry.name)):
+            entry.unlink()  # never ours, and never put back: it would point an output outside the folder
+            done.append(f"removed the symbolic link {entry} (a writer's hidden name; none of ours is a link)")
+        elif entry.is_dir() and old and not (folder / old["name"]).exists():
             os.replace(entry, folder / old["name"])
             done.append(f"put back {folder / old['name']} from {entry.name}, left by an interrupted save")
         elif entry.is_dir() and (old or _PARTIAL.match(entry.name)):

@@ -123,10 +123,8 @@ def kill_when_seen(args, calls, count, timeout=60.0):
     return child
 
 
-@contextlib.contextmanager
-def serving(*args, what="reasonedit serve"):
-    """Start `reasonedit serve ARGS --port P` as a user would and yield its URL once /health answers 200;
-    terminates it on exit."""
+def start_serve(*args, what="reasonedit serve"):
+    """Start `reasonedit serve ARGS --port P` as a user would; (process, URL) once /health answers 200."""
     import socket
     import subprocess
     import time
@@ -138,16 +136,27 @@ def serving(*args, what="reasonedit serve"):
     proc = subprocess.Popen([sys.executable, "-m", "reasonedit", "serve", *map(str, args), "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
     try:
-        deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.communicate()[1]
             try:
                 if httpx.get(url + "/health").status_code == 200:
-                    break
+                    return proc, url
             except httpx.TransportError:
                 assert time.monotonic() < deadline, f"{what} did not come up"
                 time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@contextlib.contextmanager
+def serving(*args, what="reasonedit serve"):
+    """`start_serve` as a context: yields the URL; terminates the server on exit."""
+    proc, url = start_serve(*args, what=what)
+    try:
         yield url
     finally:
         proc.terminate()

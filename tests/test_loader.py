@@ -271,7 +271,8 @@ def test_a_truncated_shard_and_an_unreadable_shard_are_counted(shards, tmp_path)
                          epochs=1)
     seen = keys_of(loader)
     assert sorted(seen) == sorted(set(all_keys(shards)) - lost) and len(seen) == len(set(seen))
-    assert loader.stats().by_reason() == {"truncated": 1, "unreadable_shard": 1}
+    # per record: the one cut and those after it, and every record of the unreadable shard (7 each by the manifest)
+    assert loader.stats().by_reason() == {"truncated": len(lost) - 7, "unreadable_shard": 7}
 
 
 def test_skips_after_the_last_sample_are_counted_too(shards, tmp_path):
@@ -281,6 +282,97 @@ def test_skips_after_the_last_sample_are_counted_too(shards, tmp_path):
     loader = make_loader([DatasetSpec("one", shard)], seed=0, num_workers=2, shuffle_buffer=4, epochs=1)
     assert keys_of(loader) == []
     assert loader.stats().skipped == {"one": {"bad_json": 7}}
+
+
+@pytest.fixture(scope="module")
+def five_and_four(tmp_path_factory, small_world):
+    """9 edit pairs in two shards of 5 and 4 records, listed with their counts in the manifest."""
+    out = tmp_path_factory.mktemp("five") / "shapes"
+    synthesize(out, SynthConfig(n=9, seed=13, shard_size=5, splits=("train",), kinds=("edit_pair",)), small_world)
+    return out
+
+
+def broken_copy(dataset, tmp_path, damage):
+    """A copy of `dataset` whose 5-record shard went through `damage(bytes, members) -> bytes`; (copy, the shard)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    shard = copy / "train" / "edit_pair-00000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    shard.write_bytes(damage(shard.read_bytes(), members))
+    return copy, shard
+
+
+def read_all(spec, workers=0, buffer=3):
+    loader = make_loader([spec], seed=0, num_workers=workers, shuffle_buffer=buffer, epochs=1)
+    return sorted(keys_of(loader)), loader.stats()
+
+
+def header_of(members, record, member=0):
+    """The byte offset of a member's tar header: `member` of record number `record` (three members a record)."""
+    return members[3 * record + member].offset
+
+
+DAMAGES = {  # how the 5-record shard breaks after its record 2: (damage, the reason it is counted under)
+    "cut at the record boundary": (lambda data, ms: data[:header_of(ms, 2)], "truncated"),
+    "cut inside record 3": (lambda data, ms: data[:ms[7].offset_data + 100], "truncated"),
+    "cut between the members of record 3": (lambda data, ms: data[:header_of(ms, 2, 1)], "truncated"),
+    "garbled header in record 3": (lambda data, ms: data[:header_of(ms, 2, 1)] + b"\xff" * 512
+                                   + data[header_of(ms, 2, 1) + 512:], "bad_tar"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGES)
+def test_a_shard_broken_after_record_2_of_5_counts_the_3_records_lost(five_and_four, tmp_path, case):
+    damage, reason = DAMAGES[case]
+    dataset, shard = broken_copy(five_and_four, tmp_path, damage)
+    keys, stats = read_all(DatasetSpec("edit", dataset, split="train"))
+    assert keys == sorted(all_keys(five_and_four))[:2] + sorted(all_keys(five_and_four))[5:]
+    assert stats.skipped == {"edit": {reason: 3}} and stats.uncounted == {"edit": {}}
+    # the tar alone has no manifest: what it lost after the damage is unknown, and said so, never guessed
+    _, alone = read_all(DatasetSpec("alone", shard))
+    cut_inside = case != "cut at the record boundary"  # the record the damage is in is seen, and counted
+    assert alone.skipped == {"alone": {reason: 1} if cut_inside else {}}
+    assert alone.uncounted == {"alone": {reason: 1}} and alone.total_uncounted == 1
+    assert "1 shard of unknown size" in alone.summary()
+
+
+def test_an_unreadable_shard_counts_every_record_its_manifest_lists(five_and_four, tmp_path):
+    dataset, shard = broken_copy(five_and_four, tmp_path, lambda data, ms: b"not a tar archive " * 40)
+    keys, stats = read_all(DatasetSpec("edit", dataset, split="train"), workers=2)
+    assert keys == sorted(all_keys(five_and_four))[5:] and stats.skipped == {"edit": {"unreadable_shard": 5}}
+    _, alone = read_all(DatasetSpec("alone", shard))
+    assert alone.skipped == {"alone": {}} and alone.uncounted == {"alone": {"unreadable_shard": 1}}
+    assert alone.summary() == "alone: 0 yielded, skipped 0 records (none + 1 shard of unknown size (unreadable_shard))"
+
+
+def test_a_record_with_a_repeated_member_counts_once_and_the_next_record_is_read(five_and_four, tmp_path):
+    def repeat_json_of_record_2(data, ms):  # record 2's json member twice in a row
+        start, end = header_of(ms, 2), header_of(ms, 2, 1)
+        return data[:end] + data[start:end] + data[end:]
+    dataset, _ = broken_copy(five_and_four, tmp_path, repeat_json_of_record_2)
+    keys, stats = read_all(DatasetSpec("edit", dataset, split="train"))
+    everything = sorted(all_keys(five_and_four))
+    assert keys == everything[:2] + everything[3:] and stats.skipped == {"edit": {"duplicate_member": 1}}
+
+
+def test_skip_counts_of_a_resumed_loader_equal_the_uninterrupted_ones(five_and_four, tmp_path):
+    dataset, _ = broken_copy(five_and_four, tmp_path, DAMAGES["cut inside record 3"][0])
+
+    def build():
+        return make_loader([DatasetSpec("edit", dataset, split="train")], seed=1, shuffle_buffer=2, epochs=1)
+    whole = build()
+    keys = keys_of(whole)
+    for k in range(1, len(keys)):  # blocks of 2 records: some resumes start mid-shard, before the damage
+        first = build()
+        it = iter(first)
+        head = [next(it).key for _ in range(k)]
+        state = json.loads(json.dumps(first.state_dict()))
+        it.close()
+        resumed = build()
+        resumed.load_state_dict(state)
+        assert head + keys_of(resumed) == keys and resumed.stats() == whole.stats(), k
+    assert whole.stats().skipped == {"edit": {"truncated": 3}}
 
 
 def test_an_infinite_stream_over_only_broken_records_raises_instead_of_spinning(shards, tmp_path):

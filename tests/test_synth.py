@@ -123,17 +123,46 @@ def test_verify_names_truncated_and_unreadable_shards_without_a_traceback(small_
     import shutil
 
     from conftest import run_cli_here
+    from tests.test_loader import rewrite
+    from reasonedit.data.loader import DatasetSpec, make_loader
     copy = tmp_path / "d"
     shutil.copytree(small_dataset, copy)
     cut, garbage = sorted((copy / "train").glob("edit_pair-*.tar"))[0], sorted((copy / "train").glob("reflection-*.tar"))[0]
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
     garbage.write_bytes(b"not a tar" * 100)
+    bad = sorted((copy / "train").glob("text_to_image-*.tar"))[1]
+    rewrite(bad, lambda name, data: b"{broken" if name.endswith("0000016.json") else data)  # one record of 15
     agreement = verify_dataset(copy, "train")
-    assert not agreement.all_agree and len(agreement.unreadable) == 2
+    assert not agreement.all_agree and len(agreement.unreadable) == 2 and len(agreement.skips) == 1
     assert agreement.targets_perfect.total > 0 and agreement.targets_perfect.passed == agreement.targets_perfect.total
+    # per record, as the training loader counts them: the same totals by kind and reason
+    kinds = ("edit_pair", "reflection", "text_to_image", "thinking_pair")
+    loader = make_loader([DatasetSpec(k, copy, split="train", kind=k) for k in kinds], seed=0, shuffle_buffer=8,
+                         epochs=1)
+    for _ in loader:
+        pass
+    stats = loader.stats()
+    assert agreement.records.skipped == {f"train/{k}": v for k, v in stats.skipped.items()}
+    assert agreement.records.yielded == {f"train/{k}": v for k, v in stats.yielded.items()}
+    skipped = agreement.records.skipped
+    assert skipped["train/reflection"] == {"unreadable_shard": 15} and skipped["train/text_to_image"] == {"bad_json": 1}
+    assert list(skipped["train/edit_pair"]) == ["truncated"] and agreement.records.yielded["train/text_to_image"] == 39
+    assert sum(skipped["train/edit_pair"].values()) + agreement.records.yielded["train/edit_pair"] == 40
     res = run_cli_here("data", "verify", copy, "--split", "train")
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert str(cut) in res.stderr and str(garbage) in res.stderr and "could not be read whole: 2" in res.stdout
+    assert "train/reflection" in res.stdout and "unreadable_shard 15" in res.stdout
+    assert f"{agreement.records.total_skipped} records skipped" in res.stderr and "0000016" in res.stderr
+
+
+@pytest.mark.parametrize("manifest", ["{not json", "[]", '{"world": {"no_such_key": 1}, "shards": {}}',
+                                      '{"world": {}, "shards": []}', '{"world": {}, "shards": {"train": {"x": [{}]}}}'])
+def test_verify_of_a_malformed_manifest_is_one_error_line(tmp_path, manifest):
+    from conftest import run_cli_here
+    (tmp_path / "manifest.json").write_text(manifest)
+    res = run_cli_here("data", "verify", tmp_path)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"reasonedit: error: {tmp_path / 'manifest.json'}")
 
 
 def test_a_failure_mid_write_leaves_nothing_behind(world, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,25 @@ def test_train_logs_the_output_folder_and_its_free_space_before_loading_the_mode
     assert list(out.iterdir()) == [out / "checkpoints"]  # the write check leaves nothing behind
 
 
+def test_a_write_check_failing_on_another_rank_stops_this_rank_too_rather_than_waiting(tmp_path, monkeypatch):
+    from reasonedit.publish import OutputError
+    from reasonedit.training import output
+    from reasonedit.training.distributed import World
+
+    # what rank 0 hears from the all-gather when rank 1's disk is full: without it, rank 0 would go on to the
+    # barrier that rank 1 never reaches and wait there for ever
+    heard = []
+
+    def gathered(value):
+        heard.append(value)
+        return [value, "output folder /node1/out is not writable: No space left on device (ENOSPC)"]
+    monkeypatch.setattr(output, "gather_objects", gathered)
+    with pytest.raises(OutputError, match=r"^rank 1 cannot use the output folder: output folder /node1/out is not "
+                                          r"writable: No space left on device"):
+        output.prepare_output(tmp_path / "out", tmp_path / "out" / "checkpoints", World(0, 2, 0), "stage2")
+    assert heard == [None]  # this rank's own check passed
+
+
 def test_train_removes_an_interrupted_saves_hidden_folders_at_start(start_model, small_dataset, tmp_path, no_model,
                                                                      train_log):
     from reasonedit.training import train_stage
@@ -133,6 +153,30 @@ def test_train_removes_an_interrupted_saves_hidden_folders_at_start(start_model,
     assert f"stage2: removed {checkpoints / '.step_00000004.partial'}, left by an interrupted checkpoint save" in logged
     assert f"stage2: put back {out / 'model'} from .model.old-4242" in logged
     assert logged.count("left by an interrupted") == 6
+
+
+# -- the loader's skips, in the summary ---------------------------------------------------------------
+def test_the_training_summary_shows_the_records_skipped_by_dataset_and_reason(start_model, small_dataset, tmp_path,
+                                                                              train_log):
+    from tests.test_loader import rewrite
+
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    for shard in (data / "train").glob("edit_pair-*.tar"):  # every other edit pair has broken JSON
+        rewrite(shard, lambda name, b: b"{broken" if name.endswith(".json") and int(name[-6]) % 2 else b)
+    res = run_cli_here(*train_args(start_model, data, tmp_path / "stage2", steps=2))
+    assert res.returncode == 0, res.stderr
+    (line,) = [m for m in train_log if "rank 0 skipped" in m]
+    skipped = {name: dict(re.findall(r"(\w+) (\d+)", why)) for name, why in
+               re.findall(r"(\w+): \d+ yielded, skipped \d+ records? \(([^)]*)\)", line)}
+    assert skipped.get("edit_pair", {}).get("bad_json"), line  # the stream read some, and counted them
+    total = sum(int(n) for why in skipped.values() for n in why.values())
+    assert line.startswith(f"stage2: rank 0 skipped {total} records: edit_pair: ")
+    table = res.stdout[res.stdout.index("stage2: records read by the loader"):]
+    for name, why in skipped.items():  # the printed summary: the same totals, per dataset and reason
+        row = next(r for r in table.splitlines() if r.startswith(name + " "))
+        assert row.split()[2] == str(sum(map(int, why.values()))) and all(f"{r} {n}" in row for r, n in why.items())
+    assert re.search(rf"^total +\d+ +{total}$", table, re.M)
 
 
 # -- output errors during training --------------------------------------------------------------------

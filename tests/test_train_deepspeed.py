@@ -54,6 +54,11 @@ def test_a_missing_json_names_the_key():
     ({"scheduler": {"type": "WarmupLR"}}, "remove \"scheduler\""),
     ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage must be 2 or 3"),
     ({"optimizer": {"type": "Lamb", "params": {}}}, "optimizer.type 'Lamb'"),
+    # DeepSpeed's monitors write to their own output_path (default: the working directory), outside the stage folder
+    ({"tensorboard": {"enabled": True, "output_path": "/tmp/elsewhere"}}, "tensorboard.enabled: DeepSpeed's own"),
+    ({"csv_monitor": {"enabled": True}}, "csv_monitor.enabled: DeepSpeed's own monitors write outside"),
+    ({"wandb": {"enabled": True}}, "wandb.enabled"),
+    ({"flops_profiler": {"enabled": True, "output_file": "../../x.txt"}}, "flops_profiler.output_file"),
 ])
 def test_an_unusable_json_names_the_key_and_the_file(tmp_path, edit, message):
     path = tmp_path / "ds.json"

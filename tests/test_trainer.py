@@ -261,6 +261,9 @@ def test_split_streams_hand_out_the_batches_one_process_would(small_dataset):
     one, = split_streams(small_dataset, mix, streams=2, world_size=1)
     two = split_streams(small_dataset, mix, streams=2, world_size=2)
     single = [one.next().items[0].key for _ in range(8)]
+    totals = one.loader_stats  # what the stage reports: this process's two streams, summed
+    assert totals.yielded == {k: sum(s.loader.stats().yielded[k] for s in one.streams.values()) for k in mix}
+    assert sum(totals.yielded.values()) == one.records and totals.skipped == {k: {} for k in mix}
     split = [two[g % 2].next().items[0].key for g in range(8)]
     assert split == single
     state = two[1].state_dict()

@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..paths import relative_name_problem
 from ..publish import atomic_write_text
 from .flow import FlowMatchingConfig
 from .model import RUN_DTYPES, ModelConfig
@@ -334,6 +335,10 @@ class ExperimentConfig:
     stage3: StageConfig = _stage(6e-6, 12_000, 128, warmup_steps=200)
 
     def validate(self) -> None:
+        problem = relative_name_problem(self.name)
+        if problem is not None:  # it names the run's folder (output_dir: runs/${name}) and its wandb runs
+            raise ValueError(f"name: {self.name!r} cannot name the run's folder: {problem}; use a plain name "
+                             "(letters, digits, '_', '-', '.'), or sweep/run")
         self.model.validate()
         self.train.validate()
         self.flow_matching.validate()
@@ -417,7 +422,8 @@ class ConfigLoader:
         self.merge({under: doc} if under else doc, str(path))
 
     def merge_override(self, text: str) -> None:
-        label = f"command-line override `{text}`"
+        # a control character (a newline) in the override would break the one-line error message: shown escaped
+        label = f"command-line override `{text}`" if text.isprintable() else f"command-line override {text!r}"
         if "=" not in text:
             raise ConfigError(f"{label}: expected key=value")
         key, value = text.split("=", 1)
@@ -431,6 +437,8 @@ class ConfigLoader:
             parsed = OmegaConf.from_dotlist([text])
         except OmegaConfBaseException as e:
             raise ConfigError(f"{label}: {e}") from None
+        except yaml.YAMLError as e:  # the value is read as YAML, which refuses control characters such as NUL
+            raise ConfigError(f"{label}: {str(e).splitlines()[0]}") from None
         self.merge(OmegaConf.to_container(parsed), label)
 
     def source_of(self, key: str) -> str:

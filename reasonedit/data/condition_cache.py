@@ -5,7 +5,8 @@ vocabulary and chat template, the image processor's settings) and the **sample**
 ids of the rendered condition prompt and the pixel values the processor made). Any change to the
 weights, the template, the processor or the sample gives a different key, so a stale entry is
 never reused; it is simply not found. Entries are written atomically (temporary file, rename),
-so concurrent ranks can share one cache folder.
+so concurrent ranks can share one cache folder. Every entry's path is proved to resolve inside the cache's
+root before it is written (a symlink planted in the cache cannot send an entry elsewhere).
 
     root/<fingerprint>/<key[:2]>/<key>.safetensors    {"states": (T, hidden)}
 """
@@ -22,6 +23,8 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save
+
+from reasonedit.paths import inside, output_file
 
 from ..publish import atomic_write_bytes
 
@@ -72,15 +75,17 @@ class CacheStats:
 
 class TensorFiles:
     """One tensor per key under `dir` (`<key[:2]>/<key>.safetensors`, the tensor stored as `name`), written
-    atomically; an unreadable entry counts in `stats` and reads as missing, to be computed again."""
+    atomically; an unreadable entry counts in `stats` and reads as missing, to be computed again. `dir` and every
+    entry must resolve inside `root` (default: `dir`): an OutsidePathError otherwise, before anything is written."""
 
-    def __init__(self, dir: Path, name: str, what: str):
-        self.dir, self.name, self.what = dir, name, what
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, dir: Path, name: str, what: str, root: Path | None = None):
+        self.dir, self.name, self.what = Path(dir), name, what
+        self.root = Path(root) if root is not None else self.dir
+        inside(self.root, self.dir).mkdir(parents=True, exist_ok=True)
         self.stats = CacheStats()
 
     def path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.safetensors"
+        return output_file(self.dir, key[:2], f"{key}.safetensors")  # keys are hashes; a name is checked anyway
 
     def read(self, key: str) -> torch.Tensor | None:
         path = self.path(key)
@@ -94,7 +99,7 @@ class TensorFiles:
             return None
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        atomic_write_bytes(self.path(key), save({self.name: tensor.detach().to("cpu").contiguous()}))
+        atomic_write_bytes(inside(self.root, self.path(key)), save({self.name: tensor.detach().to("cpu").contiguous()}))
 
 
 class ConditionCache:
@@ -104,7 +109,7 @@ class ConditionCache:
         self.reasoner, self.packed, self.backend = reasoner, packed, backend
         self.fingerprint = reasoner_fingerprint(reasoner)
         self.dir = Path(root) / self.fingerprint
-        self.files = TensorFiles(self.dir, "states", "condition cache")
+        self.files = TensorFiles(self.dir, "states", "condition cache", root=Path(root))
         self.stats = self.files.stats
 
     @torch.no_grad()

@@ -40,10 +40,23 @@ shuffle_buffer, world_size and workers per rank (0 and 1 worker are interchangea
 
 **Corrupt data.** Bad JSON, missing or wrongly typed fields, undecodable images, missing image
 members, truncated or garbled tar members and unreadable shards are skipped and counted by
-reason (`stats()`), and logged (the first few per reason and worker at WARNING, then DEBUG). A
-truncated or garbled tar ends that shard (nothing after the damage can be located safely); an
-unreadable shard counts once, whatever it held. An infinite stream raises `LoaderError` rather
-than spin when a worker finds no good record of a dataset in max(20, shards) epochs in a row.
+reason (`stats()`), and logged (the first few per reason and worker at WARNING, then DEBUG). The
+count is of records, each once per time it is read (once per epoch), by the manifest's record count
+of each shard (`manifest.json`'s `count`):
+- a bad record counts 1, however many of its members are bad (a repeated member skips the record's
+  remaining members with it: `duplicate_member`);
+- a truncated or garbled tar ends that shard, since nothing after the damage can be located safely:
+  the record it was in and every record the manifest lists after it count (`truncated`, `bad_tar`,
+  `read_error`; at least 1). A shard cut at a record boundary ends without tar's end-of-archive
+  marker: the records the manifest lists after the cut count as `truncated`; one that ends at its
+  marker short of its count, as `missing_records`;
+- an unreadable shard counts every record the manifest lists for it (`unreadable_shard`).
+Without a manifest (a folder of tars, one tar) nobody knows how many records a broken shard held or
+a truncation lost: the loader then counts what it saw (the damaged record, if any) and the shard
+once in `LoaderStats.uncounted`, shards of unknown size by reason, never a guessed number of records.
+An infinite stream raises `LoaderError` rather than spin when a worker finds no good record of a
+dataset in max(20, shards) epochs in a row. `read_shard` reads one shard by the same rules (what
+`reasonedit data verify` counts).
 
 Tar shards are read with `tarfile` directly rather than through `webdataset`: resuming needs the
 byte offset of each record (to seek straight to a block start), and a damaged member must become
@@ -132,16 +145,33 @@ class LoadedSample:
         return self.prepared
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """Records the loader skips at one place: why, how many (by the module's counting rule), and where."""
+
+    reason: str
+    records: int  # 0 for an unreadable shard of unknown size
+    detail: str  # names the shard and, where known, the record
+    unknown_more: bool = False  # records after it were lost and no manifest says how many
+
+
 @dataclass
 class LoaderStats:
-    """Samples yielded and records skipped (by reason) per dataset, summed over workers."""
+    """Samples yielded and records skipped (by reason) per dataset, summed over workers; `uncounted`: shards whose
+    lost records no manifest counts (per dataset and reason, in shards, not records)."""
 
     yielded: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    uncounted: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def total_skipped(self) -> int:
+        """Records skipped, all datasets and reasons (shards of unknown size add nothing: see `uncounted`)."""
         return sum(sum(r.values()) for r in self.skipped.values())
+
+    @property
+    def total_uncounted(self) -> int:
+        return sum(sum(r.values()) for r in self.uncounted.values())
 
     def by_reason(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -150,12 +180,61 @@ class LoaderStats:
                 out[reason] = out.get(reason, 0) + n
         return out
 
+    def add(self, dataset: str, skip: Skipped) -> None:
+        """Count one skip of `dataset` by the module's rule."""
+        _tally(self.skipped.setdefault(dataset, {}), self.uncounted.setdefault(dataset, {}), skip)
+
+    def merge(self, other: LoaderStats) -> LoaderStats:
+        """The sum of two stats (e.g. the loaders of one rank's data streams)."""
+        out = LoaderStats(dict(self.yielded), {k: dict(v) for k, v in self.skipped.items()},
+                          {k: dict(v) for k, v in self.uncounted.items()})
+        for name, n in other.yielded.items():
+            out.yielded[name] = out.yielded.get(name, 0) + n
+        for mine, theirs in ((out.skipped, other.skipped), (out.uncounted, other.uncounted)):
+            for name, reasons in theirs.items():
+                into = mine.setdefault(name, {})
+                for reason, n in reasons.items():
+                    into[reason] = into.get(reason, 0) + n
+        return out
+
+    def skips_of(self, name: str) -> str:
+        """`dataset`'s skips by reason, e.g. "truncated 3, bad_json 1 + 1 shard of unknown size (unreadable_shard)"."""
+        text = ", ".join(f"{r} {c}" for r, c in sorted(self.skipped.get(name, {}).items()) if c) or "none"
+        unknown = {r: c for r, c in sorted(self.uncounted.get(name, {}).items()) if c}
+        if unknown:
+            n = sum(unknown.values())
+            text += (f" + {n} shard{'s' if n > 1 else ''} of unknown size ("
+                     + ", ".join(f"{r} {c}" if c > 1 else r for r, c in unknown.items()) + ")")
+        return text
+
     def summary(self) -> str:
+        """One line: per dataset, the samples yielded and the records skipped by reason."""
+        names = list(dict.fromkeys([*self.yielded, *self.skipped, *self.uncounted]))
         parts = []
-        for name, n in self.yielded.items():
-            skipped = ", ".join(f"{r} {c}" for r, c in sorted(self.skipped.get(name, {}).items()))
-            parts.append(f"{name}: {n} yielded" + (f", skipped {skipped}" if skipped else ""))
+        for name in names:
+            skipped, why = sum(self.skipped.get(name, {}).values()), self.skips_of(name)
+            parts.append(f"{name}: {self.yielded.get(name, 0)} yielded, skipped {skipped} record{'s' * (skipped != 1)}"
+                         + ("" if why == "none" else f" ({why})"))
         return "; ".join(parts)
+
+    def table(self, read: str = "yielded") -> str:
+        """Per dataset: the records `read`, the records skipped, and why; then the totals."""
+        names = list(dict.fromkeys([*self.yielded, *self.skipped, *self.uncounted]))
+        width = max([len(n) for n in names] + [7])
+        lines = [f"{'dataset':<{width}} {read:>8} {'skipped':>8}  why"]
+        for name in names:
+            lines.append(f"{name:<{width}} {self.yielded.get(name, 0):>8} {sum(self.skipped.get(name, {}).values()):>8}"
+                         f"  {self.skips_of(name)}")
+        lines.append(f"{'total':<{width}} {sum(self.yielded.values()):>8} {self.total_skipped:>8}"
+                     + (f"  + {self.total_uncounted} shard(s) of unknown size" if self.total_uncounted else ""))
+        return "\n".join(lines)
+
+
+def _tally(skipped: dict[str, int], uncounted: dict[str, int], skip: Skipped) -> None:
+    if skip.records:
+        skipped[skip.reason] = skipped.get(skip.reason, 0) + skip.records
+    if skip.unknown_more:
+        uncounted[skip.reason] = uncounted.get(skip.reason, 0) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,42 +308,51 @@ def _rng(*parts: Any) -> random.Random:
 
 @dataclass
 class _Raw:
-    """One record's undecoded members, or the reason it cannot be read."""
+    """One record's undecoded members, or the reason it cannot be read and the records that reason stands for."""
 
     shard: int  # index into the worker's shard list of the epoch
     key: str
     members: dict[str, bytes]
     reason: str | None = None
     detail: str = ""
+    records: int = 1  # a damaged shard's last entry stands for the records lost with it (see `_shard_step`)
+    unknown_more: bool = False  # records were lost after it and no manifest says how many
+    cut: bool = False  # the shard ends right after it without tar's end-of-archive marker: it may lack members
+
+
+_DAMAGE = ("truncated", "bad_tar", "read_error")  # reasons that end a shard: nothing after them can be located
 
 
 def _open_tar(path: str) -> tarfile.TarFile:
     return tarfile.open(path, mode="r:")  # reads and checks only the first header
 
 
-def _read_record(tar: tarfile.TarFile, where: str, shard: int, offset: int) -> tuple[_Raw | None, int | None]:
-    """The record whose first header is at `offset`, and the next record's offset (None: shard over)."""
+def _read_record(tar: tarfile.TarFile, where: str, shard: int, offset: int) -> tuple[_Raw | None, int | None, bool]:
+    """The record whose first header is at `offset`, the next record's offset (None: shard over), and whether the
+    shard ended at tar's end-of-archive marker (a shard that ends without it was cut short)."""
     f = tar.fileobj
     key: str | None = None
     members: dict[str, bytes] = {}
+    repeated: _Raw | None = None  # a member seen twice: the record is skipped with all its remaining members
     while True:
         f.seek(offset)
         head = f.read(tarfile.BLOCKSIZE)
         if not head or head == _NUL_BLOCK:  # the end-of-archive marker, or EOF without one
-            return (_Raw(shard, key, members) if key is not None else None), None
+            last = _Raw(shard, key, members, cut=not head) if key is not None else None
+            return (repeated or last), None, bool(head)
         if len(head) < tarfile.BLOCKSIZE:
             return _Raw(shard, key or "?", members, "truncated",
-                        f"{where}: tar header at byte {offset} is cut short (record {key or '?'})"), None
+                        f"{where}: tar header at byte {offset} is cut short (record {key or '?'})"), None, False
         f.seek(offset)
         try:
             info = tarfile.TarInfo.fromtarfile(tar)
         except (tarfile.TarError, UnicodeDecodeError, ValueError) as e:
             return _Raw(shard, key or "?", members, "bad_tar",
-                        f"{where}: unreadable tar header at byte {offset} after record {key or '?'} ({e})"), None
+                        f"{where}: unreadable tar header at byte {offset} after record {key or '?'} ({e})"), None, False
         end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
         match = _KEY_EXT.match(info.name)
         if match and key is not None and match.group(1) != key:
-            return _Raw(shard, key, members), offset
+            return repeated or _Raw(shard, key, members), offset, False
         if not info.isreg() or not match:  # directories, links, names without an extension: webdataset skips them
             offset = end
             continue
@@ -272,13 +360,53 @@ def _read_record(tar: tarfile.TarFile, where: str, shard: int, offset: int) -> t
         f.seek(info.offset_data)
         data = f.read(info.size)
         if len(data) < info.size:
-            return _Raw(shard, key, members, "truncated",
-                        f"{where}: record {key}: member {info.name} holds {len(data)} of {info.size} bytes"), None
-        if ext in members:
-            return _Raw(shard, key, members, "duplicate_member",
-                        f"{where}: record {key}: member {info.name} appears twice in a row"), end
+            cut = f"{where}: record {key}: member {info.name} holds {len(data)} of {info.size} bytes"
+            return _Raw(shard, key, members, "truncated", cut), None, False
+        if ext in members and repeated is None:
+            repeated = _Raw(shard, key, members, "duplicate_member",
+                            f"{where}: record {key}: member {info.name} appears twice in a row")
         members[ext] = data
         offset = end
+
+
+def _shard_step(tar: tarfile.TarFile, where: str, shard: int, offset: int, index: int,
+                count: int | None) -> tuple[list[_Raw], int | None]:
+    """The shard's record number `index` (its first header at `offset`) and the next record's offset (None: the shard
+    is over). At the end every record of the manifest's `count` is accounted for: a damaged last record stands for
+    itself and every record after it, and a clean end short of `count` adds one entry standing for the missing ones."""
+    try:
+        raw, following, marker = _read_record(tar, where, shard, offset)
+    except OSError as e:  # the disk failed under the shard: like garbled bytes, it ends the shard
+        raw, following, marker = _Raw(shard, "?", {}, "read_error", f"{where}: cannot read at byte {offset} ({e})"), \
+            None, False
+    raws = [] if raw is None else [raw]
+    if following is not None:
+        return raws, following
+    if raw is not None and raw.reason in _DAMAGE:
+        if count is None:
+            raw.unknown_more = True
+            raw.detail += "; how many records followed is unknown (no manifest count)"
+        else:
+            raw.records = max(1, count - index)
+            raw.detail += f"; {raw.records} of the shard's {count} records lost"
+        return raws, None
+    seen = index + len(raws)
+    if count is not None and seen < count:
+        reason, why = ("missing_records", "") if marker else ("truncated", ", then ends without tar's end-of-archive "
+                                                                          "marker: it was cut short")
+        raws.append(_Raw(shard, "?", {}, reason, f"{where}: holds {seen} of the {count} records its manifest "
+                         f"lists{why}", records=count - seen))
+    elif count is None and not marker:
+        raws.append(_Raw(shard, "?", {}, "truncated", f"{where}: ends without tar's end-of-archive marker after {seen} "
+                         "records: it was cut short; how many records followed is unknown (no manifest count)",
+                         records=0, unknown_more=True))
+    return raws, None
+
+
+def _unreadable(shard: int, where: str, count: int | None, error: BaseException) -> _Raw:
+    lost = f"its {count} records are lost" if count is not None else "how many records it held is unknown (no manifest)"
+    return _Raw(shard, "?", {}, "unreadable_shard", f"{where}: cannot open the shard ({error}); {lost}",
+                records=count or 0, unknown_more=count is None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +414,9 @@ def _read_record(tar: tarfile.TarFile, where: str, shard: int, offset: int) -> t
 
 
 class _Skip(Exception):
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, records: int = 1, unknown_more: bool = False):
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.skipped = Skipped(reason, records, detail, unknown_more)
 
 
 def _schema_reason(message: str) -> str:
@@ -311,13 +439,17 @@ def _field_types(cls: type[Record]) -> dict[str, type]:
 
 def _decode(raw: _Raw, where: str, kind: str | None) -> Record:
     if raw.reason is not None:
-        raise _Skip(raw.reason, raw.detail)
+        raise _Skip(raw.reason, raw.detail, raw.records, raw.unknown_more)
     try:
         record = record_from_wds({"__key__": raw.key, **raw.members}, where)
     except SchemaError as e:
+        if raw.cut:  # what is missing was cut off with the rest of the shard
+            raise _Skip("truncated", f"{e} (the shard ends right after it, without tar's end-of-archive marker: cut "
+                                     "short)") from None
         raise _Skip(_schema_reason(str(e)), str(e)) from None
     except Exception as e:  # anything else a hostile record provokes is still one skipped record
-        raise _Skip("decode_error", f"{where}: record {raw.key}: {type(e).__name__}: {e}") from None
+        raise _Skip("truncated" if raw.cut else "decode_error",
+                    f"{where}: record {raw.key}: {type(e).__name__}: {e}") from None
     for name, expected in _field_types(type(record)).items():
         value = getattr(record, name)
         if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -328,13 +460,41 @@ def _decode(raw: _Raw, where: str, kind: str | None) -> Record:
     return record
 
 
+def read_shard(path: str | Path, count: int | None = None, kind: str | None = None) -> Iterator[Record | Skipped]:
+    """One shard's records in stored order, as the loader reads them: each good record decoded, each skip with its
+    reason and the records it stands for. `count`: the shard's records by its manifest (None: unknown)."""
+    where = str(path)
+    try:
+        tar = _open_tar(where)
+    except (OSError, tarfile.TarError) as e:
+        yield from _decoded([_unreadable(0, where, count, e)], where, kind)
+        return
+    with tar:
+        offset: int | None = 0
+        index = 0
+        while offset is not None:
+            raws, offset = _shard_step(tar, where, 0, offset, index, count)
+            index += len(raws)
+            yield from _decoded(raws, where, kind)
+
+
+def _decoded(raws: list[_Raw], where: str, kind: str | None) -> Iterator[Record | Skipped]:
+    for raw in raws:
+        try:
+            yield _decode(raw, where, kind)
+        except _Skip as skip:
+            yield skip.skipped
+
+
 # ---------------------------------------------------------------------------------------------
 # One dataset as one global worker sees it
 
 
 def _initial_stream(epoch: int, epochs: int | None) -> dict[str, Any]:
+    # (shard, offset, index): where the current block starts, `index` counting the shard's records before `offset`
     return {"epoch": epoch, "stop": None if epochs is None else epoch + epochs, "block": 0, "shard": 0,
-            "offset": 0, "taken": 0, "good": 0, "empty_epochs": 0, "done": False, "yielded": 0, "skipped": {}}
+            "offset": 0, "index": 0, "taken": 0, "good": 0, "empty_epochs": 0, "done": False, "yielded": 0,
+            "skipped": {}, "uncounted": {}}
 
 
 class _DatasetStream:
@@ -349,7 +509,7 @@ class _DatasetStream:
         self._tar: tuple[int, tarfile.TarFile] | None = None
         self._block: list[_Raw] | None = None
         self._order: list[int] = []
-        self._end = (0, 0)
+        self._end = (0, 0, 0)
         self._logged: dict[str, int] = {}
 
     def next(self) -> LoadedSample | None:
@@ -365,13 +525,13 @@ class _DatasetStream:
             raw = self._block[self._order[st["taken"]]]
             st["taken"] += 1
             if st["taken"] == len(self._block):  # step the state past the block now, so it never points at a spent one
-                st["block"], (st["shard"], st["offset"]), st["taken"] = st["block"] + 1, self._end, 0
+                st["block"], (st["shard"], st["offset"], st["index"]), st["taken"] = st["block"] + 1, self._end, 0
                 self._block = None
             where = self.plan.paths[self._shards[raw.shard]]
             try:
                 record = _decode(raw, where, self.plan.kind)
             except _Skip as skip:
-                self._count_skip(skip)
+                self._count_skip(skip.skipped)
                 continue
             st["good"] += 1
             st["yielded"] += 1
@@ -394,22 +554,22 @@ class _DatasetStream:
     def _read_block(self) -> None:
         """The block starting at the state's (shard, offset): up to `buffer` raw records, good or not."""
         st, shards = self.state, self._epoch_shards()
-        i, offset = st["shard"], st["offset"]
+        i, offset, index = st["shard"], st["offset"], st.get("index", 0)  # states before "index": 0, as before
         block: list[_Raw] = []
         while len(block) < self.buffer and i < len(shards):
-            path = self.plan.paths[shards[i]]
+            path, count = self.plan.paths[shards[i]], self.plan.counts[shards[i]]
             try:
                 tar = self._open(i, path)
             except (OSError, tarfile.TarError) as e:
-                block.append(_Raw(i, "?", {}, "unreadable_shard", f"{path}: cannot open the shard ({e})"))
-                i, offset = i + 1, 0
+                block.append(_unreadable(i, path, count, e))
+                i, offset, index = i + 1, 0, 0
                 continue
-            raw, offset = _read_record(tar, path, i, offset)
-            if raw is not None:
-                block.append(raw)
+            raws, offset = _shard_step(tar, path, i, offset, index, count)
+            block += raws
+            index += len(raws)
             if offset is None:
-                i, offset = i + 1, 0
-        self._block, self._end = block, (i, offset)
+                i, offset, index = i + 1, 0, 0
+        self._block, self._end = block, (i, offset, index)
         self._order = list(range(len(block)))
         _rng(self.seed, "block", self.plan.name, st["epoch"], self.worker, st["block"]).shuffle(self._order)
 
@@ -428,18 +588,20 @@ class _DatasetStream:
             raise LoaderError(f"dataset {self.plan.name!r}: global worker {self.worker} read no usable record in "
                               f"{st['empty_epochs']} epochs in a row (skipped so far: {st['skipped']}); an infinite "
                               f"stream cannot go on: fix or drop the broken shards")
-        st.update(epoch=st["epoch"] + 1, block=0, shard=0, offset=0, taken=0, good=0)
+        st.update(epoch=st["epoch"] + 1, block=0, shard=0, offset=0, index=0, taken=0, good=0)
         if st["stop"] is not None and st["epoch"] >= st["stop"]:
             st["done"] = True
         self.close()
 
-    def _count_skip(self, skip: _Skip) -> None:
-        skipped = self.state["skipped"]
-        skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+    def _count_skip(self, skip: Skipped) -> None:
+        _tally(self.state["skipped"], self.state.setdefault("uncounted", {}), skip)
         n = self._logged[skip.reason] = self._logged.get(skip.reason, 0) + 1
         level = logging.WARNING if n <= _LOGGED_PER_REASON else logging.DEBUG
         more = "; further skips for this reason are logged at DEBUG" if n == _LOGGED_PER_REASON else ""
-        log.log(level, "skipped a record of %s (%s): %s%s", self.plan.name, skip.reason, skip.detail, more)
+        what = "a record" if skip.records == 1 and not skip.unknown_more else (
+            f"{skip.records} records" if not skip.unknown_more else
+            f"{skip.records} record{'s' if skip.records != 1 else ''} and a shard of unknown size")
+        log.log(level, "skipped %s of %s (%s): %s%s", what, self.plan.name, skip.reason, skip.detail, more)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +614,8 @@ def _initial_worker(plans: Sequence[_DatasetPlan], epoch: int, epochs: int | Non
 
 def _snapshot(state: dict[str, Any]) -> dict[str, Any]:
     return {"draws": state["draws"],
-            "streams": {n: {**s, "skipped": dict(s["skipped"])} for n, s in state["streams"].items()}}
+            "streams": {n: {**s, "skipped": dict(s["skipped"]), "uncounted": dict(s.get("uncounted", {}))}
+                        for n, s in state["streams"].items()}}
 
 
 def _as_is(item: Any) -> Any:
@@ -576,6 +739,7 @@ class StreamingLoader:
                 for name, stream in new["streams"].items():
                     stream["yielded"] = prev["streams"][name]["yielded"]
                     stream["skipped"] = dict(prev["streams"][name]["skipped"])
+                    stream["uncounted"] = dict(prev["streams"][name].get("uncounted", {}))
         self._next_worker = 0
 
     def __iter__(self) -> Iterator[LoadedSample]:
@@ -599,17 +763,20 @@ class StreamingLoader:
             del items  # tears the workers down now, not at garbage collection
             if ended:
                 stats = self.stats()
-                log.log(logging.WARNING if stats.total_skipped else logging.INFO,
+                log.log(logging.WARNING if stats.total_skipped or stats.total_uncounted else logging.INFO,
                         "loader rank %d pass ended: %s", self.rank, stats.summary())
 
     def stats(self) -> LoaderStats:
         """Yielded and skipped counts of this rank, summed over its workers, as of the last sample handed out."""
-        stats = LoaderStats({p.name: 0 for p in self.plans}, {p.name: {} for p in self.plans})
+        stats = LoaderStats({p.name: 0 for p in self.plans}, {p.name: {} for p in self.plans},
+                            {p.name: {} for p in self.plans})
         for w in self._workers:
             for name, stream in w["streams"].items():
                 stats.yielded[name] += stream["yielded"]
-                for reason, n in stream["skipped"].items():
-                    stats.skipped[name][reason] = stats.skipped[name].get(reason, 0) + n
+                for counts, mine in ((stream["skipped"], stats.skipped[name]),
+                                     (stream.get("uncounted", {}), stats.uncounted[name])):
+                    for reason, n in counts.items():
+                        mine[reason] = mine.get(reason, 0) + n
         return stats
 
     def samples_per_rank(self, epoch: int | None = None) -> dict[str, list[int | None]]:
@@ -694,4 +861,4 @@ def make_loader(specs: Sequence[DatasetSpec], *, seed: int = 0, num_workers: int
 
 
 __all__ = ["DatasetSpec", "LoadedSample", "Sources", "as_sources", "kind_specs", "LoaderError", "LoaderStateError", "LoaderStats", "STATE_FORMAT",
-           "StreamingLoader", "make_loader"]
+           "Skipped", "StreamingLoader", "make_loader", "read_shard"]

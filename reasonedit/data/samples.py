@@ -4,7 +4,8 @@ A record is stored as `<key>.json` (every text and number field, plus `kind` and
 `schema_version`) and one `<key>.<name>.png` per image field; an image-list field (an edit pair's
 `extra_sources`) stores its length in the json and `<key>.<name>.<i>.png` per image (absent: empty). `docs/data.md` documents each
 kind's fields; `from_wds` refuses a record that does not match the schema, naming the field, and `to_wds` one
-holding a NaN or an infinity (JSON has neither), naming the record and the field.
+holding a NaN or an infinity (JSON has neither), naming the record and the field, or one whose key is not a plain
+name (`key_problem`: a key such as `../../x` would make tar members that land outside whoever extracts the shard).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+
+from reasonedit.paths import name_problem
 
 SCHEMA_VERSION = 1
 RECORD_DECISIONS = ("Success", "Reflection", "Failed")  # a reflection sample's decision, as records store it
@@ -40,6 +43,15 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 MAX_LIST_IMAGES = 8  # an image-list field holds at most this many
+
+
+def key_problem(key: object) -> str | None:
+    """Why `key` cannot be a record's key in a shard, whose members are `<key>.json` and `<key>.<field>.png`;
+    None when it can: one plain file name (`reasonedit.paths.name_problem`) without a '.'."""
+    problem = name_problem(key)
+    if problem is None and "." in key:  # type: ignore[operator]
+        problem = "it contains '.' (webdataset reads a key up to its first '.')"
+    return problem
 
 
 def _non_finite(value: Any, name: str) -> tuple[str, float] | None:
@@ -67,6 +79,10 @@ class Record:
     IMAGE_LISTS: ClassVar[tuple[str, ...]] = ()  # fields holding a list of images
 
     def to_wds(self) -> dict[str, Any]:
+        problem = key_problem(self.key)
+        if problem is not None:
+            raise SchemaError(f"record key {self.key!r} cannot name its shard members (<key>.json, "
+                              f"<key>.<field>.png): {problem}; give it a plain key of letters, digits, '_' and '-'")
         sample: dict[str, Any] = {"__key__": self.key}
         doc = {"kind": self.KIND, "schema_version": SCHEMA_VERSION}
         for f in fields(self):
@@ -242,4 +258,4 @@ def record_from_wds(sample: dict[str, Any], where: str = "") -> Record:
 
 
 __all__ = ["EditPair", "RECORD_DECISIONS", "RECORD_KINDS", "Record", "ReflectionSample", "SCHEMA_VERSION", "SchemaError",
-           "TextToImage", "ThinkingPair", "decode_png", "encode_png", "record_from_wds"]
+           "TextToImage", "ThinkingPair", "decode_png", "encode_png", "key_problem", "record_from_wds"]

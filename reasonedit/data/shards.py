@@ -2,7 +2,8 @@
 
 Shards are written byte-reproducibly (fixed mtime, owner and mode; members in a fixed order), so
 the same records always give the same bytes, and each shard appears under its final name only
-once it is complete.
+once it is complete. A record's key names its tar members, so it must be a plain name (`samples.key_problem`):
+a member `../../x.json` in a shard we write would land outside the folder of whoever extracts it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Iterable, Iterator
 
 import webdataset as wds
 
+from reasonedit.paths import safe_name
+
 from ..publish import staged_folder
 from .samples import Record, SchemaError, record_from_wds
 
@@ -28,6 +31,7 @@ class ShardWriter:
     def __init__(self, directory: Path, prefix: str, shard_size: int = 1000):
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
+        safe_name(prefix, "shard prefix")
         self.directory, self.prefix, self.shard_size = Path(directory), prefix, shard_size
         self.shards: list[dict] = []  # {"path", "count", "sha256"} of each finished shard
         self._stream = self._writer = None
@@ -96,7 +100,10 @@ def check_apart(out: str | Path, inputs: Iterable[tuple[str, str | Path]]) -> No
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, or a non-empty directory unless `overwrite`."""
+    """Refuse an output that is a symlink or a file, or a non-empty directory unless `overwrite`."""
+    if out.is_symlink():  # the finished dataset would replace the link, not fill the folder it points to
+        raise DatasetDirError(f"--out {out} is a symbolic link (to {os.readlink(out)}); nothing was written: pass "
+                              f"the folder it points to ({out.resolve()}) as --out, or remove the link")
     if out.exists() and not out.is_dir():
         raise DatasetDirError(f"--out {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, read_rgb
-from .paths import UnsafeNameError, inside, name_problem, relative_source
+from reasonedit.paths import UnsafeNameError, inside, name_problem, relative_source
 
 STATUSES = ("ok", "missing", "failed")
 # why a failed sample has no scores: its source image, its edited image, no reply from the judge, a reply

@@ -46,7 +46,7 @@ from reasonedit.publish import atomic_file
 
 from .benchmark import Benchmark, BenchSample, JudgeQuery, JudgeReplyError, SampleResult, parse_reply
 from .images import BadImageError, check_image
-from .paths import inside, safe_name
+from reasonedit.paths import inside, safe_name
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from reasonedit.inference import cancel
 from reasonedit.inference.prefix_cache import PrefixCache
 from reasonedit.inference.sampler import SampleSpec, SamplerConfig, sample
 from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
@@ -152,6 +153,7 @@ class ReasonerThinker:
     def _ask(self, conversations: list) -> list[str]:
         if not conversations:
             return []
+        cancel.check("reasoner generation")
         replies = self.generate(conversations)
         if len(replies) != len(conversations):
             raise RuntimeError(f"generate returned {len(replies)} replies for {len(conversations)} conversations")

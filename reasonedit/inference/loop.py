@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from reasonedit.inference import cancel
 from reasonedit.inference.trace import Round, Trace
 from reasonedit.inference.types import DECISIONS, EditRequest, Editor, Thinker
 from reasonedit.progress import Progress
@@ -55,7 +56,12 @@ def edit_with_reasoning(editor: Editor, thinker: Optional[Thinker], sources: Seq
     seeds = [int(seed)] * n if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
     if len(seeds) != n:
         raise ValueError(f"seed: {len(seeds)} seeds for {n} samples")
-    report = progress or (lambda phase, r, live: None)
+    given = progress or (lambda phase, r, live: None)
+
+    def report(phase: str, r: int, live: int) -> None:  # every phase starts here: given-up work stops here too
+        cancel.check(f"the loop's {phase} phase")
+        given(phase, r, live)
+
     names = dict(editor=getattr(editor, "name", type(editor).__name__),
                  thinker=getattr(thinker, "name", type(thinker).__name__) if thinker is not None else "")
     traces = [Trace(source=s, instruction=i, thought=None, **names) for s, i in zip(sources, instructions)]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
+from reasonedit.inference import cancel
 from reasonedit.inference.vision_cache import image_key
 from reasonedit.models.processor import Messages, image_parts
 from reasonedit.models.tokenizer import single_token_id
@@ -215,6 +216,7 @@ class PrefixCache:
         sequences = [p.ids.to(device) for p in group]  # each row's own tokens so far, as its processors see them
         out = []
         for step in range(max_new_tokens):
+            cancel.check("reasoner generation")  # a given-up request stops here, token by token
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (B, vocab)
             if len(rules[0][0]):

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from reasonedit.config.model import ScheduleConfig
+from reasonedit.inference import cancel
 from reasonedit.models.generator import GeneratorSample, patchify, unpatchify
 from reasonedit.models.timesteps import linear_mu, shift_timesteps
 
@@ -101,6 +102,7 @@ def sample(predict: Predict, specs: Sequence[SampleSpec], steps: int, patch_size
                  for s in specs]
     guided = [s.negative_states is not None and s.guidance_scale > 1.0 for s in specs]
     for i in range(steps):
+        cancel.check("sampling")  # work given up by its caller (a timed-out request) stops before the next step
         batch = []
         for s, x, sig in zip(specs, latents, schedules):
             batch.append(GeneratorSample(text_states=s.text_states, target=x, sources=list(s.sources),

@@ -4,7 +4,7 @@ Stages 2 and 3 never train the VAE, and its encoding is deterministic (the poste
 computed once per image is exactly the latent computed again: caching it changes no number of the run.
 Each entry is keyed by the codec's **fingerprint** (every parameter and buffer, its class and config) and
 the **image** (its uint8 bytes and shape). A changed VAE or image is simply not found; entries are written
-atomically, so concurrent ranks can share one folder.
+atomically, so concurrent ranks can share one folder, each proved to resolve inside `root` first.
 
     root/<fingerprint>/<key[:2]>/<key>.safetensors    {"latents": (C, h, w) float32}
 """
@@ -49,7 +49,7 @@ class LatentCache:
     def __init__(self, root: str | os.PathLike, codec: torch.nn.Module):
         self.codec = codec
         self.fingerprint = codec_fingerprint(codec)
-        self.files = TensorFiles(Path(root) / self.fingerprint, "latents", "latent cache")
+        self.files = TensorFiles(Path(root) / self.fingerprint, "latents", "latent cache", root=Path(root))
         self.stats: CacheStats = self.files.stats
 
     @torch.no_grad()

@@ -3,10 +3,14 @@
 Routes: `POST /edit` (JSON or multipart; `/edit-upload` is the same route under EditThinker's name for
 uploads), `GET /health` (no token needed), `GET /status`, and the API docs (`/docs`, `/redoc`,
 `/openapi.json`: with a token set they need it too). A request's body is read within bounds
-(`body.limit_body`, `body.parse_json_object`), validated (`schema.parse_edit`), queued (503 when the queue
-is full), batched with its neighbours by the `EditBatcher`, and answered within `timeout` seconds (504
-otherwise); a remote editor or thinker that fails is 502 or 503. Every error, a crash included, answers
-`{"success": false, "error": ..., "field": ...}`.
+(`body.limit_body`, `body.parse_json_object`; 408 when it trickles in slower than `read_timeout`),
+validated (`schema.parse_edit`), queued (503 when its lane is full), batched with its neighbours by the
+`EditBatcher`, and answered within `timeout` seconds of its arrival (504 otherwise, and the work is stopped
+at its next cancellation check). Think/reflect requests run on their own threads, at most `max_loops` at once
+(`max_loop_queue` more wait), and their edits go through their own lane, so loops cannot starve plain edits
+nor plain edits loops. `/health` answers 503 while a kind of request would be refused. A remote editor or
+thinker that fails is 502 or 503. Every error, a crash included, answers `{"success": false, "error": ...,
+"field": ...}`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -33,8 +38,9 @@ from starlette.requests import ClientDisconnect
 
 from reasonedit.clients.images import png_base64
 from reasonedit.errors import RemoteServiceError
+from reasonedit.inference import cancel
 from reasonedit.inference.types import Editor, Thinker
-from reasonedit.serve.batcher import EditBatcher, LockedThinker, QueueFull
+from reasonedit.serve.batcher import EditBatcher, LockedThinker, QueueFull, ShuttingDown
 from reasonedit.serve.body import limit_body, parse_json_object
 from reasonedit.serve.schema import (
     COMPAT_MODES,
@@ -51,6 +57,7 @@ log = logging.getLogger(__name__)
 TOKEN_PATTERN = re.compile(r"[!-~]+")  # what a bearer token may be: visible ASCII, one word
 # failure kinds (clients.http.Failure) after which a later try may work: the upstream was away or busy
 _UPSTREAM_AWAY = {"transport", "timeout", "http_429", "http_503"}
+STOP_WAIT = 5.0  # seconds the shutdown waits for the edit worker once the grace period is over
 
 
 @dataclass
@@ -61,7 +68,12 @@ class ServeConfig:
     max_queue: int = 64
     max_batch: int = 8
     batch_wait_ms: float = 10.0
-    timeout: float = 300.0  # seconds a request may wait for its answer, queue included
+    timeout: float = 300.0  # seconds a request may take from its arrival: body, validation, queue and work
+    max_loops: int = 8  # think/reflect requests running at once (each holds a thread while it runs)
+    max_loop_queue: int = 32  # think/reflect requests waiting for one of those slots; more are answered 503
+    read_timeout: float = 30.0  # seconds the body may take to arrive (a slow client is answered 408)
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (then it is closed)
+    grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     compat: Optional[str] = None  # None (strict) | "editthinker"
     max_body_bytes: int = 64 * 2 ** 20
     limits: Limits = field(default_factory=Limits)
@@ -69,11 +81,14 @@ class ServeConfig:
     def validate(self) -> None:
         if self.compat is not None and self.compat not in COMPAT_MODES:
             raise ValueError(f"--compat {self.compat!r}: expected one of {', '.join(COMPAT_MODES)}")
-        for name in ("max_queue", "max_batch"):
+        for name in ("max_queue", "max_batch", "max_loops", "max_loop_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if self.batch_wait_ms < 0 or self.timeout <= 0:
             raise ValueError(f"--batch-wait-ms must be >= 0 and --timeout > 0 (got {self.batch_wait_ms}, {self.timeout})")
+        for name in ("read_timeout", "header_timeout", "grace"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         if self.token is not None and not TOKEN_PATTERN.fullmatch(self.token):
             raise ValueError("token: " + ("is empty" if not self.token else "must be visible ASCII without spaces "
                                           "(it travels in an HTTP header)") + "; None serves without authentication")
@@ -85,7 +100,11 @@ class _Counters:
     bad_requests: int = 0
     unauthorized: int = 0
     timed_out: int = 0
+    slow_bodies: int = 0
     loops: int = 0
+    loops_running: int = 0
+    loops_waiting: int = 0
+    loops_stopped: int = 0  # loops given up (timed out, shut down) that stopped at their next check
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -115,13 +134,16 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
     config = config or ServeConfig()
     config.validate()
     lock = threading.Lock()
+    # a running loop has at most one edit outstanding: the loop lane holds one per loop slot
     batcher = EditBatcher(editor, max_queue=config.max_queue, max_batch=config.max_batch,
-                          batch_wait=config.batch_wait_ms / 1000.0, model_lock=lock)
+                          batch_wait=config.batch_wait_ms / 1000.0, model_lock=lock, max_loop_queue=config.max_loops)
     loop_thinker = LockedThinker(thinker, lock) if thinker is not None and thinker_shares_model else thinker
     counters, ignored_log = _Counters(), IgnoredFieldLog()
     counters_lock = threading.Lock()
     started = time.time()
     editor_name = getattr(editor, "name", type(editor).__name__)
+    loop_slots = asyncio.Semaphore(config.max_loops)
+    live_loops: set[threading.Event] = set()  # the stop events of running loops, set at shutdown
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -129,8 +151,10 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
         log.info("edit service ready: editor %s, queue %d, batch %d", editor_name, config.max_queue, config.max_batch)
         try:
             yield
-        finally:
-            batcher.stop()
+        finally:  # after uvicorn's grace period: what still runs is told to stop at its next check
+            for stop in list(live_loops):
+                stop.set()
+            batcher.stop(timeout=STOP_WAIT)
 
     # the docs routes are ours, below, so they take the token as every other route does
     app = FastAPI(title="ReasonEdit edit service", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
@@ -183,9 +207,25 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
             return denied
         return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
+    def overloaded() -> list[str]:
+        """What is full: a new request of that kind would be answered 503."""
+        full = []
+        if batcher.depth >= config.max_queue:
+            full.append("edit queue")
+        if counters.loops_running >= config.max_loops and counters.loops_waiting >= config.max_loop_queue:
+            full.append("loop slots")
+        return full
+
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "ready": True, "model": model_name, "editor": editor_name, "timestamp": time.time()}
+    async def health():
+        full = overloaded()
+        answer = {"status": "overloaded" if full else "ok", "ready": not full, "overloaded": full,
+                  "model": model_name, "editor": editor_name, "queue_depth": batcher.depth,
+                  "max_queue": config.max_queue, "loops_running": counters.loops_running,
+                  "loops_waiting": counters.loops_waiting, "max_loops": config.max_loops,
+                  "max_loop_queue": config.max_loop_queue, "timestamp": time.time()}
+        return AsciiJSONResponse(answer, status_code=503 if full else 200,
+                                 headers={"Retry-After": "1"} if full else None)
 
     @app.get("/status")
     async def status(request: Request):
@@ -195,9 +235,14 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
         return {"model": model_name, "editor": editor_name,
                 "thinker": getattr(thinker, "name", None) if thinker is not None else None,
                 "compat": config.compat, "queue_depth": batcher.depth, "max_queue": config.max_queue,
+                "loop_queue_depth": batcher.loop_depth, "loops_running": counters.loops_running,
+                "loops_waiting": counters.loops_waiting, "max_loops": config.max_loops,
+                "max_loop_queue": config.max_loop_queue, "overloaded": overloaded(),
                 "in_flight": batcher.in_flight, "requests": counters.requests, "served": s.served, "failed": s.failed,
-                "rejected": s.rejected, "timed_out": counters.timed_out, "cancelled": s.cancelled,
-                "bad_requests": counters.bad_requests, "unauthorized": counters.unauthorized, "loops": counters.loops,
+                "rejected": s.rejected, "timed_out": counters.timed_out, "cancelled": s.cancelled, "stopped": s.stopped,
+                "slow_bodies": counters.slow_bodies, "bad_requests": counters.bad_requests,
+                "unauthorized": counters.unauthorized, "loops": counters.loops, "loops_stopped": counters.loops_stopped,
+                "loop_edits": s.loop_edits,
                 "batches": s.batches, "mean_batch_size": round(s.mean_batch_size, 3),
                 "max_batch_size": s.max_batch_size, "max_batch": config.max_batch,
                 "edit_seconds": round(s.edit_seconds, 3), "uptime_s": round(time.time() - started, 1)}
@@ -241,36 +286,56 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
             raise RequestError("image", "given both as a file and as a field; send one")
         return fields, upload, True
 
+    async def read_within(request: Request, seconds: float) -> tuple[dict[str, Any], Optional[bytes], bool]:
+        """read_fields, or a 408 when the body has not arrived within `seconds` (a slow client)."""
+        try:
+            return await asyncio.wait_for(read_fields(request), max(seconds, 0.0))
+        except asyncio.TimeoutError:
+            count("slow_bodies")
+            raise RequestError("body", f"the body did not arrive within {max(seconds, 0.0):g}s", 408) from None
+
     async def edit(request: Request):
         count("requests")
         if (denied := unauthorized(request)) is not None:
             denied.headers["connection"] = "close"  # its body is not read: do not wait for it on this connection
             return denied
         t0 = time.perf_counter()
+        deadline = time.monotonic() + config.timeout  # body, validation, queue and work all count against it
+
+        def left() -> float:
+            return max(deadline - time.monotonic(), 0.0)
+
         try:
-            fields, upload, from_form = await read_fields(request)
-            parsed: ParsedEdit = await run_in_threadpool(
-                parse_edit, fields, config.limits, compat=config.compat, image_bytes=upload, from_form=from_form,
-                ignored_log=ignored_log)
-            if parsed.loop and thinker is None:
-                raise RequestError("think" if parsed.think else "reflect", "this server has no thinker; "
-                                   "send think=false and reflect=false for a plain edit")
-        except RequestError as e:
-            count("bad_requests")
-            log.info("rejected a request: %s", e)
-            # a body cut off at the limit is not read to its end: close rather than read on
-            return _error(e.status, str(e), e.field, {"connection": "close"} if e.status == 413 else None)
-        try:
+            try:
+                fields, upload, from_form = await read_within(request, min(config.read_timeout, left()))
+                parsed: ParsedEdit = await asyncio.wait_for(run_in_threadpool(
+                    parse_edit, fields, config.limits, compat=config.compat, image_bytes=upload, from_form=from_form,
+                    ignored_log=ignored_log), left())
+                if parsed.loop and thinker is None:
+                    raise RequestError("think" if parsed.think else "reflect", "this server has no thinker; "
+                                       "send think=false and reflect=false for a plain edit")
+            except RequestError as e:
+                count("bad_requests")
+                log.info("rejected a request: %s", e)
+                # a body cut off at the limit (or still trickling in) is not read to its end: close rather than read on
+                return _error(e.status, str(e), e.field, {"connection": "close"} if e.status in (408, 413) else None)
             if parsed.loop:
-                answer = await asyncio.wait_for(run_in_threadpool(run_loop, parsed), config.timeout)
+                answer = await run_loop_request(parsed, left)
             else:
-                image = await asyncio.wait_for(asyncio.wrap_future(batcher.submit(parsed.request)), config.timeout)
+                ticket = batcher.submit(parsed.request, "edit")
+                try:
+                    image = await asyncio.wait_for(asyncio.wrap_future(ticket.future), left())
+                except BaseException:  # timed out, or the server gives up on this request: the edit stops too
+                    ticket.abandon()
+                    raise
                 answer = {"edited_image": await run_in_threadpool(png_base64, image)}
         except QueueFull as e:
             return _error(503, str(e), None, {"Retry-After": "1"})
+        except ShuttingDown as e:
+            return _error(503, str(e), None, {"Retry-After": "1"})
         except asyncio.TimeoutError:
             count("timed_out")
-            return _error(504, f"no answer within the server's {config.timeout:g}s timeout", None)
+            return _error(504, f"no answer within the server's {config.timeout:g}s timeout; the work was stopped", None)
         except RemoteServiceError as e:  # the remote editor or thinker behind this server
             status = upstream_status(e)
             log.warning("an upstream service failed (%d): %s", status, e)
@@ -288,6 +353,49 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
             answer.update(ignored_fields=parsed.ignored, renamed_fields=parsed.renamed)
         return answer
 
+    async def run_loop_request(parsed: ParsedEdit, left) -> dict[str, Any]:
+        """Run one think/reflect loop on its own thread once a loop slot is free (waiting counts against the
+        deadline; with every slot taken and `max_loop_queue` waiting, QueueFull). The slot is held until the
+        thread ends, so given-up loops still count until they stop, and loop threads never exceed max_loops."""
+        if loop_slots.locked() and counters.loops_waiting >= config.max_loop_queue:
+            raise QueueFull(f"every loop slot is taken ({config.max_loops} running, {config.max_loop_queue} "
+                            "waiting); try again later")
+        counters.loops_waiting += 1
+        try:
+            await asyncio.wait_for(loop_slots.acquire(), left())
+        finally:
+            counters.loops_waiting -= 1
+        counters.loops_running += 1
+        stop, done = threading.Event(), Future()
+        live_loops.add(stop)
+        event_loop = asyncio.get_running_loop()
+
+        def release() -> None:
+            counters.loops_running -= 1
+            loop_slots.release()
+
+        def work() -> None:
+            try:
+                with cancel.cancel_scope(stop.is_set):
+                    done.set_result(run_loop(parsed))
+            except cancel.Cancelled as e:
+                count("loops_stopped")
+                done.set_exception(e)
+            except BaseException as e:
+                done.set_exception(e)
+            finally:
+                live_loops.discard(stop)
+                try:
+                    event_loop.call_soon_threadsafe(release)
+                except RuntimeError:  # the event loop is gone: the server has stopped
+                    pass
+
+        threading.Thread(target=work, name="edit-loop", daemon=True).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), left())
+        except BaseException:  # timed out or cancelled: the loop stops at its next check
+            stop.set()
+            raise
     def run_loop(parsed: ParsedEdit) -> dict[str, Any]:
         from reasonedit.inference.loop import edit_with_reasoning
 

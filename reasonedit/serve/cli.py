@@ -50,7 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="edits run together in one generator call")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for company")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queue included (504)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take from its arrival: body, "
+                   "validation, queue and work (504; the work is stopped)")
+    p.add_argument("--max-loops", type=int, default=8, help="think/reflect requests running at once (each on its own "
+                   "thread; their edits wait in their own lane, so they cannot starve plain edits)")
+    p.add_argument("--max-loop-queue", type=int, default=32,
+                   help="think/reflect requests waiting for a loop slot; more are answered 503")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers (408, then closed)")
+    p.add_argument("--grace", type=float, default=30.0, help="after SIGTERM, seconds in-flight requests get to "
+                   "finish; then they are cancelled and the server exits (within about 5 s more)")
     p.add_argument("--compat", choices=["editthinker"], default=None,
                    help="accept EditThinker's client fields (num_inference_step, enhance_prompt, width, ...): map "
                         "what has a meaning, ignore the rest and log each once; default: unknown fields are 422")
@@ -119,7 +129,9 @@ def serve_config(args: argparse.Namespace):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         timeout=args.timeout, compat=args.compat,
+                         timeout=args.timeout, compat=args.compat, max_loops=args.max_loops,
+                         max_loop_queue=args.max_loop_queue, read_timeout=args.read_timeout,
+                         header_timeout=args.header_timeout, grace=args.grace,
                          limits=Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
                                        default_steps=args.steps))
     config.validate()
@@ -146,10 +158,9 @@ def _run_shapes(args: argparse.Namespace) -> int:
         raise ValueError(f"--error-rate {args.error_rate}: must lie in [0, 1]")
     world = _shapes_world(args)
     config = serve_config(args)
-    import uvicorn
-
     from reasonedit.inference.pipeline import build_editor, build_thinker
     from reasonedit.serve.app import create_app
+    from reasonedit.serve.runner import serve
 
     editor = build_editor(SHAPES_EDITOR, world=world, error_rate=args.error_rate, seed=args.error_seed)
     thinker = None
@@ -160,8 +171,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
     auth = "bearer token required" if config.token else "no authentication: --no-auth"
     print(f"serving {editor.name} on {name} at http://{args.host}:{args.port} ({auth}; "
           f"{'thinker ' + thinker.name if thinker else 'plain edits only: no thinker'})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
-    return 0
+    return serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,10 +186,9 @@ def run(args: argparse.Namespace) -> int:
     if not (args.model / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"--model {args.model}: not a model folder (no reasonedit.json)")
     config = serve_config(args)
-    import uvicorn
-
     from reasonedit.inference.pipeline import Pipeline, build_thinker, resolve_device
     from reasonedit.serve.app import create_app
+    from reasonedit.serve.runner import serve
 
     print(f"loading {args.model} on {resolve_device(args.device)}", file=sys.stderr)
     pipeline = Pipeline.load(args.model, device=args.device, dtype=args.dtype)
@@ -190,5 +199,4 @@ def run(args: argparse.Namespace) -> int:
     auth = "bearer token required" if config.token else "no authentication: --no-auth"
     print(f"serving {args.model} on http://{args.host}:{args.port} ({auth}; queue {config.max_queue}, "
           f"batch {config.max_batch}{', compat ' + config.compat if config.compat else ''})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
-    return 0
+    return serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")

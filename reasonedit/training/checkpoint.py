@@ -79,7 +79,10 @@ def clear_interrupted(root: Path) -> list[str]:
     """Remove the hidden folders a kill mid-save or mid-delete left in `root`; one line per folder, for the log."""
     done = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if HIDDEN_STEP_DIR.match(path.name) and path.is_dir():
+        if HIDDEN_STEP_DIR.match(path.name) and path.is_symlink():  # never ours: removed, not followed
+            path.unlink()
+            done.append(f"removed the symbolic link {path} (a checkpoint's hidden name; none of ours is a link)")
+        elif HIDDEN_STEP_DIR.match(path.name) and path.is_dir():
             shutil.rmtree(path)
             done.append(f"removed {path}, left by an interrupted checkpoint save")
     return done

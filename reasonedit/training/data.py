@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Iterator
 
-from reasonedit.data.loader import (DatasetSpec, LoaderError, Sources, StreamingLoader, as_sources, kind_specs,
-                                    make_loader)
+from reasonedit.data.loader import (DatasetSpec, LoaderError, LoaderStats, Sources, StreamingLoader, as_sources,
+                                    kind_specs, make_loader)
 from reasonedit.data.packing import PackedBatch, Packer, PackerStats
 
 
@@ -59,6 +59,11 @@ class BatchStream:
         """Records this stream has read and preprocessed."""
         return sum(self.loader.stats().yielded.values())
 
+    @property
+    def loader_stats(self) -> LoaderStats:
+        """Records yielded and skipped (by dataset and reason) so far, resumed runs included."""
+        return self.loader.stats()
+
     def state_dict(self) -> dict[str, Any]:
         return {"loader": self.loader.state_dict(), "packer": self.packer.state_dict(),
                 "ready": list(self.ready), "handed_out": self.handed_out}
@@ -97,6 +102,14 @@ class SplitBatchStream:
     @property
     def records(self) -> int:
         return sum(s.records for s in self.streams.values())
+
+    @property
+    def loader_stats(self) -> LoaderStats:
+        """This rank's streams' loader stats, summed."""
+        total = LoaderStats()
+        for s in self.streams.values():
+            total = total.merge(s.loader_stats)
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "handed_out": self.handed_out,

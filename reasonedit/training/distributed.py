@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,15 @@ def init_world() -> World:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank; `[value]` without a process group."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

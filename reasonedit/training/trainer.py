@@ -5,7 +5,8 @@ bf16 on GPUs. Everything clever lives in a named component: `losses` (sums and c
 `stages` (what trains, data, loss terms), `training.step` (one optimiser step, plain or DeepSpeed),
 `training.data` (the resumable batch stream), `training.checkpoint`, `training.ema`,
 `training.distributed`, `training.zero` (DeepSpeed), `training.schedule`, `training.metrics`, `training.output`
-(the output folder checked before the model loads; a failed write is one clear `OutputError`).
+(the output folder checked, and every path the stage writes proved inside it, before the model loads; a failed
+write is one clear `OutputError`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from reasonedit.config import ExperimentConfig, TrainConfig
+from reasonedit.data.loader import LoaderStats
 from reasonedit.models.preprocess import PreprocessConfig, Preprocessor, buckets_for
 from reasonedit.data.segments import ConditionDropout, GeneratorSegment
 from reasonedit.models.model import COMPONENTS, CONFIG_FILE, ReasonEditModel
+from reasonedit.paths import inside
 from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
 
@@ -35,7 +38,7 @@ from .data import BatchStream, Sources, SplitBatchStream, stage_loader
 from .distributed import World, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
 from .metrics import MetricsSink, ProgressWindow
-from .output import prepare_output, writing
+from .output import LATENT_CACHE, prepare_output, writing
 from .resume import check_resume, run_config
 from .schedule import make_scheduler
 from .step import DeepSpeedStepper, StepRecords, Stepper
@@ -61,6 +64,7 @@ class StageResult:
     interrupted: bool = False
     seconds: float = 0.0
     evals: list[dict] = field(default_factory=list)  # held-out figures: {"step": N, figure: value, ...}
+    data: LoaderStats | None = None  # this rank's records read and skipped, by dataset and reason (resumes included)
 
 
 class StageModule(torch.nn.Module):
@@ -146,11 +150,12 @@ def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data
     if sc.latent_cache and model.vae is not None:
         from reasonedit.models.latent_cache import LatentCache
         # one folder per experiment: stage 3 reads what stage 2 encoded (entries are keyed by the VAE's weights)
-        pre.latent_cache = LatentCache(Path(cfg.output_dir) / "latent_cache", model.vae)
+        pre.latent_cache = LatentCache(inside(cfg.output_dir, Path(cfg.output_dir) / LATENT_CACHE), model.vae)
     cache = None
     if stage.uses_condition_cache and sc.condition_cache:
         from reasonedit.data.condition_cache import ConditionCache
-        cache = ConditionCache(out / "condition_cache", model.reasoner, backend=model.config.attention_backend)
+        cache = ConditionCache(inside(out, out / "condition_cache"), model.reasoner,
+                               backend=model.config.attention_backend)
     return pre, stream, cache
 
 
@@ -197,7 +202,8 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
     stage = stage_for(stage_number, cfg)
     sc, tc = stage.config, cfg.train
     root = out / "checkpoints"
-    prepare_output(out, root, world, stage.name)  # before the model loads: a folder we cannot write fails now
+    # before the model loads: a folder we cannot write, or a symlink out of it, fails now
+    prepare_output(out, root, world, stage.name, Path(cfg.output_dir) if sc.latent_cache else None)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
@@ -231,8 +237,8 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
         rank_state = {"stream": stream.state_dict(), "ema": ema.state_dict() if ema is not None else None}
         # names as the StageModule sees them ("model." + the ReasonEditModel's name)
         with writing(f"{stage.name}: checkpoint of step {at}"):
-            return ckpt.save_checkpoint(root, at, world, module, optimizer, {f"model.{n}" for n in trainable},
-                                        trainer_state, rank_state, tc.keep_last)
+            return ckpt.save_checkpoint(inside(out, root), at, world, module, optimizer,
+                                        {f"model.{n}" for n in trainable}, trainer_state, rank_state, tc.keep_last)
 
     # -- SIGTERM: finish the step, save, exit cleanly ---------------------------------------------
     stop = {"sigterm": False}
@@ -326,12 +332,17 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
     log.info("%s: rank %d read and preprocessed %d records%s%s", stage.name, world.rank, stream.records,
              f" (its {len(stream.streams)} of {stream.count} data streams)" if isinstance(stream, SplitBatchStream)
              else "", f" in {tc.num_workers} loader workers" if tc.num_workers else "")
+    data_stats = stream.loader_stats
+    log.log(logging.WARNING if data_stats.total_skipped or data_stats.total_uncounted else logging.INFO,
+            "%s: rank %d skipped %d records: %s", stage.name, world.rank, data_stats.total_skipped,
+            data_stats.summary())
     for what, c in (("latent cache", pre.latent_cache), ("condition cache", cache)):
         if c is not None:
             log.info("%s: %s: %d hits, %d misses, %d unreadable entries recomputed", stage.name, what,
                      c.stats.hits, c.stats.misses, c.stats.unreadable)
     step = state.step
-    result = StageResult(stage.name, out, None, step, state.history, state.skipped, interrupted, evals=state.evals)
+    result = StageResult(stage.name, out, None, step, state.history, state.skipped, interrupted, evals=state.evals,
+                         data=data_stats)
     if world.is_main:  # for the learning curves: per-step losses and the held-out figures
         with writing(f"{stage.name}: the loss history"):
             atomic_write_text(out / "history.json", json.dumps(state.history) + "\n")
@@ -352,7 +363,7 @@ def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Sta
     """Write out/model (a full ReasonEditModel folder) and, with an EMA, out/model_ema (EMA generator).
     Sharded weights (FSDP2, ZeRO-3) are gathered first: every rank takes part."""
     full = ckpt.full_trainable_state(module, trainable)
-    path = out / "model"
+    path = inside(out, out / "model")
     if world.is_main:
         final = load_stage_model(stage, start)  # unsharded, on the CPU, same structure
         final.load_state_dict({k.removeprefix("model."): v for k, v in full.items()}, strict=False)
@@ -379,10 +390,10 @@ def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Sta
                 for name, p in final.generator.named_parameters():
                     if name in ema.shadow:
                         p.copy_(ema.shadow[name].cpu())
-            final.save_pretrained(out / "model_ema")
-        (out / "stage.json").write_text(json.dumps({"stage": stage.name, "start": str(start),
-                                                    "trains": stage.trains, "from_previous": stage.from_previous},
-                                                   indent=2) + "\n")
+            final.save_pretrained(inside(out, out / "model_ema"))
+        atomic_write_text(inside(out, out / "stage.json"), json.dumps({
+            "stage": stage.name, "start": str(start), "trains": stage.trains, "from_previous": stage.from_previous},
+            indent=2) + "\n")
     barrier()
     return path
 

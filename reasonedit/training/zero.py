@@ -2,7 +2,8 @@
 
 The experiment config stays the one source of truth for the numbers a run depends on: the stage's lr,
 betas, weight decay, clipping, accumulation and (per device) precision are written into the JSON before
-`deepspeed.initialize`; the JSON keeps what only DeepSpeed knows (ZeRO stage, buckets, offload).
+`deepspeed.initialize`; the JSON keeps what only DeepSpeed knows (ZeRO stage, buckets, offload). DeepSpeed's own
+monitors and a flops-profile file are refused: they write where the JSON says, outside the stage folder.
 Our loop owns the accumulation boundary (`managed_gradient_accumulation: false`): every micro-batch's
 `engine.backward` accumulates, one `engine.step()` per optimiser step, and the loss is already
 normalised by the global token count, so backward never rescales it by the accumulation steps.
@@ -28,6 +29,7 @@ from .schedule import make_scheduler
 log = logging.getLogger(__name__)
 LAUNCH_JSONS = PACKAGE_CONFIGS / "deepspeed"  # shipped with the package; launch/deepspeed/ in a checkout
 TAG = "deepspeed"  # the sub-folder of a checkpoint that holds DeepSpeed's own files
+DEEPSPEED_MONITORS = ("tensorboard", "wandb", "csv_monitor", "comet")  # refused: they write outside the stage folder
 
 
 def json_path(tc: TrainConfig) -> Path:
@@ -73,6 +75,14 @@ def deepspeed_config(path: Path, tc: TrainConfig, sc: StageConfig, stage_name: s
         raise ConfigError(f"train.deepspeed_config: {path}: zero_optimization.stage must be 2 or 3, "
                           f"got {zero.get('stage')!r}")
     zero.setdefault("stage", tc.zero_stage)
+    for key in DEEPSPEED_MONITORS:  # they write to their own output_path (default: the working directory)
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled"):
+            raise ConfigError(f"train.deepspeed_config: {path}: {key}.enabled: DeepSpeed's own monitors write "
+                              "outside the stage folder; set it to false and use train.tensorboard / train.wandb, "
+                              "which write under it")
+    if isinstance(ds.get("flops_profiler"), dict) and ds["flops_profiler"].get("output_file"):
+        raise ConfigError(f"train.deepspeed_config: {path}: flops_profiler.output_file: a file outside the stage "
+                          "folder; remove it (the profile is then logged)")
     if "scheduler" in ds:
         raise ConfigError(f"train.deepspeed_config: {path}: remove \"scheduler\"; the stage's warmup + cosine "
                           f"schedule ({stage_name}.warmup_steps, {stage_name}.min_lr_ratio) is used")

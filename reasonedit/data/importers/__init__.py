@@ -7,7 +7,9 @@ paths (`jsonl`), LLaMA-Factory sharegpt conversations such as EditThinker's `sft
 checking each field and that each image file exists, then decodes the images and writes
 `OUT/<split>/<kind>-NNNNN.tar` plus `manifest.json` in a hidden sibling directory that is renamed
 into place only when complete. A bad row stops the import with a `DataImportError` naming the file,
-the line and the field; so does a NaN or an infinity in a record, when it is written. `--out` must lie
+the line and the field; so does a NaN or an infinity in a record, when it is written. Record keys are made
+from input names (anything but letters, digits, `_` and `-` replaced), so no input can name a tar member outside
+the shard; a key too long to be a file name is refused when it is planned. `--out` must lie
 apart from the inputs: it may not be, hold or lie inside an input file or folder or the image root, nor
 hold an image that a row names (replacing it would delete them).
 """
@@ -19,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..samples import SCHEMA_VERSION, Record, SchemaError
+from ..samples import SCHEMA_VERSION, Record, SchemaError, key_problem
 from ..shards import DatasetDirError, building_dataset, check_apart, write_manifest, write_records
 from reasonedit.config.synth import KINDS, SPLITS
 from .captions import plan_captions
@@ -110,6 +112,10 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
     seen: dict[tuple[str, str], str] = {}
     for path, tag in zip(paths, _tags(paths)):
         for p in _PLANNERS[format](path, tag, ctx):
+            problem = key_problem(p.key)
+            if problem is not None:  # the key names the record's tar members: refused now, before anything is written
+                raise DataImportError(f"{p.where}: its record key {p.key!r} (made from {p.key_from}) cannot name "
+                                      f"shard members: {problem}; shorten those names")
             if (p.kind, p.key) in seen:
                 raise DataImportError(f"{p.where}: its key {p.key!r} repeats that of {seen[p.kind, p.key]}; "
                                       "rename one of the files")

@@ -76,4 +76,5 @@ def _caption_pairs(folder: Path, tag: str, ctx: Context) -> Iterator[Planned]:
                 "image_path": found[0].relative_to(folder).as_posix()}
         image = ("image", found[0])
         yield Planned(ctx.split, TextToImage.KIND, key, where,
-                      partial(build_text_to_image, key, where, caption, image, meta), (image,))
+                      partial(build_text_to_image, key, where, caption, image, meta), (image,),
+                      key_from="the folder's name and the image's path in it")

@@ -59,6 +59,7 @@ class Planned:
     where: str
     build: Callable[[], Record]
     images: tuple[ImageRef, ...] = ()  # the image files it reads, as (field, path): inputs, kept apart from --out
+    key_from: str = "the input file's name and the row's number"  # for an error about the key
 
 
 @dataclass

@@ -32,7 +32,7 @@ from ...publish import atomic_write_bytes
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
                          group_by, mean, ok_only, output_name, require, row, total_counts)
 from ..images import DEFAULT_MAX_PIXELS, BadImageError, decoded_format
-from ..paths import output_file
+from reasonedit.paths import output_file
 
 TASK_TYPES = ("background_change", "color_alter", "material_alter", "motion_change", "ps_human", "style_change",
               "subject-add", "subject-remove", "subject-replace", "text_change", "tone_transfer")

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
                          group_by, mean, ok_only, output_name, read_json, require, row, total_counts)
-from ..paths import output_file
+from reasonedit.paths import output_file
 
 EDIT_FILES = ("basic_edit.json", "singleturn.json")
 PROMPT_FILES = ("prompts.json", "judge_prompts.json", "basic_prompts.json")

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
                          mean, ok_only, output_name, read_json, require, total_counts, counts)
-from ..paths import output_file
+from reasonedit.paths import output_file
 
 TYPES = {
     "Attribute Perception": ("count_change", "color_change", "size_adjustment", "part_completion", "anomaly_correction"),

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, JudgeQuery, SampleResult, existing_file,
                          group_by, mean, ok_only, output_name, read_json, require, row, total_counts)
-from ..paths import output_file
+from reasonedit.paths import output_file
 
 CATEGORIES = ("temporal_reasoning", "causal_reasoning", "spatial_reasoning", "logical_reasoning")
 DATA_FILES = ("datav2_total_w_subtask.json", "data.json")

@@ -21,7 +21,7 @@ from reasonedit.shapes.world import Scene, ShapesWorld, WorldConfig
 from ..benchmark import (Benchmark, BenchmarkDataError, BenchSample, SampleResult, group_by, mean, ok_only,
                          output_name, row, total_counts)
 from ..images import read_rgb
-from ..paths import output_file
+from reasonedit.paths import output_file
 
 log = logging.getLogger(__name__)
 
