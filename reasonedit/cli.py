@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp = dsub.add_parser("import", help="import JSONL, sharegpt, EditThinker or caption folders into shards",
                           description="Import data in a format users already have into a dataset of shards "
                                       "(same layout as `data synth`). Malformed rows are errors naming the file and "
-                                      "line; nothing is written unless the whole import succeeds. Formats and their "
+                                      "line (or, with --skip-unmapped, skipped and listed in OUT/import_report.jsonl); "
+                                      "nothing is written unless the whole import succeeds. Formats and their "
                                       "mappings: docs/importers.md.")
     imp.add_argument("--format", required=True, help="jsonl | sharegpt | editthinker-rl | captions")
     imp.add_argument("--out", required=True, type=Path, help="output dataset directory")
@@ -84,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     imp.add_argument("--image-root", type=Path, help="folder relative image paths are read from "
                      "(default: each input file's folder)")
-    imp.add_argument("--skip-unmapped", action="store_true", help="sharegpt: skip and count rows that fit no "
-                     "record kind instead of stopping")
+    imp.add_argument("--skip-unmapped", action="store_true", help="skip rows that cannot be mapped to a record "
+                     "(malformed, or of no record kind) instead of stopping; they are counted by reason in the "
+                     "manifest and listed (file:line, reason) in OUT/import_report.jsonl")
     imp.add_argument("inputs", nargs="+", type=Path, help="input files or folders")
 
     config = sub.add_parser("config", help="print the resolved config of an experiment", description=(
@@ -181,6 +183,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
     manifest = import_dataset(args.format, [str(p) for p in args.inputs], args.out, **kwargs)
     counts = ", ".join(f"{split}/{kind}: {n}" for split, kinds in manifest["counts"].items() for kind, n in kinds.items())
     print(f"imported {counts} into {args.out}")
+    skipped = manifest["skipped"]
+    if skipped["count"]:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped["reasons"].items())
+        print(f"skipped {skipped['count']} row(s) ({reasons}); each is listed in {args.out / skipped['report']}")
     return 0
 
 

@@ -353,7 +353,7 @@ def step_edit(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
         picked += [s for s in bench.samples() if s.category == category][: e.samples]
     traces = pipeline.edit_with_reasoning([bench.source_images(s)[0] for s in picked], [s.instruction for s in picked],
                                           think=True, reflect=True, rounds=e.rounds, seed=e.seed,
-                                          guidance_scale=e.guidance, num_inference_steps=e.sampling_steps)
+                                          guidance_scale=e.guidance, num_inference_steps=e.sampling_steps, loop=e.loop)
     rows = []
     for sample, trace in zip(picked, traces):
         folder = write_trace(trace, out / "edit" / sample.key)
@@ -379,6 +379,8 @@ def _stale_eval(eval_dir: Path, model_dir: Path, e) -> bool:
         except (OSError, ValueError):
             return True
         if any(made.get(k) != v for k, v in want.items()) or made.get("rounds") not in (None, e.rounds):
+            return True
+        if made.get("mode") != "base" and made.get("loop", "reasonedit") != e.loop:
             return True
     return False
 
@@ -407,7 +409,8 @@ def step_eval(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Cal
             rate = e.shapes_error_rate if editor == "shapes" else 0.0
             ablation = run_shapes_ablation(model_dir, _held_out(cfg, out), where, modes=list(e.modes), limit=e.limit,
                                            steps=e.sampling_steps, rounds=e.rounds, guidance=e.guidance, seed=e.seed,
-                                           editor=editor, error_rate=rate, device=e.device, dtype=e.dtype)
+                                           editor=editor, error_rate=rate, device=e.device, dtype=e.dtype,
+                                           loop=e.loop)
             tables.append({"editor": ablation.editor, "thinker": ablation.thinker, "table": ablation.table,
                            "parse_errors": ablation.parse_errors,
                            "paths": {k: str(v) for k, v in ablation.paths.items()}})

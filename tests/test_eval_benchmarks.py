@@ -266,7 +266,8 @@ def test_kris_reads_twenty_categories_with_list_sources_and_knowledge_queries(tm
     # the viewpoint task shows the ground-truth view before the edit
     view = bench.judge_queries(s["viewpoint_change"], edited)[1]
     assert view.images == [tmp_path / "k/viewpoint_change/1.jpg", tmp_path / "k/viewpoint_change/1_gt.jpg", edited]
-    assert bench.output_path(tmp_path / "o", s["physics"], "m") == tmp_path / "o/m/physics/1.png"
+    # the official metrics_*.py open <model>/<category>/<image_id>.jpg only; EditThinker's copy opens .png
+    assert bench.output_path(tmp_path / "o", s["physics"], "m") == tmp_path / "o/m/physics/1.jpg"
 
 
 def test_kris_missing_category_folder_is_named(tmp_path):
@@ -313,9 +314,25 @@ def test_rise_queries_follow_category_reference_and_consistency_free(tmp_path):
     spatial = bench.judge_queries(s["s1"], e)[1]
     assert spatial.images == [tmp_path / "r/spatial_reasoning_images/s1_ref.png", e]
     logical = bench.judge_queries(s["l1"], e)
-    assert [q.name for q in logical] == ["consistency", "reasoning"] and all(q.scale == (0, 1) for q in logical)
+    assert [q.name for q in logical] == ["consistency", "reasoning"]
+    assert all(q.scale == (0, 1) and q.integers for q in logical)  # a 0/1 judgement: 0.5 is not a reply
     assert "row 1: 1 2 3" in logical[1].prompt
     assert bench.output_path(tmp_path / "o", s["l1"], "m") == tmp_path / "o/m/images/logical_reasoning/l1.png"
+
+
+def test_rise_flags_are_read_as_gpt_eval_reads_them(tmp_path):
+    base = {"category": "causal_reasoning", "instruction": "x", "image": "a.png", "reference": "y"}
+    items = [{**base, "index": "t", "consistency_free": True}, {**base, "index": "f", "consistency_free": False},
+             {**base, "index": "n", "consistency_free": None}, {**base, "index": "absent"}]
+    meta = {x.meta["index"]: x.meta for x in get_benchmark("rise").load(rise_dir(tmp_path / "r", items)).samples()}
+    # judging and solving: consistency-free when the field holds anything but null (not pd.isna), even false
+    assert {k: m["consistency_free"] for k, m in meta.items()} == {"t": True, "f": True, "n": False, "absent": False}
+    # calculate_score: the row's value taken for truth, NaN (true) where the field is absent from an item
+    assert {k: m["weighed_without_consistency"] for k, m in meta.items()} == {
+        "t": True, "f": False, "n": False, "absent": True}
+    # a file where no item has the field weighs every sample with consistency
+    plain = get_benchmark("rise").load(rise_dir(tmp_path / "p", [{**base, "index": "p"}])).samples()[0].meta
+    assert not plain["consistency_free"] and not plain["weighed_without_consistency"]
 
 
 def test_rise_sample_without_a_reference_and_bad_category_are_named(tmp_path):
@@ -390,6 +407,8 @@ def test_gedit_queries_replies_and_scoring_fit_together(tmp_path):
     for query in bench.judge_queries(sample, tmp_path / "e.png"):
         scores.update(parse_reply(query, replies[query.name]))
     result = SampleResult(sample.key, sample.category, "ok", scores, dict(sample.meta), language=sample.language)
-    # SC = min(9, 6) = 6, PQ = min(8, 7) = 7, O = sqrt(42)
+    # SC = min(9, 6) = 6, PQ = min(8, 7) = 7, O = sqrt(42); one task type of 11 scored: no official overall
     overall = bench.score([result])["sections"]["en/fullset"]["overall"]
-    assert overall["SC"] == 6 and overall["PQ"] == 7 and overall["O"] == pytest.approx(42 ** 0.5)
+    assert overall["SC"] is None and overall["task_types_scored"] == 1
+    assert overall["SC_over_scored_types"] == 6 and overall["PQ_over_scored_types"] == 7
+    assert overall["O_over_scored_types"] == pytest.approx(42 ** 0.5)

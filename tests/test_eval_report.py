@@ -55,7 +55,8 @@ def test_ablation_table_lists_success_and_score_per_mode_on_both_kinds(reports):
 def test_section_table_shows_unscored_category_as_na():
     rep = RiseBenchmark().score([SampleResult("s1", "spatial_reasoning", "missing")])
     line = next(l for l in section_table(rep, "all").splitlines() if l.startswith("| spatial_reasoning"))
-    assert line == "| spatial_reasoning | n/a | n/a | n/a | n/a | 1 | 0 | 1 | 0 |"
+    # accuracy counts the missing sample as unsolved (RISE's rule); nothing else has a value
+    assert line == "| spatial_reasoning | 0.00 | n/a | n/a | n/a | n/a | n/a | 1 | 0 | 1 | 0 |"
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):

@@ -97,17 +97,29 @@ def test_gedit_scores_per_task_type_then_mean_over_types_per_language_and_subset
     # color_alter: only c is scored; d and e are counted
     ca = full["by_category"]["color_alter"]
     assert (ca["SC"], ca["PQ"], ca["n"], ca["ok"], ca["missing"], ca["failed"]) == (4, 5, 3, 1, 1, 1)
-    # overall = mean of the two type means: SC (8+4)/2 = 6, PQ (6.5+5)/2 = 5.75,
-    # O ((sqrt24+sqrt90)/2 + sqrt20)/2
-    assert full["overall"]["SC"] == 6 and full["overall"]["PQ"] == 5.75
-    assert full["overall"]["O"] == pytest.approx(((math.sqrt(24) + math.sqrt(90)) / 2 + math.sqrt(20)) / 2)
-    # intersection subset: background_change = a only (SC 6, PQ 4), color_alter = c: overall SC (6+4)/2 = 5
-    inter = rep["sections"]["en/intersection"]
-    assert inter["overall"]["SC"] == 5 and inter["overall"]["PQ"] == 4.5
-    assert inter["overall"]["O"] == pytest.approx((math.sqrt(24) + math.sqrt(20)) / 2)
+    # 2 of the 11 task types have a scored sample: the official overall is NaN (None); ours is the mean of the
+    # two type means: SC (8+4)/2 = 6, PQ (6.5+5)/2 = 5.75, O ((sqrt24+sqrt90)/2 + sqrt20)/2
+    assert (full["overall"]["SC"], full["overall"]["PQ"], full["overall"]["O"]) == (None, None, None)
+    assert full["overall"]["task_types_scored"] == 2 and full["by_category"]["tone_transfer"]["n"] == 0
+    assert full["overall"]["SC_over_scored_types"] == 6 and full["overall"]["PQ_over_scored_types"] == 5.75
+    assert full["overall"]["O_over_scored_types"] == pytest.approx(((math.sqrt(24) + math.sqrt(90)) / 2 + math.sqrt(20)) / 2)
+    # intersection subset: background_change = a only (SC 6, PQ 4), color_alter = c: SC (6+4)/2 = 5
+    inter = rep["sections"]["en/intersection"]["overall"]
+    assert inter["SC_over_scored_types"] == 5 and inter["PQ_over_scored_types"] == 4.5
+    assert inter["O_over_scored_types"] == pytest.approx((math.sqrt(24) + math.sqrt(20)) / 2)
     # Chinese apart: SC 2, PQ 8, O sqrt(16) = 4
-    assert rep["sections"]["cn/fullset"]["overall"] == {"SC": 2, "PQ": 8, "O": 4}
+    cn = rep["sections"]["cn/fullset"]["overall"]
+    assert (cn["SC_over_scored_types"], cn["PQ_over_scored_types"], cn["O_over_scored_types"]) == (2, 8, 4)
     assert rep["counts"] == {"total": 6, "ok": 4, "missing": 1, "failed": 1}
+
+
+def test_gedit_overall_is_the_mean_over_all_11_task_types_once_each_has_a_scored_sample():
+    from reasonedit.eval.benchmarks.gedit import TASK_TYPES
+    results = [ok(t, t, gedit(i, 10, 10, 10)) for i, t in enumerate(TASK_TYPES)]  # SC = i, PQ = 10
+    results.append(failed("x", TASK_TYPES[0]))  # a failed sample leaves its type's mean alone
+    overall = GEditBenchmark().score(results)["sections"]["en/fullset"]["overall"]
+    assert overall["SC"] == overall["SC_over_scored_types"] == 5.0 and overall["PQ"] == 10
+    assert overall["task_types_scored"] == 11
 
 
 # -- ImgEdit ------------------------------------------------------------------------------------------
@@ -180,28 +192,44 @@ def test_rise_logical_binary_scores_map_to_one_and_five():
     assert not solved(ok("l", "logical_reasoning", {"consistency": 1, "reasoning": 0}, binary=True))
 
 
-def test_rise_accuracy_and_sub_dimensions():
+def test_rise_accuracy_counts_failed_as_unsolved_and_reports_the_official_weighted_score():
     results = [
-        ok("t1", "temporal_reasoning", {"consistency": 5, "reasoning": 5, "plausibility": 5}),  # solved
-        ok("t2", "temporal_reasoning", {"consistency": 4, "reasoning": 5, "plausibility": 5}),  # not solved
-        ok("c1", "causal_reasoning", {"reasoning": 5, "plausibility": 5}, consistency_free=True),  # solved
-        ok("l1", "logical_reasoning", {"consistency": 1, "reasoning": 1}, binary=True),  # 5, 5: solved
-        ok("l2", "logical_reasoning", {"consistency": 1, "reasoning": 0}, binary=True),  # 5, 1: not solved
+        ok("t1", "temporal_reasoning", {"consistency": 5, "reasoning": 5, "plausibility": 5}),  # solved, score 5
+        ok("t2", "temporal_reasoning", {"consistency": 4, "reasoning": 5, "plausibility": 5}),  # not solved, 4.7
+        ok("c1", "causal_reasoning", {"reasoning": 5, "plausibility": 5}, consistency_free=True),  # solved, score NaN
+        ok("l1", "logical_reasoning", {"consistency": 1, "reasoning": 1}, binary=True),  # 5, 5: solved, score 5
+        ok("l2", "logical_reasoning", {"consistency": 1, "reasoning": 0}, binary=True),  # 5, 1: not solved, 1.1
         missing("s1", "spatial_reasoning"),
         failed("s2", "spatial_reasoning"),
     ]
     rep = RiseBenchmark().score(results)
     overall = rep["sections"]["all"]["overall"]
-    assert overall["accuracy"] == 60.0                          # 3 solved of 5 scored
-    assert overall["accuracy_all"] == pytest.approx(300 / 7)    # 3 of 7, missing and failed unsolved
+    assert overall["accuracy"] == pytest.approx(300 / 7)        # 3 of 7, missing and failed unsolved (official)
+    assert overall["accuracy_scored"] == 60.0                   # 3 solved of 5 scored (ours, labelled)
+    assert "accuracy_all" not in overall
     assert overall["consistency"] == 93.75                      # (5+4+5+5)/4 = 4.75 -> 25 * 3.75
     assert overall["reasoning"] == 80.0                         # (5+5+5+5+1)/5 = 4.2 -> 25 * 3.2
     assert overall["plausibility"] == 100.0                     # 5, 5, 5 -> 25 * 4
+    # calculate_score: t1 5, t2 1.2 + 2.5 + 1 = 4.7, l1 1.5 + 3.5 = 5, l2 (1.5 + 0.7) / 2 = 1.1 (reasoning 1: halved);
+    # c1 is weighed with the consistency it was not judged on: NaN, left out -> mean 15.8 / 4 = 3.95
+    assert overall["score"] == pytest.approx(3.95) and overall["score_pct"] == pytest.approx(73.75)
+    # ours: c1 weighed 0.2 * 5 + 0.8 * 5 = 5 -> 20.8 / 5 = 4.16
+    assert overall["score_pct_own_weights"] == pytest.approx(79.0)
     cats = rep["sections"]["all"]["by_category"]
     assert cats["temporal_reasoning"]["accuracy"] == 50.0 and cats["temporal_reasoning"]["consistency"] == 87.5
     assert cats["causal_reasoning"]["accuracy"] == 100.0 and cats["logical_reasoning"]["accuracy"] == 50.0
-    assert cats["spatial_reasoning"]["accuracy"] is None
+    # a category whose samples are all missing or failed: 0 % solved officially, nothing scored for us
+    assert cats["spatial_reasoning"]["accuracy"] == 0.0 and cats["spatial_reasoning"]["accuracy_scored"] is None
     assert (cats["spatial_reasoning"]["missing"], cats["spatial_reasoning"]["failed"]) == (1, 1)
+
+
+def test_rise_official_weights_drop_consistency_for_every_sample_once_the_file_has_the_field():
+    # calculate_score tests the row's consistency_free for truth, and pandas fills NaN (true) where it is absent
+    r = ok("t", "temporal_reasoning", {"consistency": 1, "reasoning": 5, "plausibility": 5},
+           weighed_without_consistency=True)
+    rep = RiseBenchmark().score([r])["sections"]["all"]["overall"]
+    assert rep["score"] == pytest.approx(5.0)                   # 0.2 * 5 + 0.8 * 5, consistency ignored
+    assert rep["score_pct_own_weights"] == pytest.approx(25 * (0.3 + 2.5 + 1.0 - 1))  # 3.8 with our weights
 
 
 # -- shapes -------------------------------------------------------------------------------------------

@@ -129,8 +129,7 @@ def test_sharegpt_editthinker_critiques_become_reflection_samples(tmp_path, imag
     def meta(i, sem, qual, refined, images_=("img/a.png", "img/b.png")):
         return {"origin": {"file": "sft_train.json", "line": starts[i], "row": i}, "image_paths": list(images_),
                 "semantic": float(sem), "quality": float(qual), "overall": round((sem * qual) ** 0.5, 4),
-                "rewritten_prompt": "Change the sky to orange", "refined_prompt": refined,
-                "new_instruction_applies_to": "source"}
+                "rewritten_prompt": "Change the sky to orange", "refined_prompt": refined}
     new = "Change the sky to an orange sunset with a low sun on the horizon"
     assert_records(tmp_path / "out", [
         ReflectionSample("sft_train-0000000", images["a"], "Make it sunset", images["b"], "", 8,
@@ -138,7 +137,7 @@ def test_sharegpt_editthinker_critiques_become_reflection_samples(tmp_path, imag
                          meta(0, 9, 8, "Change the sky to orange")),
         ReflectionSample("sft_train-0000001", images["a"], "Make it sunset", images["b"], "", 5,
                          "The sky is orange but there is no sun.", "The sky is orange but there is no sun.",
-                         "Reflection", new, "imported", meta(1, 5, 9.5, new)),
+                         "Reflection", new, "imported", meta(1, 5, 9.5, new), restart=True),
         ReflectionSample("sft_train-0000002", images["a"], "Make it sunset", images["a"], "", 2, "Nothing changed.",
                          "Nothing changed.", "Failed", "", "imported",
                          meta(2, 2, 9, "Change the sky to orange", ("img/a.png", "img/a.png"))),
@@ -348,7 +347,7 @@ MALFORMED = {
                               ["r.jsonl:2", "'evaluation'", "missing"]),
     "rl-score-out-of-range": ("editthinker-rl", "r.jsonl", [GOOD_RL, _rl(evaluation={"semantics": 6, "quality": 11})],
                               ["r.jsonl:2", "'evaluation.quality'", "outside 0-10"]),
-    "rl-score-wrong-type": ("editthinker-rl", "r.jsonl", [GOOD_RL, _rl(evaluation={"semantics": "6", "quality": 9})],
+    "rl-score-wrong-type": ("editthinker-rl", "r.jsonl", [GOOD_RL, _rl(evaluation={"semantics": "six", "quality": 9})],
                             ["r.jsonl:2", "'evaluation.semantics'", "number"]),
     "rl-prompt-wrong-type": ("editthinker-rl", "r.jsonl", [GOOD_RL, _rl(origin_prompt=None)],
                              ["r.jsonl:2", "'origin_prompt'", "null"]),
@@ -433,8 +432,6 @@ def test_bad_arguments_are_refused(tmp_path, images):
         import_dataset("csv", src, tmp_path / "out")
     with pytest.raises(DataImportError, match="--split 'dev'"):
         import_jsonl(src, tmp_path / "out", split="dev")
-    with pytest.raises(DataImportError, match="sharegpt only"):
-        import_jsonl(src, tmp_path / "out", skip_unmapped=True)
     with pytest.raises(DataImportError, match="no records"):
         import_jsonl(write_jsonl(tmp_path / "in" / "empty.jsonl", []), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -32,7 +32,7 @@ DEPENDS = {  # package -> the packages directly below it
     "inference": {"models", "clients"},
     "serve": {"inference"},
     "eval": {"inference"},
-    "testing": set(),
+    "testing": {"serve"},  # the chat server stands alone; the fuzz tier reads the service's limits
 }
 
 # The shapes world stands beside data (it makes records) and is reached only by the demo's parts: the tiny reasoner's

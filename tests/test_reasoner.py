@@ -352,6 +352,8 @@ def test_save_load_round_trip_with_lora_is_bitwise(edit_pair, tmp_path):
     ("  <#Think>too small<#Reflection> make the square large \n", Decision("reflection", "too small",
                                                                            "make the square large")),
     ("<#Think> the star vanished <#Failed>", Decision("failed", "the star vanished")),
+    # EditThinker's refinement: the new instruction is for the source image
+    ("<#Think> no sun <#Reflection> restart: add a low sun", Decision("reflection", "no sun", "add a low sun", True)),
 ])
 def test_parse_decision_accepts_the_three_forms(text, expected):
     assert parse_decision(text) == expected

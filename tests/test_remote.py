@@ -254,7 +254,8 @@ def test_a_prompt_template_file_is_used_with_its_placeholders(image, tmp_path):
     with ScriptedChatServer(lambda req: _et("ok", 9, 9, "x")) as chat, \
             OpenAIThinker(chat.base_url, "m", contract="editthinker", prompt_template=template) as thinker:
         thinker.reflect([image], [image], ["make it blue"], ["paint it blue"])
-    assert chat.log[0].text == "User: make it blue\nUsed: paint it blue\nAnswer with tags."
+    # as EditThinker's client sends it: the file stripped, then the <image> markers dropped (their newline stays)
+    assert chat.log[0].text == "\nUser: make it blue\nUsed: paint it blue\nAnswer with tags."
     with pytest.raises(ValueError, match="rewritten_prompt"):
         OpenAIThinker("http://127.0.0.1:1/v1", "m", contract="editthinker", prompt_template="only {original_instruction}")
     with pytest.raises(FileNotFoundError, match="missing.txt"):

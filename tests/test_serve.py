@@ -103,7 +103,9 @@ def _png_bytes(array):
     ({"image": base64.b64encode(_png_bytes(np.zeros((300, 8, 3), np.uint8))).decode()}, 422, "image", "side limit"),
     ({"image": base64.b64encode(_png_bytes(np.zeros((200, 200, 3), np.uint8))).decode()}, 422, "image", "pixels"),
     ({"promt": "typo"}, 422, "promt", "did you mean 'prompt'"),
-    ({"num_inference_step": 2}, 422, "num_inference_step", "did you mean 'num_inference_steps'"),
+    ({"num_inference_stpes": 2}, 422, "num_inference_stpes", "did you mean 'num_inference_steps'"),
+    ({"enhance_promt": False}, 422, "enhance_promt", "did you mean 'enhance_prompt'"),  # EditThinker's, misspelt
+    ({"num_inference_steps": None, "num_inference_step": 1000}, 422, "num_inference_step", "at most 100"),  # as sent
     ({"num_inference_steps": "two"}, 422, "num_inference_steps", "expected int"),
     ({"num_inference_steps": 1000}, 422, "num_inference_steps", "at most 100"),
     ({"guidance_scale": -1}, 422, "guidance_scale", "at least 0"),
@@ -210,13 +212,18 @@ def _editthinker_request(image):
             "guidance_scale": 2.5, "width": 1024, "height": 1024, "enhance_prompt": False, "seed": 0}
 
 
-def test_editthinkers_request_is_refused_in_strict_mode(server, image):
-    answer = httpx.post(server.url + "/edit", json=_editthinker_request(image))
-    assert answer.status_code == 422 and answer.json()["field"] == "num_inference_step"
+def test_editthinkers_request_is_refused_in_strict_mode_and_health_says_so(model, image):
+    with ServerThread(create_app(GeneratorEditor(model), ServeConfig(compat="strict"))) as s:
+        answer = httpx.post(s.url + "/edit", json=_editthinker_request(image))
+        health = httpx.get(s.url + "/health").json()
+    got = answer.json()
+    assert answer.status_code == 422 and got["field"] == "num_inference_step"
+    assert "did you mean 'num_inference_steps'" in got["error"] and "--compat editthinker" in got["error"]
+    assert health["accepts"] == ["reasonedit"]
 
 
-def test_editthinkers_request_works_in_compat_mode_and_each_ignored_field_is_logged_once(model, image, caplog):
-    app = create_app(GeneratorEditor(model), ServeConfig(compat="editthinker"))
+def test_editthinkers_request_works_by_default_and_each_ignored_field_is_logged_once(model, image, caplog):
+    app = create_app(GeneratorEditor(model), ServeConfig())
     with caplog.at_level(logging.INFO, logger="reasonedit.serve.schema"), ServerThread(app) as s:
         answers = [httpx.post(s.url + "/edit", json=_editthinker_request(image), timeout=60) for _ in range(2)]
         plain = httpx.post(s.url + "/edit", json={**_body(image), "num_inference_steps": 28, "guidance_scale": 2.5},

@@ -121,6 +121,22 @@ def test_a_non_finite_number_is_422_naming_the_field(server, image, raw):
     _refused(_post_raw(server.url, _raw_json(image, guidance_scale=raw)), 422, "guidance_scale", "finite")
 
 
+# found by the fuzz (tests/test_serve_fuzz.py, kind "guidance_scale/huge-integer"): float() of an integer this
+# long raised OverflowError, answered 500
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_an_integer_past_the_float_range_as_guidance_scale_is_422_naming_it(server, image, sign):
+    answer = _post_raw(server.url, _raw_json(image, guidance_scale=sign + "1" + "0" * 400))
+    _refused(answer, 422, "guidance_scale", "finite")
+
+
+# found by the fuzz (kinds "*/huge-integer"): an integer literal of over 4300 digits is valid JSON, but int()
+# refuses it, and the body was answered 400 as "not valid JSON" instead of the field as out of range
+@pytest.mark.parametrize("field", ["seed", "num_inference_steps", "rounds", "guidance_scale"])
+def test_an_integer_too_long_for_python_to_read_is_422_naming_its_field(server, image, field):
+    answer = _post_raw(server.url, _raw_json(image, **{field: "9" * 5000}))
+    _refused(answer, 422, field, "finite")
+
+
 def test_a_non_finite_number_in_a_form_is_422_naming_the_field(server, image):
     answer = httpx.post(server.url + "/edit", files={"image": ("in.png", _encoded(image, "PNG"), "image/png")},
                         data={"prompt": "invert it", "guidance_scale": "nan"})
@@ -307,6 +323,44 @@ def test_a_chunked_body_is_cut_off_at_the_limit_while_it_streams_in(server, ctyp
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+# found by the fuzz (kind "body/chunked-over-limit") against a server whose body read runs in an asyncio task:
+# the task keeps the 413's traceback in a reference cycle until the cyclic GC runs, and with it every chunk of
+# the refused body read so far; a serve process grew by hundreds of MiB over 2000 requests
+def test_a_body_cut_off_at_the_limit_is_let_go_while_its_error_lives_on():
+    import asyncio
+    import gc
+
+    from starlette.requests import Request
+
+    from reasonedit.serve.body import limit_body
+    from reasonedit.serve.schema import RequestError
+
+    freed = []
+
+    class Chunk(bytes):
+        def __del__(self):
+            freed.append(len(self))
+
+    messages = [{"type": "http.request", "body": Chunk(b"x" * 100), "more_body": True} for _ in range(100)]
+
+    async def receive():
+        return messages.pop(0)
+
+    async def read():
+        try:
+            await limit_body(Request({"type": "http", "headers": []}, receive), 9_950).body()
+        except RequestError as e:
+            return e  # kept, as a task keeps the exception it raised
+
+    gc.disable()  # no cyclic GC: only what nothing refers to is freed
+    try:
+        error = asyncio.run(read())
+        assert error.status == 413 and error.__traceback__ is not None
+        assert len(freed) >= 98  # the frames still held are the reader's: one chunk in each at most
+    finally:
+        gc.enable()
+
+
 def test_a_declared_length_over_the_limit_is_413_before_the_body_is_read(server, image):
     answer = _post_raw(server.url, b"{" + b" " * MAX_BODY + b"}")
     _refused(answer, 413, "body", "limit")
@@ -336,9 +390,25 @@ def test_an_unexpected_crash_is_still_a_json_500(server, image, monkeypatch):
 
 
 @pytest.mark.parametrize("method,path,status,field", [("GET", "/nowhere", 404, "path"),
-                                                      ("GET", "/edit", 405, "method")])
+                                                      ("GET", "/edit", 405, "method"),
+                                                      ("POST", "/edit/", 404, "path"),  # no empty 307 redirect
+                                                      ("GET", "/health/", 404, "path")])
 def test_an_unknown_route_or_method_answers_in_the_services_error_format(server, method, path, status, field):
     _refused(httpx.request(method, server.url + path), status, field, "")
+
+
+@pytest.mark.parametrize("head", [b"Content-Length: twelve\r\n", b"Content-Length: " + b"9" * 30 + b"\r\n",
+                                  b"Bad Header Without Colon\r\n"], ids=["not-a-number", "too-many-digits", "no-colon"])
+def test_http_that_does_not_parse_is_a_json_400(server, head):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /edit HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request" and b"content-type: application/json" in rest
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["success"] is False and body["field"] == "http"
 
 
 # -- authentication ------------------------------------------------------------------------------------------
@@ -362,15 +432,18 @@ def test_a_token_that_cannot_protect_anything_is_refused_by_the_config(token, wo
 
 @pytest.fixture
 def serve(monkeypatch, capsys):
-    """`reasonedit serve --editor shapes ARGS` in this process with uvicorn.run recorded, not run; returns
+    """`reasonedit serve --editor shapes ARGS` in this process with the server's start recorded, not run; returns
     (exit code, stderr, the served app or None)."""
-    import uvicorn
-
     from reasonedit import cli
+    from reasonedit.serve import runner
 
     monkeypatch.delenv("REASONEDIT_SERVE_TOKEN", raising=False)
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app))
+
+    def recorded(app, *args, **kw):
+        served.append(app)
+        return 0
+    monkeypatch.setattr(runner, "serve", recorded)
 
     def run(*args):
         code = cli.main(["serve", "--editor", "shapes", *args])

@@ -31,6 +31,9 @@ PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped wit
 # the steps of `reasonedit run`, in the order they run
 RUN_STEPS = ("data", "models", "vae", "pretrain", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
 PARALLEL = ("auto", "none", "ddp", "fsdp", "deepspeed")
+# the think -> edit -> reflect loop's rules (reasonedit.inference.loop): ours (best round, a reflect after every
+# edit, seed + round - 1) or EditThinker's client's (last round, none after the last edit, one seed)
+LOOPS = ("reasonedit", "editthinker")
 
 
 class ConfigError(ValueError):
@@ -52,6 +55,7 @@ class EditStepConfig:
     sampling_steps: int = 16
     guidance: float = 4.0
     seed: int = 0
+    loop: str = "reasonedit"  # the loop's rules: reasonedit | editthinker (see LOOPS)
     device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
     dtype: str = "auto"  # what it runs in: auto (bfloat16 on CUDA, as saved on a CPU), float32, bfloat16, float16
 
@@ -59,6 +63,7 @@ class EditStepConfig:
         for key in ("samples", "rounds", "sampling_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"edit.{key}: must be at least 1, got {getattr(self, key)}")
+        check_loop("edit.loop", self.loop)
         check_device("edit.device", self.device)
         check_dtype("edit.dtype", self.dtype)
 
@@ -67,6 +72,11 @@ def check_device(key: str, device: str) -> None:
     """A device name torch will take: auto, cpu, cuda, cuda:N or mps."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(device)):
         raise ValueError(f"{key}: {device!r}; expected auto, cpu, cuda, cuda:N or mps")
+
+
+def check_loop(key: str, loop: str) -> None:
+    if loop not in LOOPS:
+        raise ValueError(f"{key}: {loop!r}; expected one of {list(LOOPS)}")
 
 
 def check_dtype(key: str, dtype: str) -> None:
@@ -92,6 +102,7 @@ class EvalStepConfig:
     # isolates the reasoner), the latter with this share of injected errors
     editors: tuple[str, ...] = ("model",)
     shapes_error_rate: float = 0.3
+    loop: str = "reasonedit"  # think_reflect's loop rules: reasonedit | editthinker (see LOOPS)
     device: str = "auto"  # where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:N
     dtype: str = "auto"  # what it runs in: auto (bfloat16 on CUDA, as saved on a CPU), float32, bfloat16, float16
 
@@ -107,6 +118,7 @@ class EvalStepConfig:
             raise ValueError(f"eval.editors: {bad or 'empty'}; choose from ['model', 'shapes']")
         if not 0.0 <= self.shapes_error_rate <= 1.0:
             raise ValueError(f"eval.shapes_error_rate: must lie in [0, 1], got {self.shapes_error_rate}")
+        check_loop("eval.loop", self.loop)
         check_device("eval.device", self.device)
         check_dtype("eval.dtype", self.dtype)
 
@@ -513,6 +525,6 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["EVAL_MODES", "ConfigError", "ConfigLoader", "DataSourceConfig", "ExperimentConfig", "PACKAGE_CONFIGS",
-           "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
+__all__ = ["EVAL_MODES", "LOOPS", "ConfigError", "ConfigLoader", "DataSourceConfig", "ExperimentConfig",
+           "PACKAGE_CONFIGS", "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
            "load_config", "save_config"]

@@ -102,6 +102,8 @@ _SCHEMA_REASONS = (
     ("unknown kind", "unknown_kind"),
     ("schema_version", "schema_version"),
     ("missing field", "missing_field"),
+    ("expected true or false", "wrong_type"),
+    ("field 'restart' is true but", "inconsistent_fields"),
 )
 
 

@@ -41,7 +41,8 @@ def _panels(r: Record) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, st
                  ("decision", f"<#{r.decision}>  score {r.score}/10", DECISION_COLORS[r.decision]),
                  ("reason", r.reason, black), ("thought", r.thought, (90, 90, 90))]
         if r.new_instruction:
-            lines.append(("new instruction", r.new_instruction, (30, 60, 160)))
+            label = "new instruction (on the source)" if r.restart else "new instruction"
+            lines.append((label, r.new_instruction, (30, 60, 160)))
         return [("source", r.source), ("candidate", r.candidate)], lines
     if isinstance(r, TextToImage):
         return [("image", r.image)], [("text to image", r.key, black), ("caption", r.caption, black)]

@@ -3,9 +3,12 @@
 A record is stored as `<key>.json` (every text and number field, plus `kind` and
 `schema_version`) and one `<key>.<name>.png` per image field; an image-list field (an edit pair's
 `extra_sources`) stores its length in the json and `<key>.<name>.<i>.png` per image (absent: empty). `docs/data.md` documents each
-kind's fields; `from_wds` refuses a record that does not match the schema, naming the field, and `to_wds` one
+kind's fields; a field added after schema 1 was first written (`OPTIONAL`) reads as its default when a stored
+record lacks it. `from_wds` refuses a record that does not match the schema, naming the field, and `to_wds` one
 holding a NaN or an infinity (JSON has neither), naming the record and the field, or one whose key is not a plain
 name (`key_problem`: a key such as `../../x` would make tar members that land outside whoever extracts the shard).
+Both refuse a record whose fields break a rule between them (`Record.problem`: a reflection's `restart` needs
+the Reflection decision and a new instruction).
 """
 
 from __future__ import annotations
@@ -77,12 +80,22 @@ class Record:
     KIND: ClassVar[str] = ""
     IMAGES: ClassVar[tuple[str, ...]] = ()
     IMAGE_LISTS: ClassVar[tuple[str, ...]] = ()  # fields holding a list of images
+    # fields added since shards were first written: a stored record without one reads as the field's default (its
+    # old meaning), so older shards stay readable
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def problem(self) -> str | None:
+        """What breaks a rule between this record's fields (checked on write and on read); None when nothing."""
+        return None
 
     def to_wds(self) -> dict[str, Any]:
         problem = key_problem(self.key)
         if problem is not None:
             raise SchemaError(f"record key {self.key!r} cannot name its shard members (<key>.json, "
                               f"<key>.<field>.png): {problem}; give it a plain key of letters, digits, '_' and '-'")
+        problem = self.problem()
+        if problem is not None:
+            raise SchemaError(f"record {self.key}: {problem}")
         sample: dict[str, Any] = {"__key__": self.key}
         doc = {"kind": self.KIND, "schema_version": SCHEMA_VERSION}
         for f in fields(self):
@@ -133,9 +146,13 @@ class Record:
                 values[f.name] = cls._image_list(sample, doc, f.name, at)
             elif f.name in doc:
                 values[f.name] = doc[f.name]
-            else:
+            elif f.name not in cls.OPTIONAL:  # an optional one takes its dataclass default
                 raise SchemaError(f"{at}: missing field '{f.name}'")
-        return cls(**values)
+        record = cls(**values)
+        problem = record.problem()
+        if problem is not None:
+            raise SchemaError(f"{at}: {problem}")
+        return record
 
     @staticmethod
     def _image_list(sample: dict[str, Any], doc: dict, name: str, at: str) -> list[np.ndarray]:
@@ -188,10 +205,16 @@ class ThinkingPair(Record):
 
 @dataclass
 class ReflectionSample(Record):
-    """A candidate edit judged against the expected target, with the decision to take."""
+    """A candidate edit judged against the expected target, with the decision to take.
+
+    `restart` (Reflection only): the new instruction is for the source image, not the candidate, as in
+    EditThinker, whose refined prompt always re-edits the original; False (and absent in older shards): the
+    new instruction edits the candidate again. `target_description` may be "" (imported records carry none).
+    """
 
     KIND: ClassVar[str] = "reflection"
     IMAGES: ClassVar[tuple[str, ...]] = ("source", "candidate")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("restart",)
     key: str
     source: np.ndarray
     instruction: str
@@ -204,6 +227,17 @@ class ReflectionSample(Record):
     new_instruction: str  # the corrective instruction for Reflection, "" otherwise
     error_type: str
     meta: dict = field(default_factory=dict)
+    restart: bool = False  # Reflection only: the next edit starts again from the source with new_instruction
+
+    def problem(self) -> str | None:
+        if not isinstance(self.restart, bool):
+            return f"field 'restart' is {self.restart!r}, expected true or false"
+        if self.restart and self.decision != "Reflection":
+            return (f"field 'restart' is true but the decision is {self.decision!r}: restart belongs to Reflection "
+                    "(Failed starts again from the source by itself)")
+        if self.restart and not (isinstance(self.new_instruction, str) and self.new_instruction.strip()):
+            return "field 'restart' is true but 'new_instruction' is empty: a restart needs the instruction to redo"
+        return None
 
 
 @dataclass

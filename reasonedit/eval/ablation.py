@@ -41,7 +41,7 @@ def run_shapes_ablation(model_dir: Optional[str | os.PathLike], data_dir: Option
                         steps: int = 8, rounds: int = 2, guidance: float = 4.0, seed: int = 0, batch_size: int = 8,
                         progress: Optional[Progress] = None, *, editor: str = "model", error_rate: float = 0.0,
                         thinker_model: Optional[str | os.PathLike] = None, device: Optional[str] = None,
-                        dtype: str = "auto") -> Ablation:
+                        dtype: str = "auto", loop: str = "reasonedit") -> Ablation:
     """Edit `limit` concrete and `limit` abstract held-out samples per mode and tabulate the oracle's verdicts.
 
     data_dir: a `reasonedit data synth` dataset (its test split), or None for scenes made from a held-out seed.
@@ -49,6 +49,7 @@ def run_shapes_ablation(model_dir: Optional[str | os.PathLike], data_dir: Option
         wrong on purpose on a share `error_rate` of its edits; model_dir's generator is not loaded).
     thinker_model: a model folder whose reasoner thinks and reflects (default: model_dir's).
     device: where the models run (None or "auto": CUDA when there is one); dtype: what they run in.
+    loop: think_reflect's rules, "reasonedit" or "editthinker" (`reasonedit.inference.loop`).
     Re-running with the same out_dir reuses the images already written by the same model and settings, and
     refuses (naming what changed) when they were made otherwise.
     """
@@ -66,16 +67,19 @@ def run_shapes_ablation(model_dir: Optional[str | os.PathLike], data_dir: Option
     thinker_dir = Path(thinker_model) if thinker_model is not None else None
     bench = get_benchmark("shapes", **({"n": limit} if data_dir is None and limit else {})).load(data_dir)
     agent, thinker = build_agents(model, SHAPES_EDITOR if shapes else None, None, list(modes), thinker_dir=thinker_dir,
-                                  world=bench.world, editor_error_rate=error_rate, device=device, dtype=dtype)
+                                  world=bench.world, editor_error_rate=error_rate, device=device, dtype=dtype,
+                                  loop=loop)
     editor_label, thinker_label = agent_labels(agent, thinker, model, thinker_dir)
     name = default_model_name(model, SHAPES_EDITOR if shapes else None)
     settings = GenerationSettings(rounds=rounds, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
-                                  limit=limit)
+                                  limit=limit, loop=loop)
     origin = ";".join(model_identity(p) for p in (model, thinker_dir) if p is not None)
     runs = run_modes(bench, agent, thinker, modes, out_dir, name, settings, progress=progress, origin=origin)
     reports = {mode: run.report for mode, run in runs.items()}
     made_by = f"{editor_label}, at most {rounds} rounds" if shapes else \
         f"{model_dir}; {steps} steps, guidance {guidance:g}, at most {rounds} rounds"
+    if loop != "reasonedit":
+        made_by += f", {loop} loop"
     stamp = Stamp(model=f"{name} ({made_by})", judge="oracle", resize_policy="none", editor=editor_label,
                   thinker=thinker_label)
     paths = write_reports(out_dir, reports, stamp, {m: r.results for m, r in runs.items()})

@@ -21,7 +21,10 @@ Contract (the runner, the judge client and the CLI rely on exactly this):
    proved to lie inside ``images_dir`` with symlinks resolved, and is what the runner writes to.
    ``bench.find_output(images_dir, sample, model_name)`` -> that file, or the same stem with another
    image extension (.jpg, ...), or None: the sample is "missing". Scoring images made elsewhere
-   (``--images``) is the same call.
+   (``--images``) is the same call. ``bench.official_extensions`` are the suffixes the official scorer
+   opens (an edit found with another one is re-encoded by generation, never regenerated);
+   ``bench.companion_files(images_dir, sample, model_name)`` -> ``{path: source file}`` the official
+   scorer needs beside the edit (GEdit's ``<key>_SRCIMG.png``), written by generation.
 5. Per sample with an edited image present:
    - ``bench.uses_judge`` False (shapes): ``bench.oracle_scores(sample, edited_path)`` -> scores.
    - ``bench.uses_judge`` True: ``bench.judge_queries(sample, edited_path)`` -> ``JudgeQuery`` list;
@@ -38,7 +41,8 @@ Contract (the runner, the judge client and the CLI rely on exactly this):
 7. ``bench.score(results)`` -> the report dict below, as the benchmark's
    official protocol defines it. Missing and failed samples are counted in every category they
    belong to and are left out of the means (as the official scripts leave out what they cannot
-   score); they are never given a guessed score.
+   score; RISE's accuracy counts them as unsolved, as its script does); they are never given a
+   guessed score.
 8. ``reasonedit.eval.report.write_reports(out_dir, {mode: report}, Stamp(...), {mode: results})``
    writes results.json, report.md (which counts and names the failed samples by kind) and the charts; ``ablation_table({mode: shapes report})`` is the
    paper's ablation table.
@@ -57,7 +61,6 @@ Report dict (JSON-serialisable)::
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -65,6 +68,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, read_rgb
+from .replies import REPLY_PARSERS, JudgeReplyError, parse_reply
 from reasonedit.paths import UnsafeNameError, inside, name_problem, relative_source
 
 STATUSES = ("ok", "missing", "failed")
@@ -76,10 +80,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 class BenchmarkDataError(ValueError):
     """A benchmark directory that is missing or not in the official layout; names the path and field."""
-
-
-class JudgeReplyError(ValueError):
-    """A judge reply that cannot be read as the scores the query asked for."""
 
 
 @dataclass
@@ -100,8 +100,9 @@ class BenchSample:
 class JudgeQuery:
     """One request to the judge: a prompt and images, and how its reply turns into named scores.
 
-    `reply_format` selects the parser in `REPLY_PARSERS`; `metrics` are the names it yields, in
-    reply order; `scale` is the (low, high) range every score must lie in.
+    `reply_format` selects the parser in `REPLY_PARSERS` (`replies.py`); `metrics` are the names it yields, in
+    reply order; `scale` is the (low, high) range every score must lie in; `integers`: only whole numbers are
+    scores (a 0/1 judgement).
     """
 
     name: str
@@ -111,6 +112,7 @@ class JudgeQuery:
     reply_format: str
     scale: tuple[float, float] = (0.0, 10.0)
     system: str | None = None
+    integers: bool = False
 
 
 @dataclass
@@ -146,123 +148,13 @@ class SampleResult:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-# -- judge replies ------------------------------------------------------------------------------
-def _json_object(text: str) -> dict:
-    """The JSON object in a reply, allowing a ```json fence or prose around one {...} block."""
-    import json
-    body = text.strip()
-    if "```" in body:
-        parts = body.split("```")
-        if len(parts) >= 3:
-            body = parts[1]
-            if body.lstrip().lower().startswith("json"):
-                body = body.lstrip()[4:]
-    start, end = body.find("{"), body.rfind("}")
-    if start < 0 or end < start:
-        raise JudgeReplyError("no JSON object in the reply")
-    try:
-        doc = json.loads(body[start:end + 1])
-    except json.JSONDecodeError as e:
-        raise JudgeReplyError(f"the JSON object in the reply does not parse ({e.msg})") from None
-    if not isinstance(doc, dict):
-        raise JudgeReplyError("the reply's JSON is not an object")
-    return doc
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise JudgeReplyError(f"{what} is {value!r}, not a number")
-    if not math.isfinite(value):
-        raise JudgeReplyError(f"{what} is {value!r}, not a finite number")
-    return float(value)
-
-
-def parse_score_list(query: JudgeQuery, text: str) -> list[float]:
-    """A JSON object whose "score" is a list with one number per metric (VIEScore's format)."""
-    doc = _json_object(text)
-    if "score" not in doc:
-        raise JudgeReplyError('the reply has no "score" field')
-    raw = doc["score"]
-    if not isinstance(raw, list):
-        raw = [raw]
-    if len(raw) != len(query.metrics):
-        raise JudgeReplyError(f'"score" has {len(raw)} value(s); {query.name} asks for {len(query.metrics)}')
-    return [_number(v, f'"score"[{i}]') for i, v in enumerate(raw)]
-
-
-def parse_score_fields(query: JudgeQuery, text: str) -> list[float]:
-    """A JSON object with one numeric field per metric, named as the metric."""
-    doc = _json_object(text)
-    out = []
-    for m in query.metrics:
-        if m not in doc:
-            raise JudgeReplyError(f'the reply has no "{m}" field')
-        out.append(_number(doc[m], f'"{m}"'))
-    return out
-
-
-def parse_score_lines(query: JudgeQuery, text: str) -> list[float]:
-    """Lines "<label>: <integer>" (ImgEdit's format): exactly one per metric, taken in reply order."""
-    import re
-    hits = re.findall(r"^[ \t*#-]*([^:\n\d][^:\n]*?)[ \t*]*[:：][ \t*]*(\d+)[ \t*]*$", text, flags=re.MULTILINE)
-    if len(hits) != len(query.metrics):
-        found = ", ".join(f"{label.strip()}: {v}" for label, v in hits) or "none"
-        raise JudgeReplyError(f'expected {len(query.metrics)} lines "<criterion>: <integer>", found {len(hits)} ({found})')
-    return [float(v) for _, v in hits]
-
-
-def parse_final_score(query: JudgeQuery, text: str) -> list[float]:
-    """One "Final Score: N" line (RISEBench's format); one metric per query."""
-    import re
-    if len(query.metrics) != 1:
-        raise ValueError(f"{query.name}: reply_format final_score yields one metric, not {len(query.metrics)}")
-    hits = re.findall(r"final\s+score\**\s*[:：]?\s*\**\s*(-?\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
-    if not hits:
-        raise JudgeReplyError('the reply has no "Final Score: <number>" line')
-    if len(set(float(h) for h in hits)) > 1:
-        raise JudgeReplyError(f'the reply gives more than one final score ({", ".join(hits)})')
-    return [float(hits[0])]
-
-
-REPLY_PARSERS: dict[str, Callable[[JudgeQuery, str], list[float]]] = {
-    "score_list": parse_score_list,
-    "score_fields": parse_score_fields,
-    "score_lines": parse_score_lines,
-    "final_score": parse_final_score,
-}
-
-
-def parse_reply(query: JudgeQuery, text: str) -> dict[str, float]:
-    """The named scores in a judge reply; JudgeReplyError when the reply does not hold exactly them in range."""
-    if not isinstance(text, str) or not text.strip():
-        raise JudgeReplyError(f"{query.name}: the reply is empty")
-    try:
-        parser = REPLY_PARSERS[query.reply_format]
-    except KeyError:
-        raise ValueError(f"{query.name}: unknown reply_format {query.reply_format!r}; "
-                         f"known: {sorted(REPLY_PARSERS)}") from None
-    try:
-        values = parser(query, text)
-    except JudgeReplyError as e:
-        raise JudgeReplyError(f"{query.name}: {e}") from None
-    lo, hi = query.scale
-    for m, v in zip(query.metrics, values):
-        if not lo <= v <= hi:
-            raise JudgeReplyError(f"{query.name}: {m} = {v:g} is outside the scale [{lo:g}, {hi:g}]")
-    return dict(zip(query.metrics, values))
-
-
 # -- the interface ------------------------------------------------------------------------------
 class Benchmark:
     """Base of every benchmark: read the official layout, place outputs, ask the judge, score."""
 
     name: str = ""
     uses_judge: bool = True
+    official_extensions: tuple[str, ...] = (".png",)  # what the official scorer opens, in the order it tries them
 
     def __init__(self) -> None:
         self._samples: list[BenchSample] | None = None
@@ -290,6 +182,11 @@ class Benchmark:
         """`output_path`, proved to lie inside `images_dir` with every symlink resolved (`paths.inside`):
         what the runner writes to."""
         return inside(images_dir, self.output_path(images_dir, sample, model_name))
+
+    def companion_files(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> dict[Path, Path]:
+        """Files the official scorer needs beside the edited image, {path to write: the source image it holds};
+        built with `paths.output_file`. None by default."""
+        return {}
 
     def find_output(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path | None:
         """The edited image of a sample if present: `output_path`, or the same stem with another image

@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from reasonedit.config import LOOPS
 from reasonedit.config.model import RUN_DTYPES
+from reasonedit.inference.editor_presets import add_preset_arguments, get_preset
 
 from .images import DEFAULT_MAX_PIXELS
 from .runner import (MODES, SHAPES_EDITOR, GenerationSettings, ModeRun, Shard, agent_labels, build_agents,
@@ -39,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--editor", help="HTTP editing service URL(s), comma-separated (round robin); or 'shapes': the "
                    "exact shapes-world editor (--bench shapes), which executes concrete instructions on the scene "
                    "and leaves the source unchanged when it cannot parse one")
+    add_preset_arguments(g, "--editor URL")
     g.add_argument("--editor-error-rate", type=float, default=0.0, metavar="P",
                    help="--editor shapes: the share of edits it gets wrong on purpose, with one of the reflection "
                         "error types (default 0: exact); which ones follows from --seed")
@@ -47,14 +50,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "ReasonEditModel folder whose reasoner is the thinker (its generator is not loaded)")
     g.add_argument("--thinker-key", help="the thinker's API key (or OPENAI_API_KEY)")
     g.add_argument("--thinker-contract", default="reasonedit", help="reasonedit | editthinker")
+    g.add_argument("--thinker-prompt", type=Path, metavar="FILE", help="--thinker-contract editthinker: the prompt "
+                   "file to send, e.g. EditThinker's inference/prompt_template.txt (EditThinker-8B was trained on "
+                   "it), sent as its client sends it; default our own wording")
     g.add_argument("--images", type=Path, help="score images generated elsewhere, laid out as the benchmark's "
                    "official scripts expect (no generation)")
     g.add_argument("--model-name", help="the model's folder name in the output layout (default: from --model, "
                    "'editor' for --editor, the only folder under --images)")
     g = p.add_argument_group("generation")
     g.add_argument("--rounds", type=int, default=3, help="think_reflect: at most this many edit rounds")
-    g.add_argument("--steps", type=int, default=28, help="sampling steps per edit")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    g.add_argument("--loop", default="reasonedit", choices=LOOPS, help="think_reflect's rules: reasonedit (the "
+                   "best-scored round; a reflect after every edit; seed + round - 1) or editthinker (as EditThinker's "
+                   "client: the last round; none after the last edit; one seed; with --thinker-contract "
+                   "editthinker, replies read as its client reads them)")
+    g.add_argument("--steps", type=int, default=None, help="sampling steps per edit (default 28, or the "
+                   "--editor-preset's)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4, or the "
+                   "--editor-preset's)")
     g.add_argument("--seed", type=int, default=0, help="base seed (each sample's seed also depends on its key)")
     g.add_argument("--batch-size", type=int, default=4, help="samples edited at once")
     g.add_argument("--device", default=None, help="where --model runs: cpu, cuda or cuda:N (default: cuda when "
@@ -83,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "text, e.g. with the official scripts' wording (see eval/README.md)")
     g.add_argument("--image-cache", type=Path, help="gedit: where the hub snapshot's embedded images are written "
                    "(default DATA/.reasonedit-images)")
+    g.add_argument("--kris-ext", choices=("jpg", "png"), help="kris: the edited images' extension: jpg (default; JPEG "
+                   "quality 95, the only one the official KRIS-Bench scripts open) or png (lossless, what "
+                   "EditThinker's copy of those scripts opens)")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval/<bench>)")
 
 
@@ -97,14 +112,18 @@ def _modes(text: str) -> list[str]:
 def _bench(args: argparse.Namespace):
     from .benchmarks import get_benchmark
 
+    options: dict = {}
     if args.bench == "shapes" and args.data is None and args.limit is not None:
-        bench = get_benchmark("shapes", n=args.limit)  # make only the scenes the run will use
-    elif args.bench == "gedit" and args.image_cache is not None:
-        bench = get_benchmark("gedit", image_cache=args.image_cache)
-    else:
-        if args.image_cache is not None:
+        options["n"] = args.limit  # make only the scenes the run will use
+    if args.image_cache is not None:
+        if args.bench != "gedit":
             raise ValueError(f"--image-cache: only gedit reads embedded images, not {args.bench}")
-        bench = get_benchmark(args.bench)
+        options["image_cache"] = args.image_cache
+    if getattr(args, "kris_ext", None) is not None:
+        if args.bench != "kris":
+            raise ValueError(f"--kris-ext: only kris has a choice of output extension, not {args.bench}")
+        options["ext"] = args.kris_ext
+    bench = get_benchmark(args.bench, **options)
     if args.max_pixels < 1:
         raise ValueError(f"--max-pixels {args.max_pixels}: must be at least 1")
     bench.max_pixels = args.max_pixels  # before load: gedit checks the images it extracts
@@ -187,14 +206,17 @@ def run(args: argparse.Namespace) -> int:
     from .report import Stamp, write_reports
     from .runner import score
 
+    from reasonedit.inference.cli import read_thinker_prompt
+
     shard = Shard.parse(args.shard)
+    prompt = read_thinker_prompt(args)  # before the benchmark loads: a bad file is named at once
     bench, limit = _bench(args), args.limit
     out = args.out or Path("runs") / "eval" / bench.name
     progress = ProgressLine()
     judge = None if shard.count > 1 else _judge(args, bench, out)
     try:
         if args.images is not None:
-            if args.model is not None or args.editor is not None:
+            if args.model is not None or args.editor is not None or args.editor_preset is not None:
                 raise ValueError("--images scores images made elsewhere: leave out --model and --editor")
             if shard.count > 1:
                 raise ValueError("--shard splits generation; --images scores every sample in one run: leave it out")
@@ -213,13 +235,18 @@ def run(args: argparse.Namespace) -> int:
             editor, thinker = build_agents(args.model, args.editor, args.thinker, modes,
                                            thinker_model=args.thinker_model, thinker_key=args.thinker_key,
                                            thinker_contract=args.thinker_contract, concurrency=args.concurrency,
+                                           thinker_prompt=prompt, loop=args.loop,
                                            thinker_dir=thinker_dir, world=world,
                                            editor_error_rate=args.editor_error_rate, device=args.device,
-                                           dtype=args.dtype)
+                                           dtype=args.dtype, editor_preset=args.editor_preset,
+                                           editor_resize_to_source=args.editor_resize_to_source)
             editor_label, thinker_label = agent_labels(editor, thinker, args.model, thinker_dir)
             name = args.model_name or default_model_name(args.model, args.editor)
-            settings = GenerationSettings(rounds=args.rounds, steps=args.steps, guidance=args.guidance,
-                                          seed=args.seed, batch_size=args.batch_size, limit=limit, shard=shard)
+            # a flag given wins; else the editor service's own settings (the defaults without a preset)
+            steps, guidance, negative_prompt = get_preset(args.editor_preset).fill(args.steps, args.guidance)
+            settings = GenerationSettings(rounds=args.rounds, steps=steps, guidance=guidance,
+                                          negative_prompt=negative_prompt, seed=args.seed,
+                                          batch_size=args.batch_size, limit=limit, shard=shard, loop=args.loop)
             origin = model_identity(args.model) if args.model is not None else ",".join(
                 filter(None, [args.editor, args.thinker]))
             if thinker_dir is not None and thinker is not None:
@@ -230,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
                 g = r.generation
                 print(f"{mode}: generated {g.generated} of {g.total} ({g.done_before} already done) in "
                       f"{g.seconds:.1f}s -> {r.images_dir}", file=sys.stderr)
+                if g.converted or g.companions:
+                    print(f"{mode}: {g.converted} earlier edit(s) re-encoded to the official extension, "
+                          f"{g.companions} file(s) written beside edits for the official scorer", file=sys.stderr)
                 if g.bad_sources:
                     print(f"{mode}: {len(g.bad_sources)} sample(s) skipped, their source image unreadable: "
                           + ", ".join(g.bad_sources), file=sys.stderr)

@@ -7,7 +7,12 @@ Two separate paths, so images made elsewhere score the same way as ours:
   batches, writing each image to a temporary file and renaming it into place: a killed run leaves
   only whole images, and the next run skips them. Mode `base` is a plain edit; `think` rewrites
   the instruction first; `think_reflect` runs the whole think -> edit -> reflect loop. Every path
-  it writes is first proved to lie inside `images_dir` (`paths.inside`, symlinks resolved). A sample
+  it writes is first proved to lie inside `images_dir` (`paths.inside`, symlinks resolved). Beside each
+  edit it writes the files the official scorer also opens (`bench.companion_files`: GEdit's
+  `<key>_SRCIMG.png`), for samples done in an earlier run too; an edit from an earlier run saved with
+  an extension the official scorer does not open (KRIS `.png` before `.jpg` was its layout) is
+  re-encoded to the official name, not regenerated. JPEG is written at quality `JPEG_QUALITY` (95,
+  4:4:4 chroma). A sample
   whose source image cannot be read (not an image, truncated, more than `bench.max_pixels` pixels) is
   skipped and named in `GenerationStats.bad_sources`; the rest go on. An editor that fails after its
   retries stops the run (RemoteServiceError): the images written so far stay, and a rerun resumes.
@@ -40,12 +45,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from reasonedit.config import EVAL_MODES as MODES
+from reasonedit.config import LOOPS
 from reasonedit.inference.types import SHAPES_EDITOR
 from reasonedit.progress import Progress
 from reasonedit.publish import atomic_file
 
 from .benchmark import Benchmark, BenchSample, JudgeQuery, JudgeReplyError, SampleResult, parse_reply
-from .images import BadImageError, check_image
+from .images import BadImageError, check_image, read_rgb
 from reasonedit.paths import inside, safe_name
 
 log = logging.getLogger(__name__)
@@ -85,11 +91,13 @@ class GenerationSettings:
     rounds: int = 3  # think_reflect: at most this many edit rounds
     steps: int = 28
     guidance: float = 4.0
+    negative_prompt: str = " "
     seed: int = 0
     batch_size: int = 4
     limit: Optional[int] = None  # the first N samples of each category (before sharding)
     shard: Shard = field(default_factory=Shard)
     traces_dir: Optional[Path] = None  # think/think_reflect: write each sample's trace JSON here
+    loop: str = "reasonedit"  # the loop's rules (reasonedit.inference.loop): reasonedit | editthinker
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,6 +107,8 @@ class GenerationSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop {self.loop!r} is not one of {', '.join(LOOPS)}")
 
 
 @dataclass
@@ -107,6 +117,8 @@ class GenerationStats:
     done_before: int = 0  # already at their output path (skipped)
     generated: int = 0
     multi_source: int = 0  # samples with several inputs, edited from the first (editors take one image)
+    converted: int = 0  # earlier edits re-encoded to the extension the official scorer opens (not regenerated)
+    companions: int = 0  # files written beside edits for the official scorer (GEdit <key>_SRCIMG.png)
     bad_sources: dict[str, str] = field(default_factory=dict)  # key -> why its source image could not be read
     seconds: float = 0.0
 
@@ -135,13 +147,38 @@ def sample_seed(seed: int, key: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 31)
 
 
+JPEG_QUALITY = 95  # KRIS's .jpg outputs: near-lossless, full-resolution chroma; a judge scores them a little
+# differently from the PNG of the same pixels
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _save_options(fmt: str) -> dict:
+    return {"quality": JPEG_QUALITY, "subsampling": 0} if fmt == "JPEG" else {}
+
+
 def write_image(path: Path, image: np.ndarray) -> None:
-    """Write an image atomically (temporary file in the same folder, then rename); format from the suffix."""
+    """Write an image atomically (temporary file in the same folder, then rename); format from the suffix (PNG
+    unless .jpg / .jpeg / .webp; JPEG at `JPEG_QUALITY`)."""
     from PIL import Image
 
-    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    fmt = _FORMATS.get(path.suffix.lower(), "PNG")
     with atomic_file(path) as f:
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format=fmt)
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format=fmt, **_save_options(fmt))
+
+
+def copy_image(path: Path, source: Path, max_pixels: int) -> None:
+    """Write the image in `source` to `path` in the format its suffix names, atomically, keeping its mode where
+    that format can hold it (as PIL's `Image.save` of the decoded image does: a PNG copy is lossless)."""
+    from PIL import Image
+
+    check_image(source, max_pixels)
+    fmt = _FORMATS.get(path.suffix.lower(), "PNG")
+    with Image.open(source) as im:
+        im.load()
+        keep = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA") if fmt == "PNG" else ("L", "RGB")
+        out = im if im.mode in keep else im.convert("RGBA" if "A" in im.getbands() and fmt == "PNG" else "RGB")
+        with atomic_file(path) as f:
+            out.save(f, format=fmt, **_save_options(fmt))
 
 
 def write_json(path: Path, doc) -> None:
@@ -157,7 +194,7 @@ def _edit_batch(editor, thinker, sources: list[np.ndarray], instructions: list[s
 
     if settings.mode == "base":
         requests = [EditRequest(image=s, prompt=p, seed=seed, guidance_scale=settings.guidance,
-                                num_inference_steps=settings.steps)
+                                num_inference_steps=settings.steps, negative_prompt=settings.negative_prompt)
                     for s, p, seed in zip(sources, instructions, seeds)]
         return editor.edit(requests), []
     if thinker is None:
@@ -166,7 +203,8 @@ def _edit_batch(editor, thinker, sources: list[np.ndarray], instructions: list[s
 
     traces = edit_with_reasoning(editor, thinker, sources, instructions, think=True,
                                  reflect=settings.mode == "think_reflect", rounds=settings.rounds,
-                                 seed=seeds, guidance_scale=settings.guidance, num_inference_steps=settings.steps)
+                                 seed=seeds, guidance_scale=settings.guidance, num_inference_steps=settings.steps,
+                                 negative_prompt=settings.negative_prompt, loop=settings.loop)
     return [t.image for t in traces], traces
 
 
@@ -194,6 +232,10 @@ def check_generation_stamp(bench: Benchmark, editor, thinker, images_dir: Path, 
                "editor": getattr(editor, "name", type(editor).__name__),
                "thinker": getattr(thinker, "name", "") if settings.mode != "base" and thinker is not None else "",
                "origin": origin}
+    if settings.negative_prompt != " ":  # recorded only when not the default, so earlier stamps still match
+        made_by["negative_prompt"] = settings.negative_prompt
+    if settings.loop != "reasonedit" and settings.mode != "base":  # likewise
+        made_by["loop"] = settings.loop
     path = inside(images_dir, images_dir / safe_name(model_name, "model name (--model-name)") / STAMP)
     if path.is_file():
         try:
@@ -218,12 +260,13 @@ def generate(bench: Benchmark, editor, thinker, images_dir: str | os.PathLike, m
     stats = GenerationStats(total=len(samples))
     todo = []
     for s in samples:
-        if bench.output_path(images_dir, s, model_name).is_file():
+        if _done_before(bench, images_dir, s, model_name, stats):
             stats.done_before += 1
+            _write_companions(bench, images_dir, s, model_name, stats)
         else:
             todo.append(s)
-    log.info("%s %s shard %s: %d samples, %d already done, %d to generate", bench.name, settings.mode,
-             settings.shard, stats.total, stats.done_before, len(todo))
+    log.info("%s %s shard %s: %d samples, %d already done (%d re-encoded to the official extension), %d to generate",
+             bench.name, settings.mode, settings.shard, stats.total, stats.done_before, stats.converted, len(todo))
     started = time.perf_counter()
     for start in range(0, len(todo), settings.batch_size):
         batch, sources = [], []
@@ -250,11 +293,47 @@ def generate(bench: Benchmark, editor, thinker, images_dir: str | os.PathLike, m
                     trace = Path(settings.traces_dir) / f"{_trace_name(s.key)}.json"
                     write_json(inside(settings.traces_dir, trace), traces[k].to_dict())
                 write_image(bench.writable_output(images_dir, s, model_name), image)
+                _write_companions(bench, images_dir, s, model_name, stats)
             stats.generated += len(batch)
         if progress:
             progress(f"{bench.name} {settings.mode}", stats.generated + len(stats.bad_sources), len(todo))
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _done_before(bench: Benchmark, images_dir: Path, sample: BenchSample, model_name: str,
+                 stats: GenerationStats) -> bool:
+    """Whether a sample's edit is already there under a name the official scorer opens; an edit of an earlier run
+    saved with another extension is re-encoded to the official name (counted in `stats.converted`)."""
+    if bench.output_path(images_dir, sample, model_name).is_file():
+        return True
+    found = bench.find_output(images_dir, sample, model_name)
+    if found is None:
+        return False
+    if found.suffix.lower() in bench.official_extensions:
+        return True
+    try:
+        write_image(bench.writable_output(images_dir, sample, model_name), read_rgb(found, bench.max_pixels))
+    except (BadImageError, OSError) as e:
+        log.warning("%s sample %s: cannot re-encode %s (%s); generating it again", bench.name, sample.key, found, e)
+        return False
+    stats.converted += 1
+    return True
+
+
+def _write_companions(bench: Benchmark, images_dir: Path, sample: BenchSample, model_name: str,
+                      stats: GenerationStats) -> None:
+    """The files the official scorer opens beside an edit (`bench.companion_files`), each proved inside
+    `images_dir`; one whose source cannot be read is logged and left out (the official scorer skips that sample)."""
+    for path, source in bench.companion_files(images_dir, sample, model_name).items():
+        if path.is_file():
+            continue
+        try:
+            copy_image(inside(images_dir, path), source, bench.max_pixels)
+        except (BadImageError, OSError) as e:
+            log.warning("%s sample %s: cannot write %s from %s: %s", bench.name, sample.key, path.name, source, e)
+            continue
+        stats.companions += 1
 
 
 def _trace_name(key: str) -> str:
@@ -405,7 +484,9 @@ def _result(sample: BenchSample, status: str, scores: Optional[dict] = None, err
 def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_url: Optional[str],
                  modes: list[str], *, thinker_model: Optional[str] = None, thinker_key: Optional[str] = None,
                  thinker_contract: str = "reasonedit", concurrency: int = 8, thinker_dir: Optional[Path] = None,
-                 world=None, editor_error_rate: float = 0.0, editor_seed: int = 0, device=None, dtype="auto"):
+                 world=None, editor_error_rate: float = 0.0, editor_seed: int = 0, device=None, dtype="auto",
+                 editor_preset: Optional[str] = None, editor_resize_to_source: Optional[bool] = None,
+                 thinker_prompt: Optional[str | Path] = None, loop: Optional[str] = None):
     """(editor, thinker) from a model folder, HTTP services, the shapes editor and/or a thinker model folder;
     a thinker only when a mode needs one.
 
@@ -415,6 +496,9 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
         without `thinker_url`, the thinker is `model_dir`'s reasoner.
     device: where the models go (None or "auto": CUDA when there is one); dtype: what they run in ("auto":
         bfloat16 on CUDA, as saved elsewhere).
+    editor_preset, editor_resize_to_source: how an HTTP editor speaks to its service (`HttpEditor`).
+    thinker_prompt, loop: the chat thinker's prompt (editthinker contract) and the loop's rules the thinker is
+        built for (`build_thinker`).
     """
     needs_thinker = any(m != "base" for m in modes)
     shapes = editor_url == SHAPES_EDITOR
@@ -429,22 +513,25 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
                          "--thinker-model DIR")
     if editor_error_rate and not shapes:
         raise ValueError("--editor-error-rate: only the shapes editor (--editor shapes) makes errors on purpose")
+    if (editor_preset is not None or editor_resize_to_source is not None) and (editor_url is None or shapes):
+        flag = "--editor-preset" if editor_preset is not None else "--editor-resize-to-source"
+        raise ValueError(f"{flag}: only with --editor URL (an HTTP editing service)")
     from reasonedit.inference.pipeline import Pipeline, build_editor, build_thinker
 
     pipeline = None
     if model_dir is not None and editor_url is None:
         pipeline = Pipeline.load(model_dir, components=("reasoner", "generator", "vae"), device=device, dtype=dtype)
     editor = build_editor(editor_url, pipeline=pipeline, world=world, error_rate=editor_error_rate, seed=editor_seed,
-                          concurrency=concurrency)
+                          concurrency=concurrency, preset=editor_preset, resize_to_source=editor_resize_to_source)
     thinker = None
     if needs_thinker and thinker_url is not None:
         thinker = build_thinker(thinker_url, model_name=thinker_model, api_key=thinker_key, contract=thinker_contract,
-                                concurrency=concurrency)
+                                concurrency=concurrency, prompt_template=thinker_prompt, loop=loop)
     elif needs_thinker:
         source = thinker_dir if thinker_dir is not None else model_dir
         if pipeline is None or Path(source).resolve() != Path(model_dir).resolve():
             pipeline = Pipeline.load(source, components=("reasoner",), device=device, dtype=dtype)
-        thinker = build_thinker(pipeline=pipeline)
+        thinker = build_thinker(pipeline=pipeline, prompt_template=thinker_prompt, loop=loop)
     return editor, thinker
 
 
@@ -509,6 +596,6 @@ def run_modes(bench: Benchmark, editor, thinker, modes: Sequence[str], out_dir: 
     return runs
 
 
-__all__ = ["GenerationSettings", "GenerationStats", "MODES", "ModeRun", "SHAPES_EDITOR", "ScoreStats", "Shard",
-           "agent_labels", "build_agents", "check_generation_stamp", "default_model_name", "generate",
-           "model_identity", "run_modes", "sample_seed", "score", "select", "write_image", "write_json"]
+__all__ = ["GenerationSettings", "GenerationStats", "JPEG_QUALITY", "MODES", "ModeRun", "SHAPES_EDITOR", "ScoreStats",
+           "Shard", "agent_labels", "build_agents", "check_generation_stamp", "default_model_name", "generate",
+           "copy_image", "model_identity", "run_modes", "sample_seed", "score", "select", "write_image", "write_json"]

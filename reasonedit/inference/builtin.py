@@ -119,12 +119,14 @@ class ReasonerThinker:
         plain `Reasoner.generate`. All three give the same greedy replies.
     A reply that does not parse (empty description, bad score, not exactly one decision tag) is recorded
     in `Reflection.parse_error`, counted in `parse_errors`, and taken as "failed".
+    loop: the loop's rules `edit_with_reasoning` follows with this thinker when not told (None: ours); the
+        replies are read the same way under either.
     """
 
     name = "reasonedit-reasoner"
 
     def __init__(self, model: Optional["ReasonEditModel"] = None, generate: Optional[Generate] = None,
-                 max_new_tokens: int = 128, cache: str = "prefix"):
+                 max_new_tokens: int = 128, cache: str = "prefix", loop: Optional[str] = None):
         if cache not in CACHES:
             raise ValueError(f"ReasonerThinker cache: {cache!r} is not one of {', '.join(CACHES)}")
         self.prefix_cache: Optional[PrefixCache] = None
@@ -149,6 +151,7 @@ class ReasonerThinker:
                     return reasoner.generate(batch, max_new_tokens=max_new_tokens)
         self.generate = generate
         self.parse_errors = 0
+        self.loop = loop
 
     def _ask(self, conversations: list) -> list[str]:
         if not conversations:
@@ -218,7 +221,7 @@ class ReasonerThinker:
                 self._fail(out[k], "decide", str(e))
                 continue
             out[k].decision, out[k].thought, out[k].instruction = d.kind, d.thought, d.new_instruction
-            out[k].restart = d.kind == "failed"
+            out[k].restart = d.kind == "failed" or d.restart  # a `restart:` reflection re-edits the source too
         return out
 
     def _fail(self, reflection: Reflection, phase: str, message: str) -> None:

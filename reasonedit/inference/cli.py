@@ -1,8 +1,9 @@
 """Edit one image: optionally think first (make the instruction concrete), then edit, then reflect (describe the
 expected target, score the edit alone, decide Success / Reflection / Failed) for up to --rounds rounds. The
 editor is the model's generator or an HTTP editing service (--editor URL); the thinker is the model's reasoner
-or an OpenAI-compatible chat endpoint (--thinker URL). Writes OUT/final.png, OUT/round_<k>.png,
-OUT/trace.json, OUT/index.html and OUT/contact_sheet.png."""
+or an OpenAI-compatible chat endpoint (--thinker URL), which may be EditThinker-8B with its own prompt file
+(--thinker-contract editthinker --thinker-prompt FILE) and its client's loop (--loop editthinker). Writes
+OUT/final.png, OUT/round_<k>.png, OUT/trace.json, OUT/index.html and OUT/contact_sheet.png."""
 
 from __future__ import annotations
 
@@ -11,12 +12,39 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from reasonedit.config import LOOPS
 from reasonedit.config.model import RUN_DTYPES
+from reasonedit.inference.editor_presets import add_preset_arguments, get_preset
 
 log = logging.getLogger(__name__)
+
+
+THINKER_PROMPT_HELP = ("--thinker-contract editthinker: the prompt file to send, e.g. EditThinker's "
+                       "inference/prompt_template.txt (EditThinker-8B was trained on it), sent as its client sends "
+                       "it; default our own wording")
+LOOP_HELP = ("the loop's rules: reasonedit (the best-scored round; a reflect after every edit; seed + round - 1) or "
+             "editthinker (as EditThinker's client: the last round; none after the last edit; one seed; every "
+             "round edits the source; with --thinker-contract editthinker, replies read as its client reads "
+             "them); default reasonedit")
+
+
+def read_thinker_prompt(args: argparse.Namespace) -> Optional[str]:
+    """The text of --thinker-prompt FILE, checked; None without it. One error line naming the file when it cannot
+    serve (missing, not UTF-8, empty, a placeholder missing) or the flag does not fit the thinker."""
+    if args.thinker_prompt is None:
+        return None
+    if not args.thinker:
+        raise ValueError("--thinker-prompt: a prompt file is for a chat thinker: give --thinker URL "
+                         "--thinker-contract editthinker")
+    if args.thinker_contract != "editthinker":
+        raise ValueError("--thinker-prompt: needs --thinker-contract editthinker (the reasonedit contract asks with "
+                         "our role prompts, not a prompt file)")
+    from reasonedit.inference.editthinker import load_prompt_template
+    return load_prompt_template(args.thinker_prompt, "--thinker-prompt")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,14 +60,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="most edit rounds with --reflect (default 3)")
     p.add_argument("--editor", action="append", metavar="URL",
                    help="an EditThinker-style editing service; repeat or comma-separate for round robin")
+    add_preset_arguments(p, "--editor")
     p.add_argument("--thinker", metavar="URL", help="an OpenAI-compatible chat endpoint, e.g. http://host:8000/v1")
     p.add_argument("--thinker-model", help="the model name at --thinker (default: $OPENAI_MODEL)")
     p.add_argument("--thinker-contract", default="reasonedit", choices=("reasonedit", "editthinker"),
                    help="the reply format the --thinker model speaks (default reasonedit)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of round 1; round r uses seed + r - 1")
-    p.add_argument("--steps", type=int, default=28, help="sampling steps per edit (default 28)")
-    p.add_argument("--guidance", type=float, default=4.0, help="true CFG scale; 1 turns guidance off (default 4)")
-    p.add_argument("--negative-prompt", default=" ", help="the negative prompt of true CFG (default ' ')")
+    p.add_argument("--thinker-prompt", type=Path, metavar="FILE", help=THINKER_PROMPT_HELP)
+    p.add_argument("--loop", default="reasonedit", choices=LOOPS, help=LOOP_HELP)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of round 1; round r uses seed + r - 1 "
+                   "(--loop editthinker: seed in every round)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps per edit (default 28, or the "
+                   "--editor-preset's)")
+    p.add_argument("--guidance", type=float, default=None, help="true CFG scale; 1 turns guidance off (default 4, or "
+                   "the --editor-preset's)")
+    p.add_argument("--negative-prompt", default=None, help="the negative prompt of true CFG (default ' ', or the "
+                   "--editor-preset's)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="the reasoner's longest reply (default 128)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=RUN_DTYPES,
@@ -62,7 +97,7 @@ def load_image(path: Path, option: str = "--image") -> np.ndarray:
 def _check(args: argparse.Namespace) -> None:
     if args.rounds < 1:
         raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps: must be at least 1, got {args.steps}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
@@ -73,6 +108,10 @@ def _check(args: argparse.Namespace) -> None:
     if args.extra_image and args.editor:
         raise ValueError("--extra-image: an editing service (--editor) takes one image per request; extra images "
                          "need the built-in generator of a model that takes several")
+    if args.editor_preset is not None and not args.editor:
+        raise ValueError("--editor-preset: names the service behind --editor URL; give --editor too")
+    if args.editor_resize_to_source is not None and not args.editor:
+        raise ValueError("--editor-resize-to-source: only with --editor URL (an HTTP editing service)")
     if args.thinker and not (args.think or args.reflect):
         raise ValueError("--thinker: given, but neither --think nor --reflect asks for a thinker")
 
@@ -97,16 +136,22 @@ def run(args: argparse.Namespace) -> int:
     from reasonedit.inference.report import write_trace
 
     _check(args)
+    prompt = read_thinker_prompt(args)
     image = load_image(args.image)
     extra = [load_image(path, "--extra-image") for path in args.extra_image]
     started = time.perf_counter()
     needs_model = args.model is not None and (not args.editor or not args.thinker)
     pipeline = _pipeline(args) if needs_model else None
-    editor = build_editor(args.editor, pipeline=pipeline, progress=_step_progress)
+    editor = build_editor(args.editor, pipeline=pipeline, progress=_step_progress, preset=args.editor_preset,
+                          resize_to_source=args.editor_resize_to_source)
+    # a flag given wins; else the editor service's own settings (the loop's defaults without a preset)
+    steps, guidance, negative_prompt = get_preset(args.editor_preset).fill(args.steps, args.guidance,
+                                                                           args.negative_prompt)
     thinker = None
     if args.think or args.reflect:
         thinker = build_thinker(args.thinker, pipeline=pipeline, model_name=args.thinker_model,
-                                contract=args.thinker_contract, max_new_tokens=args.max_new_tokens)
+                                contract=args.thinker_contract, max_new_tokens=args.max_new_tokens,
+                                prompt_template=prompt, loop=args.loop)
     print(f"editor {editor.name}" + (f", thinker {thinker.name}" if thinker else "") +
           f" (ready in {time.perf_counter() - started:.1f}s)", file=sys.stderr)
 
@@ -117,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         (trace,) = edit_with_reasoning(editor, thinker, [image], [args.instruction], think=args.think,
                                        reflect=args.reflect, rounds=args.rounds, seed=args.seed,
-                                       guidance_scale=args.guidance, num_inference_steps=args.steps,
-                                       negative_prompt=args.negative_prompt, progress=progress,
-                                       extra_images=[extra])
+                                       guidance_scale=guidance, num_inference_steps=steps,
+                                       negative_prompt=negative_prompt, progress=progress,
+                                       extra_images=[extra], loop=args.loop)
     except RemoteServiceError as e:  # a service that stayed down through its retries: say so, no traceback
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return 1
@@ -132,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
             score = "-" if r.score is None else f"{r.score:g}"
             verdict = f"  score {score}  {r.decision}" + (" (parse error)" if r.reflection.parse_error else "")
         print(f"round {r.index}: {r.instruction!r}{verdict}")
-    print(f"best round {trace.rounds[trace.best].index} ({trace.stopped}); wrote {out / 'final.png'}, "
+    which = "best" if trace.loop == "reasonedit" else "last"
+    print(f"{which} round {trace.rounds[trace.best].index} ({trace.stopped}); wrote {out / 'final.png'}, "
           f"{out / 'index.html'} in {time.perf_counter() - started:.1f}s")
     return 0

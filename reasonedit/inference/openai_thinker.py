@@ -2,11 +2,14 @@
 reflection contract or EditThinker's (`reasonedit.inference.editthinker`).
 
 Calls go through `reasonedit.clients.http.HttpClient` (retries with backoff and jitter, Retry-After, an
-endpoint pool); a reply in neither contract is a parse failure the loop records, not an exception.
+endpoint pool); a reply in neither contract is a parse failure the loop records, not an exception. Built for
+the editthinker loop (`loop="editthinker"`), EditThinker's contract reads replies as EditThinker's client
+does (`editthinker.read_as_client`): nothing fails to parse.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -21,11 +24,13 @@ import numpy as np
 
 from reasonedit.clients.http import ClientOwner, HttpClient, RetryPolicy, Retryable, check_status
 from reasonedit.clients.images import data_url
+from reasonedit.config import LOOPS
 from reasonedit.inference.types import Reflection, check_reflect_inputs
 from reasonedit.models import prompts
 from reasonedit.models.prompts import ThinkerReplyError
 
-from .editthinker import CONTRACTS, EDITTHINKER_TEMPLATE, parse_editthinker
+from .editthinker import CONTRACTS, EDITTHINKER_TEMPLATE, check_template, load_prompt_template, parse_editthinker, \
+    read_as_client
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +63,18 @@ class OpenAIThinker(ClientOwner):
         Success when the answer repeats the previous instruction or both scores reach `threshold`;
         otherwise Reflection with the answer as the next instruction and restart=True, since EditThinker
         re-edits the source). An unparsable reply is Failed with `parse_error`; it is not retried.
+    prompt_template: editthinker only: a prompt file (EditThinker's `inference/prompt_template.txt`, sent as its
+        client sends it) or the prompt text itself; default our own wording.
+    loop: the loop this thinker is built for ("reasonedit" | "editthinker"); `edit_with_reasoning` follows it.
+        With the editthinker contract it also says how replies are read: "editthinker" as EditThinker's client
+        reads them (no reply fails), else strictly (the default).
     """
 
     def __init__(self, base_url: Optional[str] = None, model: Optional[str] = None, api_key: Optional[str] = None,
                  *, contract: str = "reasonedit", timeout: float = 180.0, retry: Optional[RetryPolicy] = None,
                  concurrency: int = 8, temperature: Optional[float] = None, max_tokens: Optional[int] = None,
-                 threshold: float = 8.0, prompt_template: Optional[str | Path] = None, name: Optional[str] = None):
+                 threshold: float = 8.0, prompt_template: Optional[str | Path] = None, loop: Optional[str] = None,
+                 name: Optional[str] = None):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
             raise ValueError("OpenAIThinker: no base URL; pass base_url (e.g. http://127.0.0.1:8000/v1) "
@@ -75,7 +86,15 @@ class OpenAIThinker(ClientOwner):
             raise ValueError(f"contract {contract!r}: expected one of {', '.join(CONTRACTS)}")
         if concurrency < 1:
             raise ValueError(f"concurrency: must be at least 1, got {concurrency}")
+        if loop is not None and loop not in LOOPS:
+            raise ValueError(f"loop {loop!r}: expected one of {', '.join(LOOPS)}")
+        if prompt_template is not None and contract != "editthinker":
+            raise ValueError("prompt_template: the reasonedit contract asks with our role prompts; a prompt file is "
+                             "for contract='editthinker'")
         self.template = self._load_template(prompt_template)
+        # the editthinker contract reads replies by its loop, so it always has one; ours reads them one way
+        self.loop = loop or ("reasonedit" if contract == "editthinker" else None)
+        self.lenient = contract == "editthinker" and self.loop == "editthinker"
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self._client = HttpClient([base_url], timeout=timeout, retry=retry, cooldown=0.0, token=key,
                                   max_connections=concurrency)
@@ -83,7 +102,12 @@ class OpenAIThinker(ClientOwner):
         self.base_url = self.pool.urls[0]
         self.contract, self.threshold, self.concurrency = contract, threshold, concurrency
         self.temperature, self.max_tokens = temperature, max_tokens
-        self.name = name or f"openai:{self.model}@{self.base_url}" + ("" if contract == "reasonedit" else f" ({contract})")
+        said = [] if contract == "reasonedit" else [contract]
+        if self.template != EDITTHINKER_TEMPLATE:  # a changed prompt makes other images: say which one
+            said.append("prompt " + hashlib.sha256(self.template.encode()).hexdigest()[:12])
+        if self.loop == "editthinker":
+            said.append("editthinker loop")
+        self.name = name or f"openai:{self.model}@{self.base_url}" + (f" ({', '.join(said)})" if said else "")
         self.parse_errors = 0
         self._lock = threading.Lock()
 
@@ -92,18 +116,9 @@ class OpenAIThinker(ClientOwner):
         if template is None:
             return EDITTHINKER_TEMPLATE
         if isinstance(template, Path) or ("\n" not in str(template) and "{" not in str(template)):
-            path = Path(template)  # a file name: a template itself holds placeholders
-            if not path.is_file():
-                raise FileNotFoundError(f"prompt_template: no such file {path}")
-            text = path.read_text(encoding="utf-8")
-            # EditThinker's file marks where images go with <image>; we send them as parts instead
-            text = text.replace("<image>", "").strip()
-        else:
-            text = str(template)
-        for placeholder in ("{original_instruction}", "{rewritten_prompt}"):
-            if placeholder not in text:
-                raise ValueError(f"prompt_template: missing the placeholder {placeholder}")
-        return text
+            return load_prompt_template(template)  # a file name: a template itself holds placeholders
+        check_template(str(template))
+        return str(template)
 
     # -- transport
     def chat(self, messages: list[dict]) -> str:
@@ -149,6 +164,9 @@ class OpenAIThinker(ClientOwner):
     def _think_one(self, source: np.ndarray, instruction: str) -> str:
         if self.contract == "reasonedit":
             text, problem = self.chat(_openai_messages(prompts.think(source, instruction))).strip(), "empty reply"
+        elif self.lenient:  # as EditThinker's client: whatever answer the reply holds
+            text, problem = read_as_client(self.chat(self._editthinker_messages(source, source, instruction, "")),
+                                           "", self.threshold).answer, "no <answer>"
         else:
             # EditThinker's first-turn mode: judge the untouched source against an empty instruction
             try:
@@ -195,7 +213,8 @@ class OpenAIThinker(ClientOwner):
             d = prompts.parse_decision(reply)
         except ThinkerReplyError as e:
             return self._parse_failed(r, "decide", str(e))
-        r.decision, r.thought, r.instruction, r.restart = d.kind, d.thought, d.new_instruction, d.kind == "failed"
+        r.decision, r.thought, r.instruction, r.restart = (d.kind, d.thought, d.new_instruction,
+                                                              d.kind == "failed" or d.restart)
         return r
 
     def _editthinker_messages(self, source: np.ndarray, edited: np.ndarray, instruction: str, previous: str) -> list[dict]:
@@ -210,6 +229,8 @@ class OpenAIThinker(ClientOwner):
         r = Reflection(decision="failed")
         previous = previous or instruction
         reply = self._timed_chat(r, "reflect", self._editthinker_messages(source, edited, instruction, previous))
+        if self.lenient:
+            return self._read_as_client(r, reply, previous)
         try:
             v = parse_editthinker(reply)
         except ThinkerReplyError as e:
@@ -224,6 +245,22 @@ class OpenAIThinker(ClientOwner):
         else:
             r.decision, r.instruction, r.restart = "reflection", v.answer, True
         return r
+
+    def _read_as_client(self, r: Reflection, reply: str, previous: str) -> Reflection:
+        c = read_as_client(reply, previous, self.threshold)
+        r.score, r.thought = c.score, c.thought
+        r.reason = f"semantic {_number(c.semantic)}, quality {_number(c.quality)}" + "".join(f"; {n}" for n in c.notes)
+        if c.notes:
+            log.info("%s: reply read as EditThinker's client reads it: %s", self.name, "; ".join(c.notes))
+        if c.satisfied:
+            r.decision = "success"
+        else:
+            r.decision, r.instruction, r.restart = "reflection", c.answer, True
+        return r
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 __all__ = ["OpenAIThinker"]

@@ -70,8 +70,9 @@ class Pipeline:
     def editor(self, progress: Callable[[int, int], None] | None = None) -> GeneratorEditor:
         return GeneratorEditor(self.model, self.sampler, progress=progress)
 
-    def thinker(self, generate: Optional[Generate] = None, max_new_tokens: int = 128) -> ReasonerThinker:
-        return ReasonerThinker(self.model, generate=generate, max_new_tokens=max_new_tokens)
+    def thinker(self, generate: Optional[Generate] = None, max_new_tokens: int = 128,
+                loop: Optional[str] = None) -> ReasonerThinker:
+        return ReasonerThinker(self.model, generate=generate, max_new_tokens=max_new_tokens, loop=loop)
 
     def think(self, source, instruction):
         """The concrete instruction for (source, abstract instruction)."""
@@ -103,25 +104,34 @@ class Pipeline:
     def edit_with_reasoning(self, source, instruction, *, think: bool = True, reflect: bool = True,
                             rounds: int = 3, seed: int = 0, guidance_scale: float = 4.0,
                             num_inference_steps: int = 28, negative_prompt: str = " ",
-                            generate: Optional[Generate] = None, progress=None, extra_images=None):
+                            generate: Optional[Generate] = None, progress=None, extra_images=None,
+                            loop: str = "reasonedit"):
         """The think -> edit -> reflect loop with this model as editor and thinker: a `Trace` per sample.
-        `generate` replaces the reasoner's text generation (a `messages_batch -> list[str]` callable)."""
+        `generate` replaces the reasoner's text generation (a `messages_batch -> list[str]` callable); `loop`:
+        the loop's rules, "reasonedit" or "editthinker" (`reasonedit.inference.loop`)."""
         sources, instructions, single = _as_batch(source, instruction)
-        thinker = self.thinker(generate) if (think or reflect) else None
+        thinker = self.thinker(generate, loop=loop) if (think or reflect) else None
         traces = edit_with_reasoning(self.editor(), thinker, sources, instructions, think=think, reflect=reflect,
                                      rounds=rounds, seed=seed, guidance_scale=guidance_scale,
                                      num_inference_steps=num_inference_steps, negative_prompt=negative_prompt,
-                                     progress=progress, extra_images=_extras(extra_images, len(sources), single))
+                                     progress=progress, extra_images=_extras(extra_images, len(sources), single),
+                                     loop=loop)
         return traces[0] if single else traces
 
 
 def build_editor(editor: str | Sequence[str] | None = None, *, pipeline: Pipeline | None = None,
                  world: "WorldConfig | None" = None, error_rate: float = 0.0, seed: int = 0, concurrency: int = 8,
-                 progress: Callable[[int, int], None] | None = None) -> Editor:
+                 progress: Callable[[int, int], None] | None = None, preset: str | None = None,
+                 resize_to_source: bool | None = None) -> Editor:
     """None: the pipeline's generator; SHAPES_EDITOR: the exact shapes editor on `world` (None: the default world),
-    making errors on purpose at `error_rate`; else HTTP editing-service URL(s), round robin."""
+    making errors on purpose at `error_rate`; else HTTP editing-service URL(s), round robin, spoken to as
+    `preset` says (`editor_presets`), results resized to the source's size as `resize_to_source` says."""
     if error_rate and editor != SHAPES_EDITOR:
         raise ValueError("error rate: only the shapes editor makes errors on purpose")
+    if (preset is not None or resize_to_source is not None) and (editor is None or editor == SHAPES_EDITOR):
+        flag = "--editor-preset" if preset is not None else "--editor-resize-to-source"
+        raise ValueError(f"{flag}: only with --editor URL (an HTTP editing service), not with "
+                         f"{'the built-in generator' if editor is None else '--editor shapes'}")
     if editor is None:
         if pipeline is None:
             raise ValueError("the built-in editor needs a model; give a model folder or an editor URL")
@@ -131,19 +141,28 @@ def build_editor(editor: str | Sequence[str] | None = None, *, pipeline: Pipelin
         return ShapesEditor(world, error_rate=error_rate, seed=seed)
     from reasonedit.inference.http_editor import HttpEditor
     urls = [editor] if isinstance(editor, str) else list(editor)
-    return HttpEditor([u.strip() for arg in urls for u in arg.split(",") if u.strip()], concurrency=concurrency)
+    return HttpEditor([u.strip() for arg in urls for u in arg.split(",") if u.strip()], concurrency=concurrency,
+                      preset=preset, resize_to_source=resize_to_source)
 
 
 def build_thinker(thinker: str | None = None, *, pipeline: Pipeline | None = None, model_name: str | None = None,
                   api_key: str | None = None, contract: str = "reasonedit", concurrency: int = 8,
-                  max_new_tokens: int = 128) -> Thinker:
-    """None: the pipeline's reasoner; else an OpenAI-compatible chat endpoint speaking `contract`."""
+                  max_new_tokens: int = 128, prompt_template: str | Path | None = None,
+                  loop: str | None = None) -> Thinker:
+    """None: the pipeline's reasoner; else an OpenAI-compatible chat endpoint speaking `contract`.
+    `prompt_template`: the editthinker contract's prompt, a file (EditThinker's `inference/prompt_template.txt`)
+    or its text; `loop`: the loop's rules the thinker is built for ("reasonedit" | "editthinker"; None: ours),
+    which `edit_with_reasoning` then follows."""
     if thinker is None:
         if pipeline is None:
             raise ValueError("the built-in thinker needs a model; give a model folder or a thinker URL")
-        return pipeline.thinker(max_new_tokens=max_new_tokens)
+        if prompt_template is not None:
+            raise ValueError("prompt_template: the built-in reasoner asks with our role prompts; a prompt file is "
+                             "for a chat thinker (a thinker URL) with the editthinker contract")
+        return pipeline.thinker(max_new_tokens=max_new_tokens, loop=loop)
     from reasonedit.inference.openai_thinker import OpenAIThinker
-    return OpenAIThinker(thinker, model_name, api_key, contract=contract, concurrency=concurrency)
+    return OpenAIThinker(thinker, model_name, api_key, contract=contract, concurrency=concurrency,
+                         prompt_template=prompt_template, loop=loop)
 
 
 def _extras(extra_images, n: int, single: bool) -> list[tuple]:

@@ -107,7 +107,8 @@ def _html(trace: Trace, data: dict) -> str:
             "body{font-family:sans-serif} td{vertical-align:top;max-width:280px;padding:6px} "
             "img{max-width:256px;image-rendering:pixelated} .best{outline:3px solid #0a0}</style></head><body>"
             f"<h1>{e(trace.instruction)}</h1><p>editor {e(trace.editor)}, thinker {e(trace.thinker or '-')}; "
-            f"stopped: {e(trace.stopped)}; best round {data['best_round']}; parse errors {data['parse_errors']}</p>"
+            f"stopped: {e(trace.stopped)}; {'best' if trace.loop == 'reasonedit' else 'last'} round "
+            f"{data['best_round']} ({e(trace.loop)} loop); parse errors {data['parse_errors']}</p>"
             f"<p>time per phase: {e(timings)}</p><table><tr>{''.join(cells)}</tr></table>"
             "<p><a href='trace.json'>trace.json</a> · <a href='contact_sheet.png'>contact sheet</a></p>"
             "</body></html>\n")

@@ -39,7 +39,8 @@ class Round:
 
 @dataclass
 class Trace:
-    """One sample's run. `best` indexes `rounds` (0-based): the best-scored round, ties going to Success."""
+    """One sample's run. `best` indexes `rounds` (0-based): the result round, which the loop's rules (`loop`)
+    pick: the best-scored, ties going to Success ("reasonedit"), or the last ("editthinker")."""
 
     source: np.ndarray
     instruction: str  # the user's
@@ -50,10 +51,11 @@ class Trace:
     timings: dict[str, float] = field(default_factory=dict)  # think (this sample's share)
     editor: str = ""
     thinker: str = ""
+    loop: str = "reasonedit"  # the loop's rules (reasonedit.inference.loop.LOOP_RULES)
 
     @property
     def image(self) -> np.ndarray:
-        """The result: the best round's image."""
+        """The result: the image of round `best`."""
         return self.rounds[self.best].image
 
     @property
@@ -83,7 +85,7 @@ class Trace:
                              parse_error=f.parse_error, raw=dict(f.raw))
             rounds.append(entry)
         return {"version": TRACE_VERSION, "instruction": self.instruction, "thought": self.thought,
-                "editor": self.editor, "thinker": self.thinker, "source": images.get("source"),
+                "editor": self.editor, "thinker": self.thinker, "loop": self.loop, "source": images.get("source"),
                 "final": images.get("final"), "best_round": self.rounds[self.best].index if self.rounds else None,
                 "stopped": self.stopped, "parse_errors": self.parse_errors, "timings": self.phase_seconds(),
                 "rounds": rounds}

@@ -68,6 +68,9 @@ class Reflection:
 
 @runtime_checkable
 class Thinker(Protocol):
+    """May also carry `loop` ("reasonedit" | "editthinker"): the loop's rules it was built for, which
+    `edit_with_reasoning` then follows (an optional attribute, so not a member here)."""
+
     name: str
 
     def think(self, sources: Sequence[np.ndarray], instructions: Sequence[str]) -> list[str]:

@@ -2,7 +2,10 @@
 
 A `ThinkingPair` gives one reasoner segment (`think`: abstract instruction -> concrete steps); a
 `ReflectionSample` gives three (`describe` -> target description, `score` -> "score: N\nreason: ...",
-`decide` -> "<#Think> thought <#Tag> [new instruction]"). `EditPair`, `TextToImage` and the target of a
+`decide` -> "<#Think> thought <#Tag> [restart:] [new instruction]"), or only `decide` when it carries no target
+description (an imported one: describe would train an empty answer, and score is against that description).
+A record trains only the roles it carries (`reasoner_roles`); no segment has an empty answer. `EditPair`,
+`TextToImage` and the target of a
 `ThinkingPair` (conditioned on its concrete instruction, the text the generator is asked to carry out) give
 one generator segment each. The segment types, buckets and condition dropout are `reasonedit.data.segments`.
 """
@@ -46,6 +49,17 @@ class PreprocessConfig:
 
 def _with_answer(messages: Messages, answer: str) -> Messages:
     return [*messages, {"role": "assistant", "content": answer}]
+
+
+def reasoner_roles(record: Record) -> tuple[str, ...]:
+    """The reasoner roles a record carries, so trains: a reflection without a target description (imported from
+    a format that has none) carries only its decision, since the describe answer would be empty and the score
+    prompt judges the edit against that description."""
+    if isinstance(record, ThinkingPair):
+        return ("think",)
+    if isinstance(record, ReflectionSample):
+        return ("describe", "score", "decide") if record.target_description.strip() else ("decide",)
+    return ()
 
 
 class Preprocessor:
@@ -116,6 +130,9 @@ class Preprocessor:
         """
         if IM_END_TOKEN in answer:
             raise ValueError(f"{key}: the {role} answer contains {IM_END_TOKEN}; it would end the turn early")
+        if not answer.strip():  # it would teach the role to answer nothing
+            raise ValueError(f"{key}: the {role} answer is empty; a record that does not carry this role must not "
+                             "train it (see `reasoner_roles`)")
         full = self.processor.encode_one(_with_answer(messages, answer), add_generation_prompt=False)
         ids = full["input_ids"][0].tolist()  # (T,)
         prompt = self._prompt_ids(messages, full.get("image_grid_thw"))
@@ -153,33 +170,44 @@ class Preprocessor:
         text = pieces[0] + "".join(IMAGE_PAD_TOKEN * n + rest for n, rest in zip(counts, pieces[1:]))
         return self.processor.tokenizer.encode(text, add_special_tokens=False)
 
-    def reasoner_segments(self, record: Record) -> list[ReasonerSegment]:
-        """The next-token segments of a record: one for a ThinkingPair, three for a ReflectionSample, else none."""
+    def reasoner_turns(self, record: Record) -> list[tuple[str, str, Messages, str]]:
+        """(segment key, role, prompt, answer) for each role the record carries (`reasoner_roles`), images bucketed."""
+        roles = reasoner_roles(record)
         if isinstance(record, ThinkingPair):
             image = self.bucket(record.image)
-            return [self.answer_segment(f"{record.key}/think", "think",
-                                        prompts.think(image, record.abstract_instruction),
-                                        record.concrete_instruction)]
-        if isinstance(record, ReflectionSample):
-            source, candidate = self.bucket(record.source), self.bucket(record.candidate)
-            kind = record.decision.lower()
-            if kind not in prompts.DECISION_KINDS.values():
-                raise ValueError(f"record {record.key}: field 'decision' is {record.decision!r}, not one of "
-                                 f"{', '.join(RECORD_DECISIONS)}")
-            decision = prompts.Decision(kind, record.thought,
-                                        record.new_instruction if kind == "reflection" else None)
-            return [
-                self.answer_segment(f"{record.key}/describe", "describe",
-                                    prompts.describe_target(source, record.instruction), record.target_description),
-                self.answer_segment(f"{record.key}/score", "score",
-                                    prompts.score(candidate, record.target_description),
-                                    prompts.format_score(record.score, record.reason)),
-                self.answer_segment(f"{record.key}/decide", "decide",
-                                    prompts.decide(source, record.instruction, record.target_description,
-                                                   record.score, record.reason),
-                                    prompts.format_decision(decision)),
-            ]
-        return []
+            return [(f"{record.key}/think", "think", prompts.think(image, record.abstract_instruction),
+                     record.concrete_instruction)]
+        if not isinstance(record, ReflectionSample):
+            return []
+        source = self.bucket(record.source)
+        kind = record.decision.lower()
+        if kind not in prompts.DECISION_KINDS.values():
+            raise ValueError(f"record {record.key}: field 'decision' is {record.decision!r}, not one of "
+                             f"{', '.join(RECORD_DECISIONS)}")
+        problem = record.problem()  # a restart on anything but a Reflection with an instruction
+        if problem is not None:
+            raise ValueError(f"record {record.key}: {problem}")
+        decision = prompts.Decision(kind, record.thought, record.new_instruction if kind == "reflection" else None,
+                                    record.restart)  # restart: the Reflection is for the source (EditThinker's)
+        turns = []
+        if "describe" in roles:
+            turns.append((f"{record.key}/describe", "describe", prompts.describe_target(source, record.instruction),
+                          record.target_description))
+        if "score" in roles:
+            turns.append((f"{record.key}/score", "score",
+                          prompts.score(self.bucket(record.candidate), record.target_description),
+                          prompts.format_score(record.score, record.reason)))
+        turns.append((f"{record.key}/decide", "decide",
+                      prompts.decide(source, record.instruction, record.target_description, record.score,
+                                     record.reason),
+                      prompts.format_decision(decision)))
+        return turns
+
+    def reasoner_segments(self, record: Record) -> list[ReasonerSegment]:
+        """The next-token segments of a record, one per role it carries: think for a ThinkingPair; describe, score
+        and decide for a ReflectionSample (decide alone without a target description); none for the others."""
+        return [self.answer_segment(key, role, messages, answer)
+                for key, role, messages, answer in self.reasoner_turns(record)]
 
     # -- generator segments ---------------------------------------------------------------------
 
@@ -280,4 +308,4 @@ def buckets_for(model: "ReasonEditModel", pixel_budget: Optional[int] = None, **
     return BucketConfig(**values)
 
 
-__all__ = ["PreprocessConfig", "Preprocessor", "buckets_for"]
+__all__ = ["PreprocessConfig", "Preprocessor", "buckets_for", "reasoner_roles"]

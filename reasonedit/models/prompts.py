@@ -2,7 +2,8 @@
 
 Roles: `condition` (what the generator is conditioned on), `think` (abstract instruction to concrete
 steps), `describe_target`, `score` (edited image alone against a description), `decide` (think,
-then exactly one of Success, Reflection + new instruction, Failed). Each builder takes an optional
+then exactly one of Success, Reflection + new instruction, Failed; a Reflection whose instruction starts with
+`restart:` is for the source image, not the edited one). Each builder takes an optional
 `answer`, appended as the assistant turn, so the same builders make stage-1 training text.
 
 The condition prompt follows a `ConditionTemplate`: a fixed system prompt whose tokens, up to and including
@@ -248,8 +249,12 @@ def score(edited: Image, description: str, answer: Optional[str] = None) -> Mess
 def decide(
     source: Image, instruction: str, description: str, score_value: int, reason: str, answer: Optional[str] = None
 ) -> Messages:
-    """Source, instruction, expected description and the edit's score to a decision (see `format_decision`)."""
-    text = f"Edit: {instruction}\nExpected: {description}\nscore: {score_value}\nreason: {reason}"
+    """Source, instruction, expected description and the edit's score to a decision (see `format_decision`).
+
+    An empty description (a record imported without one) leaves out the `Expected:` line rather than showing
+    an empty expectation."""
+    expected = f"Expected: {description}\n" if description.strip() else ""
+    text = f"Edit: {instruction}\n{expected}score: {score_value}\nreason: {reason}"
     return _role(DECIDE_TASK, source, text, answer)
 
 
@@ -278,11 +283,23 @@ class ThinkerReplyError(ValueError):
     """A reasoner answer that is not in the expected format; the message says what is wrong."""
 
 
+# After <#Reflection>, this marker says the new instruction is for the source image (start again from it), not
+# for the edited image: EditThinker's refinement. Plain text, not a decision token, so a decision still has
+# exactly one tag and tokenizers and checkpoints keep their vocabulary.
+RESTART_MARKER = "restart:"
+
+
 @dataclass(frozen=True)
 class Decision:
     kind: str  # "success" | "reflection" | "failed"
     thought: str
     new_instruction: Optional[str] = None  # only for "reflection"
+    restart: bool = False  # only for "reflection": new_instruction edits the source, not the edited image
+
+    def __post_init__(self) -> None:
+        if self.restart and self.kind != "reflection":
+            raise ValueError(f"Decision(restart=True) is for a reflection, not {self.kind!r} (failed always "
+                             "starts again from the source)")
 
 
 _SCORE_RE = re.compile(r"\s*score:[ \t]*(\S+)[ \t]*\r?\n\s*reason:[ \t]*(.*?)\s*", re.IGNORECASE | re.DOTALL)
@@ -314,11 +331,15 @@ def format_decision(decision: Decision) -> str:
     """The answer `parse_decision` reads back."""
     tag = {kind: tag for tag, kind in DECISION_KINDS.items()}[decision.kind]
     text = f"{THINK_TOKEN} {decision.thought} {tag}"
-    return f"{text} {decision.new_instruction}" if decision.kind == "reflection" else text
+    if decision.kind != "reflection":
+        return text
+    marker = f"{RESTART_MARKER} " if decision.restart else ""
+    return f"{text} {marker}{decision.new_instruction}"
 
 
 def parse_decision(text: str) -> Decision:
-    """Read `<#Think> thought` then exactly one of `<#Success>`, `<#Reflection> new instruction`, `<#Failed>`.
+    """Read `<#Think> thought` then exactly one of `<#Success>`, `<#Reflection> new instruction`, `<#Failed>`;
+    `<#Reflection> restart: new instruction` is a Reflection for the source image (`Decision.restart`).
 
     Raise ThinkerReplyError (naming what is wrong) for a missing or repeated tag, an unknown tag, text after
     Success or Failed, or a Reflection without a new instruction.
@@ -337,15 +358,19 @@ def parse_decision(text: str) -> Decision:
     thought, after = before.strip(), after.strip()
     kind = DECISION_KINDS[tag]
     if kind == "reflection":
+        restart = after.startswith(RESTART_MARKER)
+        if restart:
+            after = after[len(RESTART_MARKER):].strip()
         if not after:
-            raise ThinkerReplyError(f"{REFLECTION_TOKEN} must be followed by a new instruction")
-        return Decision(kind, thought, after)
+            raise ThinkerReplyError(f"{REFLECTION_TOKEN} must be followed by a new instruction"
+                                    + (f" after {RESTART_MARKER!r}" if restart else ""))
+        return Decision(kind, thought, after, restart)
     if after:
         raise ThinkerReplyError(f"unexpected text after {tag}: {after[:80]!r}")
     return Decision(kind, thought, None)
 
 
 __all__ = ["CAPTION_TASK", "CONDITION_SYSTEM_PROMPT", "ConditionTemplate", "DECISION_KINDS", "Decision", "OWN_TEMPLATE",
-           "READ_TASK", "TemplateError", "pipeline_template", "template_for", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "ThinkerReplyError", "caption_image",
+           "READ_TASK", "RESTART_MARKER", "TemplateError", "pipeline_template", "template_for", "REASONER_SYSTEM_PROMPT", "ROLE_TASKS", "ThinkerReplyError", "caption_image",
            "condition", "condition_prefix", "condition_prefix_ids", "condition_prefix_length", "decide",
            "describe_target", "encode_condition", "format_decision", "format_score", "parse_decision", "parse_score", "read_scene", "role_of", "score", "template_texts", "think"]

@@ -44,11 +44,13 @@ from reasonedit.serve.batcher import EditBatcher, LockedThinker, QueueFull, Shut
 from reasonedit.serve.body import limit_body, parse_json_object
 from reasonedit.serve.schema import (
     COMPAT_MODES,
+    DEFAULT_COMPAT,
     UPLOAD_FILE_FIELDS,
     IgnoredFieldLog,
     Limits,
     ParsedEdit,
     RequestError,
+    accepted_shapes,
     parse_edit,
 )
 
@@ -65,7 +67,7 @@ class ServeConfig:
     """How the service takes requests. `token` None: no authentication (the CLI's --no-auth)."""
 
     token: Optional[str] = None
-    max_queue: int = 64
+    max_queue: int = 128  # plain edits waiting: EditThinker's client runs 128 workers, one request each
     max_batch: int = 8
     batch_wait_ms: float = 10.0
     timeout: float = 300.0  # seconds a request may take from its arrival: body, validation, queue and work
@@ -74,7 +76,7 @@ class ServeConfig:
     read_timeout: float = 30.0  # seconds the body may take to arrive (a slow client is answered 408)
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (then it is closed)
     grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
-    compat: Optional[str] = None  # None (strict) | "editthinker"
+    compat: Optional[str] = DEFAULT_COMPAT  # "editthinker": EditThinker's fields too | "strict" (or None): ours only
     max_body_bytes: int = 64 * 2 ** 20
     limits: Limits = field(default_factory=Limits)
 
@@ -157,7 +159,9 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
             batcher.stop(timeout=STOP_WAIT)
 
     # the docs routes are ours, below, so they take the token as every other route does
+    # no trailing-slash redirects: "/edit/" is a JSON 404 like any other unknown path, not an empty 307
     app = FastAPI(title="ReasonEdit edit service", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False,
                   default_response_class=AsciiJSONResponse,
                   description="EditThinker-style editing API over a ReasonEdit generator (docs/serve.md).")
     app.state.batcher, app.state.config, app.state.counters = batcher, config, counters
@@ -223,7 +227,8 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
                   "model": model_name, "editor": editor_name, "queue_depth": batcher.depth,
                   "max_queue": config.max_queue, "loops_running": counters.loops_running,
                   "loops_waiting": counters.loops_waiting, "max_loops": config.max_loops,
-                  "max_loop_queue": config.max_loop_queue, "timestamp": time.time()}
+                  "max_loop_queue": config.max_loop_queue, "accepts": accepted_shapes(config.compat),
+                  "timestamp": time.time()}
         return AsciiJSONResponse(answer, status_code=503 if full else 200,
                                  headers={"Retry-After": "1"} if full else None)
 
@@ -289,8 +294,9 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
     async def read_within(request: Request, seconds: float) -> tuple[dict[str, Any], Optional[bytes], bool]:
         """read_fields, or a 408 when the body has not arrived within `seconds` (a slow client)."""
         try:
-            return await asyncio.wait_for(read_fields(request), max(seconds, 0.0))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                return await read_fields(request)
+        except TimeoutError:
             count("slow_bodies")
             raise RequestError("body", f"the body did not arrive within {max(seconds, 0.0):g}s", 408) from None
 
@@ -308,9 +314,10 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
         try:
             try:
                 fields, upload, from_form = await read_within(request, min(config.read_timeout, left()))
-                parsed: ParsedEdit = await asyncio.wait_for(run_in_threadpool(
-                    parse_edit, fields, config.limits, compat=config.compat, image_bytes=upload, from_form=from_form,
-                    ignored_log=ignored_log), left())
+                async with asyncio.timeout(left()):
+                    parsed: ParsedEdit = await run_in_threadpool(
+                        parse_edit, fields, config.limits, compat=config.compat, image_bytes=upload,
+                        from_form=from_form, ignored_log=ignored_log)
                 if parsed.loop and thinker is None:
                     raise RequestError("think" if parsed.think else "reflect", "this server has no thinker; "
                                        "send think=false and reflect=false for a plain edit")
@@ -324,7 +331,8 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
             else:
                 ticket = batcher.submit(parsed.request, "edit")
                 try:
-                    image = await asyncio.wait_for(asyncio.wrap_future(ticket.future), left())
+                    async with asyncio.timeout(left()):
+                        image = await asyncio.wrap_future(ticket.future)
                 except BaseException:  # timed out, or the server gives up on this request: the edit stops too
                     ticket.abandon()
                     raise
@@ -333,7 +341,7 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
             return _error(503, str(e), None, {"Retry-After": "1"})
         except ShuttingDown as e:
             return _error(503, str(e), None, {"Retry-After": "1"})
-        except asyncio.TimeoutError:
+        except TimeoutError:
             count("timed_out")
             return _error(504, f"no answer within the server's {config.timeout:g}s timeout; the work was stopped", None)
         except RemoteServiceError as e:  # the remote editor or thinker behind this server
@@ -362,7 +370,8 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
                             "waiting); try again later")
         counters.loops_waiting += 1
         try:
-            await asyncio.wait_for(loop_slots.acquire(), left())
+            async with asyncio.timeout(left()):
+                await loop_slots.acquire()
         finally:
             counters.loops_waiting -= 1
         counters.loops_running += 1
@@ -392,7 +401,11 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
 
         threading.Thread(target=work, name="edit-loop", daemon=True).start()
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), left())
+            answer = asyncio.wrap_future(done)
+            # a loop given up still ends (Cancelled, or its own error) after nobody awaits it: read its outcome then
+            answer.add_done_callback(lambda f: f.cancelled() or f.exception())
+            async with asyncio.timeout(left()):
+                return await asyncio.shield(answer)
         except BaseException:  # timed out or cancelled: the loop stops at its next check
             stop.set()
             raise

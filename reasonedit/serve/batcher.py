@@ -296,6 +296,7 @@ class LockedThinker:
     def __init__(self, thinker: Thinker, lock: threading.Lock):
         self.thinker, self.lock = thinker, lock
         self.name = getattr(thinker, "name", type(thinker).__name__)
+        self.loop = getattr(thinker, "loop", None)  # the loop's rules the thinker was built for
 
     def think(self, sources: Sequence[np.ndarray], instructions: Sequence[str]) -> list[str]:
         with self.lock:

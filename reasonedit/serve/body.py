@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
@@ -33,7 +34,27 @@ def limit_body(request: Request, max_bytes: int) -> Request:
                 raise RequestError("body", f"over the {max_bytes}-byte limit (cut off as it came in)", 413)
         return message
 
-    return Request(request.scope, counted)
+    return _LimitedRequest(request.scope, counted)
+
+
+class _LimitedRequest(Request):
+    """A request whose body, when reading it fails (cut off at the limit, the client gone), is let go at once.
+    The failure's traceback holds this frame, and a caller may keep the traceback in a reference cycle (an
+    exception stored on the asyncio task that raised it is one) until the cyclic GC runs: without this, each
+    refused body would stay in memory, up to the limit, until then."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            chunks: list[bytes] = []
+            try:
+                async with aclosing(self.stream()) as stream:
+                    async for chunk in stream:
+                        chunks.append(chunk)
+            except BaseException:
+                chunks.clear()
+                raise
+            self._body = b"".join(chunks)
+        return self._body
 
 
 def parse_json_object(raw: bytes, limits: Limits) -> dict[str, Any]:
@@ -45,7 +66,7 @@ def parse_json_object(raw: bytes, limits: Limits) -> dict[str, Any]:
         raise RequestError("body", f"not UTF-8 (byte {e.start}); send JSON as UTF-8", 400) from None
     _check_shape(text, limits)
     try:
-        body = json.loads(text, object_pairs_hook=_object_once)
+        body = json.loads(text, object_pairs_hook=_object_once, parse_int=_json_int)
     except RequestError:
         raise
     except ValueError as e:
@@ -78,6 +99,15 @@ def _check_shape(text: str, limits: Limits) -> None:
         if values > limits.max_json_values:
             raise RequestError("body", f"holds more than {limits.max_json_values} JSON values; a request is one "
                                        f"object of at most {limits.max_fields} fields", 400)
+
+
+def _json_int(literal: str) -> int | float:
+    """An integer literal. One too long for int() (over 4300 digits) is past every range: it is read as the
+    infinity of its sign, as 1e999 is, so that the field holding it is refused by name rather than the body."""
+    try:
+        return int(literal)
+    except ValueError:
+        return float(literal)
 
 
 def _object_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

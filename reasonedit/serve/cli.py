@@ -1,7 +1,7 @@
 """Serve a model's generator, and the think -> edit -> reflect loop, over HTTP with the API EditThinker's
 editing services speak: POST /edit (JSON with a base64 PNG, or a multipart upload), GET /health,
-GET /status. Concurrent requests are batched; a full queue answers 503, a slow one 504. With
---compat editthinker, requests exactly as EditThinker's client sends them are accepted.
+GET /status. Concurrent requests are batched; a full queue answers 503, a slow one 504. Requests exactly as
+EditThinker's client sends them are accepted (--compat strict takes our own fields only).
 --editor shapes serves the exact shapes-world editor instead of a model (the world from --config and
 world.key=value overrides; --error-rate P makes errors on purpose). A bearer token (--token-file PATH,
 $REASONEDIT_SERVE_TOKEN or --token T) is required unless --no-auth says otherwise. See docs/serve.md."""
@@ -15,8 +15,11 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
+from reasonedit.config import LOOPS
 from reasonedit.config.model import RUN_DTYPES
+from reasonedit.inference.cli import LOOP_HELP, THINKER_PROMPT_HELP, read_thinker_prompt
 from reasonedit.inference.types import SHAPES_EDITOR
+from reasonedit.serve.schema import COMPAT_MODES, DEFAULT_COMPAT
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read the token from this file (surrounding whitespace and the newline are dropped)")
     p.add_argument("--no-auth", action="store_true", help="serve without authentication; without it a token is "
                    "required, so an empty --token or an unset variable is an error, never an open server")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more are answered 503")
+    p.add_argument("--max-queue", type=int, default=128, help="plain edits that may wait (default 128, as many as "
+                   "EditThinker's client runs workers); more are answered 503 with Retry-After")
     p.add_argument("--max-batch", type=int, default=8, help="edits run together in one generator call")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for company")
@@ -61,9 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a connection may take to send a request's headers (408, then closed)")
     p.add_argument("--grace", type=float, default=30.0, help="after SIGTERM, seconds in-flight requests get to "
                    "finish; then they are cancelled and the server exits (within about 5 s more)")
-    p.add_argument("--compat", choices=["editthinker"], default=None,
-                   help="accept EditThinker's client fields (num_inference_step, enhance_prompt, width, ...): map "
-                        "what has a meaning, ignore the rest and log each once; default: unknown fields are 422")
+    p.add_argument("--compat", choices=COMPAT_MODES, default=DEFAULT_COMPAT,
+                   help="editthinker (default): also take EditThinker's fields (num_inference_step, enhance_prompt, "
+                        "width, ...), mapping what has a meaning and logging each ignored one once; strict: our "
+                        "fields only. Any other unknown field is 422 either way")
     p.add_argument("--steps", type=int, default=28, help="num_inference_steps when a request gives none")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--max-side", type=int, default=2048, help="largest image side accepted, in pixels")
@@ -79,6 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thinker-model", default=None, help="the chat model's name (default: $OPENAI_MODEL)")
     p.add_argument("--thinker-contract", choices=["reasonedit", "editthinker"], default="reasonedit",
                    help="how the chat model replies: our role prompts, or EditThinker's think/score/answer")
+    p.add_argument("--thinker-prompt", type=Path, metavar="FILE", help=THINKER_PROMPT_HELP)
+    p.add_argument("--loop", default="reasonedit", choices=LOOPS, help="think/reflect requests: " + LOOP_HELP)
 
 
 def resolve_token(token: Optional[str], token_file: Optional[Path], no_auth: bool,
@@ -158,6 +165,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
         raise ValueError(f"--error-rate {args.error_rate}: must lie in [0, 1]")
     world = _shapes_world(args)
     config = serve_config(args)
+    prompt = read_thinker_prompt(args)
     from reasonedit.inference.pipeline import build_editor, build_thinker
     from reasonedit.serve.app import create_app
     from reasonedit.serve.runner import serve
@@ -165,7 +173,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
     editor = build_editor(SHAPES_EDITOR, world=world, error_rate=args.error_rate, seed=args.error_seed)
     thinker = None
     if args.thinker and not args.no_thinker:
-        thinker = build_thinker(args.thinker, model_name=args.thinker_model, contract=args.thinker_contract)
+        thinker = build_thinker(args.thinker, model_name=args.thinker_model, contract=args.thinker_contract,
+                                prompt_template=prompt, loop=args.loop)  # its loop: the loop requests' rules
     name = f"shapes world {world.image_size}px, grid {world.grid}" + (f" ({args.config})" if args.config else "")
     app = create_app(editor, config, thinker, model_name=name, thinker_shares_model=False)
     auth = "bearer token required" if config.token else "no authentication: --no-auth"
@@ -186,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.model / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"--model {args.model}: not a model folder (no reasonedit.json)")
     config = serve_config(args)
+    prompt = read_thinker_prompt(args)
     from reasonedit.inference.pipeline import Pipeline, build_thinker, resolve_device
     from reasonedit.serve.app import create_app
     from reasonedit.serve.runner import serve
@@ -193,10 +203,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {args.model} on {resolve_device(args.device)}", file=sys.stderr)
     pipeline = Pipeline.load(args.model, device=args.device, dtype=args.dtype)
     thinker = None if args.no_thinker else build_thinker(args.thinker, pipeline=pipeline,
-                                                         model_name=args.thinker_model, contract=args.thinker_contract)
+                                                         model_name=args.thinker_model, contract=args.thinker_contract,
+                                                         prompt_template=prompt, loop=args.loop)
     app = create_app(pipeline.editor(), config, thinker, model_name=str(args.model),
                      thinker_shares_model=not args.thinker)
     auth = "bearer token required" if config.token else "no authentication: --no-auth"
     print(f"serving {args.model} on http://{args.host}:{args.port} ({auth}; queue {config.max_queue}, "
-          f"batch {config.max_batch}{', compat ' + config.compat if config.compat else ''})", file=sys.stderr)
+          f"batch {config.max_batch}, compat {config.compat})", file=sys.stderr)
     return serve(app, args.host, args.port, log_level="info" if args.verbose else "warning")

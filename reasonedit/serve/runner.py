@@ -5,6 +5,7 @@ period after SIGTERM and for `GuardedH11Protocol`'s header timeout."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading
@@ -60,6 +61,14 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to HTTP it cannot parse (a Content-Length that is not a number, a header line too long),
+        in the service's JSON error format instead of plain text."""
+        body = json.dumps({"success": False, "error": f"malformed HTTP request ({msg})", "field": "http"}).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -21,9 +21,20 @@ from reasonedit.serve.image_header import HeaderError, read_header
 
 log = logging.getLogger(__name__)
 
-COMPAT_MODES = ("editthinker",)
-# EditThinker's client sends these; its servers drop what they do not declare. Renames keep a meaning.
+# "editthinker" (the default): our fields and the fields EditThinker's client and servers use; "strict": ours only
+COMPAT_MODES = ("editthinker", "strict")
+DEFAULT_COMPAT = "editthinker"
+# EditThinker's client sends these (run_edit_thinker_inference.py, get_model_config); renames keep a meaning
 EDITTHINKER_RENAMES = {"num_inference_step": "num_inference_steps", "text_guidance_scale": "guidance_scale"}
+# ... and these have none for our editor (its servers ignore width/height too; we never rewrite a prompt; one
+# image per request): accepted, not used. Any other name is still an unknown field.
+EDITTHINKER_IGNORED = ("enhance_prompt", "width", "height", "image_guidance_scale", "num_images_per_prompt")
+EDITTHINKER_FIELDS = (*EDITTHINKER_RENAMES, *EDITTHINKER_IGNORED)
+
+
+def accepted_shapes(compat: Optional[str]) -> list[str]:
+    """The request shapes a server in this compat mode takes (its /health says so)."""
+    return ["reasonedit", "editthinker"] if compat == "editthinker" else ["reasonedit"]
 
 
 def field_label(name: str, most: int = 64) -> str:
@@ -97,14 +108,15 @@ class ParsedEdit:
 TEXT_FIELDS = ("prompt", "negative_prompt")  # the text a model reads: bounded by Limits.max_prompt_chars
 
 
-def suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, list(FIELDS) + ["image_file"], n=1, cutoff=0.6)
+def suggest(name: str, compat: Optional[str] = None) -> str:
+    known = list(FIELDS) + ["image_file"] + (list(EDITTHINKER_FIELDS) if compat == "editthinker" else [])
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else f"; the fields are {', '.join(FIELDS)}"
 
 
 class IgnoredFieldLog:
-    """Logs each field that compat mode ignores once per server, not once per request; after `most` names
-    it logs no new ones, so clients that send new names cannot grow it without end."""
+    """Logs each field that compat mode renames or ignores once per server, not once per request; after `most`
+    names it logs no new ones, so clients that send new names cannot grow it without end."""
 
     def __init__(self, most: int = 256) -> None:
         self.seen: set[str] = set()
@@ -135,7 +147,12 @@ def _coerce(name: str, value: Any, spec: FieldSpec, from_form: bool) -> Any:
         except ValueError:
             raise RequestError(name, f"expected {kind.__name__}, got {value[:40]!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer of 309 digits or more: past any float, so past any range
+            value = math.inf if value > 0 else -math.inf
+    if kind is int and isinstance(value, float) and math.isinf(value):  # 1e999, or over 4300 digits (body.py)
+        raise RequestError(name, f"must be a finite integer, got {value}")
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
@@ -190,15 +207,17 @@ def read_image(raw: bytes, limits: Limits, name: str = "image") -> np.ndarray:
         raise RequestError(name, f"image data is damaged ({type(e).__name__}: {e})") from None
 
 
-def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[str] = None,
+def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[str] = DEFAULT_COMPAT,
                image_bytes: Optional[bytes] = None, from_form: bool = False,
                ignored_log: Optional[IgnoredFieldLog] = None) -> ParsedEdit:
-    """Validate one request's fields (a JSON object, or form fields plus an uploaded file's bytes)."""
+    """Validate one request's fields (a JSON object, or form fields plus an uploaded file's bytes). compat
+    "editthinker" also takes EditThinker's field names; "strict" (or None) ours only."""
     if compat is not None and compat not in COMPAT_MODES:
         raise ValueError(f"compat {compat!r}: expected one of {', '.join(COMPAT_MODES)}")
     if len(fields) > limits.max_fields:
         raise RequestError("body", f"{len(fields)} fields; a request holds at most {limits.max_fields} fields")
     values: dict[str, Any] = {}
+    sent_as: dict[str, str] = {}  # our field -> the name the client used, for errors
     ignored: list[str] = []
     renamed: dict[str, str] = {}
     note: Callable[[str, str], None] = ignored_log.note if ignored_log else (lambda n, h: None)
@@ -212,17 +231,20 @@ def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[st
                 ignored.append(name)
                 note(name, f"ignored: '{target}' is also given")
             else:
-                values[target] = value
+                values[target], sent_as[target] = value, name
                 renamed[name] = target
                 note(name, f"read as '{target}'")
-        elif compat == "editthinker":
+        elif compat == "editthinker" and name in EDITTHINKER_IGNORED:
             ignored.append(name)
-            note(name, "ignored, as EditThinker's servers ignore it")
+            note(name, "ignored: it has no meaning for this editor")
+        elif name in EDITTHINKER_FIELDS:
+            raise RequestError(name, "EditThinker's field, and this server takes only its own (--compat strict)"
+                                     + suggest(name) + " (--compat editthinker, the default, takes it)")
         else:
-            raise RequestError(name, "unknown field" + suggest(name))
+            raise RequestError(name, "unknown field" + suggest(name, compat))
 
     values = {k: v for k, v in values.items() if v is not None}  # null means "the default"
-    typed = {k: _coerce(k, v, FIELDS[k], from_form) for k, v in values.items()}
+    typed = {k: _coerce(sent_as.get(k, k), v, FIELDS[k], from_form) for k, v in values.items()}
 
     prompt = typed.get("prompt")
     if prompt is None or not prompt.strip():
@@ -232,7 +254,8 @@ def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[st
             raise RequestError(name, f"is {len(typed[name])} characters; the limit is {limits.max_prompt_chars}")
     steps = typed.get("num_inference_steps", limits.default_steps)
     if steps > limits.max_steps:
-        raise RequestError("num_inference_steps", f"must be at most {limits.max_steps}, got {steps}")
+        raise RequestError(sent_as.get("num_inference_steps", "num_inference_steps"),
+                           f"must be at most {limits.max_steps}, got {steps}")
     rounds = typed.get("rounds", 3)
     if rounds > limits.max_rounds:
         raise RequestError("rounds", f"must be at most {limits.max_rounds}, got {rounds}")
@@ -257,5 +280,6 @@ def parse_edit(fields: Mapping[str, Any], limits: Limits, *, compat: Optional[st
                       ignored=ignored, renamed=renamed)
 
 
-__all__ = ["COMPAT_MODES", "EDITTHINKER_RENAMES", "FIELDS", "IgnoredFieldLog", "Limits", "ParsedEdit",
-           "RequestError", "TEXT_FIELDS", "check_utf8", "field_label", "parse_edit", "read_image", "suggest"]
+__all__ = ["COMPAT_MODES", "DEFAULT_COMPAT", "EDITTHINKER_FIELDS", "EDITTHINKER_IGNORED", "EDITTHINKER_RENAMES",
+           "FIELDS", "IgnoredFieldLog", "Limits", "ParsedEdit", "RequestError", "TEXT_FIELDS", "accepted_shapes",
+           "check_utf8", "field_label", "parse_edit", "read_image", "suggest"]

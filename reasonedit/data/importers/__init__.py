@@ -7,7 +7,9 @@ paths (`jsonl`), LLaMA-Factory sharegpt conversations such as EditThinker's `sft
 checking each field and that each image file exists, then decodes the images and writes
 `OUT/<split>/<kind>-NNNNN.tar` plus `manifest.json` in a hidden sibling directory that is renamed
 into place only when complete. A bad row stops the import with a `DataImportError` naming the file,
-the line and the field; so does a NaN or an infinity in a record, when it is written. Record keys are made
+the line and the field, unless `skip_unmapped` is set: then each row that cannot be mapped is skipped,
+counted by reason in the manifest and listed in `OUT/import_report.jsonl` (`REPORT`). A NaN or an infinity
+in a record stops the import when it is written. Record keys are made
 from input names (anything but letters, digits, `_` and `-` replaced), so no input can name a tar member outside
 the shard; a key too long to be a file name is refused when it is planned. `--out` must lie
 apart from the inputs: it may not be, hold or lie inside an input file or folder or the image root, nor
@@ -17,6 +19,7 @@ hold an image that a row names (replacing it would delete them).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -43,6 +46,7 @@ FORMATS = {
     "captions": "a folder of x.png + x.txt pairs, or a captions.jsonl of {image, caption} -> text_to_image",
 }
 DEFAULT_SHARD_SIZE = 500
+REPORT = "import_report.jsonl"  # in OUT with skip_unmapped: one line per skipped row (file, line, row, reason, ...)
 
 _PLANNERS: dict[str, Callable[[Path, str, Context], Iterator[Planned]]] = {
     "jsonl": plan_jsonl, "sharegpt": plan_sharegpt, "editthinker-rl": plan_editthinker_rl,
@@ -93,12 +97,11 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
     """Import `inputs` in `format` (a key of `FORMATS`) into a dataset directory `out`; return its manifest.
 
     `split` is for rows that name none; relative image paths are read from each input's folder, or
-    from `image_root`. Nothing is left at `out` unless every row imports.
+    from `image_root`. Nothing is left at `out` unless every row imports, or, with `skip_unmapped`, unless
+    every row imports or is skipped (counted in the manifest, listed in `out/import_report.jsonl`).
     """
     if format not in _PLANNERS:
         raise DataImportError(f"unknown import format {format!r}; choose one of {', '.join(FORMATS)}")
-    if skip_unmapped and format != "sharegpt":
-        raise DataImportError("skip_unmapped (--skip-unmapped) applies to --format sharegpt only")
     if split not in SPLITS:
         raise DataImportError(f"--split {split!r} is not a split; use one of {', '.join(SPLITS)}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
@@ -122,7 +125,10 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
             seen[p.kind, p.key] = p.where
             planned.append(p)
     if not planned:
-        skipped = f" ({len(ctx.skipped)} skipped)" if ctx.skipped else ""
+        skipped = ""
+        if ctx.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in ctx.reasons().items())
+            skipped = f": every row was skipped ({reasons}; the first: {ctx.skipped[0]['message']})"
         raise DataImportError(f"no records to import from {', '.join(map(str, paths))}{skipped}")
     if out.is_dir():  # else it holds no image
         _check_apart(out, _named_images(planned))
@@ -159,9 +165,14 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
             "settings": {"split": split, "shard_size": shard_size, "skip_unmapped": skip_unmapped,
                          "image_root": str(ctx.image_root.resolve()) if ctx.image_root else None},
             "counts": {s: {k: len(ps) for k, ps in kinds.items()} for s, kinds in groups.items()},
-            "skipped": {"count": len(ctx.skipped), "first": ctx.skipped[:20]},
+            "skipped": {"count": len(ctx.skipped), "reasons": ctx.reasons(),
+                        "report": REPORT if skip_unmapped else None,
+                        "first": [entry["message"] for entry in ctx.skipped[:20]]},
             "shards": shards,
         }
+        if skip_unmapped:  # written with the dataset, so it is there exactly when the dataset is
+            (tmp / REPORT).write_text("".join(json.dumps(entry, sort_keys=True, ensure_ascii=False) + "\n"
+                                              for entry in ctx.skipped), encoding="utf-8")
         write_manifest(tmp, manifest)
         return manifest
 
@@ -173,7 +184,7 @@ def import_dataset(format: str, inputs: str | Path | Sequence[str | Path], out: 
     except SchemaError as e:  # a record that cannot be stored (a NaN in its fields): nothing was written
         raise DataImportError(f"{writing[0]}: {e}") from None
     log.info("imported %d records from %d %s input(s) into %s%s", total, len(paths), format, out,
-             f"; skipped {len(ctx.skipped)} rows that fit no record kind" if ctx.skipped else "")
+             f"; skipped {len(ctx.skipped)} rows that could not be mapped (see {out / REPORT})" if ctx.skipped else "")
     return manifest
 
 
@@ -197,5 +208,5 @@ def import_captions(inputs: str | Path | Sequence[str | Path], out: str | Path, 
     return import_dataset("captions", inputs, out, **kw)
 
 
-__all__ = ["DEFAULT_SHARD_SIZE", "DataImportError", "FORMATS", "editthinker_score", "import_captions",
+__all__ = ["DEFAULT_SHARD_SIZE", "DataImportError", "FORMATS", "REPORT", "editthinker_score", "import_captions",
            "import_dataset", "import_editthinker_rl", "import_jsonl", "import_sharegpt", "split_steps"]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..samples import TextToImage
-from .records import Context, Planned, build_text_to_image, key_part, row_key
-from .rows import DataImportError, image_path, read_rows, read_text, row_object, split_of, text_field
+from .records import Context, Planned, build_text_to_image, key_part, plan_rows, row_key
+from .rows import DataImportError, Row, image_path, read_rows, read_text, row_object, split_of, text_field
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_FILE = "captions.jsonl"
@@ -34,14 +34,24 @@ def plan_captions(path: Path, tag: str, ctx: Context) -> Iterator[Planned]:
 
 
 def _caption_rows(path: Path, tag: str, ctx: Context) -> Iterator[Planned]:
-    for row in read_rows(path):
-        obj = row_object(row)
-        caption = text_field(row, "caption").strip()
-        image = ("image", image_path(row, "image", obj.get("image"), ctx.root(path)))
-        split, key = split_of(row, ctx.split), row_key(tag, row)
-        meta = {"origin": row.origin, "image_path": obj["image"]}
-        yield Planned(split, TextToImage.KIND, key, row.where,
-                      partial(build_text_to_image, key, row.where, caption, image, meta), (image,))
+    return plan_rows(read_rows(path), ctx, partial(_caption_row, tag=tag, ctx=ctx))
+
+
+def _caption_row(row: Row, tag: str, ctx: Context) -> Iterator[Planned]:
+    obj = row_object(row)
+    caption = text_field(row, "caption").strip()
+    image = ("image", image_path(row, "image", obj.get("image"), ctx.root(row.path)))
+    split, key = split_of(row, ctx.split), row_key(tag, row)
+    meta = {"origin": row.origin, "image_path": obj["image"]}
+    yield Planned(split, TextToImage.KIND, key, row.where,
+                  partial(build_text_to_image, key, row.where, caption, image, meta), (image,))
+
+
+def _pair_error(file: Path, line: int | None, field_name: str, problem: str, reason: str) -> DataImportError:
+    """The error for one (image, caption) pair of a folder: skippable like a row's."""
+    where = f"{file}:{line}" if line is not None else str(file)
+    return DataImportError(f"{where}: field '{field_name}': {problem}",
+                           at={"file": str(file), "line": line, "row": None}, field=field_name, reason=reason)
 
 
 def _caption_pairs(folder: Path, tag: str, ctx: Context) -> Iterator[Planned]:
@@ -57,24 +67,36 @@ def _caption_pairs(folder: Path, tag: str, ctx: Context) -> Iterator[Planned]:
         elif p.suffix.lower() == ".txt":
             captions[stem] = p
     for stem in sorted(set(images) | set(captions)):
-        found, txt = images.get(stem, []), captions.get(stem)
-        if txt is None:
-            raise DataImportError(f"{found[0]}: field 'caption': no caption file {stem}.txt beside this image; "
-                                  "add one or move the image out")
-        where = f"{txt}:1"
-        if not found:
-            raise DataImportError(f"{where}: field 'image': no image named {stem} with a suffix among "
-                                  f"{', '.join(IMAGE_SUFFIXES)} beside this caption")
-        if len(found) > 1:
-            raise DataImportError(f"{where}: field 'image': {len(found)} images share its name "
-                                  f"({', '.join(p.name for p in found)}); keep one")
+        try:
+            planned = _caption_pair(folder, tag, ctx, stem, images.get(stem, []), captions.get(stem))
+        except DataImportError as e:
+            ctx.skip(e)
+            continue
+        yield planned
+
+
+def _caption_pair(folder: Path, tag: str, ctx: Context, stem: str, found: list[Path], txt: Path | None) -> Planned:
+    if txt is None:
+        raise _pair_error(found[0], None, "caption", f"no caption file {stem}.txt beside this image; add one or "
+                                                     "move the image out", "missing_caption")
+    where = f"{txt}:1"
+    if not found:
+        raise _pair_error(txt, 1, "image", f"no image named {stem} with a suffix among {', '.join(IMAGE_SUFFIXES)} "
+                                           "beside this caption", "missing_image")
+    if len(found) > 1:
+        raise _pair_error(txt, 1, "image", f"{len(found)} images share its name "
+                                           f"({', '.join(p.name for p in found)}); keep one", "ambiguous_image")
+    try:
         caption = read_text(txt).strip()
-        if not caption:
-            raise DataImportError(f"{where}: field 'caption': the caption file is empty")
-        key = f"{tag}-{key_part(stem)}"
-        meta = {"origin": {"file": txt.relative_to(folder).as_posix(), "line": 1},
-                "image_path": found[0].relative_to(folder).as_posix()}
-        image = ("image", found[0])
-        yield Planned(ctx.split, TextToImage.KIND, key, where,
-                      partial(build_text_to_image, key, where, caption, image, meta), (image,),
-                      key_from="the folder's name and the image's path in it")
+    except DataImportError as e:  # not UTF-8, unreadable: this pair's problem alone
+        e.at, e.field, e.reason = {"file": str(txt), "line": 1, "row": None}, "caption", "unreadable_caption"
+        raise
+    if not caption:
+        raise _pair_error(txt, 1, "caption", "the caption file is empty", "empty_field")
+    key = f"{tag}-{key_part(stem)}"
+    meta = {"origin": {"file": txt.relative_to(folder).as_posix(), "line": 1},
+            "image_path": found[0].relative_to(folder).as_posix()}
+    image = ("image", found[0])
+    return Planned(ctx.split, TextToImage.KIND, key, where,
+                   partial(build_text_to_image, key, where, caption, image, meta), (image,),
+                   key_from="the folder's name and the image's path in it")

@@ -15,34 +15,40 @@ from pathlib import Path
 from typing import Iterator
 
 from ..samples import MAX_LIST_IMAGES, EditPair, ThinkingPair
-from .records import IMPORTED, Context, Planned, build_edit_pair, build_thinking_pair, row_key
-from .rows import image_path, json_type, read_rows, row_object, split_of, text_field
+from .records import IMPORTED, Context, Planned, build_edit_pair, build_thinking_pair, plan_rows, row_key
+from .rows import Row, image_path, json_type, read_rows, row_object, split_of, text_field
+
+
+_COLUMNS = {"source", "target", "instruction", "abstract_instruction", "category", "split", "extra_sources"}
 
 
 def plan_jsonl(path: Path, tag: str, ctx: Context) -> Iterator[Planned]:
     """The records of one JSON Lines file of edit pairs."""
-    known = {"source", "target", "instruction", "abstract_instruction", "category", "split", "extra_sources"}
-    for row in read_rows(path):
-        obj = row_object(row)
-        instruction = text_field(row, "instruction")
-        abstract = text_field(row, "abstract_instruction", required=False)
-        category = text_field(row, "category", required=False) or IMPORTED
-        source = ("source", image_path(row, "source", obj.get("source"), ctx.root(path)))
-        target = ("target", image_path(row, "target", obj.get("target"), ctx.root(path)))
-        extra = obj.get("extra_sources", [])
-        if not isinstance(extra, list) or len(extra) > MAX_LIST_IMAGES:
-            got = f"{len(extra)} paths" if isinstance(extra, list) else json_type(extra)
-            raise row.error("extra_sources", f"expected a list of at most {MAX_LIST_IMAGES} image paths, got {got}")
-        extras = [(f"extra_sources[{i}]", image_path(row, f"extra_sources[{i}]", p, ctx.root(path)))
-                  for i, p in enumerate(extra)]
-        split, key = split_of(row, ctx.split), row_key(tag, row)
-        meta = {"origin": row.origin, "source_path": obj["source"], "target_path": obj["target"],
-                **({"extra_source_paths": extra} if extra else {}),
-                "extra": {k: v for k, v in obj.items() if k not in known}}
-        yield Planned(split, EditPair.KIND, key, row.where,
-                      partial(build_edit_pair, key, row.where, source, instruction, target, meta, extras),
-                      (source, target, *extras))
-        if abstract is not None:
-            yield Planned(split, ThinkingPair.KIND, key, row.where, partial(
-                build_thinking_pair, key, row.where, source, abstract, instruction, category, target, meta),
-                (source, target))
+    return plan_rows(read_rows(path), ctx, partial(_jsonl_records, tag=tag, ctx=ctx))
+
+
+def _jsonl_records(row: Row, tag: str, ctx: Context) -> Iterator[Planned]:
+    obj = row_object(row)
+    root = ctx.root(row.path)
+    instruction = text_field(row, "instruction")
+    abstract = text_field(row, "abstract_instruction", required=False)
+    category = text_field(row, "category", required=False) or IMPORTED
+    source = ("source", image_path(row, "source", obj.get("source"), root))
+    target = ("target", image_path(row, "target", obj.get("target"), root))
+    extra = obj.get("extra_sources", [])
+    if not isinstance(extra, list) or len(extra) > MAX_LIST_IMAGES:
+        got = f"{len(extra)} paths" if isinstance(extra, list) else json_type(extra)
+        raise row.error("extra_sources", f"expected a list of at most {MAX_LIST_IMAGES} image paths, got {got}",
+                        reason="wrong_type")
+    extras = [(f"extra_sources[{i}]", image_path(row, f"extra_sources[{i}]", p, root)) for i, p in enumerate(extra)]
+    split, key = split_of(row, ctx.split), row_key(tag, row)
+    meta = {"origin": row.origin, "source_path": obj["source"], "target_path": obj["target"],
+            **({"extra_source_paths": extra} if extra else {}),
+            "extra": {k: v for k, v in obj.items() if k not in _COLUMNS}}
+    yield Planned(split, EditPair.KIND, key, row.where,
+                  partial(build_edit_pair, key, row.where, source, instruction, target, meta, extras),
+                  (source, target, *extras))
+    if abstract is not None:
+        yield Planned(split, ThinkingPair.KIND, key, row.where, partial(
+            build_thinking_pair, key, row.where, source, abstract, instruction, category, target, meta),
+            (source, target))

@@ -4,20 +4,26 @@ A format turns each checked row into a `Planned` record: its split, kind, key an
 from, with a builder that decodes the images only when the record is written. Images are named by
 (field, path) pairs so that a file that will not decode is reported against the field that named
 it. Imported records get the category (and error type) "imported", since no source format says.
+`plan_rows` maps rows one by one: a row that cannot be mapped stops the import, or with `skip_unmapped` is
+skipped and recorded in the `Context` with its reason.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ..samples import EditPair, Record, ReflectionSample, TextToImage, ThinkingPair
 from .rows import DataImportError, Row
+
+log = logging.getLogger(__name__)
 
 IMPORTED = "imported"  # category / error_type of imported records: the source format does not say
 
@@ -69,10 +75,33 @@ class Context:
     split: str  # for rows that name none
     image_root: Path | None
     skip_unmapped: bool = False
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # one report entry per skipped row, in input order
 
     def root(self, path: Path) -> Path:
         return self.image_root if self.image_root is not None else path.parent
+
+    def skip(self, error: DataImportError) -> None:
+        """Skip the row `error` is about when `skip_unmapped` is set (recording why); else raise it."""
+        if not self.skip_unmapped or error.at is None:  # an error of the whole input is never skipped
+            raise error
+        self.skipped.append({**error.at, "reason": error.reason, "field": error.field, "message": str(error)})
+        log.debug("skipped %s", error)
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped rows counted by reason, most frequent first (ties by name)."""
+        counts = Counter(entry["reason"] for entry in self.skipped)
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def plan_rows(rows: Iterable[Row], ctx: Context, plan: Callable[[Row], Iterable[Planned]]) -> Iterator[Planned]:
+    """The records `plan` makes of each row; a row it cannot map stops the import, or is skipped (`Context.skip`)."""
+    for row in rows:
+        try:
+            records = list(plan(row))  # whole, so a row that fails halfway gives none of its records
+        except DataImportError as e:
+            ctx.skip(e)
+            continue
+        yield from records
 
 
 def key_part(text: str) -> str:
@@ -102,11 +131,12 @@ def build_thinking_pair(key: str, where: str, image: ImageRef, abstract: str, co
 
 
 def build_reflection(key: str, where: str, source: ImageRef, instruction: str, candidate: ImageRef, score: int,
-                     reason: str, thought: str, decision: str, new_instruction: str, meta: dict) -> ReflectionSample:
+                     reason: str, thought: str, decision: str, new_instruction: str, meta: dict,
+                     restart: bool = False) -> ReflectionSample:
     # imports carry no expected-target description (""), and do not know how the candidate was made
     return ReflectionSample(key, load_image(source[1], where, source[0]), instruction,
                             load_image(candidate[1], where, candidate[0]), "", score, reason, thought, decision,
-                            new_instruction, IMPORTED, meta=meta)
+                            new_instruction, IMPORTED, meta=meta, restart=restart)
 
 
 def build_text_to_image(key: str, where: str, caption: str, image: ImageRef, meta: dict) -> TextToImage:

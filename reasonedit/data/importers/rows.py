@@ -3,7 +3,9 @@
 An input is a JSON Lines file (one JSON value a line, blank lines skipped) or a file holding one JSON
 array (LLaMA-Factory's `.json`), read as UTF-8 with an optional byte-order mark. Each value becomes a
 `Row` that knows its file, line and position, so a bad field raises a `DataImportError` naming the
-file, the line and the field; the field readers here check strings, splits and image paths.
+file, the line and the field (and carrying the row and a reason code, so `skip_unmapped` can skip it); the
+field readers here check strings, splits and image paths. A JSON Lines line that does not parse is that
+row's error; a JSON array that does not parse stops the import (nothing after it can be located).
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ from reasonedit.config.synth import SPLITS
 
 
 class DataImportError(ValueError):
-    """A row or input that cannot be imported; names the file, line and field and what to fix."""
+    """A row or input that cannot be imported; names the file, line and field and what to fix.
+
+    One raised for a single row (by `Row.error`) says where that row is (`at`: its file, line and 0-based row
+    number), the field and a short `reason` code (`missing_field`, `bad_score`, ...): with `skip_unmapped` such
+    a row is skipped and reported instead of stopping the import. `at` is None for an error of the whole input.
+    """
+
+    def __init__(self, message: str, *, at: dict | None = None, field: str | None = None,
+                 reason: str = "bad_row") -> None:
+        super().__init__(message)
+        self.at, self.field, self.reason = at, field, reason
 
 
 def json_type(value: Any) -> str:
@@ -39,6 +51,7 @@ class Row:
     index: int  # 0-based among the file's rows
     value: Any
     in_array: bool = False
+    bad_json: str | None = None  # a JSON Lines line that did not parse: why (its value is None)
 
     @property
     def where(self) -> str:
@@ -49,8 +62,12 @@ class Row:
         """Kept in each record's meta; the file name only, so shards do not depend on where inputs live."""
         return {"file": self.path.name, "line": self.line, "row": self.index}
 
-    def error(self, field_name: str | None, problem: str, kind: type = DataImportError) -> DataImportError:
-        return kind(f"{self.where}: field '{field_name}': {problem}" if field_name else f"{self.where}: {problem}")
+    def error(self, field_name: str | None, problem: str, kind: type = DataImportError,
+              reason: str = "bad_field") -> DataImportError:
+        """The error for this row: `reason` is the short code a skip is counted under."""
+        message = f"{self.where}: field '{field_name}': {problem}" if field_name else f"{self.where}: {problem}"
+        return kind(message, at={"file": str(self.path), "line": self.line, "row": self.index}, field=field_name,
+                    reason=reason)
 
 
 def read_text(path: Path) -> str:
@@ -80,10 +97,9 @@ def read_rows(path: Path) -> Iterator[Row]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataImportError(f"{path}:{n}: bad JSON ({e.msg} at column {e.colno})") from None
-        yield Row(path, n, index, value)
+            yield Row(path, n, index, json.loads(line))
+        except json.JSONDecodeError as e:  # one bad line: the others still parse, so it is that row's error
+            yield Row(path, n, index, None, bad_json=f"bad JSON ({e.msg} at column {e.colno})")
         index += 1
 
 
@@ -123,8 +139,10 @@ def _array_rows(path: Path, text: str, i: int) -> Iterator[Row]:
 # -- fields -----------------------------------------------------------------------------------------
 def row_object(row: Row) -> dict:
     """The row's value, which must be a JSON object."""
+    if row.bad_json is not None:
+        raise row.error(None, row.bad_json, reason="bad_json")
     if not isinstance(row.value, dict):
-        raise row.error(None, f"expected a JSON object, got {json_type(row.value)}")
+        raise row.error(None, f"expected a JSON object, got {json_type(row.value)}", reason="not_an_object")
     return row.value
 
 
@@ -134,12 +152,13 @@ def text_field(row: Row, name: str, *, required: bool = True, allow_empty: bool 
     value = obj.get(name)
     if value is None:
         if required:
-            raise row.error(name, "missing; add it as a string" if name not in obj else "is null; a string is required")
+            raise row.error(name, "missing; add it as a string" if name not in obj else "is null; a string is required",
+                            reason="missing_field")
         return None
     if not isinstance(value, str):
-        raise row.error(name, f"expected a string, got {json_type(value)}")
+        raise row.error(name, f"expected a string, got {json_type(value)}", reason="wrong_type")
     if not allow_empty and not value.strip():
-        raise row.error(name, "is empty; give a non-empty string")
+        raise row.error(name, "is empty; give a non-empty string", reason="empty_field")
     return value
 
 
@@ -147,22 +166,22 @@ def split_of(row: Row, default: str) -> str:
     """The split a row names in its `split` field, else `default`."""
     split = text_field(row, "split", required=False) or default
     if split not in SPLITS:
-        raise row.error("split", f"{split!r} is not a split; use one of {', '.join(SPLITS)}")
+        raise row.error("split", f"{split!r} is not a split; use one of {', '.join(SPLITS)}", reason="bad_split")
     return split
 
 
 def image_path(row: Row, name: str, value: Any, root: Path) -> Path:
     """The file an image field names (relative paths from `root`), checked to exist."""
     if value is None:
-        raise row.error(name, "missing; an image path is required")
+        raise row.error(name, "missing; an image path is required", reason="missing_field")
     if not isinstance(value, str):
-        raise row.error(name, f"expected an image path (a string), got {json_type(value)}")
+        raise row.error(name, f"expected an image path (a string), got {json_type(value)}", reason="wrong_type")
     if not value.strip():
-        raise row.error(name, "is empty; an image path is required")
+        raise row.error(name, "is empty; an image path is required", reason="empty_field")
     relative = not Path(value).is_absolute()
     path = root / value if relative else Path(value)
     if not path.is_file():
         raise row.error(name, f"image file {path} not found" + (f" (relative paths are read from {root}; "
                                                                 "set image_root (--image-root) to change that)"
-                                                                if relative else ""))
+                                                                if relative else ""), reason="missing_image")
     return path

@@ -9,12 +9,14 @@ Local copy, either of:
 - a `metadata.jsonl` export (one row per sample with the same fields, the two image fields being
   paths relative to the directory).
 
-Outputs go where the official scorer reads them: `<images>/<model>/fullset/<task_type>/<language>/<key>.png`.
+Outputs go where the official scorer reads them: `<images>/<model>/fullset/<task_type>/<language>/<key>.png`,
+with the judged source image beside each as `<key>_SRCIMG.png` (`test_gedit_score.py` skips a sample without it).
 
 Per sample the judge gives two semantic-consistency sub-scores (source + edit) and two perceptual
 quality sub-scores (edit alone), each 0-10: SC = min of its two, PQ = min of its two,
-O = sqrt(SC * PQ). Means per task type, then the mean over the task types; per language; the
-intersection subset beside the full set.
+O = sqrt(SC * PQ). Means per task type, then the mean over the 11 task types, which is undefined (None;
+the official NaN) when a task type has no scored sample; our mean over the task types that have one is
+reported beside it. Per language; the intersection subset beside the full set.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ FIELDS = ("key", "task_type", "instruction", "instruction_language", "input_imag
           "Intersection_exist")
 METADATA = "metadata.jsonl"
 IMAGE_COLUMNS = ("input_image", "input_image_raw")
+SOURCE_SUFFIX = "_SRCIMG.png"  # the judged source image beside each edit, as generate_image_example.py saves it
 TABLE_SUFFIXES = (".parquet", ".arrow")  # hub parquet; `datasets` Arrow (IPC stream) files
 CACHE_DIRNAME = ".reasonedit-images"
 BATCH_ROWS = 16  # rows held in memory at once while extracting (each holds two full-size images)
@@ -280,6 +283,7 @@ class GEditBenchmark(Benchmark):
             raise BenchmarkDataError(f"{where}: {noun} 'instruction_language' is "
                                      f"{rec['instruction_language']!r}, expected one of {list(LANGUAGES)}")
         output_name(self.name, rec["key"], where, "key")
+        output_name(self.name, f"{rec['key']}{SOURCE_SUFFIX}", where, "key")  # <key>_SRCIMG.png must be one name too
         key = (rec["key"], rec["instruction_language"])
         if key in seen:
             raise BenchmarkDataError(f"{where}: key {rec['key']!r} ({rec['instruction_language']}) appears twice "
@@ -356,6 +360,12 @@ class GEditBenchmark(Benchmark):
         return output_file(images_dir, model_name, "fullset", sample.category, sample.language,
                            f"{sample.meta['key']}.png")
 
+    def companion_files(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> dict[Path, Path]:
+        """`<key>_SRCIMG.png` beside the edit: the judged source image (input_image), which the official scorer
+        opens as the first image and skips the sample without."""
+        return {output_file(images_dir, model_name, "fullset", sample.category, sample.language,
+                            f"{sample.meta['key']}{SOURCE_SUFFIX}"): Path(sample.meta["input_image"])}
+
     def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
         source = Path(sample.meta["input_image"])
         return [
@@ -366,8 +376,9 @@ class GEditBenchmark(Benchmark):
         ]
 
     def score(self, results: Sequence[SampleResult]) -> dict[str, Any]:
-        """Per language, for the full set and the intersection subset: SC, PQ, O per task type and
-        their mean over the task types present."""
+        """Per language, for the full set and the intersection subset: SC, PQ, O per task type (all 11, None
+        where none is scored) and their mean over the 11 task types, None unless every one has a value (as the
+        official np.mean gives NaN); beside it, ours: the mean over the task types that have one."""
         per_sample = {id(r): sample_scores(r.scores) for r in ok_only(results)}
 
         def metrics(rs: Sequence[SampleResult]) -> dict[str, float | None]:
@@ -382,14 +393,23 @@ class GEditBenchmark(Benchmark):
             for subset, keep in (("fullset", lambda r: True), ("intersection", lambda r: r.meta.get("intersection"))):
                 rs = [r for r in in_lang if keep(r)]
                 by_type = group_by(rs, lambda r: r.category)
-                rows = {t: row(by_type[t], metrics(by_type[t])) for t in TASK_TYPES if t in by_type}
-                overall = {m: mean(v[m] for v in rows.values() if v[m] is not None) for m in ("SC", "PQ", "O")}
+                rows = {t: row(by_type.get(t, []), metrics(by_type.get(t, []))) for t in TASK_TYPES}
+                overall: dict[str, Any] = {}
+                for m in ("SC", "PQ", "O"):
+                    values = [v[m] for v in rows.values()]
+                    overall[m] = mean(values) if all(x is not None for x in values) else None
+                for m in ("SC", "PQ", "O"):
+                    overall[f"{m}_over_scored_types"] = mean(v[m] for v in rows.values() if v[m] is not None)
+                overall["task_types_scored"] = sum(v["O"] is not None for v in rows.values())
                 sections[f"{lang}/{subset}"] = {"overall": overall, "by_category": rows}
         return {
             "benchmark": self.name, "metrics": ["SC", "PQ", "O"], "primary": "O",
             "counts": total_counts(results), "sections": sections,
             "notes": ["per sample: SC = min(2 semantic sub-scores), PQ = min(2 quality sub-scores), O = sqrt(SC*PQ)",
-                      "overall: the mean over task types of each task type's mean (scored samples only)"],
+                      "overall: the mean over the 11 task types of each task type's mean (scored samples only); "
+                      "n/a when a task type has no scored sample, as calculate_statistics.py gives NaN",
+                      "<metric>_over_scored_types (ours): the mean over the task types that have a scored sample; "
+                      "task_types_scored: how many of the 11 do"],
         }
 
 

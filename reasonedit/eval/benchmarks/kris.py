@@ -2,7 +2,10 @@
 
 Local copy: `<data>/<category>/annotation.json` for each of the 20 categories, {image_id: {"ori_img":
 a file name or a list of them, "gt_img", "ins_en", "explain_en"}} with the images beside it. Outputs go
-where the official scripts read them: `<images>/<model>/<category>/<image_id>.png`.
+where the official scripts read them: `<images>/<model>/<category>/<image_id>.jpg` (the `metrics_*.py` of
+mercurystraw/Kris_Bench open `results/<model>/<category>/<image_id>.jpg` only), written as JPEG at quality
+95; `ext="png"` writes lossless `<image_id>.png` instead, which EditThinker's copy of those scripts opens
+(`<results_dir>/<category>/<image_id>.png`, with `--results_dir <images>/<model>`).
 
 Metrics: visual consistency (VC), visual quality (VQ), instruction following (IF) and, for the 10
 knowledge categories only, knowledge plausibility (KP). Each value is normalised as (s - 1) * 25.
@@ -91,11 +94,20 @@ def sample_values(result: SampleResult) -> dict[str, float]:
     return out
 
 
+EXTENSIONS = {"jpg": "the official scripts (mercurystraw/Kris_Bench metrics_*.py)",
+              "png": "EditThinker's copy of them (appletea233/EditThinker eval/kris)"}
+
+
 class KrisBenchmark(Benchmark):
     name = "kris"
 
-    def __init__(self, categories: Sequence[str] | None = None):
+    def __init__(self, categories: Sequence[str] | None = None, ext: str = "jpg"):
         super().__init__()
+        if ext not in EXTENSIONS:
+            raise ValueError(f"kris: output extension {ext!r}: choose jpg ({EXTENSIONS['jpg']}) or png "
+                             f"({EXTENSIONS['png']})")
+        self.ext = ext
+        self.official_extensions = (f".{ext}",)
         unknown = [c for c in categories or () if c not in CATEGORIES]
         if unknown:
             raise ValueError(f"kris: unknown categories {unknown}; KRIS-Bench has {list(CATEGORIES)}")
@@ -137,7 +149,7 @@ class KrisBenchmark(Benchmark):
         return BenchSample(f"{cat}/{image_id}", cat, rec["ins_en"], sources, "en", meta)
 
     def output_path(self, images_dir: str | Path, sample: BenchSample, model_name: str) -> Path:
-        return output_file(images_dir, model_name, sample.category, f"{sample.meta['image_id']}.png")
+        return output_file(images_dir, model_name, sample.category, f"{sample.meta['image_id']}.{self.ext}")
 
     def judge_queries(self, sample: BenchSample, edited_path: Path) -> list[JudgeQuery]:
         edited = Path(edited_path)
@@ -197,4 +209,4 @@ class KrisBenchmark(Benchmark):
         }
 
 
-__all__ = ["CATEGORIES", "GROUPS", "KNOWLEDGE", "KrisBenchmark", "TYPES", "normalise", "sample_values"]
+__all__ = ["CATEGORIES", "EXTENSIONS", "GROUPS", "KNOWLEDGE", "KrisBenchmark", "TYPES", "normalise", "sample_values"]

@@ -7,8 +7,11 @@ reasoning_img, consistency_free, subtask) and the image folders it names. Output
 
 Sub-scores: appearance consistency, reasoning and (not for logical tasks) visual plausibility, each
 1-5; logical tasks are judged 0/1 and mapped to 1/5 (4 * s + 1). A sample is solved when every
-applicable sub-score is 5; consistency-free samples are exempt from consistency. Accuracy overall and
-per category; sub-dimensions as 25 * (mean - 1).
+applicable sub-score is 5; consistency-free samples are not judged on consistency and are solved
+without it (as `gpt_eval.py` does since commit ce8cba37). Per category, subtask and overall: accuracy
+= solved / all samples (missing and failed count as unsolved, as the official script counts a reply it
+cannot read), the accuracy over scored samples beside it, the official weighted score (`calculate_score`)
+and the sub-dimensions as 25 * (mean - 1).
 """
 
 from __future__ import annotations
@@ -86,6 +89,25 @@ def _present(rec: dict, field: str) -> bool:
     return v is not None and v != "" and not (isinstance(v, float) and v != v)  # NaN from spreadsheets
 
 
+def _flag(rec: dict, field: str) -> bool:
+    """The official test of a flag field (`field in item and not pd.isna(item[field])`): set by any value that is
+    not null or NaN, even false or ""."""
+    v = rec.get(field)
+    return field in rec and v is not None and not (isinstance(v, float) and v != v)
+
+
+def _weighed_without_consistency(rec: dict, field_in_file: bool) -> bool:
+    """Whether the official `calculate_score` weighs a sample 0.2 * plausibility + 0.8 * reasoning. It tests
+    `'consistency_free' in row and row['consistency_free']` on a pandas row: once any item of the file has the
+    field, an item without it holds NaN there, which is true, so it is weighed without consistency too; an
+    explicit null (None) or false is false. Read from the code, not run (pandas is not installed here)."""
+    if not field_in_file:
+        return False
+    if "consistency_free" not in rec:
+        return True  # NaN
+    return bool(rec["consistency_free"])
+
+
 def mapped(result: SampleResult) -> dict[str, float]:
     """The sub-scores of a sample on the 1-5 scale (binary logical judgements become 1 or 5)."""
     out = {}
@@ -97,7 +119,9 @@ def mapped(result: SampleResult) -> dict[str, float]:
 
 
 def solved(result: SampleResult) -> bool:
-    """Full marks on every applicable sub-score (consistency-free samples skip consistency)."""
+    """Full marks on every applicable sub-score (consistency-free samples skip consistency). The official script
+    exempts consistency-free samples of the three non-logical categories; a consistency-free logical sample stops
+    it (it reads a third judgement logical samples never get), so exempting those too is our choice, unverified."""
     needed = ["reasoning"]
     if not result.meta.get("consistency_free"):
         needed.append("consistency")
@@ -114,8 +138,26 @@ def percent(m: float | None) -> float | None:
     return None if m is None else 25 * (m - 1)
 
 
+def weighted_score(result: SampleResult, without_consistency: bool) -> float | None:
+    """RISEBench's weighted score of one sample (`calculate_score`, 1-5): 0.3 * consistency + 0.5 * reasoning +
+    0.2 * plausibility, or 0.2 * plausibility + 0.8 * reasoning `without_consistency`; logical 0.3 * consistency +
+    0.7 * reasoning (mapped to 1-5); halved, at least 1, when reasoning is 1. None where the official value is NaN
+    (a sample weighed with a consistency it was not judged on)."""
+    s = mapped(result)
+    r = s["reasoning"]
+    if result.category == "logical_reasoning" or not without_consistency:
+        if "consistency" not in s:
+            return None
+        value = 0.3 * s["consistency"] + 0.7 * r if result.category == "logical_reasoning" \
+            else 0.3 * s["consistency"] + 0.5 * r + 0.2 * s["plausibility"]
+    else:
+        value = 0.2 * s["plausibility"] + 0.8 * r
+    return max(1.0, 0.5 * value) if r == 1 else value
+
+
 class RiseBenchmark(Benchmark):
     name = "rise"
+    official_extensions = (".png", ".jpg", ".jpeg")  # gpt_eval.py find_image tries these in turn
 
     def __init__(self, data_json: str | None = None):
         super().__init__()
@@ -145,6 +187,7 @@ class RiseBenchmark(Benchmark):
         if not isinstance(items, list) or not items:
             raise BenchmarkDataError(f"{path}: expected a non-empty list of samples")
         samples, seen = [], set()
+        field_in_file = any(isinstance(rec, dict) and "consistency_free" in rec for rec in items)
         for i, rec in enumerate(items):
             where = f"{path}: item {i}"
             require(rec, ("index", "category", "instruction", "image"), where,
@@ -157,9 +200,10 @@ class RiseBenchmark(Benchmark):
                 raise BenchmarkDataError(f"{where}: index {rec['index']!r} appears twice")
             seen.add(index)
             meta: dict[str, Any] = {"index": index, "subtask": rec.get("subtask"),
-                                    "consistency_free": bool(_present(rec, "consistency_free") and rec["consistency_free"]),
+                                    "consistency_free": _flag(rec, "consistency_free"),
+                                    "weighed_without_consistency": _weighed_without_consistency(rec, field_in_file),
                                     "binary": cat == "logical_reasoning",
-                                    "reasoning_img": _present(rec, "reasoning_img")}
+                                    "reasoning_img": _flag(rec, "reasoning_img")}
             if _present(rec, "reference_img"):
                 meta["reference_image"] = str(existing_file(root, rec["reference_img"], where, "reference_img"))
             ref_field = "reference_txt" if cat == "logical_reasoning" else "reference"
@@ -182,17 +226,18 @@ class RiseBenchmark(Benchmark):
         if not m["consistency_free"]:
             if logical:
                 queries.append(JudgeQuery("consistency", CONSISTENCY_BINARY_PROMPT.format(instruction=ins),
-                                          [source, edited], ("consistency",), "final_score", (0, 1)))
+                                          [source, edited], ("consistency",), "final_score", (0, 1), integers=True))
             else:
                 queries.append(JudgeQuery("consistency", CONSISTENCY_PROMPT.format(instruction=ins),
                                           [source, edited], ("consistency",), "final_score", (1, 5)))
         if logical:
             if "reference_text" in m:
                 queries.append(JudgeQuery("reasoning", LOGICAL_TEXT_PROMPT.format(instruction=ins, reference=m["reference_text"]),
-                                          [edited], ("reasoning",), "final_score", (0, 1)))
+                                          [edited], ("reasoning",), "final_score", (0, 1), integers=True))
             else:
                 queries.append(JudgeQuery("reasoning", LOGICAL_IMAGE_PROMPT.format(instruction=ins),
-                                          [Path(m["reference_image"]), edited], ("reasoning",), "final_score", (0, 1)))
+                                          [Path(m["reference_image"]), edited], ("reasoning",), "final_score", (0, 1),
+                                          integers=True))
             return queries
         if "reference_image" in m and (sample.category == "spatial_reasoning" or "reference_text" not in m):
             queries.append(JudgeQuery("reasoning", REASONING_IMAGE_PROMPT.format(instruction=ins),
@@ -213,22 +258,27 @@ class RiseBenchmark(Benchmark):
         ok = ok_only(results)
         done = {id(r): solved(r) for r in ok}
         subs = {id(r): mapped(r) for r in ok}
+        official = {id(r): weighted_score(r, bool(r.meta.get("weighed_without_consistency"))) for r in ok}
+        own = {id(r): weighted_score(r, bool(r.meta.get("consistency_free"))) for r in ok}
 
         def metrics(rs: Sequence[SampleResult]) -> dict[str, float | None]:
             scored = [r for r in rs if id(r) in done]
-            acc = mean(100.0 * done[id(r)] for r in scored)
-            out = {"accuracy": acc}
+            score = mean(official[id(r)] for r in scored if official[id(r)] is not None)
+            out = {"accuracy": 100.0 * sum(done[id(r)] for r in scored) / len(rs) if rs else None,
+                   "accuracy_scored": mean(100.0 * done[id(r)] for r in scored),
+                   "score_pct": percent(score)}
             for k in SUBSCORES:
                 out[k] = percent(mean(subs[id(r)][k] for r in scored if k in subs[id(r)]))
+            out["score"] = score
+            out["score_pct_own_weights"] = percent(mean(own[id(r)] for r in scored if own[id(r)] is not None))
             return out
 
         by_cat = group_by(results, lambda r: r.category)
         overall = metrics(results)
-        # the official script counts a reply it cannot parse as unsolved: give that figure too
-        overall["accuracy_all"] = 100.0 * sum(done.values()) / len(results) if results else None
         by_subtask = group_by(results, lambda r: f"{r.category}/{r.meta.get('subtask') or '-'}")
         return {
-            "benchmark": self.name, "metrics": ["accuracy", "consistency", "reasoning", "plausibility"],
+            "benchmark": self.name,
+            "metrics": ["accuracy", "accuracy_scored", "score_pct", "consistency", "reasoning", "plausibility"],
             "primary": "accuracy", "counts": total_counts(results),
             "sections": {
                 "all": {"overall": overall,
@@ -236,10 +286,15 @@ class RiseBenchmark(Benchmark):
                 "subtasks": {"overall": overall,
                              "by_category": {k: row(v, metrics(v)) for k, v in sorted(by_subtask.items())}},
             },
-            "notes": ["accuracy: % of scored samples with full marks on every applicable sub-score",
-                      "accuracy_all: solved / all samples, missing and failed counted as unsolved",
-                      "sub-dimensions: 25 * (mean - 1) of the 1-5 scores (logical 0/1 mapped to 1/5)"],
+            "notes": ["accuracy: solved / all samples, missing and failed counted as unsolved (as gpt_eval.py counts "
+                      "a reply it cannot read); solved = full marks on every applicable sub-score",
+                      "accuracy_scored (ours): solved / scored samples, missing and failed left out",
+                      "score_pct: the official weighted score (calculate_score, 1-5, in 'score') as 25 * (score - 1), "
+                      "scored samples only; it weighs every non-logical sample 0.2 * plausibility + 0.8 * reasoning "
+                      "once the data file has a consistency_free field on any sample (see eval/README.md); "
+                      "score_pct_own_weights (ours) drops consistency only for consistency-free samples",
+                      "sub-dimensions: 25 * (mean - 1) of the 1-5 scores (logical 0/1 mapped to 1/5), scored samples only"],
         }
 
 
-__all__ = ["CATEGORIES", "RiseBenchmark", "mapped", "solved"]
+__all__ = ["CATEGORIES", "RiseBenchmark", "mapped", "solved", "weighted_score"]
