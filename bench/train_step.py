@@ -30,6 +30,21 @@ Prints, per stage, the model FLOPs by part, one line per layout and the ratio:
 
 (one H100, qwen-image-edit widths at 4 + 4 layers, 448 px; on a CPU the lines end "MFU: n/a on CPU").
 
+After each layout's line, the calls of the registered attention functions in one more step of it (the last
+batch again), counted by `reasonedit.models.reasoner.attention_calls`; the vision tower makes one per layer
+per forward over all the step's images (per window before the packed vision tower):
+
+    stage1 packed attention calls per step: vision tower 2 (1 forward x 2 layers), language model 2, all 4
+
+Then the host syncs and collectives of one more packed step (`reasonedit.testing.syncs.HostSyncs`), and the
+packed step time before its figures stayed on the device (the step's counts read back and its figures read every
+step) against now (read at the logging cadence), on the same batches in this run:
+
+    stage2 packed host syncs per step: 1 (tolist @ reasonedit/training/step.py:107), collectives 0
+    stage2 packed before/after: step 0.215 s reading every step (2 host syncs) / 0.214 s on the device (1): 1.00x
+
+(a CPU waits for no queue, so the ratio there is about 1; on a GPU each sync drains the queue.)
+
 tokens/s counts real tokens only (the packed rows' tokens, as the trainer's progress line does: stage 1
 the reasoner row, stage 2 the generator row, stage 3 both). Model FLOPs (`reasonedit.training.flops`)
 count real tokens only, for both layouts:
@@ -305,6 +320,65 @@ def run_steps(stepper: Stepper, batches: list[PackedBatch], warmup: int, device:
     return out
 
 
+def print_attention_calls(stepper: Stepper, batch: PackedBatch, device: torch.device, model, title: str) -> None:
+    """Run one more step on `batch`, counting the attention function's calls and the vision tower's forwards."""
+    from reasonedit.models.reasoner import attention_calls
+
+    visual = model.reasoner.model.model.visual
+    forwards = []
+    hook = visual.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        with attention_calls() as calls:
+            run_steps(stepper, [batch], 0, device, [0.0])
+    finally:
+        hook.remove()
+    vision = (f"{calls['vision']} ({len(forwards)} forward{'s' if len(forwards) != 1 else ''} x "
+              f"{len(visual.blocks)} layers)" if forwards else f"{calls['vision']} (no forward)")
+    print(f"{title} attention calls per step: vision tower {vision}, language model {calls['language']}, "
+          f"all {sum(calls.values())}", flush=True)
+
+
+class ReadingEveryStep:
+    """The step as it was before its figures stayed on the device: counts read back, figures read every step."""
+
+    def __init__(self, stepper: Stepper):
+        self.stepper = stepper
+
+    def step(self, micro, at):
+        outcome = self.stepper.step(micro, at)
+        outcome.figures().tolist()  # what a log line every step reads
+        return outcome
+
+
+def print_before_after(stepper: Stepper, batches: list[PackedBatch], args, device, title: str) -> None:
+    """Host syncs per step, and the packed step time of the old every-step reads over now, as a ratio: the two
+    steppers take turns on each batch, so both see the same load on the machine; the first turn of each is
+    counted by `HostSyncs` (this file's own reads included)."""
+    from reasonedit.testing.syncs import DEFAULT_ROOTS, HostSyncs
+
+    old = ReadingEveryStep(Stepper(stepper.forward, stepper.stage, stepper.world, stepper.optimizer,
+                                   params=stepper.params, grad_clip=stepper.grad_clip, ema=stepper.ema,
+                                   flow_matching=stepper.flow_matching, seed=stepper.seed, host_counts=True))
+    before, after = Timings(), Timings()
+    counted: dict[str, HostSyncs] = {}
+    for i, batch in enumerate(batches):
+        for key, which, out in (("before", old, before), ("after", stepper, after)):
+            if i == 0:
+                with HostSyncs(roots=(*DEFAULT_ROOTS, Path(__file__).resolve())) as counted[key]:
+                    timed = run_steps(which, [batch], 0, device, [0.0])
+            else:
+                timed = run_steps(which, [batch], 0, device, [0.0])
+            if i >= args.warmup or len(batches) == 1:
+                out.seconds += timed.seconds
+    reads, old_reads = counted["after"].reads, counted["before"].reads
+    where = ", ".join(reads)
+    print(f"{title} host syncs per step: {len(reads)}{f' ({where})' if where else ''}, collectives "
+          f"{len(counted['after'].collectives)}", flush=True)
+    b, a = statistics.median(before.seconds), statistics.median(after.seconds)
+    print(f"{title} before/after: step {b:.3f} s reading every step ({len(old_reads)} host syncs) / {a:.3f} s on "
+          f"the device ({len(reads)}): {b / a:.2f}x", flush=True)
+
+
 def profile_steps(stepper: Stepper, batches: list[PackedBatch], device: torch.device, title: str) -> None:
     """Run `batches` again under torch.profiler; print where the time goes (after the timed steps, so the
     profiler's overhead never enters the figures)."""
@@ -372,6 +446,8 @@ def bench_stage(number: int, cfg, model, data: Path, args, device: torch.device,
     packed_stepper = Stepper(module, stage, World(device=device), optimizer, **step)
     packed = run_steps(packed_stepper, batches, args.warmup, device, flops)
     report(name, "packed", packed, peak)
+    print_attention_calls(packed_stepper, batches[-1], device, model, f"{name} packed")
+    print_before_after(packed_stepper, batches, args, device, f"{name} packed")
     if args.profile:
         profile_steps(packed_stepper, batches[-args.profile:], device, f"{name} packed")
     if args.no_padded:
@@ -381,6 +457,7 @@ def bench_stage(number: int, cfg, model, data: Path, args, device: torch.device,
                              World(device=device), optimizer, **step)
     padded = run_steps(padded_stepper, batches, args.warmup, device, flops)
     report(name, "padded", padded, peak)
+    print_attention_calls(padded_stepper, batches[-1], device, model, f"{name} padded")
     timed = batches[args.warmup:]
     real = sum(n for batch in timed for length in batch.lengths for n in length)
     padded_tokens = 0  # each padded batch holds the items with tokens in that row, padded to the longest

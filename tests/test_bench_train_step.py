@@ -52,6 +52,18 @@ def test_prints_model_flops_by_part_for_each_stage(tiny_run):
         assert abs(sum(shares) - 100) <= len(shares)  # rounded shares of one total
 
 
+def test_prints_one_vision_attention_call_per_layer_per_forward(tiny_run):
+    calls = re.compile(r"^stage([123]) (packed|padded) attention calls per step: vision tower (\d+) "
+                       r"\((?:(\d+) forwards? x (\d+) layers|no forward)\), language model (\d+), all (\d+)$", re.M)
+    found = {(m[1], m[2]): m for m in calls.finditer(tiny_run.stdout)}
+    assert set(found) == {(s, layout) for s in "123" for layout in ("packed", "padded")}, tiny_run.stdout
+    assert found[("1", "packed")][4] is not None  # stage 1's batches hold images
+    for m in found.values():
+        vision, forwards, layers = int(m[3]), int(m[4] or 0), int(m[5] or 0)
+        assert vision == forwards * layers  # not one per window
+        assert int(m[7]) == vision + int(m[6])
+
+
 def test_bad_stage_is_refused_with_exit_1(capsys):
     import importlib.util
 
@@ -98,3 +110,12 @@ def test_reasoner_matmul_flops_equal_pytorch_flop_counter():
     text = reasoner.model.config.text_config
     full_attention = 4 * text.num_hidden_layers * text.hidden_size * 11 * 11
     assert count["reasoner.matmul"] + full_attention == counter.get_total_flops()
+
+
+def test_prints_host_syncs_per_step_and_the_before_after_ratio_for_each_stage(tiny_run):
+    syncs = dict(re.findall(r"^stage([123]) packed host syncs per step: (\d+) ", tiny_run.stdout, re.M))
+    ratios = re.findall(r"^stage([123]) packed before/after: step [\d.]+ s reading every step \((\d+) host syncs\) "
+                        r"/ [\d.]+ s on the device \((\d+)\): ([\d.]+)x$", tiny_run.stdout, re.M)
+    assert syncs == {"1": "1", "2": "1", "3": "1"}, tiny_run.stdout  # the skip rule's read only
+    assert [r[0] for r in ratios] == ["1", "2", "3"], tiny_run.stdout
+    assert all(int(old) > int(now) and float(x) > 0 for _, old, now, x in ratios)

@@ -81,3 +81,24 @@ def test_a_torn_entry_is_recomputed_not_trusted(reasoner, images, tmp_path):
     got = again.states(images[:1], TEXTS[:1])
     assert again.stats.unreadable == 1 and torch.allclose(got[0], first[0], atol=1e-6)
     assert not list(cache.dir.rglob(".*"))  # no temporary files left behind
+
+
+def test_stage_two_reads_every_segment_through_the_cache_text_to_image_too(reasoner, images, tmp_path):
+    from types import SimpleNamespace
+
+    from reasonedit.models import prompts
+    from reasonedit.stages.editing import EditingStage
+
+    def segment(pictures, text):
+        return SimpleNamespace(condition=prompts.encode_condition(reasoner.processor, pictures, text),
+                               prefix_tokens=reasoner.condition_prefix_length, source_images=list(pictures))
+    segments = [segment([images[0]], TEXTS[0]), segment([], "a red circle"), segment([images[1]], TEXTS[1])]
+    model = SimpleNamespace(reasoner=reasoner, config=SimpleNamespace(attention_backend="auto"))
+    stage = EditingStage.__new__(EditingStage)
+    plain = stage.states(model, segments, SimpleNamespace(condition_cache=None))
+    cache = ConditionCache(tmp_path, reasoner)
+    first = stage.states(model, segments, SimpleNamespace(condition_cache=cache))
+    again = stage.states(model, segments, SimpleNamespace(condition_cache=cache))
+    assert (cache.stats.misses, cache.stats.hits) == (3, 3)  # the caption (no source image) is cached as well
+    # the misses are one packed row, as the plain path packs them: the same bits, then read back unchanged
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(plain, first, again))

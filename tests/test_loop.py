@@ -176,13 +176,23 @@ def test_samples_share_each_phase_and_stopped_ones_drop_out(model):
     script = {1: {"think": ["a"], "score": [score(9)], "decide": [S()]},
               2: {"think": ["b"], "score": [score(3), score(9)], "decide": [R("b2"), S()]},
               3: {"think": ["c"], "score": [score(1), score(2), score(3)], "decide": [F(), F(), F()]}}
-    traces, reasoner, editor, _ = run(model, script, rounds=3)
+    traces, reasoner, editor, thinker = run(model, script, rounds=3)
     assert [len(t.rounds) for t in traces] == [1, 2, 3]
     assert [len(batch) for batch in editor.requests] == [3, 2, 1]
     sizes = defaultdict(list)
     for role, size in reasoner.calls:
         sizes[role].append(size)
-    assert sizes == {"think": [3], "describe": [3, 2, 1], "score": [3, 2, 1], "decide": [3, 2, 1]}
+    # one call per phase for all live samples; the target is described once per sample, in round 1
+    assert sizes == {"think": [3], "describe": [3], "score": [3, 2, 1], "decide": [3, 2, 1]}
+    assert thinker.calls == {"think": 3, "describe": 3, "score": 6, "decide": 6}
+    assert [r.reflection.description for r in traces[2].rounds] == ["target of sample 3"] * 3
+
+
+def test_a_description_that_did_not_parse_is_asked_again(model):
+    script = {5: {"think": ["a"], "describe": ["  ", "a blue square"], "score": [score(9)], "decide": [S()]}}
+    (trace,), reasoner, _, thinker = run(model, script, rounds=3)
+    assert [r.reflection.description for r in trace.rounds] == [None, "a blue square"]
+    assert thinker.calls["describe"] == 2 and trace.stopped == "success"
 
 
 def test_without_think_and_reflect_the_loop_is_one_plain_edit(model):
@@ -241,3 +251,22 @@ def test_the_vision_cache_answers_as_plain_generation_with_one_tower_run_per_ima
         hook.remove()
     assert first == plain and again == plain
     assert len(runs) == 2 and (cache.misses, cache.hits) == (2, 4)  # plain: 1 run; cached: 1, then none
+
+
+def test_max_new_tokens_is_one_number_or_per_role(model, monkeypatch):
+    import argparse
+
+    from reasonedit.inference.cli import max_new_tokens_arg
+    assert max_new_tokens_arg("64") == 64
+    assert max_new_tokens_arg("think=128,score=32") == {"think": 128, "score": 32}
+    for bad in ("think=0", "judge=3", "think", "think=1,think=2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            max_new_tokens_arg(bad)
+    thinker = ReasonerThinker(model, max_new_tokens={"score": 3, "decide": 5})
+    assert thinker.max_new_tokens == {"think": 128, "describe": 128, "score": 3, "decide": 5}
+    asked = []
+    monkeypatch.setattr(thinker.prefix_cache, "generate",
+                        lambda batch, max_new_tokens, keep: asked.append(max_new_tokens) or ["x"] * len(batch))
+    thinker.generate([prompts.score(source(1), "a blue circle")])
+    thinker.generate([prompts.decide(source(1), "x", "y", 3, "z")])
+    assert asked == [3, 5]

@@ -82,7 +82,8 @@ def test_a_loop_of_several_rounds_computes_each_source_prefix_once(model):
     assert [len(t.rounds) for t in traces] == [rounds, rounds]
     n = len(sources)
     assert calls[0] == ("think", n, n)  # each source's prefix: computed once, in think
-    assert [c[0] for c in calls] == ["think"] + ["describe", "score", "decide"] * rounds
+    assert [c[0] for c in calls] == ["think", "describe", "score", "decide"] + ["score", "decide"] * (rounds - 1)
+    assert thinker.calls["describe"] == n  # the target is described once per source, not once per round
     assert all(c[1:] == (0, 0) for c in calls if c[0] in ("describe", "decide"))  # never again for any round
     assert all(c[1] >= 1 for c in calls if c[0] == "score")  # the edit is new each round (equal edits share one)
     assert len(cache) == n  # the edited images scored are not kept

@@ -181,6 +181,16 @@ def test_reflect_in_our_contract_describes_scores_and_decides(image, decide, dec
     assert decide_request.text.startswith(f"{prompts.DECIDE_TASK}\nEdit: paint it blue")
 
 
+def test_our_contract_describes_each_source_once_across_rounds(image):
+    replies = {"describe": "a blue square", "score": "score: 6\nreason: ok", "decide": "<#Think> hm <#Reflection> bluer"}
+    with ScriptedChatServer(_by_role(replies)) as chat, OpenAIThinker(chat.base_url, "m", retry=FAST) as thinker:
+        for _ in range(3):  # three rounds
+            verdicts = thinker.reflect([image, 255 - image], [image, image], ["make it blue"] * 2, [None, None])
+    assert [v.description for v in verdicts] == ["a blue square"] * 2 and verdicts[0].raw["describe"] == "a blue square"
+    assert thinker.calls == {"think": 0, "describe": 2, "score": 6, "decide": 6, "reflect": 0}
+    assert chat.requests == 14
+
+
 @pytest.mark.parametrize("replies,phase,calls", [
     ({"describe": "  ", "score": "", "decide": ""}, "describe", 1),
     ({"describe": "a blue square", "score": "score: eight\nreason: ok", "decide": ""}, "score", 2),

@@ -165,7 +165,9 @@ def test_a_full_plain_queue_makes_health_report_overload(image):
     editor.gate.clear()
     app = create_app(editor, ServeConfig(max_queue=2, max_batch=1, timeout=60))
     with ServerThread(app) as server, httpx.Client(timeout=60) as client, ThreadPoolExecutor(3) as pool:
-        held = [pool.submit(client.post, server.url + "/edit", json=_body(image)) for _ in range(3)]
+        held = [pool.submit(client.post, server.url + "/edit", json=_body(image))]
+        _wait_for(lambda: app.state.batcher.in_flight == 1)  # the worker holds the first at the gate
+        held += [pool.submit(client.post, server.url + "/edit", json=_body(image)) for _ in range(2)]
         _wait_for(lambda: app.state.batcher.depth == 2)
         health = client.get(server.url + "/health")
         assert health.status_code == 503 and health.json()["overloaded"] == ["edit queue"]

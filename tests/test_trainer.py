@@ -1,5 +1,5 @@
-"""The trainer runtime: exact resume after a crash, non-finite losses skipped then stopping, the schedule, and
-the host reads and collectives a step makes."""
+"""The trainer runtime: exact resume after a crash, non-finite losses skipped then stopping, the schedule, held-out
+evaluations, condition caches, split streams (the host reads and collectives a step makes: test_step_syncs.py)."""
 
 import pytest
 import torch
@@ -122,94 +122,19 @@ def test_held_out_evaluations_run_every_eval_every_steps_and_survive_a_resume(st
     assert len(json.loads((tmp_path / "stage2" / "history.json").read_text())) == 4
 
 
-def host_reads_per_step(start_model, small_dataset, out, monkeypatch, steps, extra=()):
-    """Train stage 2 for `steps` steps, one micro-batch each; per step, the host reads (`item`, `tolist`,
-    `float(t)`, `bool(t)`) made by the training runtime's own code (reasonedit/training) and the collectives,
-    split at each `BatchStream.next`. Reads elsewhere are of tensors born on the host, not device syncs, and are
-    not counted: inside torch (AdamW's CPU step counters), in the stages (labels, timestep weights) and in
-    `losses.normalise` (the host count it is given, wrapped in a tensor)."""
-    import sys
-    from pathlib import Path
-
-    import torch.distributed as dist
-
-    import reasonedit
-    from reasonedit.training import data as data_mod
-    from reasonedit.training import train_stage
-
-    runtime = str(Path(reasonedit.__file__).parent / "training")
-    events: list[str] = []
-
-    def counted(name, real, caller_in_runtime=True):
-        def wrapped(*args, **kwargs):
-            if not caller_in_runtime or sys._getframe(1).f_code.co_filename.startswith(runtime):
-                events.append(name)
-            return real(*args, **kwargs)
-        return wrapped
-
-    for name in ("item", "tolist", "__float__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-    for name in ("all_reduce", "all_gather", "broadcast", "barrier", "reduce_scatter"):
-        monkeypatch.setattr(dist, name, counted(f"dist.{name}", getattr(dist, name), caller_in_runtime=False))
-    monkeypatch.setattr(data_mod.BatchStream, "next", counted("next", data_mod.BatchStream.next, False))
-    cfg = stage_cfg(out, 2, steps=steps, extra=["stage2.grad_accum=1", "train.checkpoint_every=0", *extra])
-    train_stage(cfg, 2, start_model, small_dataset, out / "stage2")
-    per_step: list[list[str]] = []
-    for e in events:
-        if e == "next":
-            per_step.append([])
-        elif per_step:
-            per_step[-1].append(e)
-    assert len(per_step) == steps
-    return per_step
-
-
-def test_steps_read_the_host_once_and_the_logged_steps_once_more(start_model, small_dataset, tmp_path,
-                                                                 monkeypatch):
-    per_step = host_reads_per_step(start_model, small_dataset, tmp_path, monkeypatch, 6, ["train.log_every=3"])
-    shown = {i + 1: reads for i, reads in enumerate(per_step)}
-    # steps 1, 2, 4, 5 do not log: one read, whether the update was applied (the skip rule needs it)
-    for i in (1, 2, 4, 5):
-        assert shown[i] == ["tolist"], f"host reads per step: {shown}"
-    # step 3 logs: one more, every pending step's figures at once (step 6 also saves the model: not compared)
-    assert sorted(shown[3]) == ["tolist", "tolist"], f"host reads per step: {shown}"
-
-
-def test_steps_make_two_collectives_on_a_process_group(start_model, small_dataset, tmp_path, monkeypatch):
-    """A gloo group of one process: the step's token counts (before the forward) and its loss sums, tokens and
-    SIGTERM flag (after the backward) are one all-reduce each; reading the counts adds one host read."""
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        per_step = host_reads_per_step(start_model, small_dataset, tmp_path, monkeypatch, 3, ["train.log_every=3"])
-    finally:
-        dist.destroy_process_group()
-    shown = {i + 1: reads for i, reads in enumerate(per_step)}
-    for i in (1, 2):
-        assert sorted(shown[i]) == ["dist.all_reduce", "dist.all_reduce", "tolist", "tolist"], \
-            f"host reads and collectives per step: {shown}"
-
-
 def test_the_stage_that_declares_a_condition_cache_trains_through_it(start_model, small_dataset, tmp_path):
     from reasonedit.stages import STAGES
     from reasonedit.training import train_stage
 
     assert [n for n, s in STAGES.items() if s.uses_condition_cache] == [2]  # the stage with a frozen reasoner
     runs = {}
-    for name, extra in (("plain", []), ("cached", ["stage2.condition_cache=true"])):
+    for name, extra in (("plain", ["stage2.condition_cache=false"]), ("cached", [])):  # the cache is the default
         runs[name] = train_stage(stage_cfg(tmp_path / name, 2, steps=2, extra=extra), 2, start_model, small_dataset,
                                  tmp_path / name / "stage2")
-    assert list((tmp_path / "cached" / "stage2" / "condition_cache").rglob("*.safetensors"))
-    assert not (tmp_path / "plain" / "stage2" / "condition_cache").exists()
-    # the cache computes the states in its own batches (another packing): equal to float tolerance
-    assert [h["loss"] for h in runs["cached"].history] == pytest.approx([h["loss"] for h in runs["plain"].history],
-                                                                       rel=1e-4)
+    entries = list((tmp_path / "cached" / "stage2" / "condition_cache").rglob("*.safetensors"))
+    assert entries and not (tmp_path / "plain" / "stage2" / "condition_cache").exists()
+    # every segment goes through the cache, so a batch's misses are packed as the plain run packs them: equal bits
+    assert [h["loss"] for h in runs["cached"].history] == [h["loss"] for h in runs["plain"].history]
 
 
 def test_a_checkpoint_of_another_model_layout_is_refused_not_half_loaded(start_model, small_dataset, tmp_path):

@@ -176,7 +176,9 @@ class StageConfig:
     reasoner_budget: int = 4096  # tokens per packed reasoner row
     generator_budget: int = 2048  # tokens per packed generator row
     ntp_weight: float = 0.1  # stage 3: L = L_FM + ntp_weight * L_NTP
-    condition_cache: bool = False  # stage 2: read the frozen reasoner's states from a ConditionCache
+    # stage 2 (its reasoner is frozen, so a stored state is the state): each sample's condition states computed once
+    # and read back from a ConditionCache (output_dir/<stage>/condition_cache); stages that train the reasoner ignore it
+    condition_cache: bool = True
     # stages 2 and 3: read the frozen VAE's latents from a LatentCache (output_dir/latent_cache, shared by the
     # stages): each image is encoded once, not once per epoch; the latents are the same to the last bit
     latent_cache: bool = False
@@ -247,8 +249,18 @@ class TrainConfig:
     fsdp_mixed_precision: str = "auto"
     cpu_offload: bool = False  # FSDP2: sharded parameters, gradients and optimizer state in host memory
     allow_config_change: bool = False  # resume a checkpoint written with other run-defining values (lr, steps...)
+    # each transformer block of the generator and the reasoner's language model compiled (dynamic shapes) and fused
+    # AdamW: auto (on CUDA outside DeepSpeed) | true | false (training/compiled.py)
+    compile: str = "auto"
+    # the generator EMA's dtype: float32 (a 1 - ema_decay step is below bf16's resolution: 0.999 would freeze a
+    # bf16 EMA) | bfloat16 (half the memory, for decays far from 1)
+    ema_dtype: str = "float32"
 
     def validate(self) -> None:
+        if str(self.compile).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"train.compile: {self.compile!r}; choose auto, true or false")
+        if self.ema_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.ema_dtype: {self.ema_dtype!r}; choose float32 or bfloat16")
         if self.parallel not in PARALLEL:
             raise ValueError(f"train.parallel: {self.parallel!r}; choose from {list(PARALLEL)}")
         if self.fsdp_mixed_precision not in ("auto", "bf16", "none"):

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--thinker-prompt", type=Path, metavar="FILE", help="--thinker-contract editthinker: the prompt "
                    "file to send, e.g. EditThinker's inference/prompt_template.txt (EditThinker-8B was trained on "
                    "it), sent as its client sends it; default our own wording")
+    from reasonedit.inference.cli import MAX_NEW_TOKENS_HELP, max_new_tokens_arg
+    g.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=128,
+                   help="the model's reasoner as the thinker: " + MAX_NEW_TOKENS_HELP)
     g.add_argument("--images", type=Path, help="score images generated elsewhere, laid out as the benchmark's "
                    "official scripts expect (no generation)")
     g.add_argument("--model-name", help="the model's folder name in the output layout (default: from --model, "
@@ -236,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
                                            thinker_model=args.thinker_model, thinker_key=args.thinker_key,
                                            thinker_contract=args.thinker_contract, concurrency=args.concurrency,
                                            thinker_prompt=prompt, loop=args.loop,
+                                           max_new_tokens=args.max_new_tokens,
                                            thinker_dir=thinker_dir, world=world,
                                            editor_error_rate=args.editor_error_rate, device=args.device,
                                            dtype=args.dtype, editor_preset=args.editor_preset,

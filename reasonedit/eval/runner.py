@@ -486,7 +486,8 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
                  thinker_contract: str = "reasonedit", concurrency: int = 8, thinker_dir: Optional[Path] = None,
                  world=None, editor_error_rate: float = 0.0, editor_seed: int = 0, device=None, dtype="auto",
                  editor_preset: Optional[str] = None, editor_resize_to_source: Optional[bool] = None,
-                 thinker_prompt: Optional[str | Path] = None, loop: Optional[str] = None):
+                 thinker_prompt: Optional[str | Path] = None, loop: Optional[str] = None,
+                 max_new_tokens: int | dict[str, int] = 128):
     """(editor, thinker) from a model folder, HTTP services, the shapes editor and/or a thinker model folder;
     a thinker only when a mode needs one.
 
@@ -498,7 +499,7 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
         bfloat16 on CUDA, as saved elsewhere).
     editor_preset, editor_resize_to_source: how an HTTP editor speaks to its service (`HttpEditor`).
     thinker_prompt, loop: the chat thinker's prompt (editthinker contract) and the loop's rules the thinker is
-        built for (`build_thinker`).
+        built for (`build_thinker`); max_new_tokens: the built-in reasoner's longest reply (one number or per role).
     """
     needs_thinker = any(m != "base" for m in modes)
     shapes = editor_url == SHAPES_EDITOR
@@ -531,7 +532,8 @@ def build_agents(model_dir: Optional[Path], editor_url: Optional[str], thinker_u
         source = thinker_dir if thinker_dir is not None else model_dir
         if pipeline is None or Path(source).resolve() != Path(model_dir).resolve():
             pipeline = Pipeline.load(source, components=("reasoner",), device=device, dtype=dtype)
-        thinker = build_thinker(pipeline=pipeline, prompt_template=thinker_prompt, loop=loop)
+        thinker = build_thinker(pipeline=pipeline, prompt_template=thinker_prompt, loop=loop,
+                                max_new_tokens=max_new_tokens)
     return editor, thinker
 
 

@@ -13,13 +13,14 @@ import logging
 import re
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 
 from reasonedit.inference import cancel
+from reasonedit.inference.descriptions import TargetDescriptions
 from reasonedit.inference.prefix_cache import PrefixCache
 from reasonedit.inference.sampler import SampleSpec, SamplerConfig, sample
 from reasonedit.inference.types import EditRequest, Reflection, check_reflect_inputs
@@ -35,6 +36,21 @@ log = logging.getLogger(__name__)
 Generate = Callable[[list], list[str]]  # a batch of chat conversations -> one reply each
 _TAG = re.compile(r"<#[^<>\s]*>")  # any decision-style tag
 CACHES = ("prefix", "vision", "none")  # ReasonerThinker's caches over the source image
+ROLES = tuple(prompts.ROLE_TASKS)  # think, describe, score, decide
+
+
+def role_budgets(max_new_tokens: int | Mapping[str, int], default: int = 128) -> dict[str, int]:
+    """The longest reply of each role: one number for all, or {role: tokens} (roles not named get `default`)."""
+    given = ({r: max_new_tokens for r in ROLES} if isinstance(max_new_tokens, (int, np.integer))
+             else dict(max_new_tokens))
+    unknown = sorted(set(given) - set(ROLES))
+    if unknown:
+        raise ValueError(f"max_new_tokens: unknown role(s) {', '.join(unknown)}; the roles are {', '.join(ROLES)}")
+    budgets = {r: int(given.get(r, default)) for r in ROLES}
+    small = {r: n for r, n in budgets.items() if n < 1}
+    if small:
+        raise ValueError(f"max_new_tokens: must be at least 1 for every role, got {small}")
+    return budgets
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -112,11 +128,16 @@ class GeneratorEditor:
 class ReasonerThinker:
     """Our reasoner as a `Thinker`, speaking the decision format of `prompts`.
 
-    generate: replies to a batch of conversations; default greedy generation by `model.reasoner` with a cache
+    generate: replies to a batch of conversations (all of one role); default greedy generation by `model.reasoner`
+        with a cache
         over the source image chosen by `cache`: "prefix" (default) keeps the language model's KV cache of the
         prompt prefix that ends after the image (`PrefixCache`), so think, describe and decide of every round
         read the source once; "vision" keeps only the vision tower's embeddings (`VisionCache`); "none" is
         plain `Reasoner.generate`. All three give the same greedy replies.
+    max_new_tokens: the longest reply, one number or {role: tokens} (`role_budgets`).
+    Each phase asks all its samples in one `generate` call. The target's description depends only on (source,
+    instruction): it is asked once per sample and read back in later rounds (`descriptions`). `calls` counts
+    the prompts asked per role.
     A reply that does not parse (empty description, bad score, not exactly one decision tag) is recorded
     in `Reflection.parse_error`, counted in `parse_errors`, and taken as "failed".
     loop: the loop's rules `edit_with_reasoning` follows with this thinker when not told (None: ours); the
@@ -126,9 +147,10 @@ class ReasonerThinker:
     name = "reasonedit-reasoner"
 
     def __init__(self, model: Optional["ReasonEditModel"] = None, generate: Optional[Generate] = None,
-                 max_new_tokens: int = 128, cache: str = "prefix", loop: Optional[str] = None):
+                 max_new_tokens: int | Mapping[str, int] = 128, cache: str = "prefix", loop: Optional[str] = None):
         if cache not in CACHES:
             raise ValueError(f"ReasonerThinker cache: {cache!r} is not one of {', '.join(CACHES)}")
+        self.max_new_tokens = budgets = role_budgets(max_new_tokens)
         self.prefix_cache: Optional[PrefixCache] = None
         self.vision_cache: Optional[VisionCache] = None
         if generate is None:
@@ -140,30 +162,36 @@ class ReasonerThinker:
 
                 def generate(batch: list) -> list[str]:
                     # score shows an edited image no later prompt shows: its prefix is not worth keeping
-                    return prefixes.generate(batch, max_new_tokens=max_new_tokens, keep=not _is_score(batch))
+                    role = _role(batch)
+                    return prefixes.generate(batch, max_new_tokens=budgets.get(role, budgets["think"]),
+                                             keep=role != "score")
             elif cache == "vision":  # the source's embeddings serve think, describe and decide of every round
                 embeddings = self.vision_cache = VisionCache()
 
                 def generate(batch: list) -> list[str]:
-                    return cached_generate(reasoner, batch, embeddings, max_new_tokens=max_new_tokens)
+                    return cached_generate(reasoner, batch, embeddings,
+                                           max_new_tokens=budgets.get(_role(batch), budgets["think"]))
             else:
                 def generate(batch: list) -> list[str]:
-                    return reasoner.generate(batch, max_new_tokens=max_new_tokens)
+                    return reasoner.generate(batch, max_new_tokens=budgets.get(_role(batch), budgets["think"]))
         self.generate = generate
         self.parse_errors = 0
         self.loop = loop
+        self.descriptions = TargetDescriptions()
+        self.calls = {r: 0 for r in ROLES}  # prompts asked per role
 
-    def _ask(self, conversations: list) -> list[str]:
+    def _ask(self, conversations: list, role: str) -> list[str]:
         if not conversations:
             return []
         cancel.check("reasoner generation")
+        self.calls[role] += len(conversations)
         replies = self.generate(conversations)
         if len(replies) != len(conversations):
             raise RuntimeError(f"generate returned {len(replies)} replies for {len(conversations)} conversations")
         return [str(r) for r in replies]
 
     def think(self, sources: Sequence[np.ndarray], instructions: Sequence[str]) -> list[str]:
-        replies = self._ask([prompts.think(s, i) for s, i in zip(sources, instructions)])
+        replies = self._ask([prompts.think(s, i) for s, i in zip(sources, instructions)], "think")
         out = []
         for reply, instruction in zip(replies, instructions):
             text = reply.strip()
@@ -179,23 +207,38 @@ class ReasonerThinker:
         n = check_reflect_inputs(sources, edited, instructions, previous)
         out = [Reflection(decision="failed") for _ in range(n)]
 
-        # 1. the expected target, from the source and the user's instruction
+        # 1. the expected target, from the source and the user's instruction: asked once per (source, instruction)
+        keys = [self.descriptions.key(s, i) for s, i in zip(sources, instructions)]
+        known = {k: self.descriptions.get(key) for k, key in enumerate(keys)}
+        ask: dict[tuple, int] = {}  # each new (source, instruction) asked once, for its first sample
+        for k, key in enumerate(keys):
+            if known[k] is None:
+                ask.setdefault(key, k)
         t0 = time.perf_counter()
-        described = self._ask([prompts.describe_target(s, i) for s, i in zip(sources, instructions)])
-        _share(out, range(n), "describe", time.perf_counter() - t0)
+        described = dict(zip(ask, self._ask([prompts.describe_target(sources[k], instructions[k])
+                                             for k in ask.values()], "describe")))
+        asked = [k for k in range(n) if known[k] is None]
+        _share(out, asked, "describe", time.perf_counter() - t0)
         live = []
-        for k, reply in enumerate(described):
+        for k in range(n):
+            if known[k] is not None:
+                out[k].raw["describe"], out[k].description = known[k]
+                out[k].timings["describe"] = 0.0
+                live.append(k)
+                continue
+            reply = described[keys[k]]
             out[k].raw["describe"] = reply
             description = reply.strip()
             if description and not _TAG.search(description):
                 out[k].description = description
+                self.descriptions.put(keys[k], reply, description)
                 live.append(k)
             else:
                 self._fail(out[k], "describe", f"description is empty or holds a decision tag: {reply[:80]!r}")
 
         # 2. the edited image alone against that description
         t0 = time.perf_counter()
-        scored = self._ask([prompts.score(edited[k], out[k].description) for k in live])
+        scored = self._ask([prompts.score(edited[k], out[k].description) for k in live], "score")
         _share(out, live, "score", time.perf_counter() - t0)
         still = []
         for k, reply in zip(live, scored):
@@ -211,7 +254,7 @@ class ReasonerThinker:
         # 3. the decision, with exactly one decision tag
         t0 = time.perf_counter()
         decided = self._ask([prompts.decide(sources[k], previous[k] or instructions[k], out[k].description,
-                                            int(out[k].score), out[k].reason) for k in still])
+                                            int(out[k].score), out[k].reason) for k in still], "decide")
         _share(out, still, "decide", time.perf_counter() - t0)
         for k, reply in zip(still, decided):
             out[k].raw["decide"] = reply
@@ -231,11 +274,12 @@ class ReasonerThinker:
         log.warning("reflect: %s reply did not parse (%s); taken as failed", phase, message)
 
 
-def _is_score(batch: list) -> bool:
+def _role(batch: list) -> str:
+    """The role of a batch's prompts ("" for prompts that are not a role's: they get think's budget)."""
     try:
-        return prompts.role_of(batch[0]) == "score"
+        return prompts.role_of(batch[0])
     except ValueError:
-        return False
+        return ""
 
 
 def _share(out: Sequence[Reflection], index: Sequence[int], phase: str, seconds: float) -> None:
@@ -245,4 +289,4 @@ def _share(out: Sequence[Reflection], index: Sequence[int], phase: str, seconds:
         out[k].timings[phase] = seconds / len(index)
 
 
-__all__ = ["CACHES", "GeneratorEditor", "Generate", "ReasonerThinker", "check_image"]
+__all__ = ["CACHES", "GeneratorEditor", "Generate", "ROLES", "ReasonerThinker", "check_image", "role_budgets"]

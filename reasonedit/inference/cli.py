@@ -32,6 +32,30 @@ LOOP_HELP = ("the loop's rules: reasonedit (the best-scored round; a reflect aft
              "them); default reasonedit")
 
 
+MAX_NEW_TOKENS_HELP = ("the reasoner's longest reply: one number for every role, or per role, e.g. "
+                       "think=128,describe=96,score=32,decide=96 (roles not named: 128); default 128")
+
+
+def max_new_tokens_arg(text: str) -> int | dict[str, int]:
+    """--max-new-tokens: N, or ROLE=N[,ROLE=N...] over think, describe, score, decide (checked here, so a bad value
+    is one argparse error line)."""
+    from reasonedit.inference.builtin import role_budgets
+    try:
+        if "=" not in text:
+            value: int | dict[str, int] = int(text)
+        else:
+            value = {}
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                role, sep, number = part.partition("=")
+                if not sep or role.strip() in value:
+                    raise ValueError(f"{part!r}: expected ROLE=N, each role once")
+                value[role.strip()] = int(number)
+        role_budgets(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return value
+
+
 def read_thinker_prompt(args: argparse.Namespace) -> Optional[str]:
     """The text of --thinker-prompt FILE, checked; None without it. One error line naming the file when it cannot
     serve (missing, not UTF-8, empty, a placeholder missing) or the flag does not fit the thinker."""
@@ -75,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the --editor-preset's)")
     p.add_argument("--negative-prompt", default=None, help="the negative prompt of true CFG (default ' ', or the "
                    "--editor-preset's)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="the reasoner's longest reply (default 128)")
+    p.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=128, help=MAX_NEW_TOKENS_HELP)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=RUN_DTYPES,
                    help="the dtype the model runs in (default auto: bfloat16 on CUDA, as saved on a CPU)")
@@ -99,8 +123,11 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps: must be at least 1, got {args.steps}")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    from reasonedit.inference.builtin import role_budgets
+    try:
+        role_budgets(args.max_new_tokens)
+    except ValueError as e:
+        raise ValueError(f"--max-new-tokens: {e}") from None
     needs_reasoner = (args.think or args.reflect) and not args.thinker
     if args.model is None and (not args.editor or needs_reasoner):
         raise ValueError("--model: needed for the built-in generator (no --editor) or reasoner "

@@ -25,6 +25,7 @@ import numpy as np
 from reasonedit.clients.http import ClientOwner, HttpClient, RetryPolicy, Retryable, check_status
 from reasonedit.clients.images import data_url
 from reasonedit.config import LOOPS
+from reasonedit.inference.descriptions import TargetDescriptions
 from reasonedit.inference.types import Reflection, check_reflect_inputs
 from reasonedit.models import prompts
 from reasonedit.models.prompts import ThinkerReplyError
@@ -62,7 +63,9 @@ class OpenAIThinker(ClientOwner):
         "editthinker" (one reply `<think>..</think><score>{semantic, quality}</score><answer>..</answer>`:
         Success when the answer repeats the previous instruction or both scores reach `threshold`;
         otherwise Reflection with the answer as the next instruction and restart=True, since EditThinker
-        re-edits the source). An unparsable reply is Failed with `parse_error`; it is not retried.
+        re-edits the source). An unparsable reply is Failed with `parse_error`; it is not retried. Ours asks
+        for the target's description once per (source, instruction) and reads it back in later rounds
+        (`descriptions`); `calls` counts the chats per role (describe, score, decide, think, reflect).
     prompt_template: editthinker only: a prompt file (EditThinker's `inference/prompt_template.txt`, sent as its
         client sends it) or the prompt text itself; default our own wording.
     loop: the loop this thinker is built for ("reasonedit" | "editthinker"); `edit_with_reasoning` follows it.
@@ -110,6 +113,8 @@ class OpenAIThinker(ClientOwner):
         self.name = name or f"openai:{self.model}@{self.base_url}" + (f" ({', '.join(said)})" if said else "")
         self.parse_errors = 0
         self._lock = threading.Lock()
+        self.descriptions = TargetDescriptions()
+        self.calls = {role: 0 for role in ("think", "describe", "score", "decide", "reflect")}
 
     @staticmethod
     def _load_template(template: Optional[str | Path]) -> str:
@@ -162,6 +167,7 @@ class OpenAIThinker(ClientOwner):
         return self._map(lambda k: self._think_one(sources[k], instructions[k]), len(sources))
 
     def _think_one(self, source: np.ndarray, instruction: str) -> str:
+        self._count("think")
         if self.contract == "reasonedit":
             text, problem = self.chat(_openai_messages(prompts.think(source, instruction))).strip(), "empty reply"
         elif self.lenient:  # as EditThinker's client: whatever answer the reply holds
@@ -188,7 +194,12 @@ class OpenAIThinker(ClientOwner):
         one = self._reflect_ours if self.contract == "reasonedit" else self._reflect_editthinker
         return self._map(lambda k: one(sources[k], edited[k], instructions[k], previous[k]), n)
 
+    def _count(self, role: str) -> None:
+        with self._lock:
+            self.calls[role] += 1
+
     def _timed_chat(self, reflection: Reflection, phase: str, messages: list[dict]) -> str:
+        self._count(phase)
         t0 = time.perf_counter()
         reply = self.chat(messages)
         reflection.timings[phase] = time.perf_counter() - t0
@@ -198,9 +209,17 @@ class OpenAIThinker(ClientOwner):
     def _reflect_ours(self, source: np.ndarray, edited: np.ndarray, instruction: str,
                       previous: Optional[str]) -> Reflection:
         r = Reflection(decision="failed")
-        description = self._timed_chat(r, "describe", _openai_messages(prompts.describe_target(source, instruction))).strip()
-        if not description or _DECISION_TAG_RE.search(description):
-            return self._parse_failed(r, "describe", f"description is empty or holds a decision tag: {description[:80]!r}")
+        key = self.descriptions.key(source, instruction)
+        known = self.descriptions.get(key)  # the description depends on (source, instruction) alone
+        if known is not None:
+            (r.raw["describe"], description), r.timings["describe"] = known, 0.0
+        else:
+            description = self._timed_chat(r, "describe",
+                                           _openai_messages(prompts.describe_target(source, instruction))).strip()
+            if not description or _DECISION_TAG_RE.search(description):
+                return self._parse_failed(r, "describe",
+                                          f"description is empty or holds a decision tag: {description[:80]!r}")
+            self.descriptions.put(key, r.raw["describe"], description)
         r.description = description
         try:
             value, reason = prompts.parse_score(self._timed_chat(r, "score", _openai_messages(prompts.score(edited, description))))

@@ -9,7 +9,7 @@ run's edit and eval steps all build theirs here, so every one of them places the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -70,7 +70,7 @@ class Pipeline:
     def editor(self, progress: Callable[[int, int], None] | None = None) -> GeneratorEditor:
         return GeneratorEditor(self.model, self.sampler, progress=progress)
 
-    def thinker(self, generate: Optional[Generate] = None, max_new_tokens: int = 128,
+    def thinker(self, generate: Optional[Generate] = None, max_new_tokens: int | Mapping[str, int] = 128,
                 loop: Optional[str] = None) -> ReasonerThinker:
         return ReasonerThinker(self.model, generate=generate, max_new_tokens=max_new_tokens, loop=loop)
 
@@ -147,12 +147,13 @@ def build_editor(editor: str | Sequence[str] | None = None, *, pipeline: Pipelin
 
 def build_thinker(thinker: str | None = None, *, pipeline: Pipeline | None = None, model_name: str | None = None,
                   api_key: str | None = None, contract: str = "reasonedit", concurrency: int = 8,
-                  max_new_tokens: int = 128, prompt_template: str | Path | None = None,
+                  max_new_tokens: int | Mapping[str, int] = 128, prompt_template: str | Path | None = None,
                   loop: str | None = None) -> Thinker:
     """None: the pipeline's reasoner; else an OpenAI-compatible chat endpoint speaking `contract`.
     `prompt_template`: the editthinker contract's prompt, a file (EditThinker's `inference/prompt_template.txt`)
     or its text; `loop`: the loop's rules the thinker is built for ("reasonedit" | "editthinker"; None: ours),
-    which `edit_with_reasoning` then follows."""
+    which `edit_with_reasoning` then follows. `max_new_tokens`: the built-in reasoner's longest reply, one number or
+    {role: tokens}."""
     if thinker is None:
         if pipeline is None:
             raise ValueError("the built-in thinker needs a model; give a model folder or a thinker URL")

@@ -41,9 +41,15 @@ def global_count(counts: Sequence[torch.Tensor | int | float], group: dist.Proce
 
 
 def normalise(loss_sum: torch.Tensor, count: torch.Tensor | float, world_size: int = 1) -> torch.Tensor:
-    """loss_sum / count, times world_size to cancel the ranks' gradient mean; 0 when the step has no tokens."""
-    count = torch.as_tensor(count, dtype=torch.float64)
-    if float(count) <= 0:
+    """loss_sum / count, times world_size to cancel the ranks' gradient mean; 0 when the step has no tokens.
+
+    A count on the host is read as a number; a count tensor (the all-reduced step count, on the device) stays
+    there: the scale is computed on the device, so normalising never waits for it."""
+    if isinstance(count, torch.Tensor):
+        count = count.to(torch.float64)
+        scale = torch.where(count > 0, world_size / count.clamp_min(1e-300), torch.zeros_like(count))
+        return loss_sum * scale.to(loss_sum.device, loss_sum.dtype)  # 0: a zero gradient, the graph kept alive
+    if count <= 0:
         return loss_sum * 0.0  # keeps the graph (and DDP's hooks) alive with a zero gradient
     return loss_sum * (world_size / float(count))
 

@@ -65,6 +65,15 @@ class TokenLayout:
             full.append(torch.full((s.length,), s.full, dtype=torch.bool))
         return cls(torch.cat(doc).to(device), torch.cat(span).to(device), torch.cat(full).to(device))
 
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, length: int, full: bool = True) -> "TokenLayout":
+        """One span per document, from cumulative boundaries (0, n_0, n_0 + n_1, ..., length) as varlen
+        kernels take them; built on their device without a host sync."""
+        counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        doc = torch.repeat_interleave(torch.arange(counts.shape[0], dtype=torch.int32, device=cu_seqlens.device),
+                                      counts, output_size=length)
+        return cls(doc, doc.clone(), torch.full((length,), full, dtype=torch.bool, device=cu_seqlens.device))
+
     def __len__(self) -> int:
         return int(self.doc.shape[0])
 

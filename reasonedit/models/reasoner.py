@@ -1,12 +1,15 @@
 """The Qwen2.5-VL reasoner: condition states for the generator, generation, LoRA, and packed rows.
 
-Packed rows run through the stock transformers module. The model's attention implementation is
+Packed rows run through the stock transformers module. The language model's attention implementation is
 `reasonedit_packed`, registered with transformers' `AttentionInterface`: plain sdpa, unless the
 forward carries a `packed_attention` kwarg (a `PackedAttention` over the row's `TokenLayout`), in
-which case the language model's causal attention uses that one document-causal mask. The kwarg
-also reaches the vision tower, whose attention is bidirectional (`module.is_causal` is False):
-there the function ignores it and runs sdpa as usual. Position ids of a packed row are the
-model's own 3-axis `get_rope_index` per sample, concatenated.
+which case its causal attention uses that one document-causal mask. Position ids of a packed row are
+the model's own 3-axis `get_rope_index` per sample, concatenated.
+
+The vision tower runs `reasonedit_packed_vision_flash` (`packed_vision_attention_forward`): one call per
+layer over all images' windows (windowed layers) or whole images (full-attention layers), the
+boundaries turned into a block-diagonal `PackedAttention` (flex on CUDA, per-document sdpa on CPU).
+`set_attention(model, packed_vision=False)` restores the stock per-window calls.
 
 Directory layout of `save_pretrained(dir)`:
     dir/            the base model in Hugging Face format (config.json, model.safetensors), the
@@ -18,11 +21,13 @@ Directory layout of `save_pretrained(dir)`:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +59,10 @@ from reasonedit.models.tokenizer import DECISION_TOKENS, add_decision_tokens, si
 
 logger = logging.getLogger(__name__)
 
-PACKED_ATTENTION = "reasonedit_packed"  # the attention implementation name the reasoner runs with
+PACKED_ATTENTION = "reasonedit_packed"  # the attention implementation name the language model runs with
+# The vision tower's. "flash" in the name is what sends Qwen2.5-VL's vision attention down its varlen path (see
+# packed_vision_attention_forward); it names no flash-attn kernel.
+VISION_ATTENTION = "reasonedit_packed_vision_flash"
 PACKED_KWARG = "packed_attention"  # forward kwarg carrying the row's PackedAttention
 LORA_DIR = "lora"
 LM_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -78,8 +86,10 @@ def packed_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """sdpa, except the LM's causal attention in a packed forward, which uses the row's document mask."""
     packed: Optional[PackedAttention] = kwargs.pop(PACKED_KWARG, None)
-    # The vision tower's attention is bidirectional and runs per image chunk: never the text mask.
-    if packed is None or not getattr(module, "is_causal", False):
+    causal = getattr(module, "is_causal", False)
+    _count_call("language" if causal else "vision")
+    # With packed_vision=False the vision tower calls this per window: bidirectional, never the text mask.
+    if packed is None or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # (1, H, L, D) queries; (1, H_kv, L, D) keys and values
@@ -97,10 +107,99 @@ def packed_attention_forward(
     return out.transpose(1, 2).contiguous(), None  # (1, L, H, D), as transformers expects
 
 
+def packed_vision_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """One vision layer's attention over every image at once: block-diagonal over `cu_seq_lens_q`.
+
+    What this relies on (transformers 5.23, models/qwen2_5_vl/modeling_qwen2_5_vl.py): the tower's
+    `Qwen2_5_VLVisionAttention.forward` (lines 296-313) calls the attention function once over the whole
+    (1, H, L, D) sequence, with the boundaries as `cu_seq_lens_q` / `cu_seq_lens_k`, when
+    `is_flash_attention_requested(config)` holds, which is `"flash" in config._attn_implementation`
+    (utils/generic.py line 306); otherwise it splits q, k, v per window and calls it once per window
+    (lines 314-335). `Qwen2_5_VisionTransformerPretrainedModel.forward` (lines 465-480) hands every layer one
+    of two tensors, `cu_window_seqlens` (windowed layers) or `cu_seqlens` (`fullatt_block_indexes`), over
+    tokens already permuted window by window, so each mask is built once per forward (`_VisionMasks`).
+    """
+    text: Optional[PackedAttention] = kwargs.pop(PACKED_KWARG, None)  # the language model's row, if packed
+    _count_call("vision")
+    if cu_seq_lens_q is None:
+        raise ValueError(f"{VISION_ATTENTION} is the vision tower's varlen attention and needs cu_seq_lens_q; "
+                         f"module {type(module).__name__} called it without")
+    if dropout > 0.0:
+        raise NotImplementedError(f"packed vision attention has no attention dropout; got dropout={dropout}")
+    if query.shape[0] != 1 or key.shape[1] != query.shape[1]:
+        raise ValueError(f"packed vision attention takes one row and as many key as query heads; got query "
+                         f"{tuple(query.shape)}, key {tuple(key.shape)}")
+    head_dim = query.shape[-1]
+    if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
+        query = query * (scaling * head_dim**0.5)  # PackedAttention scales by 1/sqrt(D)
+    attention = _VISION_MASKS.get(cu_seq_lens_q, query.shape[2], text.backend if text is not None else "auto")
+    out = attention(query, key, value)  # (1, H, L, D)
+    return out.transpose(1, 2).contiguous(), None  # (1, L, H, D), as transformers expects
+
+
+class _VisionMasks:
+    """The vision tower's `PackedAttention` per boundaries tensor, matched by identity: the tower passes the same
+    two tensors to all its layers in a forward. Holds the last few (and so keeps them alive: ids are not reused)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[tuple[torch.Tensor, int, str, PackedAttention]] = []
+
+    def get(self, cu_seqlens: torch.Tensor, length: int, backend: str) -> PackedAttention:
+        for bounds, n, b, attention in self.entries:
+            if bounds is cu_seqlens and n == length and b == backend:
+                return attention
+        attention = PackedAttention(TokenLayout.from_cu_seqlens(cu_seqlens, length, full=True), backend)
+        self.entries = [(cu_seqlens, length, backend, attention)] + self.entries[: self.size - 1]
+        return attention
+
+
+_VISION_MASKS = _VisionMasks()
+# the open `attention_calls` counter of this context, if any
+_CALLS: contextvars.ContextVar[Optional[Counter]] = contextvars.ContextVar("reasonedit_attention_calls", default=None)
+
+
+def _count_call(part: str) -> None:
+    calls = _CALLS.get()
+    if calls is not None:
+        calls[part] += 1
+
+
+@contextlib.contextmanager
+def attention_calls() -> Iterator[Counter]:
+    """Count the calls of the registered attention functions in this block: `calls["vision"]`,
+    `calls["language"]` (recomputation under activation checkpointing included; the running thread only)."""
+    calls: Counter = Counter()
+    token = _CALLS.set(calls)
+    try:
+        yield calls
+    finally:
+        _CALLS.reset(token)
+
+
 def register_packed_attention() -> None:
-    """Register `reasonedit_packed` with transformers (idempotent); its masks are sdpa's."""
+    """Register `reasonedit_packed` (its masks are sdpa's) and the vision tower's attention (idempotent)."""
     AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    AttentionInterface.register(VISION_ATTENTION, packed_vision_attention_forward)
+
+
+def set_attention(model: Qwen2_5_VLForConditionalGeneration, *, packed_vision: bool = True) -> None:
+    """Run `model` through our attention: the language model through `reasonedit_packed`; the vision tower one call
+    per layer (`packed_vision`, equal to the stock tower to float rounding) or, without, per window as stock."""
+    register_packed_attention()
+    vision = VISION_ATTENTION if packed_vision else PACKED_ATTENTION
+    model.set_attn_implementation({"": PACKED_ATTENTION, "text_config": PACKED_ATTENTION, "vision_config": vision})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,8 +301,7 @@ class Reasoner(torch.nn.Module):
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, processor: ReasonerProcessor):
         super().__init__()
-        register_packed_attention()
-        model.set_attn_implementation(PACKED_ATTENTION)
+        set_attention(model)
         self.model = model
         self.processor = processor
         self._set_peft(None)
@@ -482,5 +580,6 @@ class Reasoner(torch.nn.Module):
         self.__dict__["_peft_model"] = wrapper
 
 
-__all__ = ["LORA_DIR", "PACKED_ATTENTION", "PACKED_KWARG", "PackedReasonerInputs", "Reasoner",
-           "pack_reasoner_inputs", "packed_attention_forward", "register_packed_attention"]
+__all__ = ["LORA_DIR", "PACKED_ATTENTION", "PACKED_KWARG", "VISION_ATTENTION", "PackedReasonerInputs", "Reasoner",
+           "attention_calls", "pack_reasoner_inputs", "packed_attention_forward", "packed_vision_attention_forward",
+           "register_packed_attention", "set_attention"]

@@ -17,7 +17,8 @@ from typing import Mapping, Optional
 
 from reasonedit.config import LOOPS
 from reasonedit.config.model import RUN_DTYPES
-from reasonedit.inference.cli import LOOP_HELP, THINKER_PROMPT_HELP, read_thinker_prompt
+from reasonedit.inference.cli import (LOOP_HELP, MAX_NEW_TOKENS_HELP, THINKER_PROMPT_HELP, max_new_tokens_arg,
+                                      read_thinker_prompt)
 from reasonedit.inference.types import SHAPES_EDITOR
 from reasonedit.serve.schema import COMPAT_MODES, DEFAULT_COMPAT
 
@@ -86,6 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the chat model replies: our role prompts, or EditThinker's think/score/answer")
     p.add_argument("--thinker-prompt", type=Path, metavar="FILE", help=THINKER_PROMPT_HELP)
     p.add_argument("--loop", default="reasonedit", choices=LOOPS, help="think/reflect requests: " + LOOP_HELP)
+    p.add_argument("--max-new-tokens", type=max_new_tokens_arg, default=128,
+                   help="the model's reasoner as the thinker: " + MAX_NEW_TOKENS_HELP)
 
 
 def resolve_token(token: Optional[str], token_file: Optional[Path], no_auth: bool,
@@ -204,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline.load(args.model, device=args.device, dtype=args.dtype)
     thinker = None if args.no_thinker else build_thinker(args.thinker, pipeline=pipeline,
                                                          model_name=args.thinker_model, contract=args.thinker_contract,
-                                                         prompt_template=prompt, loop=args.loop)
+                                                         prompt_template=prompt, loop=args.loop,
+                                                         max_new_tokens=args.max_new_tokens)
     app = create_app(pipeline.editor(), config, thinker, model_name=str(args.model),
                      thinker_shares_model=not args.thinker)
     auth = "bearer token required" if config.token else "no authentication: --no-auth"

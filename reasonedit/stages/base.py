@@ -120,10 +120,9 @@ class LossTotals:
         out = {}
         for t, s in self.sums.items():
             c = self.counts[t]
-            if isinstance(c, torch.Tensor) and c.device.type != "cpu":
+            if isinstance(c, torch.Tensor):  # where it lies (the device, after the all-reduce): never read
                 out[t] = torch.where(c > 0, s / c, torch.full_like(s, empty))
             else:  # a count on the host: reading it costs nothing
-                c = float(c)
                 out[t] = s / c if c > 0 else torch.full_like(s, empty)
         return out
 

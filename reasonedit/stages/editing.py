@@ -41,11 +41,12 @@ class EditingStage(Stage):
 
     @torch.no_grad()
     def states(self, model: ReasonEditModel, segments, ctx: StageContext) -> list[torch.Tensor]:
-        """The frozen reasoner's condition states; from the cache for segments with source images."""
+        """The frozen reasoner's condition states; from the cache for every segment, text-to-image and dropped-image
+        ones too (an entry is keyed by its prompt's token ids and pixels, none for a text-only prompt)."""
         out = [None] * len(segments)
         cache = ctx.condition_cache
         if cache is not None:
-            idx = [i for i, s in enumerate(segments) if s.source_images]
+            idx = [i for i, s in enumerate(segments) if s.prefix_tokens == cache.reasoner.condition_prefix_length]
             if idx:
                 for i, st in zip(idx, cache.encoded_states([segments[i].condition for i in idx])):
                     out[i] = st

@@ -19,17 +19,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class GeneratorEMA:
-    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float, dtype: torch.dtype = torch.float32):
         self.decay = decay
         self.params = params
-        # float32 even when the weights are bf16 (DeepSpeed on GPUs): a 1e-3 step would vanish in bf16
-        self.shadow = {n: _local(p).to(torch.float32, copy=True) for n, p in params.items()}
+        # float32 by default even when the weights are bf16 (DeepSpeed on GPUs): a 1e-3 step would vanish in bf16
+        # (train.ema_dtype=bfloat16 halves the memory where the decay is far from 1)
+        self.shadow = {n: _local(p).to(dtype, copy=True) for n, p in params.items()}
         self.sharded = any(hasattr(p, "ds_tensor") or hasattr(p, "to_local") for p in params.values())
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, p in self.params.items():
-            self.shadow[name].lerp_(_local(p).to(self.shadow[name].dtype), 1.0 - self.decay)
+        """One multi-tensor lerp over every shadow (one kernel per chunk on CUDA, no host read)."""
+        shadows = list(self.shadow.values())
+        current = [_local(p).to(s.dtype) for p, s in zip(self.params.values(), shadows)]
+        torch._foreach_lerp_(shadows, current, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.cpu() for n, t in self.shadow.items()}

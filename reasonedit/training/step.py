@@ -3,8 +3,11 @@
 `Stepper` runs plain PyTorch (one process, DDP, FSDP2): `loss.backward()` per micro-batch, clipping, AdamW, the
 schedule. `DeepSpeedStepper` hands backward, clipping, the update and the schedule to the DeepSpeed engine. Both
 run the EMA after an applied update, and both leave the step's figures on the device: the one host read a step
-makes is whether the update was applied (and whether a rank got SIGTERM). `StepRecords` keeps the figures of
-the steps since the last log line and reads them all at once.
+makes is whether the update was applied (and whether a rank got SIGTERM). On a process group a step makes two
+all-reduces: its token counts (every term's and the real tokens, one tensor, before the first forward: they
+normalise every micro-batch's loss) and its loss sums with the SIGTERM flag (after the backward: the skip rule
+needs the loss over every rank before the update). `StepRecords` keeps the figures of the steps since the last
+log line and reads them all at once.
 """
 
 from __future__ import annotations
@@ -64,8 +67,11 @@ class Stepper:
     def __init__(self, forward: Forward, stage: Stage, world: World, optimizer: torch.optim.Optimizer,
                  scheduler=None, params: Sequence[torch.nn.Parameter] = (), grad_clip: float = 0.0,
                  ema: GeneratorEMA | None = None, flow_matching: FlowMatchingConfig | None = None, seed: int = 0,
-                 condition_cache=None, stop_requested: Callable[[], bool] = lambda: False):
+                 condition_cache=None, stop_requested: Callable[[], bool] = lambda: False, host_counts: bool = False):
         self.forward, self.stage, self.world = forward, stage, world
+        # True: the step's all-reduced counts are read back to the host before the forward, as steps did before
+        # they stayed on the device (one more host read a step on a process group; bench/train_step.py's baseline)
+        self.host_counts = host_counts
         self.optimizer, self.scheduler, self.params, self.grad_clip = optimizer, scheduler, list(params), grad_clip
         self.ema, self.seed, self.cache = ema, seed, condition_cache
         self.flow_matching = flow_matching or FlowMatchingConfig()
@@ -76,8 +82,9 @@ class Stepper:
         """Forward and backward each micro-batch (gradients accumulate), then update once: clipped, and only
         when the loss and the gradient norm are finite, else the gradients are dropped."""
         stage, world = self.stage, self.world
-        # every micro-batch of the step first: its token counts normalise every term
-        counts = self.global_counts(micro)
+        # every micro-batch of the step first: its token counts normalise every term (on the device after the
+        # all-reduce: the losses are scaled there, nothing waits for them)
+        counts, tokens = self.global_counts(micro)
         totals = LossTotals.zeros(stage.terms)
         for i, batch in enumerate(micro):
             ctx = self.context(at, i)
@@ -86,36 +93,42 @@ class Stepper:
                     sums = self.forward(batch, ctx)
                 self.backward(stage.normalised_loss(sums, counts, world.world_size))
             totals.add(sums)
-        # the step's loss sums, tokens and stop flag over all ranks in one reduction, left on the device (the
-        # host values are filled in there, not copied: a host-to-device copy waits for the queue too)
-        tokens, stopping = float(sum(sum(mb.tokens) for mb in micro)), float(self.stop_requested())
+        # the step's loss sums and stop flag over all ranks in one reduction, left on the device (the flag is
+        # filled in there, not copied: a host-to-device copy waits for the queue too)
         device = totals.sums[stage.terms[0]].device
-        reduced = all_reduce_sum(torch.stack([*(totals.sums[t].to(device) for t in stage.terms),
-                                              torch.full((), tokens, dtype=torch.float64, device=device),
-                                              torch.full((), stopping, dtype=torch.float64, device=device)]))
+        stopping = torch.full((), float(self.stop_requested()), dtype=torch.float64, device=device)
+        reduced = all_reduce_sum(torch.stack([*(totals.sums[t].to(device) for t in stage.terms), stopping]))
         n = len(stage.terms)
         losses = LossTotals(dict(zip(stage.terms, reduced[:n])), counts).means(empty=0.0)
         total = stage.combine({t: v.float() for t, v in losses.items()})
         lr = self.lr()
         grad_norm, finite = self.update(total)
         # the step's one host read: the skip rule and SIGTERM change what the loop does next
-        applied, stop = torch.stack([finite.to(reduced.device), reduced[n + 1] > 0]).tolist()
+        applied, stop = torch.stack([finite.to(reduced.device), reduced[n] > 0]).tolist()
         if applied:
             self.apply()
             if self.ema is not None:
                 self.ema.update()
         else:
             self.drop()
-        return StepOutcome(applied, stop, losses, total, grad_norm, reduced[n], lr)
+        return StepOutcome(applied, stop, losses, total, grad_norm, tokens, lr)
 
-    def global_counts(self, micro: Sequence[PackedBatch]) -> dict[str, float]:
-        """Each term's tokens in the whole step: this rank's micro-batches, summed over the ranks (known before
-        any forward, so the first micro-batch's loss is already normalised by the step's total)."""
-        terms = self.stage.terms
+    def global_counts(self, micro: Sequence[PackedBatch]) -> tuple[dict[str, float | torch.Tensor], torch.Tensor]:
+        """Each term's tokens in the whole step and its real tokens: this rank's micro-batches, summed over the
+        ranks (known before any forward, so the first micro-batch's loss is already normalised by the step's
+        total). One process: the terms' counts are host numbers (free to read). A process group: one all-reduce
+        of all of them, left where it ran (0-dim tensors on the device), unless `host_counts`."""
+        terms, device = self.stage.terms, self.world.device
         local = [float(sum(self.stage.counts(mb)[t] for mb in micro)) for t in terms]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            local = all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        return dict(zip(terms, local))
+        tokens = float(sum(sum(mb.tokens) for mb in micro))
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return dict(zip(terms, local)), torch.full((), tokens, dtype=torch.float64, device=device)
+        # filled in on the device, not copied there (a host-to-device copy waits for the queue)
+        reduced = all_reduce_sum(torch.stack([torch.full((), v, dtype=torch.float64, device=device)
+                                              for v in (*local, tokens)]))
+        if self.host_counts:
+            return dict(zip(terms, reduced[:len(terms)].tolist())), reduced[len(terms)]
+        return dict(zip(terms, reduced[:len(terms)])), reduced[len(terms)]
 
     def context(self, at: int, i: int) -> StageContext:
         world = self.world

@@ -34,6 +34,7 @@ from reasonedit.publish import atomic_write_text
 from reasonedit.stages import Stage, StageContext, stage_for
 
 from . import checkpoint as ckpt
+from .compiled import compile_blocks, compile_enabled, fused_adamw
 from .data import BatchStream, Sources, SplitBatchStream, stage_loader
 from .distributed import World, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
@@ -117,7 +118,9 @@ def optimisation(stage: Stage, model: ReasonEditModel, tc: TrainConfig, world: W
     vae = list(model.vae.parameters()) if model.vae is not None else []
     module = wrap(StageModule(model, stage), parallel, world, tc.fsdp_mixed_precision, tc.cpu_offload, vae)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    fused = fused_adamw(compile_enabled(tc.compile, world.device, parallel), params)
+    optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                  **({"fused": True} if fused else {}))
     return module, optimizer, make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio), params
 
 
@@ -217,10 +220,13 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before any sharding
     parallel = resolve_parallel(tc.parallel, world)
+    if compile_enabled(tc.compile, world.device, parallel):  # in place, before wrapping: the names stay the same
+        compile_blocks(model)
     module, optimizer, scheduler, params = optimisation(stage, model, tc, world, parallel)
     ema = None
     if tc.ema_decay > 0 and model.generator is not None:  # after wrapping: it keeps the local shards
-        ema = GeneratorEMA({n: p for n, p in model.generator.named_parameters() if p.requires_grad}, tc.ema_decay)
+        ema = GeneratorEMA({n: p for n, p in model.generator.named_parameters() if p.requires_grad}, tc.ema_decay,
+                           getattr(torch, tc.ema_dtype))
 
     # -- data ------------------------------------------------------------------------------------
     pre, stream, cache = stage_data(cfg, stage, model, data, out, world)
