@@ -298,12 +298,12 @@ def _shapes_image():
 def test_sigterm_drains_in_flight_requests_then_cancels_the_rest_and_exits_within_the_grace_period():
     def respond(req):
         # a think prompt carries the user's instruction: "slow" ones take longer than the grace period
-        return Reply("Make the red circle blue.", delay=60.0) if "slow" in req.text else Reply("Make the red circle blue.", delay=1.0)
+        return Reply("Make the red circle blue.", delay=60.0) if "slow" in req.text else Reply("Make the red circle blue.", delay=0.5)
 
     image = _shapes_image()
     with ScriptedChatServer(respond) as chat:
         proc, url = start_serve("--editor", "shapes", "--no-auth", "--thinker", chat.url + "/v1",
-                                "--thinker-model", "m", "--grace", "3")
+                                "--thinker-model", "m", "--grace", "2")
         try:
             with ThreadPoolExecutor(2) as pool:
                 def post(prompt):
@@ -315,11 +315,11 @@ def test_sigterm_drains_in_flight_requests_then_cancels_the_rest_and_exits_withi
                 _wait_for(lambda: len(chat.log) == 2)
                 t0 = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
-                code = proc.wait(3 + 10)
+                code = proc.wait(2 + 10)
                 took = time.monotonic() - t0
                 drained, cut = quick.result(), slow.result()
             assert code == 0, proc.communicate()[1]
-            assert 0.5 < took < 3 + 5  # the quick one was waited for; the slow one not past the grace
+            assert 0.2 < took < 2 + 5  # the quick one was waited for; the slow one not past the grace
             assert drained.status_code == 200 and drained.json()["success"] is True
             assert isinstance(cut, httpx.TransportError) or cut.status_code >= 500
             with pytest.raises(httpx.TransportError):

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 def hash_tensors(h, named: Sequence[tuple[str, torch.Tensor]]) -> None:
     """Feed each (name, tensor)'s name, dtype, shape and bytes into the hash `h`."""
     for name, tensor in named:
+        if hasattr(tensor, "full_tensor"):  # a sharded DTensor (FSDP2): hash the whole tensor, as one process sees it
+            tensor = tensor.full_tensor()  # a collective: every rank hashes the same names in the same order
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
