@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed-stamp
 # torch is pinned: the CPU wheel of this version lies on disk here; an unpinned torch would pull
 # a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# test processes (pytest-xdist; a file's tests stay in one process, so its module fixtures are built once);
+# TEST_WORKERS=1 runs the suite in this process, one test after another
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow install clean bench
 
@@ -23,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/reasonedit run configs/experiment/shapes_demo.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # the slow tier (tests marked slow: a wheel installed in a fresh venv, ...); CI runs `make test` only
 test-slow: $(STAMP)

@@ -41,7 +41,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.7"],
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5"],  # make test runs the suite on TEST_WORKERS processes
     },
     entry_points={"console_scripts": ["reasonedit=reasonedit.cli:main"]},
 )
