@@ -57,4 +57,5 @@ def test_a_wheel_in_a_fresh_venv_runs_config_and_a_tiny_run_from_packaged_preset
     assert (out / "data" / "manifest.json").is_file() and (out / "model" / "reasonedit.json").is_file()
 
     missing = run("-m", "reasonedit", "config", "no_such_experiment")
-    assert missing.returncode == 1 and "packaged: ['shapes_demo', 'shapes_small', 'shapes_tiny']" in missing.stderr
+    packaged = sorted(p.stem for p in (ROOT / "reasonedit" / "configs" / "experiment").glob("*.yaml"))
+    assert missing.returncode == 1 and f"packaged: {packaged}" in missing.stderr
