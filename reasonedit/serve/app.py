@@ -19,6 +19,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -62,6 +63,14 @@ _UPSTREAM_AWAY = {"transport", "timeout", "http_429", "http_503"}
 STOP_WAIT = 5.0  # seconds the shutdown waits for the edit worker once the grace period is over
 
 
+def default_max_loops() -> int:
+    """Loop slots for this machine: two per usable CPU core, at most 8. A loop's own CPU (images encoded for the
+    thinker, replies, traces) competes with plain edits; measured on 2 cores (bench/serve_load.py), 8 slots let
+    64 loop requests in flight slow a plain edit 1.3-2.2x, 4 slots 1.1-1.2x."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, 2 * cores))
+
+
 @dataclass
 class ServeConfig:
     """How the service takes requests. `token` None: no authentication (the CLI's --no-auth)."""
@@ -71,7 +80,8 @@ class ServeConfig:
     max_batch: int = 8
     batch_wait_ms: float = 10.0
     timeout: float = 300.0  # seconds a request may take from its arrival: body, validation, queue and work
-    max_loops: int = 8  # think/reflect requests running at once (each holds a thread while it runs)
+    # think/reflect requests running at once (each holds a thread, and spends CPU on images and replies, while it runs)
+    max_loops: int = field(default_factory=lambda: default_max_loops())
     max_loop_queue: int = 32  # think/reflect requests waiting for one of those slots; more are answered 503
     read_timeout: float = 30.0  # seconds the body may take to arrive (a slow client is answered 408)
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers (then it is closed)

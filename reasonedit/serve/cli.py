@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long the first request of a batch waits for company")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take from its arrival: body, "
                    "validation, queue and work (504; the work is stopped)")
-    p.add_argument("--max-loops", type=int, default=8, help="think/reflect requests running at once (each on its own "
+    p.add_argument("--max-loops", type=int, default=None, help="think/reflect requests running at once (default: two "
+                   "per CPU core, at most 8; each on its own "
                    "thread; their edits wait in their own lane, so they cannot starve plain edits)")
     p.add_argument("--max-loop-queue", type=int, default=32,
                    help="think/reflect requests waiting for a loop slot; more are answered 503")
@@ -139,7 +140,8 @@ def serve_config(args: argparse.Namespace):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ValueError(f"--{flag.replace('_', '-')}: must be positive, got {getattr(args, flag)}")
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                         timeout=args.timeout, compat=args.compat, max_loops=args.max_loops,
+                         timeout=args.timeout, compat=args.compat,
+                         **({} if args.max_loops is None else {"max_loops": args.max_loops}),
                          max_loop_queue=args.max_loop_queue, read_timeout=args.read_timeout,
                          header_timeout=args.header_timeout, grace=args.grace,
                          limits=Limits(max_side=args.max_side, max_pixels=args.max_pixels, max_steps=args.max_steps,
