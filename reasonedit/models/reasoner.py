@@ -74,6 +74,17 @@ TEMPLATE_REPEATS = 5  # copies of the fixed prompt texts in a tiny tokenizer's t
 # The attention function
 
 
+def _unit_scaled(query: torch.Tensor, dropout: float, scaling: Optional[float], what: str) -> torch.Tensor:
+    """`query` rescaled so that `PackedAttention`'s 1/sqrt(D) gives the module's own `scaling`; attention dropout,
+    which neither packed function implements (the reasoner runs without it), is refused by name."""
+    if dropout > 0.0:
+        raise NotImplementedError(f"{what} has no attention dropout; got dropout={dropout}")
+    head_dim = query.shape[-1]
+    if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
+        return query * (scaling * head_dim**0.5)
+    return query
+
+
 def packed_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -97,11 +108,7 @@ def packed_attention_forward(
         raise ValueError(
             f"packed attention takes one row and no KV cache; got query {tuple(query.shape)}, key {tuple(key.shape)}"
         )
-    if dropout > 0.0:
-        raise NotImplementedError(f"packed attention has no attention dropout; got dropout={dropout}")
-    head_dim = query.shape[-1]
-    if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
-        query = query * (scaling * head_dim**0.5)  # PackedAttention scales by 1/sqrt(D)
+    query = _unit_scaled(query, dropout, scaling, "packed attention")
     groups = query.shape[1] // key.shape[1]
     out = packed(query, repeat_kv(key, groups), repeat_kv(value, groups))  # (1, H, L, D)
     return out.transpose(1, 2).contiguous(), None  # (1, L, H, D), as transformers expects
@@ -134,14 +141,10 @@ def packed_vision_attention_forward(
     if cu_seq_lens_q is None:
         raise ValueError(f"{VISION_ATTENTION} is the vision tower's varlen attention and needs cu_seq_lens_q; "
                          f"module {type(module).__name__} called it without")
-    if dropout > 0.0:
-        raise NotImplementedError(f"packed vision attention has no attention dropout; got dropout={dropout}")
     if query.shape[0] != 1 or key.shape[1] != query.shape[1]:
         raise ValueError(f"packed vision attention takes one row and as many key as query heads; got query "
                          f"{tuple(query.shape)}, key {tuple(key.shape)}")
-    head_dim = query.shape[-1]
-    if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
-        query = query * (scaling * head_dim**0.5)  # PackedAttention scales by 1/sqrt(D)
+    query = _unit_scaled(query, dropout, scaling, "packed vision attention")
     attention = _VISION_MASKS.get(cu_seq_lens_q, query.shape[2], text.backend if text is not None else "auto")
     out = attention(query, key, value)  # (1, H, L, D)
     return out.transpose(1, 2).contiguous(), None  # (1, L, H, D), as transformers expects

@@ -347,9 +347,7 @@ def create_app(editor: Editor, config: Optional[ServeConfig] = None, thinker: Op
                     ticket.abandon()
                     raise
                 answer = {"edited_image": await run_in_threadpool(png_base64, image)}
-        except QueueFull as e:
-            return _error(503, str(e), None, {"Retry-After": "1"})
-        except ShuttingDown as e:
+        except (QueueFull, ShuttingDown) as e:  # no room now, or no longer: another try (elsewhere) may work
             return _error(503, str(e), None, {"Retry-After": "1"})
         except TimeoutError:
             count("timed_out")

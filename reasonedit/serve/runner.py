@@ -17,8 +17,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
-_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-              b"content-length: %d\r\n\r\n%s")
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -65,18 +63,20 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to HTTP it cannot parse (a Content-Length that is not a number, a header line too long),
         in the service's JSON error format instead of plain text."""
-        body = json.dumps({"success": False, "error": f"malformed HTTP request ({msg})", "field": "http"}).encode()
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
+        self._answer_and_close("400 Bad Request", f"malformed HTTP request ({msg})", "http")
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.transport.is_closing() or not self._between_requests():
             return
-        body = (b'{"success":false,"error":"the request headers did not arrive within %gs","field":"headers"}'
-                % self.header_timeout)
-        self.transport.write(_TIMED_OUT % (len(body), body))
+        self._answer_and_close("408 Request Timeout", f"the request headers did not arrive within "
+                                                      f"{self.header_timeout:g}s", "headers")
+
+    def _answer_and_close(self, status: str, error: str, field: str) -> None:
+        """Write one error answer in the service's JSON format past h11 (the request never parsed) and close."""
+        body = json.dumps({"success": False, "error": error, "field": field}, separators=(",", ":")).encode()
+        head = f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {len(body)}"
+        self.transport.write(head.encode() + b"\r\n\r\n" + body)
         self.transport.close()
 
 
