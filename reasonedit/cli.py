@@ -89,6 +89,47 @@ def build_parser() -> argparse.ArgumentParser:
                      "(malformed, or of no record kind) instead of stopping; they are counted by reason in the "
                      "manifest and listed (file:line, reason) in OUT/import_report.jsonl")
     imp.add_argument("inputs", nargs="+", type=Path, help="input files or folders")
+    traj = dsub.add_parser("trajectories", help="run the loop over a dataset and turn its trajectories into "
+                           "SFT shards and RL prompts", description=(
+        "Run think -> edit -> reflect on each edit pair and thinking pair of --data, score every round with the exact "
+        "oracle (shapes data) or a judge (--judge-url), and record it in OUT/trajectories.jsonl with its images; then "
+        "filter: high-variance trajectories (score spread > --rl-spread) become RL prompts (OUT/rl_prompts.jsonl), the "
+        "stable ones are kept when a later round scores at least as well as the first, truncated after their best "
+        "round, unrolled into reflection samples and thinking pairs, balanced, and written to OUT/sft (a dataset "
+        "`reasonedit train --data` reads). A rerun resumes, skipping every trajectory already recorded. "
+        "--shard i/n (n > 1) only collects; run once more without --shard to collect what is left and filter."))
+    traj.add_argument("--data", required=True, type=Path, help="a dataset (`reasonedit data synth` or import)")
+    traj.add_argument("--out", required=True, type=Path, help="output folder (resumed when it holds a run)")
+    traj.add_argument("--split", default="train", help="the split to read (default train)")
+    traj.add_argument("--kinds", default="edit_pair,thinking_pair", help="record kinds to run on, comma-separated")
+    traj.add_argument("--limit", type=int, help="only the first N records of each kind")
+    traj.add_argument("--editor", required=True, help="'shapes' (the exact shapes editor), an HTTP editing service "
+                      "URL, or a ReasonEditModel folder (its generator edits)")
+    traj.add_argument("--editor-error-rate", type=float, default=0.0, metavar="P",
+                      help="--editor shapes: the share of edits it gets wrong on purpose (default 0)")
+    traj.add_argument("--thinker", help="an OpenAI-compatible chat base URL (with --thinker-model naming its model), "
+                      "or a ReasonEditModel folder whose reasoner thinks")
+    traj.add_argument("--thinker-model", help="with --thinker URL: the chat model's name; without --thinker: a "
+                      "ReasonEditModel folder whose reasoner thinks")
+    traj.add_argument("--thinker-key", help="the thinker's API key (or OPENAI_API_KEY)")
+    traj.add_argument("--rounds", type=int, default=3, help="at most this many edit rounds (default 3)")
+    traj.add_argument("--seed", type=int, default=0, help="base seed (each record's also depends on its key)")
+    traj.add_argument("--batch-size", type=int, default=4, help="records run through the loop at once")
+    traj.add_argument("--steps", type=int, default=28, help="sampling steps per edit (model and HTTP editors)")
+    traj.add_argument("--device", default=None, help="where model folders run (default: cuda when available)")
+    traj.add_argument("--shard", default="0/1", help="i/n: this process takes records i, i+n, ... and only collects "
+                      "when n > 1")
+    traj.add_argument("--judge-url", help="score rounds with this OpenAI-compatible vision judge instead of the "
+                      "oracle (needed for data without shapes scenes)")
+    traj.add_argument("--judge-model", help="the judge's model name")
+    traj.add_argument("--judge-key", help="the judge's API key (better: REASONEDIT_JUDGE_API_KEY)")
+    traj.add_argument("--rl-spread", type=float, default=5.0, help="a trajectory whose round scores spread more "
+                      "than this (max - min, 0-10) is an RL prompt (default 5)")
+    traj.add_argument("--success-score", type=float, default=10.0, help="a round scoring at least this is right "
+                      "(default 10, the oracle's exact match)")
+    traj.add_argument("--balance", default="1:1:1", metavar="S:R:F", help="Success:Reflection:Failed ratio of the "
+                      "reflection samples (default 1:1:1); 'none' keeps every one")
+    traj.add_argument("--shard-size", type=int, default=1000, help="records per SFT shard")
 
     config = sub.add_parser("config", help="print the resolved config of an experiment", description=(
         "Merge an experiment YAML with key=value overrides, validate it and print the result."))
@@ -187,6 +228,124 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if skipped["count"]:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped["reasons"].items())
         print(f"skipped {skipped['count']} row(s) ({reasons}); each is listed in {args.out / skipped['report']}")
+    return 0
+
+
+def _trajectory_agents(args: argparse.Namespace, world):
+    """(editor, thinker) as `eval` builds them: --editor shapes|URL|model folder, --thinker URL|model folder."""
+    from .eval.runner import build_agents
+    from .models.model import CONFIG_FILE
+
+    editor_url, model_dir = args.editor, None
+    if args.editor != "shapes" and "://" not in args.editor:
+        model_dir, editor_url = Path(args.editor), None
+        if not (model_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"--editor {args.editor}: neither 'shapes', a URL, nor a model folder "
+                                    f"(no {CONFIG_FILE})")
+    thinker_url, thinker_dir = args.thinker, None
+    if args.thinker is not None and "://" not in args.thinker:
+        thinker_url, thinker_dir = None, Path(args.thinker)
+    elif args.thinker is None and args.thinker_model is not None:
+        thinker_dir = Path(args.thinker_model)
+    if thinker_dir is not None and not (thinker_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"--thinker {thinker_dir}: not a model folder (no {CONFIG_FILE}); for a chat "
+                                "model give --thinker URL --thinker-model NAME")
+    if thinker_url is None and thinker_dir is None and model_dir is None:
+        raise ValueError("--thinker: give a chat URL (with --thinker-model) or a model folder; the loop reflects")
+    return build_agents(model_dir, editor_url, thinker_url, ["think_reflect"], thinker_model=args.thinker_model,
+                        thinker_key=args.thinker_key, thinker_dir=thinker_dir, world=world,
+                        editor_error_rate=args.editor_error_rate, editor_seed=args.seed, device=args.device)
+
+
+def _shapes_world(data: Path):
+    """The shapes world a `data synth` dataset was made in (its manifest's `world`), else None."""
+    import json
+
+    from .eval.benchmarks.shapes import world_from_manifest
+
+    manifest = data / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"--data {data}: no dataset (no manifest.json)")
+    doc = json.loads(manifest.read_text())
+    return world_from_manifest(doc, str(manifest)) if isinstance(doc.get("world"), dict) else None
+
+
+def _oracle_scorer(world):
+    from reasonedit.shapes.oracle import Oracle
+    from reasonedit.shapes.world import Scene
+
+    oracle = Oracle(world)
+
+    def score(source, edited):
+        report = oracle.score(edited, Scene.from_dict(source.meta["target_scene"]),
+                              Scene.from_dict(source.meta["source_scene"]) if "source_scene" in source.meta else None)
+        return float(report.score), "; ".join(report.reasons(world.config.grid)) or "matches the target"
+    return score
+
+
+def _cmd_trajectories(args: argparse.Namespace) -> int:
+    from .data.trajectories import FilterSettings, filter_trajectories, merge, parse_ratio, write_outputs
+    from .eval.runner import Shard
+    from .eval.trajectories import (JudgeScorer, check_settings, collect, image_loader, part_files,
+                                    read_sources)
+
+    shard = Shard.parse(args.shard)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: must be at least 1")
+    if not 0.0 <= args.editor_error_rate <= 1.0:
+        raise ValueError(f"--editor-error-rate {args.editor_error_rate}: must lie in [0, 1]")
+    ratio = None if args.balance == "none" else parse_ratio(args.balance)
+    settings = FilterSettings(rl_spread=args.rl_spread, success_score=args.success_score,
+                              ratio=ratio or (1, 1, 1), seed=args.seed, balance=ratio is not None)
+    from .data.shards import check_apart
+    check_apart(args.out, [("--data", args.data)])
+    world = _shapes_world(args.data)
+    if args.editor == "shapes" and world is None:
+        raise ValueError(f"--editor shapes edits shapes-world renders; --data {args.data} is not a `data synth` "
+                         "dataset (its manifest has no 'world')")
+    sources = read_sources(args.data, args.split, [k.strip() for k in args.kinds.split(",") if k.strip()], args.limit)
+    judge = None
+    if args.judge_url is not None:
+        from .eval.judge import Judge, JudgeSettings
+        judge = Judge(JudgeSettings.resolve(args.judge_url, args.judge_model, args.judge_key),
+                      cache=args.out / "judge_cache.jsonl")
+        scorer = JudgeScorer(judge)
+    elif world is not None:
+        unscored = [s.key for s in sources if "target_scene" not in s.meta]
+        if unscored:
+            raise ValueError(f"--data {args.data}: record {unscored[0]} (and {len(unscored) - 1} more) has no "
+                             "meta.target_scene for the oracle; score with a judge (--judge-url)")
+        scorer = _oracle_scorer(world)
+    else:
+        raise ValueError(f"--data {args.data}: no shapes world to score with the oracle; give --judge-url")
+    check_settings(args.out, {"data": str(args.data.resolve()), "split": args.split, "kinds": args.kinds,
+                              "limit": args.limit, "editor": args.editor, "editor_error_rate": args.editor_error_rate,
+                              "thinker": args.thinker, "thinker_model": args.thinker_model, "rounds": args.rounds,
+                              "seed": args.seed, "steps": args.steps, "judge": args.judge_url})
+    editor, thinker = _trajectory_agents(args, world)
+    started = time.perf_counter()
+    try:
+        stats = collect(sources, editor, thinker, scorer, args.out, rounds=args.rounds, seed=args.seed, shard=shard,
+                        batch_size=args.batch_size, steps=args.steps, progress=ProgressLine())
+    finally:
+        if judge is not None:
+            judge.close()
+    print(f"shard {shard}: {stats.collected} trajectories collected, {stats.done_before} already there, of "
+          f"{stats.total} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    if shard.count > 1:
+        print(f"shard {shard}: done; once every shard is, run the same command without --shard to filter")
+        return 0
+    trajectories = merge(part_files(args.out))
+    missing = {s.key for s in sources} - {t.key for t in trajectories}
+    if missing:
+        raise ValueError(f"{len(missing)} records have no trajectory after collecting (e.g. {sorted(missing)[0]})")
+    result = filter_trajectories(trajectories, settings)
+    counts = write_outputs(args.out, result, image_loader(args.out), shard_size=args.shard_size, split=args.split,
+                           settings=settings)
+    print(f"{len(trajectories)} trajectories: {counts['rl_prompts']} RL prompts, {counts['kept']} of "
+          f"{counts['stable']} stable kept; reflection samples {counts['balanced']} (unrolled {counts['unrolled']}), "
+          f"{counts['thinking_pairs']} thinking pairs")
+    print(f"sft: {args.out / 'sft'}\nrl prompts: {args.out / 'rl_prompts.jsonl'}")
     return 0
 
 
@@ -376,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             if args.data_command == "import":
                 return _cmd_import(args)
+            if args.data_command == "trajectories":
+                return _cmd_trajectories(args)
         if args.command == "config":
             from omegaconf import OmegaConf
 

@@ -7,10 +7,13 @@ token weighs the same however samples are packed or sharded.
 
 from .flow_matching import (FlowMatchingConfig, flow_matching_loss, logit_normal, resolution_mu, sample_timesteps,
                             shift_timesteps, timestep_weights)
+from .grpo import (ADVANTAGE_SCALES, clipped_surrogate, group_advantages, grpo_loss, grpo_loss_sum, k3_kl,
+                   masked_sum)
 from .joint import joint_loss
 from .next_token import next_token_loss
 from .normalise import LossSum, global_count, normalise
 
-__all__ = ["FlowMatchingConfig", "LossSum", "flow_matching_loss", "global_count", "joint_loss", "logit_normal",
-           "next_token_loss", "normalise", "resolution_mu", "sample_timesteps", "shift_timesteps",
+__all__ = ["ADVANTAGE_SCALES", "FlowMatchingConfig", "LossSum", "clipped_surrogate", "flow_matching_loss",
+           "global_count", "group_advantages", "grpo_loss", "grpo_loss_sum", "joint_loss", "k3_kl", "logit_normal",
+           "masked_sum", "next_token_loss", "normalise", "resolution_mu", "sample_timesteps", "shift_timesteps",
            "timestep_weights"]

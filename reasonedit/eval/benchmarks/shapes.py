@@ -36,7 +36,8 @@ class _Scenes:
     target_scene: Scene
 
 
-def _world_from_manifest(doc: dict, where: str) -> ShapesWorld:
+def world_from_manifest(doc: dict, where: str) -> ShapesWorld:
+    """The shapes world a dataset manifest records (its field 'world'); `where` names the file in errors."""
     if not isinstance(doc.get("world"), dict):
         raise BenchmarkDataError(f"{where}: missing field 'world'")
     try:
@@ -87,7 +88,7 @@ class ShapesBenchmark(Benchmark):
         if not path.is_dir():
             raise BenchmarkDataError(f"shapes: {path} is not a directory written by `reasonedit data synth`")
         doc = read_json(manifest, "shapes dataset")
-        self.world = _world_from_manifest(doc, str(manifest))
+        self.world = world_from_manifest(doc, str(manifest))
         shards = doc.get("shards")
         if not isinstance(shards, dict) or SPLIT not in shards:
             raise BenchmarkDataError(f"{manifest}: no {SPLIT!r} split under field 'shards'; write one with "
@@ -159,4 +160,4 @@ class ShapesBenchmark(Benchmark):
         }
 
 
-__all__ = ["CATEGORIES", "ShapesBenchmark"]
+__all__ = ["CATEGORIES", "ShapesBenchmark", "world_from_manifest"]
