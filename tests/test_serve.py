@@ -88,7 +88,13 @@ def test_64_concurrent_requests_are_all_answered_in_batches(server, image, model
     # each answer is that request's own edit, whatever it was batched with
     direct = GeneratorEditor(model).edit([EditRequest(image, "make the red square blue", seed=5,
                                                       num_inference_steps=STEPS)])[0]
-    np.testing.assert_array_equal(decode_base64_image(answers[5].json()["edited_image"]), direct)
+    # equal to float rounding: a batch packs other samples beside it, which changes the order of sums in the
+    # generator's attention, so a pixel may land one level off; another seed's answer differs everywhere
+    mine = decode_base64_image(answers[5].json()["edited_image"]).astype(int)
+    other = decode_base64_image(answers[6].json()["edited_image"]).astype(int)
+    off = np.abs(mine - direct.astype(int))
+    assert off.max() <= 2 and (off > 0).mean() < 0.01, (off.max(), (off > 0).mean())
+    assert (np.abs(other - direct.astype(int)) > 2).mean() > 0.1
 
 
 def _png_bytes(array):
