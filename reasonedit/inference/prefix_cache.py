@@ -27,6 +27,7 @@ from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 from reasonedit.inference import cancel
 from reasonedit.inference.vision_cache import image_key
 from reasonedit.models.processor import Messages, image_parts
+from reasonedit.models.rollout import CACHE_KWARG
 from reasonedit.models.tokenizer import single_token_id
 
 if TYPE_CHECKING:
@@ -217,8 +218,8 @@ class PrefixCache:
         out = []
         for step in range(max_new_tokens):
             cancel.check("reasoner generation")  # a given-up request stops here, token by token
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (B, vocab)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **{CACHE_KWARG: cache}).logits[:, -1].float()  # (B, vocab)
             if len(rules[0][0]):
                 logits = torch.cat([processors(seq, logits[b:b + 1])
                                     for b, ((processors, _, _), seq) in enumerate(zip(rules, sequences))])
