@@ -149,16 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
         "their own names, output directories and resolved configs; run them here one after another (re-running "
         "skips finished runs) or, with --emit, write one torchrun/deepspeed launch line per run.")))
     train = sub.add_parser("train", help="train one stage (0 pretrain on tiny presets, 1 reasoning, 2 editing, "
-                           "3 unified)", description=(
+                           "3 unified, rl GRPO)", description=(
         "Train one stage of an experiment, alone, under torchrun (DDP or FSDP2 via train.parallel) or under "
         "the deepspeed launcher (ZeRO-2/3 with --deepspeed JSON). "
         "By default stage 1 starts from OUTPUT_DIR/pretrain/model, else vae/model, else model, and stage N "
         "from OUTPUT_DIR/stage<N-1>/model; it reads "
         "OUTPUT_DIR/data and writes OUTPUT_DIR/stage<N>/ (checkpoints/, model/); an existing checkpoint of "
         "the same starting model is resumed. Stage 0 (pretrain, tiny presets only) starts from "
-        "OUTPUT_DIR/vae/model, else OUTPUT_DIR/model, and writes OUTPUT_DIR/pretrain/."))
+        "OUTPUT_DIR/vae/model, else OUTPUT_DIR/model, and writes OUTPUT_DIR/pretrain/. Stage rl (GRPO on the "
+        "reasoner's LoRA, its rollouts rewarded by rl.editor) starts from OUTPUT_DIR/stage3/model, else "
+        "stage1/model, and writes OUTPUT_DIR/rl/ (with curves.png)."))
     train.add_argument("--config", required=True, type=Path, help="the experiment YAML")
-    train.add_argument("--stage", required=True, type=int, choices=(0, 1, 2, 3))
+    train.add_argument("--stage", required=True, choices=("0", "1", "2", "3", "rl"),
+                       help="0 pretrain, 1 reasoning, 2 editing, 3 unified, rl: GRPO on the reasoner (from "
+                       "OUTPUT_DIR/stage3/model, else stage1/model; rewarded by rl.editor; writes OUTPUT_DIR/rl/)")
     train.add_argument("--start", type=Path, help="model folder to start from (default: the previous stage's)")
     train.add_argument("--data", type=Path, help="dataset folder (default: the stage's stageN.data, else "
                        "OUTPUT_DIR/data)")
@@ -452,17 +456,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides += ["train.parallel=deepspeed", f"train.deepspeed_config={args.deepspeed}"]
     _, cfg = load_config(args.config, overrides)
     out_dir = Path(cfg.output_dir)
-    n = args.stage
-    name = "pretrain" if n == 0 else f"stage{n}"
+    n = int(args.stage) if args.stage.isdigit() else args.stage
+    from .experiment import stage_name
+    name = stage_name(n)
+    reward = None
     if n == 0:
         from .experiment import pretrain_start
         start = args.start or pretrain_start(out_dir)
+    elif n == "rl":
+        from .experiment import rl_reward, rl_start
+        start, reward = args.start or rl_start(out_dir), rl_reward(cfg)
     else:
         from .experiment import initial_model
         start = args.start or (initial_model(out_dir) if n == 1 else out_dir / f"stage{n - 1}" / "model")
     from .models.diffusers_folder import is_diffusers_folder
     if not (start / CONFIG_FILE).is_file() and not is_diffusers_folder(start):
-        before = f"train stage {n - 1}" if n > 1 else "run the models step"
+        before = ("train stage 3 or 1" if n == "rl" else f"train stage {n - 1}" if n > 1 else
+                  "run the models step")
         raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json) nor a diffusers folder "
                                 f"(no model_index.json); {before} first or pass --start DIR")
     if args.data is not None:
@@ -477,7 +487,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--data {data[0][0]}: no dataset (no manifest.json); run `reasonedit data synth`, "
                                     f"pass --data, or name the stage's datasets ({name}.data=[{{path: DIR}}])")
     try:
-        res = train_stage(cfg, n, start, data, args.out or out_dir / name)
+        res = train_stage(cfg, n, start, data, args.out or out_dir / name, reward=reward)
     except TrainingStopped as e:
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -194,9 +194,17 @@ def _stage_step(number: int) -> Callable:
     return step
 
 
-def stage_sources(cfg: ExperimentConfig, number: int, out: Path) -> list[tuple[Path, float]]:
-    """The datasets stage N (0: pretrain) trains on: its `data` list, or the run's own dataset (output_dir/data)."""
-    name = "pretrain" if number == 0 else f"stage{number}"
+def stage_name(number: int | str) -> str:
+    """The config section and folder of stage `number`: pretrain (0), stage<N>, rl (4 or "rl")."""
+    from .stages import STAGES, stage_number
+
+    return STAGES[stage_number(number)].name
+
+
+def stage_sources(cfg: ExperimentConfig, number: int | str, out: Path) -> list[tuple[Path, float]]:
+    """The datasets stage N (0: pretrain, "rl") trains on: its `data` list, or the run's own dataset
+    (output_dir/data)."""
+    name = stage_name(number)
     sources = getattr(cfg, name).data
     if not sources:
         if not (out / "data" / MANIFEST).is_file() and "data" not in cfg.steps:
@@ -268,6 +276,79 @@ def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, 
     log.info("%s: val loss %s", stage.name, ", ".join(
         f"{t} {report['before'][t]:.4f} -> {report['after'][t]:.4f}" for t in stage.terms))
     return report
+
+
+def rl_start(out: Path) -> Path:
+    """The model the rl stage starts from: stage3/model when present, else stage1/model."""
+    from .models.model import CONFIG_FILE
+
+    return out / "stage3" / "model" if (out / "stage3" / "model" / CONFIG_FILE).is_file() else out / "stage1" / "model"
+
+
+class ShapesReward:
+    """The rl stage's reward on shapes data (`stages.rl.RewardFn`). think: the exact shapes editor (with
+    `rl.error_rate` of its requests done wrong on purpose) executes the reply on the record's image and the oracle
+    scores the result against the record's target scene, /10; parsed when the editor could execute it. decide:
+    1 when the reply's decision is the record's; parsed when it is a well-formed decision."""
+
+    def __init__(self, world: ShapesWorld, error_rate: float = 0.0, seed: int = 0):
+        from reasonedit.shapes.editor import ShapesEditor
+
+        self.editor = ShapesEditor(world, error_rate=error_rate, seed=seed)
+        self.oracle = self.editor.oracle
+        self.world = world
+
+    def __call__(self, rollouts):
+        from reasonedit.shapes.world import Scene
+        from .inference.types import EditRequest
+        from .models.prompts import ThinkerReplyError, parse_decision
+        from .stages.rl import Reward
+
+        out = []
+        for r in rollouts:
+            if r.role == "think":
+                image = r.meta["image"]
+                outcome = self.editor.outcome(EditRequest(image=image, prompt=r.reply))
+                parsed = outcome.unparsed is None
+                edited = self.world.render(outcome.result) if parsed else image
+                target = r.meta["meta"].get("target_scene")
+                target = Scene.from_dict(target) if target else self.oracle.read(r.meta["target"]).scene
+                out.append(Reward(self.oracle.score(edited, target).score / 10.0, parsed))
+            elif r.role == "decide":
+                try:
+                    kind = parse_decision(r.reply).kind
+                except ThinkerReplyError:
+                    out.append(Reward(0.0, False))
+                    continue
+                out.append(Reward(float(kind == r.meta["decision"]), True))
+            else:
+                raise ValueError(f"rl reward: no reward for role {r.role!r} ({r.key})")
+        return out
+
+
+def rl_reward(cfg: ExperimentConfig):
+    """The rl stage's reward for `cfg.rl.editor` (shapes: `ShapesReward` in `cfg.world`)."""
+    if cfg.rl.editor == "shapes":
+        return ShapesReward(ShapesWorld(cfg.world), cfg.rl.error_rate, seed=cfg.seed)
+    raise ValueError(f"rl.editor: {cfg.rl.editor!r} has no reward here")
+
+
+def step_rl(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
+    """GRPO on the reasoner's LoRA (the rl stage) from the stage-3 model (else stage 1's), rewarded by
+    `rl_reward`; writes rl/ (checkpoints, model, history.json, curves.png)."""
+    from .models.model import CONFIG_FILE
+    from .training import train_stage
+
+    start = rl_start(out)
+    if not (start / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{start} holds no model: rl starts from the stage3 (else stage1) step's model, so "
+                                "run one of them first (steps: [..., stage1, rl])")
+    res = train_stage(cfg, "rl", start, stage_sources(cfg, "rl", out), out / "rl", reward=rl_reward(cfg))
+    result.stages["rl"] = res
+    if res.model is not None and launch_rank()[0] == 0:
+        result.artifacts["rl"] = str(res.model)
+        if (out / "rl" / "curves.png").is_file():
+            result.artifacts["rl_curves"] = str(out / "rl" / "curves.png")
 
 
 def pretrain_start(out: Path) -> Path:
@@ -446,7 +527,7 @@ def _final_figures(cfg: ExperimentConfig, out: Path, model_dir: Path) -> dict | 
 
 STEPS = {"data": step_data, "models": step_models, "vae": step_vae, "pretrain": step_pretrain,
          "batches": step_batches, "preview": step_preview,
-         "stage1": _stage_step(1), "stage2": _stage_step(2), "stage3": _stage_step(3),
+         "stage1": _stage_step(1), "stage2": _stage_step(2), "stage3": _stage_step(3), "rl": step_rl,
          "edit": step_edit, "eval": step_eval}
 
 
@@ -457,15 +538,15 @@ def preflight(cfg: ExperimentConfig, out: Path) -> None:
         from .models.diffusers_folder import folder_config, read_folder
         m = cfg.model
         folder_config(read_folder(m.path, m.reasoner.path, m.generator.path))
-    for number in (1, 2, 3):
-        if f"stage{number}" in cfg.steps:
+    for number in (1, 2, 3, "rl"):
+        if stage_name(number) in cfg.steps:
             stage_sources(cfg, number, out)
 
 
 # the steps every rank of a torchrun / deepspeed launch runs together (each trains on its share of the data); every
 # other step (data, models, vae, pretrain, batches, preview, edit, eval, and a stage's validation) is the main
 # rank's alone while the other ranks wait for the next training step or, after the last one, are done
-RANK_STEPS = ("stage1", "stage2", "stage3")
+RANK_STEPS = ("stage1", "stage2", "stage3", "rl")
 STEP_WAIT = datetime.timedelta(days=7)  # how long the other ranks wait for the main rank's steps
 
 
@@ -514,4 +595,5 @@ def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable |
     return result
 
 
-__all__ = ["RANK_STEPS", "RunResult", "STEPS", "launch_rank", "latest_model", "pretrain_start", "run_experiment", "step_pretrain"]
+__all__ = ["RANK_STEPS", "RunResult", "STEPS", "ShapesReward", "launch_rank", "latest_model", "pretrain_start",
+           "rl_reward", "rl_start", "run_experiment", "stage_name", "step_pretrain", "step_rl"]

@@ -14,7 +14,7 @@ from reasonedit.config.rl import GRPOConfig
 from reasonedit.losses import clipped_surrogate, group_advantages, grpo_loss, k3_kl
 from reasonedit.models import prompts
 from reasonedit.models.reasoner import Reasoner
-from reasonedit.models.rollout import (reference_logprobs, reply_logprobs, rollout_logprobs, sample_replies,
+from reasonedit.models.rollout import (banned_ids, reference_logprobs, reply_logprobs, rollout_logprobs, sample_replies,
                                        sample_tokens, stop_ids)
 
 SEED = 0
@@ -207,6 +207,7 @@ def test_reply_logprobs_of_a_padded_group_are_each_reply_scored_alone():
         with torch.no_grad():
             logits = reasoner.model(input_ids=ids, mm_token_type_ids=types, pixel_values=prompt["pixel_values"],
                                     image_grid_thw=prompt["image_grid_thw"]).logits[0, n - 1:-1]
+        logits[:, banned_ids(reasoner)] = float("-inf")  # replies never hold an image placeholder
         alone = torch.log_softmax(logits.float(), dim=-1).gather(-1, reply[:, None]).squeeze(-1)
         torch.testing.assert_close(logp[i, :reply.numel()].detach(), alone, atol=1e-5, rtol=1e-5)
 
@@ -285,3 +286,27 @@ def test_grpo_rewarded_for_length_lengthens_its_replies():
 def test_grpo_with_the_advantage_sign_flipped_shortens_its_replies():
     before, after = train_on_length(-1.0)
     assert after < before - 2.0, (before, after)
+
+
+def test_rollouts_never_draw_an_image_placeholder_and_score_without_it():
+    """A reply holding <|image_pad|> would make the model look for image features it was not given: sampling
+    masks the placeholders out, and scoring renormalises without them, so the two distributions stay one."""
+    reasoner = Reasoner.tiny(CORPUS, seed=SEED)
+    prompt = reasoner.processor.encode_one(TEXT_PROMPT)
+    banned = banned_ids(reasoner)
+    assert reasoner.model.config.image_token_id in banned
+    with torch.no_grad():  # make the image placeholder the likeliest next token everywhere near the prompt
+        hidden = reasoner.model(**prompt, output_hidden_states=True).hidden_states[-1][0].mean(dim=0)
+        reasoner.model.get_output_embeddings().weight[reasoner.model.config.image_token_id] = \
+            20.0 * hidden / hidden.norm() ** 2
+    reasoner.add_lora(LoraConfig(rank=4, alpha=8))
+    replies = sample_replies(reasoner, [prompt], 16, torch.Generator().manual_seed(0), max_new_tokens=6)
+    assert not any(set(r.tolist()) & set(banned) for r in replies)
+    logp, mask = reply_logprobs(reasoner, prompt, replies, with_grad=False)
+    assert torch.isfinite(logp[mask]).all()
+    # without the mask the placeholder would take almost all the mass, so each drawn token's log-prob is far lower
+    with torch.no_grad():
+        logits = reasoner.model(**prompt).logits[0, -1].float()
+    raw = torch.log_softmax(logits, -1)[replies[0][0]]
+    assert float(logp[0, 0]) > float(raw) + 5.0
+

@@ -22,6 +22,7 @@ from ..paths import relative_name_problem
 from ..publish import atomic_write_text
 from .flow import FlowMatchingConfig
 from .model import RUN_DTYPES, ModelConfig
+from .rl import GRPOConfig
 from .synth import KINDS as RECORD_KINDS
 from .synth import SynthConfig
 from .world import QUESTION_KINDS, WorldConfig
@@ -29,7 +30,10 @@ from .world import QUESTION_KINDS, WorldConfig
 GROUPS = ("model",)
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # shipped with the package (`configs/` in a checkout)
 # the steps of `reasonedit run`, in the order they run
-RUN_STEPS = ("data", "models", "vae", "pretrain", "batches", "preview", "stage1", "stage2", "stage3", "edit", "eval")
+RUN_STEPS = ("data", "models", "vae", "pretrain", "batches", "preview", "stage1", "stage2", "stage3", "rl", "edit",
+             "eval")
+# what a config without `steps:` runs: all of them but the optional GRPO stage (rl), which a config asks for by name
+DEFAULT_STEPS = tuple(s for s in RUN_STEPS if s != "rl")
 PARALLEL = ("auto", "none", "ddp", "fsdp", "deepspeed")
 # the think -> edit -> reflect loop's rules (reasonedit.inference.loop): ours (best round, a reflect after every
 # edit, seed + round - 1) or EditThinker's client's (last round, none after the last edit, one seed)
@@ -219,6 +223,39 @@ class StageConfig:
             raise ValueError(f"{name}.latent_cache: only stage2 and stage3 train the generator on VAE latents")
 
 
+RL_ROLES = ("think", "decide")  # the reasoner replies the GRPO stage samples and rewards
+RL_EDITORS = ("shapes",)  # what executes a think reply for its reward: the exact shapes editor (+ oracle)
+
+
+@dataclass
+class RLConfig(GRPOConfig, StageConfig):
+    """The GRPO stage (`rl`): a stage's schedule, data and budget keys, GRPO's (`GRPOConfig`), and its rewards.
+
+    Each record's prompt (think: a thinking pair's abstract request; decide: a reflection sample's decision)
+    is answered `group_size` times; a reply's reward is its task reward plus `format_weight` when it parses.
+    think: the editor executes the reply and the oracle scores the result against the record's target, /10;
+    decide: 1 when the parsed decision is the record's. Micro-batches hold as many prompts as `reasoner_budget`
+    packs (prompt and reference answer tokens)."""
+
+    roles: tuple[str, ...] = RL_ROLES
+    format_weight: float = 0.1
+    editor: str = "shapes"  # see RL_EDITORS
+    error_rate: float = 0.0  # the shapes editor's share of requests executed wrongly on purpose
+
+    def validate(self, name: str = "rl") -> None:
+        StageConfig.validate(self, name)
+        GRPOConfig.validate(self)  # its messages name `rl.<key>`
+        bad = [r for r in self.roles if r not in RL_ROLES]
+        if bad or not self.roles:
+            raise ValueError(f"{name}.roles: {bad or 'empty'}; choose from {list(RL_ROLES)}")
+        if self.format_weight < 0:
+            raise ValueError(f"{name}.format_weight: must be non-negative, got {self.format_weight}")
+        if self.editor not in RL_EDITORS:
+            raise ValueError(f"{name}.editor: {self.editor!r}; choose from {list(RL_EDITORS)}")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"{name}.error_rate: must lie in [0, 1], got {self.error_rate}")
+
+
 @dataclass
 class TrainConfig:
     """The trainer runtime, shared by the three stages."""
@@ -339,7 +376,7 @@ class ExperimentConfig:
     name: str = "experiment"
     output_dir: str = "runs/${name}"
     seed: int = 0
-    steps: tuple[str, ...] = RUN_STEPS
+    steps: tuple[str, ...] = DEFAULT_STEPS
     model: ModelConfig = field(default_factory=ModelConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: SynthConfig = field(default_factory=SynthConfig)
@@ -357,6 +394,9 @@ class ExperimentConfig:
     stage1: StageConfig = _stage(1e-4, 50_000, 32, warmup_steps=500)
     stage2: StageConfig = _stage(1e-5, 28_000, 128, warmup_steps=500)
     stage3: StageConfig = _stage(6e-6, 12_000, 128, warmup_steps=200)
+    # after the three stages, optional: GRPO on the reasoner's LoRA with an editor in the loop
+    rl: RLConfig = field(default_factory=lambda: RLConfig(lr=1e-5, steps=1_000, gpus=8, warmup_steps=20,
+                                                          reasoner_budget=8192))
 
     def validate(self) -> None:
         problem = relative_name_problem(self.name)
@@ -366,7 +406,7 @@ class ExperimentConfig:
         self.model.validate()
         self.train.validate()
         self.flow_matching.validate()
-        for name in ("pretrain", "stage1", "stage2", "stage3"):
+        for name in ("pretrain", "stage1", "stage2", "stage3", "rl"):
             getattr(self, name).validate(name)
         self.batches.validate()
         self.vae_train.validate()
@@ -537,6 +577,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["EVAL_MODES", "LOOPS", "ConfigError", "ConfigLoader", "DataSourceConfig", "ExperimentConfig",
+__all__ = ["DEFAULT_STEPS", "EVAL_MODES", "LOOPS", "RL_EDITORS", "RL_ROLES", "ConfigError", "ConfigLoader",
+           "DataSourceConfig", "ExperimentConfig", "RLConfig",
            "PACKAGE_CONFIGS", "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
            "load_config", "save_config"]

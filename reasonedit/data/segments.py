@@ -160,10 +160,25 @@ class ReasonerSegment:
     mm_token_type_ids: torch.Tensor  # (1, T): 1 on image tokens
     pixel_values: Optional[torch.Tensor] = None  # (patches, 3 * 2 * 14 * 14)
     image_grid_thw: Optional[torch.Tensor] = None  # (n_images, 3)
+    meta: dict = field(default_factory=dict)  # what a stage keeps with it (the rl stage: the record, for its reward)
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens before the answer: the conversation up to and including the assistant's generation prompt."""
+        answer = (self.labels[0] != IGNORE_INDEX).nonzero()
+        return int(answer[0, 0]) if answer.numel() else self.num_tokens
+
+    def prompt(self) -> dict[str, torch.Tensor]:
+        """The prompt alone, as `ReasonerProcessor.encode_one` encodes it, for sampling replies to it."""
+        n = self.prompt_tokens
+        out = {"input_ids": self.input_ids[:, :n], "mm_token_type_ids": self.mm_token_type_ids[:, :n]}
+        if self.image_grid_thw is not None:
+            out["pixel_values"], out["image_grid_thw"] = self.pixel_values, self.image_grid_thw
+        return out
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """What `pack_reasoner_inputs` takes for this segment."""

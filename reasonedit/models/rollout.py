@@ -39,6 +39,21 @@ def stop_ids(reasoner: "Reasoner") -> list[int]:
     return sorted(ids)
 
 
+VISION_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def banned_ids(reasoner: "Reasoner") -> list[int]:
+    """Tokens a reply may not hold: the image and video placeholders (a reply that held one would make the model
+    look for image features it was not given). Sampling never draws them and scoring renormalises without them,
+    so the log-probs stay those of the distribution the replies were drawn from."""
+    config = reasoner.model.config
+    return sorted({int(getattr(config, k)) for k in VISION_TOKENS if getattr(config, k, None) is not None})
+
+
+def _without(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    return logits.index_fill(-1, banned, float("-inf")) if banned.numel() else logits
+
+
 def _prompt_tensors(reasoner: "Reasoner", prompt: Prompt) -> dict[str, torch.Tensor]:
     """The prompt on the reasoner's device, with its 3-axis positions (3, 1, T)."""
     if prompt["input_ids"].dim() != 2 or prompt["input_ids"].shape[0] != 1:
@@ -86,6 +101,7 @@ def sample_replies(reasoner: "Reasoner", prompts: Sequence[Prompt], group_size: 
                          f"least 1 and temperature={temperature} positive")
     model, device = reasoner.model, reasoner.device
     stops = torch.tensor(stop_ids(reasoner), device=device)
+    banned = torch.tensor(banned_ids(reasoner), dtype=torch.long, device=device)
     replies: list[torch.Tensor] = []
     for prompt in prompts:
         p = _prompt_tensors(reasoner, prompt)
@@ -93,7 +109,7 @@ def sample_replies(reasoner: "Reasoner", prompts: Sequence[Prompt], group_size: 
                     use_cache=True, logits_to_keep=1, **_images(p, 1))
         cache = getattr(out, CACHE_KWARG)
         cache.batch_repeat_interleave(group_size)  # the prompt's keys and values, once per reply
-        logits = out.logits[:, -1].float().expand(group_size, -1)  # (G, V)
+        logits = _without(out.logits[:, -1].float(), banned).expand(group_size, -1)  # (G, V)
         following = p["position_ids"].max() + 1  # replies continue after the prompt on all three axes
         done = torch.zeros(group_size, dtype=torch.bool, device=device)
         lengths = torch.full((group_size,), max_new_tokens, dtype=torch.long, device=device)
@@ -108,8 +124,8 @@ def sample_replies(reasoner: "Reasoner", prompts: Sequence[Prompt], group_size: 
             if bool(done.all()) or step + 1 == max_new_tokens:
                 break
             positions = (following + step).view(1, 1, 1).expand(3, group_size, 1)
-            logits = model(input_ids=token[:, None], position_ids=positions, use_cache=True,
-                           logits_to_keep=1, **{CACHE_KWARG: cache}).logits[:, -1].float()
+            logits = _without(model(input_ids=token[:, None], position_ids=positions, use_cache=True,
+                                    logits_to_keep=1, **{CACHE_KWARG: cache}).logits[:, -1].float(), banned)
         generated = torch.stack(tokens, dim=1).cpu()  # (G, steps)
         replies += [generated[g, :n] for g, n in enumerate(lengths.tolist())]
     return replies
@@ -150,7 +166,8 @@ def reply_logprobs(reasoner: "Reasoner", prompt: Prompt, replies: Sequence[torch
     with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         # position P - 1 + t predicts reply token t: the last T + 1 positions, the very last dropped
         logits = reasoner.model(**batch, use_cache=False, logits_to_keep=width + 1).logits[:, :-1]  # (N, T, V)
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        banned = torch.tensor(banned_ids(reasoner), dtype=torch.long, device=device)
+        logp = torch.log_softmax(_without(logits.float(), banned) / temperature, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return logp.masked_fill(~mask, 0.0), mask
 
 
@@ -180,5 +197,5 @@ def rollout_logprobs(reasoner: "Reasoner", prompts: Sequence[Prompt], replies: S
     return logp, mask
 
 
-__all__ = ["Prompt", "pad_replies", "reference_logprobs", "reply_logprobs", "rollout_logprobs", "sample_replies",
+__all__ = ["Prompt", "VISION_TOKENS", "banned_ids", "pad_replies", "reference_logprobs", "reply_logprobs", "rollout_logprobs", "sample_replies",
            "sample_tokens", "stop_ids"]

@@ -50,6 +50,11 @@ class Stage:
     default_mix: ClassVar[dict[str, float]]
     terms: ClassVar[tuple[str, ...]]  # loss terms, in log order
     uses_condition_cache: ClassVar[bool] = False  # its reasoner is frozen: the trainer may cache condition states
+    # figures a stage measures besides its losses (the rl stage: rewards, KL, reply lengths), in log order; the
+    # trainer reads them with `take_figures` after each step and logs and keeps them with the losses
+    figures: ClassVar[tuple[str, ...]] = ()
+    needs_reward: ClassVar[bool] = False  # the trainer must be handed a reward (the top layer builds it)
+    reward: Any = None  # set by the trainer from its caller: what scores the stage's rollouts
 
     def __init__(self, config: "StageConfig"):
         self.config = config
@@ -85,6 +90,10 @@ class Stage:
     # -- loss -----------------------------------------------------------------------------------
     def loss_sums(self, model: "ReasonEditModel", batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
         raise NotImplementedError
+
+    def take_figures(self) -> dict[str, LossSum]:
+        """Each of `figures` as (sum, count) over the micro-batches since the last call, then forgotten."""
+        return {}
 
     def combine(self, normalised: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(normalised.values())

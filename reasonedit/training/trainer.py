@@ -36,9 +36,9 @@ from reasonedit.stages import Stage, StageContext, stage_for
 from . import checkpoint as ckpt
 from .compiled import compile_blocks, compile_enabled, fused_adamw
 from .data import BatchStream, Sources, SplitBatchStream, stage_loader
-from .distributed import World, barrier, init_world, resolve_parallel, wrap
+from .distributed import World, all_reduce_sum, barrier, init_world, resolve_parallel, wrap
 from .ema import GeneratorEMA
-from .metrics import MetricsSink, ProgressWindow
+from .metrics import MetricsSink, ProgressWindow, plot_figures
 from .output import LATENT_CACHE, prepare_output, writing
 from .resume import check_resume, run_config
 from .schedule import make_scheduler
@@ -193,16 +193,37 @@ def resume(root: Path, identity: str, run_cfg: dict, stage: Stage, tc: TrainConf
     return state
 
 
-def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sources, out: Path,
-                world: World | None = None, evaluate: Callable[[ReasonEditModel], dict] | None = None) -> StageResult:
+def stage_figures(stage: Stage) -> torch.Tensor | None:
+    """The stage's figures of this step (`Stage.take_figures`), each's mean over every micro-batch of every rank, as
+    one (figures,) float64 tensor left where it is (read with the step's losses at the next log line); None for a
+    stage that measures none."""
+    taken = stage.take_figures()
+    if not stage.figures:
+        return None
+    sums = torch.stack([taken[f].sum.double() for f in stage.figures] + [taken[f].count.double()
+                                                                         for f in stage.figures])
+    sums = all_reduce_sum(sums)
+    n = len(stage.figures)
+    return sums[:n] / sums[n:].clamp_min(1.0)
+
+
+def train_stage(cfg: ExperimentConfig, stage_number: int | str, start: Path, data: Sources, out: Path,
+                world: World | None = None, evaluate: Callable[[ReasonEditModel], dict] | None = None,
+                reward: Callable | None = None) -> StageResult:
     """Train one stage from the model folder `start` on `data` (a dataset directory, or (directory, weight)
     pairs) into `out` (checkpoints, model/).
 
     evaluate: called with the live model every `train.eval_every` steps and at the end, on the main rank; its
         figures (held-out metrics) are logged, kept in the checkpoint and written to out/evals.json.
+    reward: what scores a stage's rollouts (the rl stage: `stages.rl.RewardFn`), built by the caller, which may
+        import what this layer may not (an editor, the oracle, a judge client).
     """
     world = world or init_world()
     stage = stage_for(stage_number, cfg)
+    if stage.needs_reward and reward is None:
+        raise ValueError(f"{stage.name}: needs a reward for its rollouts; build one with "
+                         "reasonedit.experiment.rl_reward(cfg) and pass train_stage(..., reward=...)")
+    stage.reward = reward
     sc, tc = stage.config, cfg.train
     root = out / "checkpoints"
     # before the model loads: a folder we cannot write, or a symlink out of it, fails now
@@ -255,11 +276,19 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
     # -- logging: the steps' figures stay on the device until a log line, a checkpoint or an evaluation --
     sink = MetricsSink(out, f"{cfg.name}-{stage.name}", {"stage": asdict(sc), "train": asdict(tc)},
                        tc.wandb, tc.tensorboard, world.is_main)
-    progress = ProgressWindow(stage.name, sc.steps, stage.terms)
+    progress = ProgressWindow(stage.name, sc.steps, stage.terms, stage.figures)
     records = StepRecords(stage.terms)
+    pending_figures: dict[int, torch.Tensor] = {}  # the stage's figures of the steps not yet read, by step
 
     def read_records() -> None:
-        for r in records.read():
+        read = records.read()
+        figures = dict(zip(pending_figures, torch.stack(list(pending_figures.values())).tolist())) \
+            if pending_figures else {}
+        pending_figures.clear()
+        for r in read:
+            extra = dict(zip(stage.figures, figures.get(r.step, ())))
+            r.history.update(extra)
+            r.metrics.update({f"{stage.name}/{k}": v for k, v in extra.items()})
             state.history.append(r.history)
             progress.add(r.history, r.tokens)
             if world.is_main:
@@ -294,6 +323,7 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
         while state.step < sc.steps:
             t0 = time.perf_counter()
             outcome = stepper.step([stream.next() for _ in range(sc.grad_accum)], state.step)
+            figures = stage_figures(stage)  # taken every step, so a skipped step's are dropped with it
             if not outcome.applied:
                 state.skipped += 1
                 state.bad_in_row += 1
@@ -310,6 +340,8 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
             step = state.step
             packing = stream.utilisation
             records.add(step, outcome, time.perf_counter() - t0, packing, state.skipped)
+            if figures is not None:
+                pending_figures[step] = figures
             if stepper.held is not None and not held_logged:  # what `reasonedit plan` predicts, measured
                 held_logged = True
                 log.info("%s: rank %d holds parameters %d B, gradients %d B, optimizer %d B", stage.name, world.rank,
@@ -354,6 +386,9 @@ def train_stage(cfg: ExperimentConfig, stage_number: int, start: Path, data: Sou
             atomic_write_text(out / "history.json", json.dumps(state.history) + "\n")
             if state.evals:
                 atomic_write_text(out / "evals.json", json.dumps(state.evals, indent=2) + "\n")
+            if stage.figures:  # a stage that measures more than its losses (rl): its curves, one panel each
+                plot_figures(state.history, (*stage.terms, *stage.figures), out / "curves.png",
+                             f"{cfg.name} {stage.name}")
     if not interrupted:
         if ckpt.latest(root) is None or ckpt.latest(root).name != f"step_{step:08d}":
             save(step)
@@ -405,4 +440,4 @@ def save_stage_model(module: torch.nn.Module, model: ReasonEditModel, stage: Sta
 
 
 __all__ = ["RunState", "StageModule", "StageResult", "TrainingStopped", "load_stage_model", "optimisation", "resume",
-           "stage_data", "train_stage"]
+           "stage_data", "stage_figures", "train_stage"]

@@ -1,0 +1,188 @@
+"""The GRPO stage (`rl`): LoRA on the reasoner, trained on its own sampled replies, rewarded in the loop.
+
+Each record gives one segment per rewarded role (think for a thinking pair, decide for a reflection sample), made
+by the preprocessor as for stage 1, so packing, the loader and its exact resume are unchanged; the segment keeps
+what the reward needs of its record (`rollout_meta`, plain data, so a checkpoint of the packer's window holds it). A micro-batch's prompts (each segment's tokens before its answer)
+get `group_size` sampled replies each, drawn from the step's generator (seeded per step and micro-batch, so a
+resumed run samples what the uninterrupted run did). The reward, built by the top layer and handed to the
+trainer, scores all the micro-batch's replies at once (an editor executes think replies; the oracle or a judge
+scores them); a parsing reply earns `format_weight` more. Advantages are normalised within each group; the loss
+is GRPO's clipped surrogate with a k3 KL to the reference (the reasoner with its adapter disabled), one update per
+batch of rollouts. Its count is the number of replies, known before the forward, so the trainer normalises
+across micro-batches and ranks as for any other loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from reasonedit.data.packing import PackedBatch
+from reasonedit.data.samples import ReflectionSample, ThinkingPair
+from reasonedit.losses import LossSum, group_advantages, grpo_loss_sum
+from reasonedit.models.model import ReasonEditModel
+from reasonedit.models.rollout import rollout_logprobs, sample_replies, stop_ids
+
+from .base import Stage, StageContext
+from .reasoning import train_only_lora
+
+if TYPE_CHECKING:
+    from reasonedit.config import RLConfig
+
+ROLE_KINDS = {"think": "thinking_pair", "decide": "reflection"}  # the record kind each role's prompts come from
+
+
+@dataclass
+class Rollout:
+    """One sampled reply, as a reward sees it."""
+
+    role: str  # think | decide
+    key: str  # the segment's key, "<record key>/<role>"
+    meta: dict  # `rollout_meta` of the record the prompt came from
+    reply: str  # the decoded reply, its stop token cut
+
+
+@dataclass
+class Reward:
+    value: float  # the task reward (think: oracle score / 10; decide: 1 for the record's decision)
+    parsed: bool  # the reply has the role's format (the editor could execute it; the decision parsed)
+
+
+RewardFn = Callable[[Sequence[Rollout]], Sequence[Reward]]
+
+
+def rollout_meta(record: ThinkingPair | ReflectionSample) -> dict:
+    """What a reward may read of a record: its key, images, instructions, decision and its own meta (the shapes
+    world's source_scene / target_scene)."""
+    if isinstance(record, ThinkingPair):
+        return {"key": record.key, "kind": record.KIND, "image": record.image, "target": record.target,
+                "instruction": record.abstract_instruction, "concrete_instruction": record.concrete_instruction,
+                "meta": dict(record.meta)}
+    return {"key": record.key, "kind": record.KIND, "image": record.source, "candidate": record.candidate,
+            "instruction": record.instruction, "decision": record.decision.lower(), "meta": dict(record.meta)}
+
+
+def reply_text(tokenizer, reply: torch.Tensor, stops: Sequence[int]) -> str:
+    """A sampled reply's text: its stop token cut, special tokens kept (the decision tags are special tokens)."""
+    ids = reply.tolist()
+    if ids and ids[-1] in stops:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class _Figures:
+    """Sums and counts of the stage's figures over the micro-batches since the last `take`."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
+        total = torch.as_tensor(total, dtype=torch.float64).detach().cpu()
+        count = torch.as_tensor(count, dtype=torch.float64).detach().cpu()
+        s, c = self.values.get(name, (torch.zeros((), dtype=torch.float64),) * 2)
+        self.values[name] = [s + total, c + count]
+
+    def take(self) -> dict[str, LossSum]:
+        zero = torch.zeros((), dtype=torch.float64)
+        # every name on every rank, so the trainer's all-reduce of them lines up
+        out = {n: LossSum(*self.values.get(n, (zero, zero))) for n in self.names}
+        self.values = {}
+        return out
+
+
+class RLStage(Stage):
+    number, name = 4, "rl"
+    components = ("reasoner",)
+    trains = "LoRA adapters on the reasoner's language-model q/k/v/o projections, by GRPO on its own replies"
+    from_previous = "the stage-3 model (else stage 1's); its generator and VAE are carried over untouched"
+    default_mix = {"thinking_pair": 0.5, "reflection": 0.5}
+    terms = ("grpo",)
+    figures = ("reward", "reward_std", "score", "parse_rate", "kl", "clip_fraction", "reply_length")
+    needs_reward = True
+
+    def __init__(self, config: "RLConfig"):
+        super().__init__(config)
+        self._figures = _Figures(self.figures)
+
+    @property
+    def mix(self) -> dict[str, float]:
+        if self.config.mix:
+            return dict(self.config.mix)
+        kinds = {ROLE_KINDS[r] for r in self.config.roles}
+        return {k: w for k, w in self.default_mix.items() if k in kinds}
+
+    def prepare(self, model: ReasonEditModel) -> None:
+        train_only_lora(model)
+
+    def segments(self, pre, record) -> list:
+        if not isinstance(record, (ThinkingPair, ReflectionSample)):
+            return []
+        out = []
+        for key, role, messages, answer in pre.reasoner_turns(record):
+            if role in self.config.roles:
+                segment = pre.answer_segment(key, role, messages, answer)
+                segment.meta["rollout"] = rollout_meta(record)
+                out.append(segment)
+        return out
+
+    def counts(self, batch: PackedBatch) -> dict[str, int]:
+        return {"grpo": len(batch.items) * self.config.group_size}  # replies: each has at least one token
+
+    def take_figures(self) -> dict[str, LossSum]:
+        return self._figures.take()
+
+    def rewards(self, segments: Sequence, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total reward, task reward, parsed) per reply (B * G,), from the reward the trainer was handed."""
+        if self.reward is None:
+            raise ValueError("the rl stage has no reward: the top layer builds one (reasonedit.experiment.rl_reward) "
+                             "and hands it to train_stage(..., reward=...)")
+        g = self.config.group_size
+        rollouts = [Rollout(seg.role, seg.key, seg.meta.get("rollout", {}), text)
+                    for i, seg in enumerate(segments) for text in texts[i * g:(i + 1) * g]]
+        scored = list(self.reward(rollouts))
+        if len(scored) != len(rollouts):
+            raise ValueError(f"the rl stage's reward gave {len(scored)} rewards for {len(rollouts)} replies")
+        value = torch.tensor([float(r.value) for r in scored], dtype=torch.float64)
+        parsed = torch.tensor([bool(r.parsed) for r in scored], dtype=torch.float64)
+        return value + self.config.format_weight * parsed, value, parsed
+
+    def loss_sums(self, model: ReasonEditModel, batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
+        c, reasoner = self.config, model.reasoner
+        g = c.group_size
+        prompts = [seg.prompt() for seg in batch.items]
+        training = reasoner.model.training
+        reasoner.model.eval()  # rollouts without dropout: the replies come from the policy itself
+        try:
+            replies = sample_replies(reasoner, prompts, g, ctx.generator, c.temperature, c.max_new_tokens)
+        finally:
+            reasoner.model.train(training)
+        stops = stop_ids(reasoner)
+        texts = [reply_text(reasoner.tokenizer, r, stops) for r in replies]
+        rewards, value, parsed = self.rewards(batch.items, texts)  # (B * G,) each
+        advantages = group_advantages(rewards, g)
+        ref = None
+        if c.beta > 0:
+            ref, _ = rollout_logprobs(reasoner, prompts, replies, g, reference=True, temperature=c.temperature)
+        logp, mask = rollout_logprobs(reasoner, prompts, replies, g, temperature=c.temperature)  # (B * G, T)
+        total, stats = grpo_loss_sum(logp, advantages.to(logp.device), mask, ref_logp=ref, clip_low=c.clip_low,
+                                     clip_high=c.clip_high, beta=c.beta, loss_mean=c.loss_mean)
+        n = len(replies)
+        if c.loss_mean == "token":  # DAPO's token mean within the micro-batch, weighted by its replies beyond it
+            total = LossSum(total.sum * (n / total.count.clamp_min(1.0)), torch.full_like(total.count, n))
+        tokens = mask.sum()
+        f = self._figures
+        f.add("reward", rewards.sum(), n)
+        f.add("reward_std", rewards.view(-1, g).std(dim=1, correction=0).sum(), n // g)  # within groups: GRPO's signal
+        f.add("score", value.sum(), n)
+        f.add("parse_rate", parsed.sum(), n)
+        f.add("kl", stats["kl"] * tokens, tokens)
+        f.add("clip_fraction", stats["clip_fraction"] * tokens, tokens)
+        f.add("reply_length", tokens, n)
+        return {"grpo": total}
+
+
+__all__ = ["ROLE_KINDS", "RLStage", "Reward", "RewardFn", "Rollout", "reply_text",
+           "rollout_meta"]

@@ -1,0 +1,193 @@
+"""The GRPO stage (`rl`): it trains the reasoner's LoRA on its own replies rewarded in the loop (the shapes editor and
+oracle here), logs its figures, resumes exactly after a crash, names its bad config keys, and its rewards are what
+moves the weights."""
+
+import logging
+
+import pytest
+import torch
+
+from reasonedit.config import ConfigError, load_config
+from tests.conftest import ROOT
+from tests.test_stages import start_model  # noqa: F401  (the module-scoped fixture)
+
+DEMO = ROOT / "configs" / "experiment" / "shapes_tiny.yaml"
+FIGURES = ("reward", "reward_std", "score", "parse_rate", "kl", "clip_fraction", "reply_length")
+
+
+def rl_cfg(tmp_path, steps=2, extra=()):
+    _, cfg = load_config(DEMO, [f"output_dir={tmp_path}", f"rl.steps={steps}", "rl.warmup_steps=0", "rl.lr=5e-3",
+                                "rl.group_size=2", "rl.max_new_tokens=4", "rl.reasoner_budget=512", "rl.beta=0.5",
+                                "batches.window=4", "train.log_every=1", *extra])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def lora_start(start_model, tmp_path_factory):
+    """The tiny model with a non-zero LoRA (B drawn), as a stage-1 model has: the policy differs from the reference
+    (the adapter disabled), so the KL term moves the weights even where a random reasoner's rewards are all alike."""
+    from reasonedit.models.model import ReasonEditModel
+
+    model = ReasonEditModel.from_pretrained(start_model, lora_trainable=True)
+    if model.reasoner.peft_model is None:
+        model.reasoner.add_lora(model.config.reasoner.lora)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        for name, p in model.reasoner.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.changed("reasoner")
+    return model.save_pretrained(tmp_path_factory.mktemp("rl_start") / "model")
+
+
+def lora_weights(path):
+    from reasonedit.models.model import ReasonEditModel
+
+    model = ReasonEditModel.from_pretrained(path, components=("reasoner",), lora_trainable=True)
+    return {n: p.detach().clone() for n, p in model.reasoner.model.named_parameters() if "lora_" in n}
+
+
+def test_rl_stage_trains_with_the_shapes_reward_and_logs_its_figures(lora_start, small_dataset, tmp_path, monkeypatch,
+                                                                     caplog):
+    from reasonedit.experiment import rl_reward
+    from reasonedit.training import metrics, train_stage
+
+    logged = []
+    monkeypatch.setattr(metrics.MetricsSink, "log", lambda self, step, m: logged.append((step, dict(m))))
+    cfg = rl_cfg(tmp_path, steps=2)
+    with caplog.at_level(logging.INFO, logger="reasonedit.train"):
+        res = train_stage(cfg, "rl", lora_start, small_dataset, tmp_path / "rl", reward=rl_reward(cfg))
+    assert res.steps == 2 and len(res.history) == 2
+    for h in res.history:
+        assert set(FIGURES) <= set(h) and torch.isfinite(torch.tensor(h["grpo"]))
+        assert 0.0 <= h["parse_rate"] <= 1.0 and 1 <= h["reply_length"] <= 4 and h["kl"] > 0
+    assert [s for s, _ in logged] == [1, 2] and all(f"rl/{f}" in m for _, m in logged for f in FIGURES)
+    assert any("rl step 2/2" in r.message and "reward " in r.message for r in caplog.records)
+    assert (tmp_path / "rl" / "curves.png").stat().st_size > 0
+    before, after = lora_weights(lora_start), lora_weights(res.model)
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert (res.model / "generator").exists() or "generator" in (res.model / "reasonedit.json").read_text()
+
+
+def test_rl_resume_after_a_crash_equals_the_uninterrupted_run(lora_start, small_dataset, tmp_path, monkeypatch):
+    from reasonedit.experiment import rl_reward
+    from reasonedit.training import data as data_mod
+    from reasonedit.training import train_stage
+
+    extra = ["train.checkpoint_every=1", "train.keep_last=2"]
+    cfg_a = rl_cfg(tmp_path / "a", steps=3, extra=extra)
+    whole = train_stage(cfg_a, "rl", lora_start, small_dataset, tmp_path / "a" / "rl", reward=rl_reward(cfg_a))
+    real_next, calls = data_mod.BatchStream.next, {"n": 0}
+
+    class Crash(Exception):
+        pass
+
+    def crashing_next(self):
+        calls["n"] += 1
+        if calls["n"] == 3:  # dies inside step 3, after checkpoint 2: what SIGKILL leaves behind
+            raise Crash()
+        return real_next(self)
+
+    cfg = rl_cfg(tmp_path / "b", steps=3, extra=extra)
+    monkeypatch.setattr(data_mod.BatchStream, "next", crashing_next)
+    with pytest.raises(Crash):
+        train_stage(cfg, "rl", lora_start, small_dataset, tmp_path / "b" / "rl", reward=rl_reward(cfg))
+    monkeypatch.setattr(data_mod.BatchStream, "next", real_next)
+    resumed = train_stage(cfg, "rl", lora_start, small_dataset, tmp_path / "b" / "rl", reward=rl_reward(cfg))
+    assert resumed.history == whole.history  # losses and rollout figures, floats compared exactly
+    wa, wb = lora_weights(whole.model), lora_weights(resumed.model)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_rewards_alone_move_the_weights_when_there_is_no_kl(lora_start, small_dataset, tmp_path):
+    """beta=0: replies rewarded alike give zero advantages, so AdamW's update is exactly zero; rewards that tell the
+    replies apart (by their text) move the LoRA."""
+    from reasonedit.stages.rl import Reward
+    from reasonedit.training import train_stage
+
+    seen = []
+
+    def constant(rollouts):
+        seen.extend(rollouts)
+        return [Reward(0.7, True) for _ in rollouts]
+
+    def by_text(rollouts):
+        return [Reward(float(sum(map(ord, r.reply)) % 7), False) for r in rollouts]
+
+    extra = ["rl.beta=0", "train.weight_decay=0"]
+    flat = train_stage(rl_cfg(tmp_path / "c", extra=extra), "rl", lora_start, small_dataset, tmp_path / "c" / "rl",
+                       reward=constant)
+    assert seen and {r.role for r in seen} <= {"think", "decide"} and all(r.meta["key"] in r.key for r in seen)
+    assert all(h["reward_std"] == 0.0 and h["reward"] == pytest.approx(0.7 + 0.1) for h in flat.history)
+    before = lora_weights(lora_start)
+    assert all(torch.equal(before[k], v) for k, v in lora_weights(flat.model).items())
+    moved = train_stage(rl_cfg(tmp_path / "d", extra=extra), "rl", lora_start, small_dataset, tmp_path / "d" / "rl",
+                        reward=by_text)
+    assert any(h["reward_std"] > 0 for h in moved.history)
+    assert any(not torch.equal(before[k], v) for k, v in lora_weights(moved.model).items())
+
+
+@pytest.mark.parametrize("key, value", [("group_size", 1), ("roles", "[think,score]"), ("format_weight", -1),
+                                        ("error_rate", 2), ("editor", "paint"), ("lr", 0), ("reasoner_budget", 100)])
+def test_rl_config_names_the_bad_key(key, value):
+    with pytest.raises(ConfigError, match=rf"rl\.{key}:"):
+        load_config(DEMO, [f"rl.{key}={value}"])
+
+
+def test_the_rl_stage_needs_a_reward(lora_start, small_dataset, tmp_path):
+    from reasonedit.training import train_stage
+
+    with pytest.raises(ValueError, match="rl: needs a reward"):
+        train_stage(rl_cfg(tmp_path), "rl", lora_start, small_dataset, tmp_path / "rl")
+
+
+def test_the_demo_does_not_run_the_rl_step():
+    for name in ("shapes_demo", "shapes_tiny"):
+        _, cfg = load_config(ROOT / "configs" / "experiment" / f"{name}.yaml")
+        assert "rl" not in cfg.steps
+    from reasonedit.config import ExperimentConfig
+    assert "rl" not in ExperimentConfig().steps
+
+
+@pytest.mark.slow
+def test_sigkill_of_reasonedit_train_stage_rl_then_resume_equals_the_uninterrupted_run(lora_start, small_dataset,
+                                                                                       tmp_path):
+    """As tests/test_train_resume_kill.py does for stage 2: SIGKILL at a random saved step and again mid-save,
+    relaunch each time; the loss and reward curves and the final weights equal one uninterrupted run's, bitwise."""
+    import random
+    import sys
+
+    from tests.test_train_resume_kill import run_and_kill, run_to_end, visible_steps
+
+    steps = 6
+
+    def command(out):
+        return [sys.executable, "-m", "reasonedit", "train", "--config", str(DEMO), "--stage", "rl",
+                "--start", str(lora_start), "--data", str(small_dataset), "--out", str(out),
+                f"output_dir={out.parent}", f"rl.steps={steps}", "rl.warmup_steps=0", "rl.lr=5e-3", "rl.group_size=2",
+                "rl.max_new_tokens=4", "rl.reasoner_budget=512", "rl.beta=0.5", "batches.window=4",
+                "train.log_every=1", "train.checkpoint_every=1", "train.keep_last=2"]
+
+    def final(out):
+        import json
+        last = visible_steps(out / "checkpoints")[-1]
+        assert torch.load(last / "trainer.pt", weights_only=False)["step"] == steps
+        return json.loads((out / "history.json").read_text()), torch.load(last / "model.pt", weights_only=False)
+
+    whole_out, killed_out = tmp_path / "whole" / "rl", tmp_path / "killed" / "rl"
+    with open(tmp_path / "whole.log", "w") as log:
+        run_to_end(command(whole_out), log, whole_out / "checkpoints")
+    seed = random.randrange(1 << 30)
+    first = random.Random(seed).randint(1, 3)
+    root = killed_out / "checkpoints"
+    with open(tmp_path / "killed.log", "w") as log:
+        reached = run_and_kill(command(killed_out), log, root, first)
+        reached = run_and_kill(command(killed_out), log, root, reached + 2, mid_save=True)
+        assert reached < steps, f"seed {seed}"
+        run_to_end(command(killed_out), log, root)
+    assert (tmp_path / "killed.log").read_text().count("resumed from") == 2
+    (hist_a, ckpt_a), (hist_b, ckpt_b) = final(whole_out), final(killed_out)
+    assert len(hist_a) == steps and hist_a == hist_b, f"seed {seed}: the curves differ"
+    assert ckpt_a.keys() == ckpt_b.keys() and all(torch.equal(ckpt_a[k], ckpt_b[k]) for k in ckpt_a), f"seed {seed}"
+    wa, wb = lora_weights(whole_out / "model"), lora_weights(killed_out / "model")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
