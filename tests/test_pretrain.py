@@ -363,8 +363,10 @@ def test_stage_numbers_name_their_sections():
     _, cfg = load_config(DEMO, ["pretrain.lr=5e-3"])
     assert STAGES[0].name == "pretrain" and stage_for(0, cfg).config.lr == 5e-3
     assert stage_for(1, cfg).config is cfg.stage1
-    with pytest.raises(ValueError, match="choose from"):
-        stage_for(4, cfg)
+    assert stage_for("rl", cfg).config is cfg.rl and type(stage_for(4, cfg)) is type(stage_for("rl", cfg))
+    for bad in (5, "stage9"):
+        with pytest.raises(ValueError, match="choose from"):
+            stage_for(bad, cfg)
 
 
 def test_the_tiny_tokenizer_merges_the_fixed_prompt_texts(run_dir):
