@@ -441,6 +441,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(figures_table(result.figures["figures"]))
         if "curves" in result.artifacts:
             print(f"  learning curves: {result.artifacts['curves']}")
+    if result.rl_gain:
+        from .eval.rl_gain import gain_table
+        g = result.rl_gain
+        print(f"what the rl stage added ({g['n']} test samples of each kind, the shapes editor wrong on "
+              f"{100 * g['error_rate']:.0f} % of its edits; {g['seconds']:.0f} s):")
+        print(gain_table(g))
     return 0
 
 

@@ -36,6 +36,7 @@ class RunResult:
     edits: dict | None = None  # the edit step's traces
     ablation: dict | None = None  # the eval step's table and report paths
     figures: dict | None = None  # the eval step's held-out learning figures of the latest model (eval/figures.json)
+    rl_gain: dict | None = None  # the rl step's before/after comparison of the reasoner (rl/gain.json)
 
 
 def _same_dataset(path: Path, cfg: ExperimentConfig) -> bool:
@@ -349,6 +350,29 @@ def step_rl(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Calla
         result.artifacts["rl"] = str(res.model)
         if (out / "rl" / "curves.png").is_file():
             result.artifacts["rl_curves"] = str(out / "rl" / "curves.png")
+        result.rl_gain = _rl_gain(cfg, out, start, res.model)
+
+
+def _rl_gain(cfg: ExperimentConfig, out: Path, start: Path, trained: Path) -> dict | None:
+    """The start (SFT) reasoner against the rl step's on `rl.heldout` test samples of each kind, the shapes editor
+    wrong on `rl.heldout_error_rate` of its edits (`reasonedit.eval.rl_gain`); rl/gain.json and rl/gain.md. None
+    when skipped (rl.heldout 0, or no test split)."""
+    from .eval.rl_gain import compare_reasoners, gain_table
+
+    r = cfg.rl
+    if not r.heldout or _held_out(cfg, out) is None:
+        return None
+    t0 = time.perf_counter()
+    doc = compare_reasoners({"sft": start, "rl": trained}, out / "data", ShapesWorld(cfg.world), out / "rl" / "gain",
+                            n=r.heldout, error_rate=r.heldout_error_rate, rounds=r.heldout_rounds, seed=cfg.seed,
+                            device=cfg.eval.device)
+    doc["seconds"] = time.perf_counter() - t0
+    atomic_write_text(out / "rl" / "gain.json", json.dumps(doc, indent=2) + "\n")
+    table = gain_table(doc)
+    atomic_write_text(out / "rl" / "gain.md", f"# What the rl stage added\n\n{table}\n")
+    log.info("rl: what the rl stage added (%d test samples of each kind, shapes editor wrong on %.0f %%):\n%s",
+             r.heldout, 100 * r.heldout_error_rate, table)
+    return doc
 
 
 def pretrain_start(out: Path) -> Path:
@@ -403,9 +427,13 @@ def step_pretrain(cfg: ExperimentConfig, out: Path, result: RunResult, progress:
 
 
 def latest_model(out: Path) -> Path:
-    """The run's most trained model with a generator: stage3, stage2, else the models step's."""
+    """The run's most trained model with a generator: rl (when it carries one: it ran after stage 2 or 3), stage3,
+    stage2, else the models step's."""
     from .models.model import CONFIG_FILE
 
+    rl = out / "rl" / "model"
+    if (rl / CONFIG_FILE).is_file() and "generator" in json.loads((rl / CONFIG_FILE).read_text()).get("components", []):
+        return rl
     for candidate in (out / "stage3" / "model", out / "stage2" / "model", out / "model"):
         if (candidate / CONFIG_FILE).is_file():
             return candidate

@@ -191,3 +191,49 @@ def test_sigkill_of_reasonedit_train_stage_rl_then_resume_equals_the_uninterrupt
     assert ckpt_a.keys() == ckpt_b.keys() and all(torch.equal(ckpt_a[k], ckpt_b[k]) for k in ckpt_a), f"seed {seed}"
     wa, wb = lora_weights(whole_out / "model"), lora_weights(killed_out / "model")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_wilson_interval_and_two_proportion_z_hand_values():
+    from reasonedit.eval.rl_gain import Count, two_proportion_z
+
+    low, high = Count(7, 10).interval()  # the textbook Wilson 95 % interval of 7 / 10
+    assert low == pytest.approx(0.3968, abs=1e-4) and high == pytest.approx(0.8922, abs=1e-4)
+    assert Count(0, 20).interval()[0] == 0.0 and Count(20, 20).interval()[1] == 1.0
+    # 40 % -> 60 % of 100 each: pooled 0.5, sd sqrt(0.25 * 0.02) = 0.0707, z = 0.2 / 0.0707 = 2.83
+    assert two_proportion_z(Count(40, 100), Count(60, 100)) == pytest.approx(2.8284, abs=1e-4)
+    assert two_proportion_z(Count(60, 100), Count(40, 100)) == pytest.approx(-2.8284, abs=1e-4)
+    assert two_proportion_z(Count(5, 5), Count(5, 5)) == 0.0
+
+
+def test_the_rl_gain_compares_two_reasoners_on_the_same_held_out_samples(lora_start, small_dataset, world, tmp_path):
+    from reasonedit.eval.rl_gain import FIGURES, compare_reasoners, gain_table
+
+    doc = compare_reasoners({"sft": lora_start, "rl": lora_start}, small_dataset, world, tmp_path, n=3,
+                            error_rate=0.3, rounds=2)
+    assert set(doc["models"]) == {"sft", "rl"} and doc["n"] == 3 and doc["error_rate"] == 0.3
+    for name in ("sft", "rl"):
+        for f in FIGURES:
+            m = doc["models"][name][f]
+            assert m["n"] == 3 and 0 <= m["right"] <= 3 and m["low"] <= m["rate"] <= m["high"]
+    # the same reasoner, greedy, on the same samples: the same counts, no change
+    assert doc["models"]["sft"] == doc["models"]["rl"]
+    assert all(c["delta"] == 0.0 and c["z"] == 0.0 and not c["outside_noise"] for c in doc["changes"]["rl"].values())
+    table = gain_table(doc)
+    assert table.count("\n") == 1 + len(FIGURES) and "think_reflect success" in table and "/3)" in table
+
+
+def test_edit_and_eval_take_the_rl_model_when_it_carries_a_generator(tmp_path):
+    import json
+
+    from reasonedit.experiment import latest_model
+
+    def model(where, components):
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "reasonedit.json").write_text(json.dumps({"components": components}))
+
+    model("stage3/model", ["reasoner", "generator", "vae"])
+    model("rl/model", ["reasoner"])  # rl after stage 1 only: no generator to edit with
+    assert latest_model(tmp_path) == tmp_path / "stage3" / "model"
+    (tmp_path / "rl" / "model" / "reasonedit.json").write_text(json.dumps({"components": ["reasoner", "generator",
+                                                                                          "vae"]}))
+    assert latest_model(tmp_path) == tmp_path / "rl" / "model"

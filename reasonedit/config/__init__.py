@@ -241,6 +241,11 @@ class RLConfig(GRPOConfig, StageConfig):
     format_weight: float = 0.1
     editor: str = "shapes"  # see RL_EDITORS
     error_rate: float = 0.0  # the shapes editor's share of requests executed wrongly on purpose
+    # after training, `reasonedit run` compares the start (SFT) model's reasoner with the trained one on this many
+    # test samples of each kind (`reasonedit.eval.rl_gain`; 0 skips), the shapes editor wrong on `heldout_error_rate`
+    heldout: int = 400
+    heldout_error_rate: float = 0.3
+    heldout_rounds: int = 3
 
     def validate(self, name: str = "rl") -> None:
         StageConfig.validate(self, name)
@@ -254,6 +259,12 @@ class RLConfig(GRPOConfig, StageConfig):
             raise ValueError(f"{name}.editor: {self.editor!r}; choose from {list(RL_EDITORS)}")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"{name}.error_rate: must lie in [0, 1], got {self.error_rate}")
+        if self.heldout < 0:
+            raise ValueError(f"{name}.heldout: must be a number of samples >= 0 (0 skips), got {self.heldout}")
+        if not 0.0 <= self.heldout_error_rate <= 1.0:
+            raise ValueError(f"{name}.heldout_error_rate: must lie in [0, 1], got {self.heldout_error_rate}")
+        if self.heldout_rounds < 1:
+            raise ValueError(f"{name}.heldout_rounds: must be at least 1, got {self.heldout_rounds}")
 
 
 @dataclass
