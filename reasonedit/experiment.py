@@ -6,6 +6,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -286,11 +287,25 @@ def rl_start(out: Path) -> Path:
     return out / "stage3" / "model" if (out / "stage3" / "model" / CONFIG_FILE).is_file() else out / "stage1" / "model"
 
 
+def description_parts(text: str) -> set[str]:
+    """A scene description's parts (`shapes.language.describe`: "A <colour> background with N shapes: a <shape>
+    <place>; ..."): its background and each shape with its place, as comparable strings."""
+    head, _, listing = text.strip().rstrip(".").partition(":")
+    background = re.search(r"\b(\w+) background\b", head)
+    parts = {f"background {background.group(1).lower()}"} if background else set()
+    return parts | {p.strip().lower() for p in listing.split(";") if p.strip()}
+
+
 class ShapesReward:
-    """The rl stage's reward on shapes data (`stages.rl.RewardFn`). think: the exact shapes editor (with
-    `rl.error_rate` of its requests done wrong on purpose) executes the reply on the record's image and the oracle
-    scores the result against the record's target scene, /10; parsed when the editor could execute it. decide:
-    1 when the reply's decision is the record's; parsed when it is a well-formed decision."""
+    """The rl stage's reward on shapes data (`stages.rl.RewardFn`), each in [0, 1].
+
+    think: the exact shapes editor (with `rl.error_rate` of its requests done wrong on purpose) executes the reply on
+        the record's image and the oracle scores the result against the record's target scene, /10; parsed when
+        the editor could execute it.
+    describe: the share of the expected description's parts (background, each shape with its place) and the reply's
+        that agree, |both| / |either|; parsed when it names a background.
+    score: 1 - |score - the record's| / 10; parsed when it is "score: N / reason: ...".
+    decide: 1 when the reply's decision is the record's; parsed when it is a well-formed decision."""
 
     def __init__(self, world: ShapesWorld, error_rate: float = 0.0, seed: int = 0):
         from reasonedit.shapes.editor import ShapesEditor
@@ -302,7 +317,7 @@ class ShapesReward:
     def __call__(self, rollouts):
         from reasonedit.shapes.world import Scene
         from .inference.types import EditRequest
-        from .models.prompts import ThinkerReplyError, parse_decision
+        from .models.prompts import ThinkerReplyError, parse_decision, parse_score
         from .stages.rl import Reward
 
         out = []
@@ -322,6 +337,17 @@ class ShapesReward:
                     out.append(Reward(0.0, False))
                     continue
                 out.append(Reward(float(kind == r.meta["decision"]), True))
+            elif r.role == "describe":
+                got, want = description_parts(r.reply), description_parts(r.meta["target_description"])
+                named = any(p.startswith("background ") for p in got)
+                out.append(Reward(len(got & want) / len(got | want) if got | want else 0.0, named))
+            elif r.role == "score":
+                try:
+                    value, _ = parse_score(r.reply)
+                except ThinkerReplyError:
+                    out.append(Reward(0.0, False))
+                    continue
+                out.append(Reward(1.0 - abs(value - int(r.meta["score"])) / 10.0, True))
             else:
                 raise ValueError(f"rl reward: no reward for role {r.role!r} ({r.key})")
         return out

@@ -310,3 +310,26 @@ def test_rollouts_never_draw_an_image_placeholder_and_score_without_it():
     raw = torch.log_softmax(logits, -1)[replies[0][0]]
     assert float(logp[0, 0]) > float(raw) + 5.0
 
+
+
+def test_a_merged_adapter_is_the_base_a_fresh_adapter_starts_from():
+    """The rl stage's reference: the start model's LoRA folded into the base, a fresh LoRA on top; the model computes
+    what it did with the old adapter, and with the fresh one (B = 0) or with it disabled, the same again."""
+    reasoner = lora_reasoner()
+    prompt = reasoner.processor.encode_one(TEXT_PROMPT)
+    with torch.no_grad():
+        before = reasoner.model(**prompt).logits
+        with reasoner.peft_model.disable_adapter():
+            base = reasoner.model(**prompt).logits
+    assert not torch.allclose(before, base, atol=1e-4)  # the adapter does something
+    reasoner.merge_lora()
+    assert reasoner.peft_model is None and not any("lora_" in n for n, _ in reasoner.model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reasoner.model(**prompt).logits, before, atol=1e-5, rtol=1e-5)
+    reasoner.add_lora(LoraConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        fresh = reasoner.model(**prompt).logits
+        with reasoner.peft_model.disable_adapter():
+            reference = reasoner.model(**prompt).logits
+    torch.testing.assert_close(fresh, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference, before, atol=1e-5, rtol=1e-5)

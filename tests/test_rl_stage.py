@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from reasonedit.config import ConfigError, load_config
+from reasonedit.config import RL_ROLES, ConfigError, load_config
 from tests.conftest import ROOT
 from tests.test_stages import start_model  # noqa: F401  (the module-scoped fixture)
 
@@ -54,7 +54,7 @@ def test_rl_stage_trains_with_the_shapes_reward_and_logs_its_figures(lora_start,
 
     logged = []
     monkeypatch.setattr(metrics.MetricsSink, "log", lambda self, step, m: logged.append((step, dict(m))))
-    cfg = rl_cfg(tmp_path, steps=2)
+    cfg = rl_cfg(tmp_path, steps=2, extra=["rl.reference=base"])  # the start adapter trains on: a KL from step 1
     with caplog.at_level(logging.INFO, logger="reasonedit.train"):
         res = train_stage(cfg, "rl", lora_start, small_dataset, tmp_path / "rl", reward=rl_reward(cfg))
     assert res.steps == 2 and len(res.history) == 2
@@ -114,10 +114,10 @@ def test_rewards_alone_move_the_weights_when_there_is_no_kl(lora_start, small_da
     def by_text(rollouts):
         return [Reward(float(sum(map(ord, r.reply)) % 7), False) for r in rollouts]
 
-    extra = ["rl.beta=0", "train.weight_decay=0"]
+    extra = ["rl.beta=0", "train.weight_decay=0", "rl.reference=base"]  # the start model's adapter trains on
     flat = train_stage(rl_cfg(tmp_path / "c", extra=extra), "rl", lora_start, small_dataset, tmp_path / "c" / "rl",
                        reward=constant)
-    assert seen and {r.role for r in seen} <= {"think", "decide"} and all(r.meta["key"] in r.key for r in seen)
+    assert seen and {r.role for r in seen} <= set(RL_ROLES) and all(r.meta["key"] in r.key for r in seen)
     assert all(h["reward_std"] == 0.0 and h["reward"] == pytest.approx(0.7 + 0.1) for h in flat.history)
     before = lora_weights(lora_start)
     assert all(torch.equal(before[k], v) for k, v in lora_weights(flat.model).items())
@@ -127,7 +127,7 @@ def test_rewards_alone_move_the_weights_when_there_is_no_kl(lora_start, small_da
     assert any(not torch.equal(before[k], v) for k, v in lora_weights(moved.model).items())
 
 
-@pytest.mark.parametrize("key, value", [("group_size", 1), ("roles", "[think,score]"), ("format_weight", -1),
+@pytest.mark.parametrize("key, value", [("group_size", 1), ("roles", "[think,paint]"), ("reference", "sft"), ("format_weight", -1),
                                         ("error_rate", 2), ("editor", "paint"), ("lr", 0), ("reasoner_budget", 100)])
 def test_rl_config_names_the_bad_key(key, value):
     with pytest.raises(ConfigError, match=rf"rl\.{key}:"):
@@ -237,3 +237,51 @@ def test_edit_and_eval_take_the_rl_model_when_it_carries_a_generator(tmp_path):
     (tmp_path / "rl" / "model" / "reasonedit.json").write_text(json.dumps({"components": ["reasoner", "generator",
                                                                                           "vae"]}))
     assert latest_model(tmp_path) == tmp_path / "rl" / "model"
+
+
+def test_the_shapes_reward_of_each_role_by_hand(world):
+    from reasonedit.experiment import ShapesReward
+    from reasonedit.stages.rl import Rollout
+
+    target = "A navy background with 2 shapes: a small red circle at row 1, column 2; a large blue square in the " \
+             "top-left corner."
+    meta = {"target_description": target, "score": 7, "decision": "reflection", "meta": {}}
+    reward = ShapesReward(world)
+    got = reward([
+        Rollout("describe", "k/describe", meta, target),  # every part right
+        Rollout("describe", "k/describe", meta, "A navy background with 1 shape: a small red circle at row 1, "
+                "column 2."),  # 2 of 3 parts, none extra
+        Rollout("describe", "k/describe", meta, "A black background with 1 shape: a small green star at row 4, "
+                "column 4."),  # none right: 0 of the 5 parts named by either
+        Rollout("describe", "k/describe", meta, "no idea"),
+        Rollout("score", "k/score", meta, "score: 7\nreason: the square should be red"),
+        Rollout("score", "k/score", meta, "score: 10\nreason: fine"),
+        Rollout("score", "k/score", meta, "seven"),
+        Rollout("decide", "k/decide", meta, "<#Reflection> almost. Make the square red."),
+    ])
+    assert [round(r.value, 4) for r in got[:4]] == [1.0, round(2 / 3, 4), 0.0, 0.0]
+    assert [r.parsed for r in got[:4]] == [True, True, True, False]
+    assert [(r.value, r.parsed) for r in got[4:7]] == [(1.0, True), (0.7, True), (0.0, False)]
+
+
+def test_the_reference_is_the_start_model_itself(lora_start, small_dataset, tmp_path):
+    """rl.reference=start (the default): the start model's adapter is merged into the base and a fresh one trains, so
+    the reasoner with its adapter disabled, the KL's reference, computes what the start model computes, and the
+    policy starts equal to it (KL 0; with rewards alike nothing moves it)."""
+    from reasonedit.models.model import ReasonEditModel
+    from reasonedit.stages.rl import Reward
+    from reasonedit.training import train_stage
+
+    res = train_stage(rl_cfg(tmp_path, steps=2), "rl", lora_start, small_dataset, tmp_path / "rl",
+                      reward=lambda rollouts: [Reward(0.5, True) for _ in rollouts])
+    assert all(h["kl"] == pytest.approx(0.0, abs=1e-6) for h in res.history)
+    start = ReasonEditModel.from_pretrained(lora_start, components=("reasoner",)).reasoner
+    trained = ReasonEditModel.from_pretrained(res.model, components=("reasoner",)).reasoner
+    assert all(not p.abs().any() for n, p in trained.model.named_parameters() if "lora_B" in n)
+    prompt = start.processor.encode_one([{"role": "user", "content": [{"type": "text",
+                                                                       "text": "make the red circle blue"}]}])
+    with torch.no_grad():
+        want = start.model(**prompt).logits
+        with trained.peft_model.disable_adapter():
+            got = trained.model(**prompt).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

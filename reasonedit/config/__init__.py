@@ -223,8 +223,12 @@ class StageConfig:
             raise ValueError(f"{name}.latent_cache: only stage2 and stage3 train the generator on VAE latents")
 
 
-RL_ROLES = ("think", "decide")  # the reasoner replies the GRPO stage samples and rewards
+RL_ROLES = ("think", "describe", "score", "decide")  # the reasoner replies the GRPO stage samples and rewards
 RL_EDITORS = ("shapes",)  # what executes a think reply for its reward: the exact shapes editor (+ oracle)
+# what the KL holds the policy to, always "the reasoner with its adapter disabled": start: the start model's adapter
+# is merged into the base and a fresh one trained, so the reference is the start (SFT) model itself; base: the start
+# model's adapter trains on, and the reference is the model before any adapter
+RL_REFERENCES = ("start", "base")
 
 
 @dataclass
@@ -241,6 +245,7 @@ class RLConfig(GRPOConfig, StageConfig):
     format_weight: float = 0.1
     editor: str = "shapes"  # see RL_EDITORS
     error_rate: float = 0.0  # the shapes editor's share of requests executed wrongly on purpose
+    reference: str = "start"  # see RL_REFERENCES
     # after training, `reasonedit run` compares the start (SFT) model's reasoner with the trained one on this many
     # test samples of each kind (`reasonedit.eval.rl_gain`; 0 skips), the shapes editor wrong on `heldout_error_rate`
     heldout: int = 400
@@ -259,6 +264,8 @@ class RLConfig(GRPOConfig, StageConfig):
             raise ValueError(f"{name}.editor: {self.editor!r}; choose from {list(RL_EDITORS)}")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"{name}.error_rate: must lie in [0, 1], got {self.error_rate}")
+        if self.reference not in RL_REFERENCES:
+            raise ValueError(f"{name}.reference: {self.reference!r}; choose from {list(RL_REFERENCES)}")
         if self.heldout < 0:
             raise ValueError(f"{name}.heldout: must be a number of samples >= 0 (0 skips), got {self.heldout}")
         if not 0.0 <= self.heldout_error_rate <= 1.0:
@@ -588,7 +595,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["DEFAULT_STEPS", "EVAL_MODES", "LOOPS", "RL_EDITORS", "RL_ROLES", "ConfigError", "ConfigLoader",
+__all__ = ["DEFAULT_STEPS", "EVAL_MODES", "LOOPS", "RL_EDITORS", "RL_REFERENCES", "RL_ROLES", "ConfigError", "ConfigLoader",
            "DataSourceConfig", "ExperimentConfig", "RLConfig",
            "PACKAGE_CONFIGS", "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
            "load_config", "save_config"]

@@ -441,6 +441,18 @@ class Reasoner(torch.nn.Module):
         n = sum(p.numel() for p in self.trainable_parameters())
         logger.info("added LoRA (rank %d) on %s: %d trainable parameters", config.rank, list(config.targets), n)
 
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapter into the base weights and drop it (the model then computes what it computed with
+        the adapter, to float rounding); nothing happens without an adapter."""
+        if self.peft_model is None:
+            return
+        with _quiet_peft():
+            merged = self.peft_model.merge_and_unload()
+        if merged is not self.model:  # peft merges in place and hands back the model it wrapped
+            raise RuntimeError("merge_lora: peft returned a different model than the one it wrapped")
+        self._set_peft(None)
+        logger.info("merged the LoRA adapter into the reasoner's base weights")
+
     # -- save -----------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:

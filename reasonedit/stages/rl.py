@@ -31,14 +31,15 @@ from .reasoning import train_only_lora
 if TYPE_CHECKING:
     from reasonedit.config import RLConfig
 
-ROLE_KINDS = {"think": "thinking_pair", "decide": "reflection"}  # the record kind each role's prompts come from
+# the record kind each role's prompts come from
+ROLE_KINDS = {"think": "thinking_pair", "describe": "reflection", "score": "reflection", "decide": "reflection"}
 
 
 @dataclass
 class Rollout:
     """One sampled reply, as a reward sees it."""
 
-    role: str  # think | decide
+    role: str  # think | describe | score | decide
     key: str  # the segment's key, "<record key>/<role>"
     meta: dict  # `rollout_meta` of the record the prompt came from
     reply: str  # the decoded reply, its stop token cut
@@ -46,7 +47,7 @@ class Rollout:
 
 @dataclass
 class Reward:
-    value: float  # the task reward (think: oracle score / 10; decide: 1 for the record's decision)
+    value: float  # the task reward in [0, 1] (think: oracle score / 10; decide: 1 for the record's decision...)
     parsed: bool  # the reply has the role's format (the editor could execute it; the decision parsed)
 
 
@@ -61,7 +62,8 @@ def rollout_meta(record: ThinkingPair | ReflectionSample) -> dict:
                 "instruction": record.abstract_instruction, "concrete_instruction": record.concrete_instruction,
                 "meta": dict(record.meta)}
     return {"key": record.key, "kind": record.KIND, "image": record.source, "candidate": record.candidate,
-            "instruction": record.instruction, "decision": record.decision.lower(), "meta": dict(record.meta)}
+            "instruction": record.instruction, "decision": record.decision.lower(),
+            "target_description": record.target_description, "score": record.score, "meta": dict(record.meta)}
 
 
 def reply_text(tokenizer, reply: torch.Tensor, stops: Sequence[int]) -> str:
@@ -115,6 +117,11 @@ class RLStage(Stage):
         return {k: w for k, w in self.default_mix.items() if k in kinds}
 
     def prepare(self, model: ReasonEditModel) -> None:
+        if self.config.reference == "start" and model.reasoner.peft_model is not None:
+            # the KL's reference is the reasoner with its adapter disabled: merge the start model's adapter and
+            # train a fresh one, so that reference is the start (SFT) model and the policy starts equal to it
+            model.reasoner.merge_lora()
+            model.changed("reasoner")
         train_only_lora(model)
 
     def segments(self, pre, record) -> list:
