@@ -296,12 +296,22 @@ def description_parts(text: str) -> set[str]:
     return parts | {p.strip().lower() for p in listing.split(";") if p.strip()}
 
 
+def progress(score: float, source_score: float, best: float = 10.0) -> float:
+    """The share of the way from the source's score to `best` an edit went, floored at 0 (1 when the source was
+    already right and stays so)."""
+    if source_score >= best:
+        return 1.0 if score >= best else 0.0
+    return max(0.0, (score - source_score) / (best - source_score))
+
+
 class ShapesReward:
     """The rl stage's reward on shapes data (`stages.rl.RewardFn`), each in [0, 1].
 
     think: the exact shapes editor (with `rl.error_rate` of its requests done wrong on purpose) executes the reply on
-        the record's image and the oracle scores the result against the record's target scene, /10; parsed when
-        the editor could execute it.
+        the record's image and the oracle scores the result against the record's target scene; the reward is the
+        share of the way from the source's score to 10 the result went, (score - source's) / (10 - source's),
+        floored at 0: doing nothing (an unparsable reply leaves the source) earns 0, not the source's 6-7 of 10;
+        parsed when the editor could execute it.
     describe: the share of the expected description's parts (background, each shape with its place) and the reply's
         that agree, |both| / |either|; parsed when it names a background.
     score: 1 - |score - the record's| / 10; parsed when it is "score: N / reason: ...".
@@ -329,7 +339,8 @@ class ShapesReward:
                 edited = self.world.render(outcome.result) if parsed else image
                 target = r.meta["meta"].get("target_scene")
                 target = Scene.from_dict(target) if target else self.oracle.read(r.meta["target"]).scene
-                out.append(Reward(self.oracle.score(edited, target).score / 10.0, parsed))
+                out.append(Reward(progress(self.oracle.score(edited, target).score,
+                                           self.oracle.score(image, target).score), parsed))
             elif r.role == "decide":
                 try:
                     kind = parse_decision(r.reply).kind

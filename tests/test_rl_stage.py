@@ -285,3 +285,17 @@ def test_the_reference_is_the_start_model_itself(lora_start, small_dataset, tmp_
         with trained.peft_model.disable_adapter():
             got = trained.model(**prompt).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_think_reward_is_the_progress_from_the_source(world):
+    """An unparsable thought leaves the source, which already scores 6-7 of 10: it earns 0; the exact thought 1."""
+    from reasonedit.experiment import ShapesReward, progress
+    from reasonedit.shapes.synth import Synthesizer
+    from reasonedit.stages.rl import Rollout, rollout_meta
+
+    assert progress(7, 4) == 0.5 and progress(3, 4) == 0.0 and progress(10, 10) == 1.0 and progress(7, 10) == 0.0
+    record = Synthesizer(world, seed=3).thinking_pair("test", 0)
+    meta = rollout_meta(record)
+    right, nothing = ShapesReward(world)([Rollout("think", "k/think", meta, record.concrete_instruction),
+                                          Rollout("think", "k/think", meta, "no idea at all")])
+    assert (right.value, right.parsed) == (1.0, True) and (nothing.value, nothing.parsed) == (0.0, False)

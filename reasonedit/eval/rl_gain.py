@@ -9,6 +9,7 @@ the first `n` held-out records of each kind (the test split of a `reasonedit dat
 | decide | decisions right when the decide role is given the sample's expected description, score and reason (what the rl stage's decide prompts hold) | reflection samples |
 | decision | decisions right from the reasoner's own describe, score and decide (the loop's reflection) | reflection samples |
 | think_reflect | the loop's result is exactly the target, with the shapes editor wrong on purpose on `error_rate` of its edits | abstract instructions |
+| think_reflect_concrete | the same | concrete instructions |
 
 Each figure is a count of n, reported with its Wilson 95 % interval; the change between the first model and each
 later one with the two-proportion z statistic. |z| > 1.96 is a change outside binomial noise at 95 % (the
@@ -24,10 +25,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .heldout import HeldOut, reflect_figures, think_figures
 
-FIGURES = ("think", "decide", "decision", "think_reflect")
+FIGURES = ("think", "decide", "decision", "think_reflect", "think_reflect_concrete")
 LABELS = {"think": "thoughts that execute to the target", "decide": "decide role right (true description, score)",
           "decision": "reflection decisions right (own describe, score, decide)",
-          "think_reflect": "think_reflect success on abstract edits"}
+          "think_reflect": "think_reflect success on abstract edits",
+          "think_reflect_concrete": "think_reflect success on concrete edits"}
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,19 @@ def reasoner_counts(model_dir: Path, heldout: HeldOut, world: Any, data_dir: Pat
     ablation = run_shapes_ablation(None, data_dir, out_dir, modes=["think_reflect"], limit=len(heldout.thinking) or 1,
                                    rounds=rounds, seed=seed, editor="shapes", error_rate=error_rate,
                                    thinker_model=model_dir, device=device)
-    abstract = ablation.reports["think_reflect"]["sections"]["all"]["by_category"].get("abstract", {})
-    n_abstract = int(abstract.get("ok", 0))
+    by_category = ablation.reports["think_reflect"]["sections"]["all"]["by_category"]
+
+    def success(category: str) -> Count:
+        row = by_category.get(category, {})
+        n = int(row.get("ok", 0))
+        return Count(round((row.get("success") or 0.0) / 100 * n), n)
+
     return {
         "think": Count(round(think * len(heldout.thinking)), len(heldout.thinking)),
         "decide": decide,
         "decision": Count(round(chain * len(heldout.reflections)), len(heldout.reflections)),
-        "think_reflect": Count(round((abstract.get("success") or 0.0) / 100 * n_abstract), n_abstract),
+        "think_reflect": success("abstract"),
+        "think_reflect_concrete": success("concrete"),
     }
 
 
