@@ -79,3 +79,14 @@ def test_saved_config_reloads_to_the_same_settings(tmp_path):
     assert doc["world"]["grid"] == 8 and doc["output_dir"] == "runs/shapes_tiny"
     _, again = load_config(path, root=ROOT / "configs")
     assert again == cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_every_packaged_experiment_loads_and_validates(name):
+    path = ROOT / "configs" / "experiment" / f"{name}.yaml"
+    if name == "paper":  # real weights: it names the one key a user must set, and loads once it is set
+        with pytest.raises(ConfigError, match="model.path"):
+            load_config(path)
+        return
+    _, cfg = load_config(path)
+    assert cfg.name == name and cfg.steps
