@@ -139,7 +139,7 @@ class PrefixCache:
             )
             self.prefills += 1
             self.prefix_tokens += length * len(group)
-            layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            layers = [(layer.keys, layer.values) for layer in getattr(out, CACHE_KWARG).layers]
             for b, p in enumerate(group):
                 found[p.key] = Prefix([(k[b:b + 1], v[b:b + 1]) for k, v in layers], length)
                 if keep:
