@@ -471,7 +471,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         start = args.start or pretrain_start(out_dir)
     elif n == "rl":
         from .experiment import rl_reward, rl_start
-        start, reward = args.start or rl_start(out_dir), rl_reward(cfg)
+        start = args.start or rl_start(out_dir)
+        reward = rl_reward(cfg, start)
     else:
         from .experiment import initial_model
         start = args.start or (initial_model(out_dir) if n == 1 else out_dir / f"stage{n - 1}" / "model")

@@ -307,8 +307,9 @@ def progress(score: float, source_score: float, best: float = 10.0) -> float:
 class ShapesReward:
     """The rl stage's reward on shapes data (`stages.rl.RewardFn`), each in [0, 1].
 
-    think: the exact shapes editor (with `rl.error_rate` of its requests done wrong on purpose) executes the reply on
-        the record's image and the oracle scores the result against the record's target scene; the reward is the
+    think: the editor (`rl.editor`: the exact shapes editor, with `rl.error_rate` of its requests done wrong on
+        purpose; the start model's generator; an HTTP editing service) executes the reply on the record's image and
+        the oracle scores the result against the record's target scene; the reward is the
         share of the way from the source's score to 10 the result went, (score - source's) / (10 - source's),
         floored at 0: doing nothing (an unparsable reply leaves the source) earns 0, not the source's 6-7 of 10;
         parsed when the editor could execute it.
@@ -317,26 +318,51 @@ class ShapesReward:
     score: 1 - |score - the record's| / 10; parsed when it is "score: N / reason: ...".
     decide: 1 when the reply's decision is the record's; parsed when it is a well-formed decision."""
 
-    def __init__(self, world: ShapesWorld, error_rate: float = 0.0, seed: int = 0):
+    def __init__(self, world: ShapesWorld, error_rate: float = 0.0, seed: int = 0, editor=None, *,
+                 steps: int = 12, guidance: float = 4.0):
+        """editor: any `Editor` (the start model's generator, an HTTP editing service) to execute think replies
+        with; None: the exact shapes editor, wrong on purpose on `error_rate` of its edits. `steps` and `guidance`
+        go with each request to an editor that samples."""
         from reasonedit.shapes.editor import ShapesEditor
+        from reasonedit.shapes.oracle import Oracle
 
-        self.editor = ShapesEditor(world, error_rate=error_rate, seed=seed)
-        self.oracle = self.editor.oracle
-        self.world = world
+        self.exact = ShapesEditor(world, error_rate=error_rate, seed=seed)
+        self.editor = editor or self.exact
+        self.oracle = Oracle(world)
+        self.world, self.seed, self.steps, self.guidance = world, seed, steps, guidance
+
+    def _execute(self, think: list) -> list[tuple]:
+        """(edited image, parsed) for each think rollout; an editor other than the shapes editor gets them as one
+        batch, and a reply is parsed when the shapes grammar reads it."""
+        import numpy as np
+
+        from .inference.types import EditRequest
+
+        if self.editor is self.exact:
+            out = []
+            for r in think:
+                outcome = self.exact.outcome(EditRequest(image=r.meta["image"], prompt=r.reply))
+                parsed = outcome.unparsed is None
+                out.append((self.world.render(outcome.result) if parsed else r.meta["image"], parsed))
+            return out
+        requests = [EditRequest(image=r.meta["image"], prompt=r.reply, seed=self.seed, guidance_scale=self.guidance,
+                                num_inference_steps=self.steps) for r in think]
+        edited = self.editor.edit(requests) if requests else []
+        return [(np.asarray(image), self.exact.outcome(EditRequest(image=r.meta["image"], prompt=r.reply)).unparsed
+                 is None) for r, image in zip(think, edited)]
 
     def __call__(self, rollouts):
         from reasonedit.shapes.world import Scene
-        from .inference.types import EditRequest
         from .models.prompts import ThinkerReplyError, parse_decision, parse_score
         from .stages.rl import Reward
 
+        think = [r for r in rollouts if r.role == "think"]
+        executed = dict(zip(map(id, think), self._execute(think)))
         out = []
         for r in rollouts:
             if r.role == "think":
                 image = r.meta["image"]
-                outcome = self.editor.outcome(EditRequest(image=image, prompt=r.reply))
-                parsed = outcome.unparsed is None
-                edited = self.world.render(outcome.result) if parsed else image
+                edited, parsed = executed[id(r)]
                 target = r.meta["meta"].get("target_scene")
                 target = Scene.from_dict(target) if target else self.oracle.read(r.meta["target"]).scene
                 out.append(Reward(progress(self.oracle.score(edited, target).score,
@@ -364,11 +390,23 @@ class ShapesReward:
         return out
 
 
-def rl_reward(cfg: ExperimentConfig):
-    """The rl stage's reward for `cfg.rl.editor` (shapes: `ShapesReward` in `cfg.world`)."""
-    if cfg.rl.editor == "shapes":
-        return ShapesReward(ShapesWorld(cfg.world), cfg.rl.error_rate, seed=cfg.seed)
-    raise ValueError(f"rl.editor: {cfg.rl.editor!r} has no reward here")
+def rl_reward(cfg: ExperimentConfig, start: Path | None = None):
+    """The rl stage's reward (`ShapesReward` in `cfg.world`) with `cfg.rl.editor` executing think replies: the exact
+    shapes editor, the generator of the model folder `start` ("model": it samples with the eval section's steps
+    and guidance on `eval.device`), or an HTTP editing service."""
+    from .inference.pipeline import Pipeline, build_editor
+    from .models.model import CONFIG_FILE
+
+    r, e, world = cfg.rl, cfg.eval, ShapesWorld(cfg.world)
+    if r.editor == "shapes":
+        return ShapesReward(world, r.error_rate, seed=cfg.seed)
+    if r.editor == "model":
+        if start is None or not (Path(start) / CONFIG_FILE).is_file():
+            raise ValueError(f"rl.editor: 'model' edits with the start model's generator; {start} is no model folder")
+        editor = Pipeline.load(start, device=e.device, dtype=e.dtype).editor()
+    else:
+        editor = build_editor(r.editor)
+    return ShapesReward(world, seed=cfg.seed, editor=editor, steps=e.sampling_steps, guidance=e.guidance)
 
 
 def step_rl(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
@@ -381,7 +419,7 @@ def step_rl(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Calla
     if not (start / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{start} holds no model: rl starts from the stage3 (else stage1) step's model, so "
                                 "run one of them first (steps: [..., stage1, rl])")
-    res = train_stage(cfg, "rl", start, stage_sources(cfg, "rl", out), out / "rl", reward=rl_reward(cfg))
+    res = train_stage(cfg, "rl", start, stage_sources(cfg, "rl", out), out / "rl", reward=rl_reward(cfg, start))
     result.stages["rl"] = res
     if res.model is not None and launch_rank()[0] == 0:
         result.artifacts["rl"] = str(res.model)

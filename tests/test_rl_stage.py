@@ -299,3 +299,38 @@ def test_the_think_reward_is_the_progress_from_the_source(world):
     right, nothing = ShapesReward(world)([Rollout("think", "k/think", meta, record.concrete_instruction),
                                           Rollout("think", "k/think", meta, "no idea at all")])
     assert (right.value, right.parsed) == (1.0, True) and (nothing.value, nothing.parsed) == (0.0, False)
+
+
+def test_think_replies_run_through_the_start_models_generator_or_an_editing_service(lora_start, small_dataset, world,
+                                                                                   tmp_path):
+    """rl.editor=model: the start model's generator executes each think reply, the oracle scores what it drew; an
+    http URL: the editing service does (here `reasonedit serve --editor shapes`, exact, so the record's own
+    concrete instruction earns 1)."""
+    from reasonedit.experiment import rl_reward
+    from reasonedit.shapes.synth import Synthesizer
+    from reasonedit.stages.rl import Rollout, rollout_meta
+    from reasonedit.training import train_stage
+    from tests.conftest import start_serve
+
+    cfg = rl_cfg(tmp_path, steps=1, extra=["rl.editor=model", "eval.sampling_steps=2", "rl.roles=[think]"])
+    reward = rl_reward(cfg, lora_start)
+    record = Synthesizer(world, seed=3).thinking_pair("test", 0)
+    meta = rollout_meta(record)
+    drawn = reward([Rollout("think", "k/think", meta, record.concrete_instruction)])[0]
+    assert 0.0 <= drawn.value <= 1.0 and drawn.parsed  # a random generator draws what it draws; the reply parses
+    res = train_stage(cfg, "rl", lora_start, small_dataset, tmp_path / "rl", reward=reward)
+    assert res.steps == 1 and 0.0 <= res.history[0]["reward"] <= 1.1
+
+    proc, url = start_serve("--editor", "shapes", "--no-auth")
+    try:
+        _, by_url = load_config(DEMO, [f"output_dir={tmp_path}", f"rl.editor={url}"])
+        served = rl_reward(by_url)([Rollout("think", "k/think", meta, record.concrete_instruction),
+                                    Rollout("think", "k/think", meta, "no idea")])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [(r.value, r.parsed) for r in served] == [(1.0, True), (0.0, False)]
+    with pytest.raises(ConfigError, match="rl.error_rate"):
+        load_config(DEMO, [f"output_dir={tmp_path}", "rl.editor=model", "rl.error_rate=0.3"])
+    with pytest.raises(ConfigError, match="rl.editor"):
+        load_config(DEMO, [f"output_dir={tmp_path}", "rl.editor=paint"])

@@ -224,7 +224,9 @@ class StageConfig:
 
 
 RL_ROLES = ("think", "describe", "score", "decide")  # the reasoner replies the GRPO stage samples and rewards
-RL_EDITORS = ("shapes",)  # what executes a think reply for its reward: the exact shapes editor (+ oracle)
+# what executes a think reply for its reward (the oracle scores the result): the exact shapes editor, the start
+# model's own generator, or an editing service's http(s) URL
+RL_EDITORS = ("shapes", "model")
 # what the KL holds the policy to, always "the reasoner with its adapter disabled": start: the start model's adapter
 # is merged into the base and a fresh one trained, so the reference is the start (SFT) model itself; base: the start
 # model's adapter trains on, and the reference is the model before any adapter
@@ -243,7 +245,7 @@ class RLConfig(GRPOConfig, StageConfig):
 
     roles: tuple[str, ...] = RL_ROLES
     format_weight: float = 0.1
-    editor: str = "shapes"  # see RL_EDITORS
+    editor: str = "shapes"  # see RL_EDITORS, or an editing service's URL
     error_rate: float = 0.0  # the shapes editor's share of requests executed wrongly on purpose
     reference: str = "start"  # see RL_REFERENCES
     # after training, `reasonedit run` compares the start (SFT) model's reasoner with the trained one on this many
@@ -260,8 +262,11 @@ class RLConfig(GRPOConfig, StageConfig):
             raise ValueError(f"{name}.roles: {bad or 'empty'}; choose from {list(RL_ROLES)}")
         if self.format_weight < 0:
             raise ValueError(f"{name}.format_weight: must be non-negative, got {self.format_weight}")
-        if self.editor not in RL_EDITORS:
-            raise ValueError(f"{name}.editor: {self.editor!r}; choose from {list(RL_EDITORS)}")
+        if self.editor not in RL_EDITORS and not self.editor.startswith(("http://", "https://")):
+            raise ValueError(f"{name}.editor: {self.editor!r}; choose from {list(RL_EDITORS)} or an http(s) URL of "
+                             "an editing service")
+        if self.error_rate and self.editor != "shapes":
+            raise ValueError(f"{name}.error_rate: {self.error_rate}; only the shapes editor makes errors on purpose")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"{name}.error_rate: must lie in [0, 1], got {self.error_rate}")
         if self.reference not in RL_REFERENCES:
