@@ -334,3 +334,39 @@ def test_think_replies_run_through_the_start_models_generator_or_an_editing_serv
         load_config(DEMO, [f"output_dir={tmp_path}", "rl.editor=model", "rl.error_rate=0.3"])
     with pytest.raises(ConfigError, match="rl.editor"):
         load_config(DEMO, [f"output_dir={tmp_path}", "rl.editor=paint"])
+
+
+def _rl_under(root, start, data, ranks, grad_accum, parallel):
+    """`reasonedit train --stage rl` as a user launches it, on `ranks` gloo ranks (torchrun) or in one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (root / "stage1").mkdir(parents=True)
+    (root / "stage1" / "model").symlink_to(start)
+    (root / "data").symlink_to(data)
+    args = ["train", "--config", str(DEMO), "--stage", "rl", f"output_dir={root}", "rl.steps=2", "rl.warmup_steps=0",
+            "rl.lr=5e-3", "rl.group_size=2", "rl.max_new_tokens=4", "rl.reasoner_budget=512", "rl.beta=0.5",
+            "rl.reference=base", "batches.window=4", "train.log_every=1", f"rl.grad_accum={grad_accum}",
+            f"train.parallel={parallel}"]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone",
+                 "-m", "reasonedit"] if ranks > 1 else [sys.executable, "-m", "reasonedit"])
+    res = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return json.loads((root / "rl" / "history.json").read_text()), lora_weights(root / "rl" / "model"), res.stderr
+
+
+def test_rl_on_two_ddp_ranks_equals_one_process(lora_start, small_dataset, tmp_path):
+    """Global micro-batch g goes to rank g % 2 and its rollouts are drawn from (seed, step, g): one process with 2
+    micro-batches per step samples, rewards and updates what 2 ranks with 1 each do (figures all-reduced)."""
+    one, w_one, _ = _rl_under(tmp_path / "one", lora_start, small_dataset, 1, 2, "none")
+    two, w_two, log = _rl_under(tmp_path / "two", lora_start, small_dataset, 2, 1, "ddp")
+    assert "ddp on 2 rank(s)" in log
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for k in ("grpo", *FIGURES):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), (k, a[k], b[k])
+    assert w_one.keys() == w_two.keys()
+    assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) <= 1e-5
