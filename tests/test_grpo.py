@@ -163,8 +163,9 @@ def test_near_greedy_rollouts_of_an_image_prompt_are_transformers_greedy_replies
     replies = sample_replies(reasoner, [prompt], 3, torch.Generator().manual_seed(0), temperature=1e-6,
                              max_new_tokens=8)
     tok = reasoner.tokenizer
+    # rollouts never draw an image placeholder: greedy decoding is told the same (suppress_tokens)
     config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=stop_ids(reasoner),
-                              pad_token_id=tok.pad_token_id)
+                              pad_token_id=tok.pad_token_id, suppress_tokens=banned_ids(reasoner))
     with torch.no_grad():
         greedy = reasoner.model.generate(**prompt, generation_config=config)[0, prompt["input_ids"].shape[1]:]
     for reply in replies:  # the cached decode's positions (image's 3-axis rope) are generate's
