@@ -358,15 +358,21 @@ class ShapesReward:
 
         think = [r for r in rollouts if r.role == "think"]
         executed = dict(zip(map(id, think), self._execute(think)))
+        records: dict[str, tuple] = {}  # a group's replies share their record: its target and source score once
+
+        def record(r) -> tuple:
+            if r.meta["key"] not in records:
+                target = r.meta["meta"].get("target_scene")
+                target = Scene.from_dict(target) if target else self.oracle.read(r.meta["target"]).scene
+                records[r.meta["key"]] = target, self.oracle.score(r.meta["image"], target).score
+            return records[r.meta["key"]]
+
         out = []
         for r in rollouts:
             if r.role == "think":
-                image = r.meta["image"]
                 edited, parsed = executed[id(r)]
-                target = r.meta["meta"].get("target_scene")
-                target = Scene.from_dict(target) if target else self.oracle.read(r.meta["target"]).scene
-                out.append(Reward(progress(self.oracle.score(edited, target).score,
-                                           self.oracle.score(image, target).score), parsed))
+                target, source_score = record(r)
+                out.append(Reward(progress(self.oracle.score(edited, target).score, source_score), parsed))
             elif r.role == "decide":
                 try:
                     kind = parse_decision(r.reply).kind

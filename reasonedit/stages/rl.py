@@ -25,7 +25,7 @@ from reasonedit.losses import LossSum, group_advantages, grpo_loss_sum
 from reasonedit.models.model import ReasonEditModel
 from reasonedit.models.rollout import rollout_logprobs, sample_replies, stop_ids
 
-from .base import Stage, StageContext
+from .base import LossTotals, Stage, StageContext
 from .reasoning import train_only_lora
 
 if TYPE_CHECKING:
@@ -74,27 +74,6 @@ def reply_text(tokenizer, reply: torch.Tensor, stops: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-class _Figures:
-    """Sums and counts of the stage's figures over the micro-batches since the last `take`."""
-
-    def __init__(self, names: Sequence[str]):
-        self.names = tuple(names)
-        self.values: dict[str, list[torch.Tensor]] = {}
-
-    def add(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float) -> None:
-        total = torch.as_tensor(total, dtype=torch.float64).detach().cpu()
-        count = torch.as_tensor(count, dtype=torch.float64).detach().cpu()
-        s, c = self.values.get(name, (torch.zeros((), dtype=torch.float64),) * 2)
-        self.values[name] = [s + total, c + count]
-
-    def take(self) -> dict[str, LossSum]:
-        zero = torch.zeros((), dtype=torch.float64)
-        # every name on every rank, so the trainer's all-reduce of them lines up
-        out = {n: LossSum(*self.values.get(n, (zero, zero))) for n in self.names}
-        self.values = {}
-        return out
-
-
 class RLStage(Stage):
     number, name = 4, "rl"
     components = ("reasoner",)
@@ -107,7 +86,7 @@ class RLStage(Stage):
 
     def __init__(self, config: "RLConfig"):
         super().__init__(config)
-        self._figures = _Figures(self.figures)
+        self._figures = LossTotals.zeros(self.figures)  # each figure's (sum, count) since the last take_figures
 
     @property
     def mix(self) -> dict[str, float]:
@@ -139,7 +118,14 @@ class RLStage(Stage):
         return {"grpo": len(batch.items) * self.config.group_size}  # replies: each has at least one token
 
     def take_figures(self) -> dict[str, LossSum]:
-        return self._figures.take()
+        # every figure on every rank, so the trainer's all-reduce of them lines up
+        taken, self._figures = self._figures, LossTotals.zeros(self.figures)
+        return {f: LossSum(taken.sums[f], taken.counts[f]) for f in self.figures}
+
+    def _add_figures(self, **figures: tuple) -> None:
+        """(sum, count) per figure, on the host: the rewards are there already, and the trainer stacks them."""
+        host = lambda x: torch.as_tensor(x, dtype=torch.float64).detach().cpu()  # noqa: E731
+        self._figures.add({f: LossSum(host(total), host(count)) for f, (total, count) in figures.items()})
 
     def rewards(self, segments: Sequence, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total reward, task reward, parsed) per reply (B * G,), from the reward the trainer was handed."""
@@ -180,14 +166,10 @@ class RLStage(Stage):
         if c.loss_mean == "token":  # DAPO's token mean within the micro-batch, weighted by its replies beyond it
             total = LossSum(total.sum * (n / total.count.clamp_min(1.0)), torch.full_like(total.count, n))
         tokens = mask.sum()
-        f = self._figures
-        f.add("reward", rewards.sum(), n)
-        f.add("reward_std", rewards.view(-1, g).std(dim=1, correction=0).sum(), n // g)  # within groups: GRPO's signal
-        f.add("score", value.sum(), n)
-        f.add("parse_rate", parsed.sum(), n)
-        f.add("kl", stats["kl"] * tokens, tokens)
-        f.add("clip_fraction", stats["clip_fraction"] * tokens, tokens)
-        f.add("reply_length", tokens, n)
+        self._add_figures(reward=(rewards.sum(), n),
+                          reward_std=(rewards.view(-1, g).std(dim=1, correction=0).sum(), n // g),  # GRPO's signal
+                          score=(value.sum(), n), parse_rate=(parsed.sum(), n), kl=(stats["kl"] * tokens, tokens),
+                          clip_fraction=(stats["clip_fraction"] * tokens, tokens), reply_length=(tokens, n))
         return {"grpo": total}
 
 
