@@ -1,6 +1,7 @@
 """Time per phase of think -> edit -> reflect, its overhead over a plain edit, and the reasoner caches' gain.
 
     python bench/infer.py [--samples 4 --rounds 3 --steps 12 --image-size 224 --max-new-tokens 64 --device cpu]
+                          [--editor-cache prefix|none]
                           [--vision-depth 2 --vision-hidden 32 --hidden 64 --layers 2]
     # a bigger language model and image, so the image prefix dominates as with real models (where the
     # language model is ten times the vision tower); about 2 minutes on one CPU thread:
@@ -13,6 +14,10 @@ On a random model of the given sizes (the tiny preset by default), in one proces
          (the issue's goal: at most 1.5x, 1.25x ideal, at the demo's 12 sampling steps);
   loop:  think, then `--rounds` rounds of edit, describe, score, decide, with the default prefix KV cache;
          the target is described once per sample, not once per round (counted);
+  from source: the same rounds under EditThinker's rules, every round editing the source, with the editor's
+         condition prefix cache and without: each source's condition prefix (system turn + image, the part of
+         the generator's text stream every instruction about it shares) is computed once, not once per round
+         and prompt (counted: prefixes computed vs rounds and condition prompts), and the edit time of each;
   cache: the reasoner's part of the loop (think, then `--rounds` x describe, score, decide) with each of
          ReasonerThinker's caches, interleaved: none (plain `Reasoner.generate`: every prompt re-reads the
          image), vision (the vision tower's embeddings reused), prefix (the prefix KV cache over the source:
@@ -21,7 +26,9 @@ A random reasoner's text would not parse, which ends a round before decide; so t
 generate its full reply (all the compute) and then reads a fixed, well-formed reply in its place
 (score 5, Reflection), so every phase runs in every round, the worst case of `--rounds` rounds.
 Figures are wall seconds summed over the samples (each sample's share of a batched call); one warm-up
-edit runs first.
+edit runs first. The editor keeps its condition prefixes across calls (`--editor-cache prefix`, the default;
+`none` is the editor without it): the cache is emptied before each timed part, so each starts as a new process
+would. Within one edit the prompt and the negative prompt share their source's prefix.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from reasonedit.inference.builtin import CACHES, GeneratorEditor, ReasonerThinker
+from reasonedit.inference.builtin import CACHES, EDITOR_CACHES, GeneratorEditor, ReasonerThinker
 from reasonedit.inference.cli import max_new_tokens_arg
 from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.inference.trace import PHASES
@@ -69,6 +76,22 @@ def phase_totals(traces) -> dict[str, float]:
     return totals
 
 
+def fresh(editor: GeneratorEditor) -> None:
+    """Empty the editor's condition prefix cache and its counters, as in a new process."""
+    if editor.prefix_cache is not None:
+        cache = editor.prefix_cache
+        cache.clear()
+        cache.computed = cache.prefills = cache.prefix_tokens = cache.hits = cache.prompts = cache.uncached = 0
+
+
+def prefix_counts(editor: GeneratorEditor) -> str:
+    cache = editor.prefix_cache
+    if cache is None:
+        return "condition prefixes: no cache (each condition prompt runs whole)"
+    return (f"condition prefixes computed: {cache.computed} for {cache.prompts + cache.uncached} condition prompts "
+            f"({cache.hits} read back)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=4)
@@ -83,6 +106,9 @@ def main() -> None:
     ap.add_argument("--vision-depth", type=int, default=2)
     ap.add_argument("--vision-hidden", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="repeats of the cache comparison")
+    ap.add_argument("--editor-cache", choices=EDITOR_CACHES, default="prefix",
+                    help="the editor's condition prefix cache (default prefix; none: the whole condition prompt "
+                         "every time)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -100,19 +126,22 @@ def main() -> None:
     size = args.image_size
     sources = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.samples)]
     instructions = ["make the red circle blue"] * args.samples
-    editor = GeneratorEditor(model)
+    editor = GeneratorEditor(model, cache=args.editor_cache)
     options = dict(guidance_scale=args.guidance, num_inference_steps=args.steps)
 
     editor.edit([EditRequest(image=sources[0], prompt=instructions[0], num_inference_steps=2)])  # warm-up
+    fresh(editor)
     t0 = time.perf_counter()
     editor.edit([EditRequest(image=s, prompt=i, **options) for s, i in zip(sources, instructions)])
     plain = time.perf_counter() - t0
 
     print(f"device {args.device}; {args.samples} samples of {size}x{size}, {args.steps} steps, guidance "
-          f"{args.guidance}; replies of at most {args.max_new_tokens} tokens")
+          f"{args.guidance}; replies of at most {args.max_new_tokens} tokens; editor cache {args.editor_cache}")
+    print(f"plain edit: {prefix_counts(editor)}")
 
     # one round: think + edit + reflect, against the plain edit of the same samples
     thinker = full_length_thinker(model, "prefix", args.max_new_tokens)
+    fresh(editor)
     t0 = time.perf_counter()
     traces = edit_with_reasoning(editor, thinker, sources, instructions, rounds=1, **options)
     one, phases = time.perf_counter() - t0, phase_totals(traces)
@@ -124,6 +153,7 @@ def main() -> None:
           f"(goal <= 1.5x, 1.25x ideal)")
 
     thinker = full_length_thinker(model, "prefix", args.max_new_tokens)
+    fresh(editor)
     t0 = time.perf_counter()
     traces = edit_with_reasoning(editor, thinker, sources, instructions, rounds=args.rounds, **options)
     total, phases = time.perf_counter() - t0, phase_totals(traces)
@@ -131,6 +161,22 @@ def main() -> None:
           f"the plain edit; " + ", ".join(f"{p} {phases[p]:.3f}s" for p in PHASES))
     print("prompts per role: " + ", ".join(f"{r} {n}" for r, n in thinker.calls.items())
           + f" (describe: once per sample, {args.samples}, whatever the rounds)")
+    print(f"  {prefix_counts(editor)} (a Reflection round edits the round before's output: a new prefix)")
+
+    # EditThinker's rules: every round edits the source, so every round after the first reads its prefix back
+    edit_seconds = {}
+    for cache in (args.editor_cache, *(c for c in EDITOR_CACHES if c != args.editor_cache)):
+        other = editor if cache == args.editor_cache else GeneratorEditor(model, cache=cache)
+        fresh(other)
+        t0 = time.perf_counter()
+        traces = edit_with_reasoning(other, full_length_thinker(model, "prefix", args.max_new_tokens), sources,
+                                     instructions, rounds=args.rounds, loop="editthinker", **options)
+        total, edit_seconds[cache] = time.perf_counter() - t0, phase_totals(traces)["edit"]
+        print(f"{args.rounds} rounds from the source (EditThinker's rules, {sum(len(t.rounds) for t in traces)} "
+              f"edits), editor cache {cache}: {total:.3f}s = {total / plain:.2f}x the plain edit, edit "
+              f"{edit_seconds[cache]:.3f}s; {prefix_counts(other)}")
+    print(f"condition prefix cache, edit phase of those rounds: {edit_seconds['none'] / edit_seconds['prefix']:.2f}x "
+          f"faster than without")
 
     # the reasoner's part of the loop (think, then rounds x describe + score + decide) per cache, interleaved;
     # a fresh thinker each time, so its cache starts empty as in a new loop

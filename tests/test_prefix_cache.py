@@ -8,28 +8,15 @@ from reasonedit.inference.builtin import GeneratorEditor, ReasonerThinker
 from reasonedit.inference.loop import edit_with_reasoning
 from reasonedit.inference.prefix_cache import PrefixCache
 from reasonedit.models import prompts
-from reasonedit.config.model import ModelConfig
-from reasonedit.models.model import ReasonEditModel
-
-WELL_FORMED = {"think": "make the circle blue", "describe": "a blue circle", "score": "score: 5\nreason: still red",
-               "decide": "<#Think> the colour is wrong <#Reflection> make the circle blue"}
+from reasonedit.testing.models import WELL_FORMED, lively_tiny_model, noise_image
 
 
 @pytest.fixture(scope="module")
 def model():
-    model = ReasonEditModel.tiny(ModelConfig(), ["make the red circle blue", "remove the star"], seed=0).eval()
-    # a freshly initialised reasoner repeats one token whatever it is shown; larger random weights make its
-    # greedy replies depend on the image and the text, so equal replies mean equal computations
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.reasoner.model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * (0.1 if "visual" in name else 0.3))
-    return model
+    return lively_tiny_model()
 
 
-def image(height, width, seed):
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+image = noise_image
 
 
 def test_cached_replies_equal_uncached_greedy_generation_token_for_token(model):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image as PILImage
 
 from reasonedit.inference import cancel
+from reasonedit.inference.condition_prefix import ConditionPrefixCache
 from reasonedit.inference.descriptions import TargetDescriptions
 from reasonedit.inference.prefix_cache import PrefixCache
 from reasonedit.inference.sampler import SampleSpec, SamplerConfig, sample
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 Generate = Callable[[list], list[str]]  # a batch of chat conversations -> one reply each
 _TAG = re.compile(r"<#[^<>\s]*>")  # any decision-style tag
 CACHES = ("prefix", "vision", "none")  # ReasonerThinker's caches over the source image
+EDITOR_CACHES = ("prefix", "none")  # GeneratorEditor's caches of the condition prompt over the source
 ROLES = tuple(prompts.ROLE_TASKS)  # think, describe, score, decide
 
 
@@ -70,15 +72,27 @@ def check_image(image: np.ndarray, what: str = "image") -> np.ndarray:
 class GeneratorEditor:
     """Our generator as an `Editor`. The model's image policy (`model.images`) sizes what the reasoner and the VAE
     see and the edit: native keeps the source's size (rounded to the model's latent grid inside); the
-    Qwen-Image-Edit policies resize as diffusers' pipelines do and return the edit at that size."""
+    Qwen-Image-Edit policies resize as diffusers' pipelines do and return the edit at that size.
+
+    cache: "prefix" (default) keeps the reasoner's KV cache of the condition prompt's prefix (system turn +
+        source images, `ConditionPrefixCache`) across calls, so the prompt and negative prompt of an edit, and
+        every later round that edits the same source, run only their instruction's tokens; "none" runs the whole
+        condition prompt every time. Both give the same states (to float rounding). The cache holds states of
+        the reasoner's weights when they were computed: after changing them, `prefix_cache.clear()`.
+    """
 
     name = "reasonedit-generator"
 
     def __init__(self, model: "ReasonEditModel", sampler: SamplerConfig | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, cache: str = "prefix"):
+        if cache not in EDITOR_CACHES:
+            raise ValueError(f"GeneratorEditor cache: {cache!r} is not one of {', '.join(EDITOR_CACHES)}")
         model.require("generator")
         model.require("vae")
         self.model = model
+        self.prefix_cache: Optional[ConditionPrefixCache] = None
+        if cache == "prefix" and model.reasoner is not None:  # without a reasoner, encode_condition says so
+            self.prefix_cache = ConditionPrefixCache(model.reasoner, backend=model.config.attention_backend)
         self.sampler = sampler or SamplerConfig.for_model(model.config.schedule)
         self.progress = progress
         self.policy = model.image_policy
@@ -107,10 +121,10 @@ class GeneratorEditor:
         condition = [c for c, _, _ in prepared]
         guided = [r.guidance_scale > 1.0 for r in requests]
         neg_index = [i for i, g in enumerate(guided) if g]
-        with torch.no_grad():  # prompts and negative prompts: one packed reasoner forward
-            states = m.encode_condition(condition + [condition[i] for i in neg_index],
-                                        [r.prompt for r in requests] + [requests[i].negative_prompt or " "
-                                                                        for i in neg_index])
+        with torch.no_grad():  # prompts and negative prompts: one reasoner call (uncached: one packed forward)
+            encode = self.prefix_cache.states if self.prefix_cache is not None else m.encode_condition
+            states = encode(condition + [condition[i] for i in neg_index],
+                            [r.prompt for r in requests] + [requests[i].negative_prompt or " " for i in neg_index])
             neg = dict(zip(neg_index, states[len(requests):]))
             flat = m.encode_images([image for _, vae, _ in prepared for image in vae])
         sources, at = [], 0
@@ -289,4 +303,5 @@ def _share(out: Sequence[Reflection], index: Sequence[int], phase: str, seconds:
         out[k].timings[phase] = seconds / len(index)
 
 
-__all__ = ["CACHES", "GeneratorEditor", "Generate", "ROLES", "ReasonerThinker", "check_image", "role_budgets"]
+__all__ = ["CACHES", "EDITOR_CACHES", "GeneratorEditor", "Generate", "ROLES", "ReasonerThinker", "check_image",
+           "role_budgets"]
