@@ -316,13 +316,16 @@ class ShapesReward:
     describe: the share of the expected description's parts (background, each shape with its place) and the reply's
         that agree, |both| / |either|; parsed when it names a background.
     score: 1 - |score - the record's| / 10; parsed when it is "score: N / reason: ...".
-    decide: 1 when the reply's decision is the record's; parsed when it is a well-formed decision."""
+    decide: 1 when the reply's decision is the record's; parsed when it is a well-formed decision.
+    With a `judge` (rl.reward=judge) the executed think reply is scored by it instead of the oracle: its score of
+    (source, result) for the record's instruction, / 10."""
 
     def __init__(self, world: ShapesWorld, error_rate: float = 0.0, seed: int = 0, editor=None, *,
-                 steps: int = 12, guidance: float = 4.0):
+                 steps: int = 12, guidance: float = 4.0, judge=None, judge_key: str = "rl.judge_url"):
         """editor: any `Editor` (the start model's generator, an HTTP editing service) to execute think replies
         with; None: the exact shapes editor, wrong on purpose on `error_rate` of its edits. `steps` and `guidance`
-        go with each request to an editor that samples."""
+        go with each request to an editor that samples. judge: a `eval.trajectories.JudgeScorer`; a request it
+        gets no reply to stops the run with an error naming `judge_key` (a reward of 0 would be a wrong signal)."""
         from reasonedit.shapes.editor import ShapesEditor
         from reasonedit.shapes.oracle import Oracle
 
@@ -330,6 +333,28 @@ class ShapesReward:
         self.editor = editor or self.exact
         self.oracle = Oracle(world)
         self.world, self.seed, self.steps, self.guidance = world, seed, steps, guidance
+        self.judge, self.judge_key = judge, judge_key
+
+    def close(self) -> None:
+        if self.judge is not None:
+            self.judge.judge.close()
+
+    def _judged(self, think: list, executed: dict) -> dict:
+        """The judge's reward and parsed flag for each think rollout (by id), all asked at once."""
+        from .eval.judge import JudgeError
+
+        scored = self.judge.score_all([(r.meta["instruction"], r.meta["image"], executed[id(r)][0]) for r in think])
+        failed = [error for _, _, error in scored if error is not None]
+        if failed:
+            raise JudgeError(f"{self.judge_key}: the judge gave no reply to {len(failed)} of {len(think)} think "
+                             f"rollouts ({failed[0]}); check that it is up at {self.judge_key}, or raise "
+                             f"rl.judge_timeout / rl.judge_retries")
+        out = {}
+        for r, (score, reason, _) in zip(think, scored):
+            if score is None:
+                log.warning("rl reward: %s: %s; rewarded 0", r.key, reason)
+            out[id(r)] = (0.0 if score is None else score / 10.0, executed[id(r)][1])
+        return out
 
     def _execute(self, think: list) -> list[tuple]:
         """(edited image, parsed) for each think rollout; an editor other than the shapes editor gets them as one
@@ -358,6 +383,7 @@ class ShapesReward:
 
         think = [r for r in rollouts if r.role == "think"]
         executed = dict(zip(map(id, think), self._execute(think)))
+        judged = self._judged(think, executed) if self.judge is not None and think else {}
         records: dict[str, tuple] = {}  # a group's replies share their record: its target and source score once
 
         def record(r) -> tuple:
@@ -369,7 +395,9 @@ class ShapesReward:
 
         out = []
         for r in rollouts:
-            if r.role == "think":
+            if r.role == "think" and judged:
+                out.append(Reward(*judged[id(r)]))
+            elif r.role == "think":
                 edited, parsed = executed[id(r)]
                 target, source_score = record(r)
                 out.append(Reward(progress(self.oracle.score(edited, target).score, source_score), parsed))
@@ -396,23 +424,43 @@ class ShapesReward:
         return out
 
 
-def rl_reward(cfg: ExperimentConfig, start: Path | None = None):
+def rl_reward(cfg: ExperimentConfig, start: Path | None = None, judge_cache: Path | None = None):
     """The rl stage's reward (`ShapesReward` in `cfg.world`) with `cfg.rl.editor` executing think replies: the exact
     shapes editor, the generator of the model folder `start` ("model": it samples with the eval section's steps
-    and guidance on `eval.device`), or an HTTP editing service."""
+    and guidance on `eval.device`), or an HTTP editing service; scored by the oracle, or with rl.reward=judge by
+    the judge at rl.judge_url (its replies cached in `judge_cache`, default OUTPUT_DIR/rl/judge_cache.jsonl)."""
     from .inference.pipeline import Pipeline, build_editor
     from .models.model import CONFIG_FILE
 
     r, e, world = cfg.rl, cfg.eval, ShapesWorld(cfg.world)
+    judge = rl_judge(cfg, judge_cache) if r.reward == "judge" else None
     if r.editor == "shapes":
-        return ShapesReward(world, r.error_rate, seed=cfg.seed)
+        return ShapesReward(world, r.error_rate, seed=cfg.seed, judge=judge)
     if r.editor == "model":
         if start is None or not (Path(start) / CONFIG_FILE).is_file():
             raise ValueError(f"rl.editor: 'model' edits with the start model's generator; {start} is no model folder")
         editor = Pipeline.load(start, device=e.device, dtype=e.dtype).editor()
     else:
         editor = build_editor(r.editor)
-    return ShapesReward(world, seed=cfg.seed, editor=editor, steps=e.sampling_steps, guidance=e.guidance)
+    return ShapesReward(world, seed=cfg.seed, editor=editor, steps=e.sampling_steps, guidance=e.guidance, judge=judge)
+
+
+def rl_judge(cfg: ExperimentConfig, cache: Path | None = None):
+    """The judge rl.reward=judge scores think rollouts with (`eval.trajectories.JudgeScorer` over `eval.judge`):
+    rl.judge_url, rl.judge_model (else REASONEDIT_JUDGE_MODEL / OPENAI_MODEL), its timeout, retries and concurrency."""
+    from .eval.judge import Judge, JudgeSettings
+    from .eval.trajectories import JudgeScorer
+
+    r = cfg.rl
+    if not r.judge_url.startswith(("http://", "https://")):
+        raise ValueError(f"rl.judge_url: {r.judge_url!r}; rl.reward=judge needs the judge's http(s) base URL")
+    try:
+        settings = JudgeSettings.resolve(r.judge_url, r.judge_model or None, None, timeout=r.judge_timeout,
+                                         retries=r.judge_retries, concurrency=r.judge_concurrency)
+    except ValueError as err:
+        raise ValueError(f"rl.judge_model: {err} (or set rl.judge_model)") from None
+    cache = cache if cache is not None else Path(cfg.output_dir) / "rl" / "judge_cache.jsonl"
+    return JudgeScorer(Judge(settings, cache=cache))
 
 
 def step_rl(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Callable | None) -> None:
@@ -425,7 +473,11 @@ def step_rl(cfg: ExperimentConfig, out: Path, result: RunResult, progress: Calla
     if not (start / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{start} holds no model: rl starts from the stage3 (else stage1) step's model, so "
                                 "run one of them first (steps: [..., stage1, rl])")
-    res = train_stage(cfg, "rl", start, stage_sources(cfg, "rl", out), out / "rl", reward=rl_reward(cfg, start))
+    reward = rl_reward(cfg, start)
+    try:
+        res = train_stage(cfg, "rl", start, stage_sources(cfg, "rl", out), out / "rl", reward=reward)
+    finally:
+        reward.close()
     result.stages["rl"] = res
     if res.model is not None and launch_rank()[0] == 0:
         result.artifacts["rl"] = str(res.model)
@@ -705,4 +757,4 @@ def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable |
 
 
 __all__ = ["RANK_STEPS", "RunResult", "STEPS", "ShapesReward", "launch_rank", "latest_model", "pretrain_start",
-           "rl_reward", "rl_start", "run_experiment", "stage_name", "step_pretrain", "step_rl"]
+           "rl_judge", "rl_reward", "rl_start", "run_experiment", "stage_name", "step_pretrain", "step_rl"]

@@ -69,12 +69,42 @@ def test_rl_stage_trains_with_the_shapes_reward_and_logs_its_figures(lora_start,
     assert (res.model / "generator").exists() or "generator" in (res.model / "reasonedit.json").read_text()
 
 
-def test_rl_resume_after_a_crash_equals_the_uninterrupted_run(lora_start, small_dataset, tmp_path, monkeypatch):
+def by_text(rollouts):
+    """A reward that tells a group's replies apart by their text, so advantages are non-zero."""
+    from reasonedit.stages.rl import Reward
+
+    return [Reward(float(sum(map(ord, r.reply)) % 7), False) for r in rollouts]
+
+
+def test_several_updates_per_batch_make_the_clip_act_and_one_leaves_it_idle(lora_start, small_dataset, tmp_path):
+    """rl.updates_per_batch=1: the ratio is exactly 1, nothing is clipped. 3: the second and third updates reuse the
+    rollouts with the sampling policy's log-probs fixed, the ratio leaves [0.8, 1.2] and the clip acts; the lr
+    schedule counts updates, not batches."""
+    from reasonedit.training import train_stage
+    from reasonedit.training.schedule import warmup_cosine
+
+    extra = ["rl.beta=0", "rl.lr=5e-2", "rl.reference=base"]
+    one = train_stage(rl_cfg(tmp_path / "one", extra=extra), "rl", lora_start, small_dataset,
+                      tmp_path / "one" / "rl", reward=by_text)
+    three = train_stage(rl_cfg(tmp_path / "three", extra=[*extra, "rl.updates_per_batch=3"]), "rl", lora_start,
+                        small_dataset, tmp_path / "three" / "rl", reward=by_text)
+    assert any(h["reward_std"] > 0 for h in one.history)
+    assert all(h["clip_fraction"] == 0.0 for h in one.history)
+    assert len(three.history) == 2 and any(h["clip_fraction"] > 0 for h in three.history)
+    # the first batch is the same in both (same weights, same draws): the rewards and the first lr agree
+    assert three.history[0]["reward"] == one.history[0]["reward"]
+    assert [h["lr"] for h in three.history] == pytest.approx([5e-2 * warmup_cosine(s, 0, 6, 0.1) for s in (0, 3)])
+    assert [h["lr"] for h in one.history] == pytest.approx([5e-2 * warmup_cosine(s, 0, 2, 0.1) for s in (0, 1)])
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_rl_resume_after_a_crash_equals_the_uninterrupted_run(lora_start, small_dataset, tmp_path, monkeypatch,
+                                                              updates):
     from reasonedit.experiment import rl_reward
     from reasonedit.training import data as data_mod
     from reasonedit.training import train_stage
 
-    extra = ["train.checkpoint_every=1", "train.keep_last=2"]
+    extra = ["train.checkpoint_every=1", "train.keep_last=2", f"rl.updates_per_batch={updates}"]
     cfg_a = rl_cfg(tmp_path / "a", steps=3, extra=extra)
     whole = train_stage(cfg_a, "rl", lora_start, small_dataset, tmp_path / "a" / "rl", reward=rl_reward(cfg_a))
     real_next, calls = data_mod.BatchStream.next, {"n": 0}
@@ -111,9 +141,6 @@ def test_rewards_alone_move_the_weights_when_there_is_no_kl(lora_start, small_da
         seen.extend(rollouts)
         return [Reward(0.7, True) for _ in rollouts]
 
-    def by_text(rollouts):
-        return [Reward(float(sum(map(ord, r.reply)) % 7), False) for r in rollouts]
-
     extra = ["rl.beta=0", "train.weight_decay=0", "rl.reference=base"]  # the start model's adapter trains on
     flat = train_stage(rl_cfg(tmp_path / "c", extra=extra), "rl", lora_start, small_dataset, tmp_path / "c" / "rl",
                        reward=constant)
@@ -128,7 +155,8 @@ def test_rewards_alone_move_the_weights_when_there_is_no_kl(lora_start, small_da
 
 
 @pytest.mark.parametrize("key, value", [("group_size", 1), ("roles", "[think,paint]"), ("reference", "sft"), ("format_weight", -1),
-                                        ("error_rate", 2), ("editor", "paint"), ("lr", 0), ("reasoner_budget", 100)])
+                                        ("error_rate", 2), ("editor", "paint"), ("lr", 0), ("reasoner_budget", 100),
+                                        ("updates_per_batch", 0)])
 def test_rl_config_names_the_bad_key(key, value):
     with pytest.raises(ConfigError, match=rf"rl\.{key}:"):
         load_config(DEMO, [f"rl.{key}={value}"])
@@ -336,7 +364,7 @@ def test_think_replies_run_through_the_start_models_generator_or_an_editing_serv
         load_config(DEMO, [f"output_dir={tmp_path}", "rl.editor=paint"])
 
 
-def _rl_under(root, start, data, ranks, grad_accum, parallel):
+def _rl_under(root, start, data, ranks, grad_accum, parallel, extra=()):
     """`reasonedit train --stage rl` as a user launches it, on `ranks` gloo ranks (torchrun) or in one process."""
     import json
     import os
@@ -349,7 +377,7 @@ def _rl_under(root, start, data, ranks, grad_accum, parallel):
     args = ["train", "--config", str(DEMO), "--stage", "rl", f"output_dir={root}", "rl.steps=2", "rl.warmup_steps=0",
             "rl.lr=5e-3", "rl.group_size=2", "rl.max_new_tokens=4", "rl.reasoner_budget=512", "rl.beta=0.5",
             "rl.reference=base", "batches.window=4", "train.log_every=1", f"rl.grad_accum={grad_accum}",
-            f"train.parallel={parallel}"]
+            f"train.parallel={parallel}", *extra]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--standalone",
                  "-m", "reasonedit"] if ranks > 1 else [sys.executable, "-m", "reasonedit"])
     res = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=240,
@@ -358,11 +386,14 @@ def _rl_under(root, start, data, ranks, grad_accum, parallel):
     return json.loads((root / "rl" / "history.json").read_text()), lora_weights(root / "rl" / "model"), res.stderr
 
 
-def test_rl_on_two_ddp_ranks_equals_one_process(lora_start, small_dataset, tmp_path):
+@pytest.mark.parametrize("updates", [1, 2])
+def test_rl_on_two_ddp_ranks_equals_one_process(lora_start, small_dataset, tmp_path, updates):
     """Global micro-batch g goes to rank g % 2 and its rollouts are drawn from (seed, step, g): one process with 2
-    micro-batches per step samples, rewards and updates what 2 ranks with 1 each do (figures all-reduced)."""
-    one, w_one, _ = _rl_under(tmp_path / "one", lora_start, small_dataset, 1, 2, "none")
-    two, w_two, log = _rl_under(tmp_path / "two", lora_start, small_dataset, 2, 1, "ddp")
+    micro-batches per step samples, rewards and updates what 2 ranks with 1 each do (figures all-reduced), with
+    one update per batch of rollouts or several."""
+    extra = [f"rl.updates_per_batch={updates}"]
+    one, w_one, _ = _rl_under(tmp_path / "one", lora_start, small_dataset, 1, 2, "none", extra)
+    two, w_two, log = _rl_under(tmp_path / "two", lora_start, small_dataset, 2, 1, "ddp", extra)
     assert "ddp on 2 rank(s)" in log
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
@@ -370,3 +401,81 @@ def test_rl_on_two_ddp_ranks_equals_one_process(lora_start, small_dataset, tmp_p
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5), (k, a[k], b[k])
     assert w_one.keys() == w_two.keys()
     assert max((w_one[k] - w_two[k]).abs().max().item() for k in w_one) <= 1e-5
+
+
+def _judge_cfg(tmp_path, url, extra=()):
+    return rl_cfg(tmp_path, steps=1, extra=["rl.reward=judge", f"rl.judge_url={url}", "rl.judge_model=judge-x",
+                                            "rl.roles=[think]", *extra])
+
+
+def _changed(req) -> str:
+    """The fake judge: 9 of 10 when the result differs from the source, else 2."""
+    source, edited = req.images()
+    return "score: 9\nreason: done" if (source != edited).any() else "score: 2\nreason: nothing changed"
+
+
+def test_the_judge_reward_scores_each_executed_thought_over_loopback_with_bounded_concurrency(world, tmp_path):
+    """rl.reward=judge: the editor executes each think reply, the judge (a real HTTP server on loopback) is sent
+    the record's instruction with the source and the result, its `score: N` / 10 is the reward; every rollout of
+    the batch is asked at once, never more than rl.judge_concurrency in flight."""
+    from reasonedit.experiment import rl_reward
+    from reasonedit.shapes.synth import Synthesizer
+    from reasonedit.stages.rl import Rollout, rollout_meta
+    from reasonedit.testing.chat_server import Reply, ScriptedChatServer
+
+    record = Synthesizer(world, seed=3).thinking_pair("test", 0)
+    meta = rollout_meta(record)
+    with ScriptedChatServer(lambda req: Reply(_changed(req), delay=0.05)) as server:
+        reward = rl_reward(_judge_cfg(tmp_path, server.base_url, ["rl.judge_concurrency=2"]))
+        try:
+            got = reward([Rollout("think", f"k{i}/think", meta, record.concrete_instruction if i % 2 else
+                                  f"no idea {i}") for i in range(6)])
+        finally:
+            reward.close()
+    assert [(r.value, r.parsed) for r in got] == [(0.2, False), (0.9, True)] * 3
+    # the two distinct questions (right thought, unchanged source) are each sent once: identical ones are merged
+    assert server.requests == 2 and server.max_in_flight <= 2
+    assert all(record.abstract_instruction in req.text and len(req.image_urls) == 2 for req in server.log)
+    assert {req.model for req in server.log} == {"judge-x"}
+
+
+def test_rl_trains_with_the_judge_reward(lora_start, small_dataset, tmp_path):
+    from reasonedit.experiment import rl_reward
+    from reasonedit.testing.chat_server import ScriptedChatServer
+    from reasonedit.training import train_stage
+
+    with ScriptedChatServer(_changed) as server:
+        cfg = _judge_cfg(tmp_path, server.base_url)
+        reward = rl_reward(cfg)
+        try:
+            res = train_stage(cfg, "rl", lora_start, small_dataset, tmp_path / "rl", reward=reward)
+        finally:
+            reward.close()
+    assert res.steps == 1 and server.requests > 0
+    assert 0.2 - 1e-6 <= res.history[0]["score"] <= 0.9 + 1e-6  # the judge's 2 (source returned) or 9 (changed), / 10
+    assert (tmp_path / "rl" / "judge_cache.jsonl").stat().st_size > 0  # a resumed run does not pay twice
+
+
+def test_the_judge_reward_names_its_key_when_the_url_is_missing_or_unreachable(world, tmp_path):
+    import socket
+
+    from reasonedit.errors import RemoteServiceError
+    from reasonedit.experiment import rl_reward
+    from reasonedit.shapes.synth import Synthesizer
+    from reasonedit.stages.rl import Rollout, rollout_meta
+
+    with pytest.raises(ConfigError, match=r"rl\.judge_url:.*rl\.reward=judge"):
+        load_config(DEMO, [f"output_dir={tmp_path}", "rl.reward=judge"])
+    with pytest.raises(ConfigError, match=r"rl\.reward:"):
+        load_config(DEMO, [f"output_dir={tmp_path}", "rl.reward=vibes"])
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reward = rl_reward(_judge_cfg(tmp_path, f"http://127.0.0.1:{port}/v1",
+                                  ["rl.judge_retries=0", "rl.judge_timeout=2"]))
+    record = Synthesizer(world, seed=3).thinking_pair("test", 0)
+    try:
+        with pytest.raises(RemoteServiceError, match=rf"rl\.judge_url: the judge gave no reply to 1 of 1 .*{port}"):
+            reward([Rollout("think", "k/think", rollout_meta(record), record.concrete_instruction)])
+    finally:
+        reward.close()

@@ -231,6 +231,9 @@ RL_EDITORS = ("shapes", "model")
 # is merged into the base and a fresh one trained, so the reference is the start (SFT) model itself; base: the start
 # model's adapter trains on, and the reference is the model before any adapter
 RL_REFERENCES = ("start", "base")
+# what scores the image a think reply was executed into: the shapes oracle against the record's target scene, or an
+# OpenAI-compatible vision judge (rl.judge_url) asked how well it carries out the record's instruction
+RL_REWARDS = ("oracle", "judge")
 
 
 @dataclass
@@ -248,6 +251,14 @@ class RLConfig(GRPOConfig, StageConfig):
     editor: str = "shapes"  # see RL_EDITORS, or an editing service's URL
     error_rate: float = 0.0  # the shapes editor's share of requests executed wrongly on purpose
     reference: str = "start"  # see RL_REFERENCES
+    reward: str = "oracle"  # see RL_REWARDS: what scores an executed think reply (the other roles: the record)
+    # rl.reward=judge: the judge's chat-completions base URL (".../v1"); its model ("" : REASONEDIT_JUDGE_MODEL, else
+    # OPENAI_MODEL); its key is read from REASONEDIT_JUDGE_API_KEY (else OPENAI_API_KEY), never from a config file
+    judge_url: str = ""
+    judge_model: str = ""
+    judge_timeout: float = 60.0  # seconds per request
+    judge_retries: int = 2  # attempts after the first (timeouts, 429, 5xx), with backoff
+    judge_concurrency: int = 8  # requests in flight at once
     # after training, `reasonedit run` compares the start (SFT) model's reasoner with the trained one on this many
     # test samples of each kind (`reasonedit.eval.rl_gain`; 0 skips), the shapes editor wrong on `heldout_error_rate`
     heldout: int = 400
@@ -271,6 +282,17 @@ class RLConfig(GRPOConfig, StageConfig):
             raise ValueError(f"{name}.error_rate: must lie in [0, 1], got {self.error_rate}")
         if self.reference not in RL_REFERENCES:
             raise ValueError(f"{name}.reference: {self.reference!r}; choose from {list(RL_REFERENCES)}")
+        if self.reward not in RL_REWARDS:
+            raise ValueError(f"{name}.reward: {self.reward!r}; choose from {list(RL_REWARDS)}")
+        if self.reward == "judge" and not self.judge_url.startswith(("http://", "https://")):
+            raise ValueError(f"{name}.judge_url: {self.judge_url!r}; {name}.reward=judge asks an OpenAI-compatible "
+                             f"vision judge: give its http(s) base URL (the part before /chat/completions)")
+        if not self.judge_timeout > 0:
+            raise ValueError(f"{name}.judge_timeout: must be positive seconds, got {self.judge_timeout}")
+        if self.judge_retries < 0:
+            raise ValueError(f"{name}.judge_retries: must be 0 or more, got {self.judge_retries}")
+        if self.judge_concurrency < 1:
+            raise ValueError(f"{name}.judge_concurrency: must be at least 1, got {self.judge_concurrency}")
         if self.heldout < 0:
             raise ValueError(f"{name}.heldout: must be a number of samples >= 0 (0 skips), got {self.heldout}")
         if not 0.0 <= self.heldout_error_rate <= 1.0:
@@ -600,7 +622,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> Path:
     return atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
-__all__ = ["DEFAULT_STEPS", "EVAL_MODES", "LOOPS", "RL_EDITORS", "RL_REFERENCES", "RL_ROLES", "ConfigError", "ConfigLoader",
+__all__ = ["DEFAULT_STEPS", "EVAL_MODES", "LOOPS", "RL_EDITORS", "RL_REFERENCES", "RL_REWARDS", "RL_ROLES", "ConfigError", "ConfigLoader",
            "DataSourceConfig", "ExperimentConfig", "RLConfig",
            "PACKAGE_CONFIGS", "PreviewConfig", "RUN_STEPS", "StageConfig", "TrainConfig", "VAETrainConfig", "experiment_file",
            "load_config", "save_config"]

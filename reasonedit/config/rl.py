@@ -16,6 +16,10 @@ class GRPOConfig:
     temperature: float = 1.0
     max_new_tokens: int = 256
     loss_mean: str = "sequence"  # see LOSS_MEANS
+    # optimiser updates per batch of rollouts: the first samples and scores them, every update reuses them with
+    # their log-probs under the sampling policy fixed (PPO's epochs), so from the second on the ratio leaves 1 and
+    # the clip acts. `steps` and `warmup_steps` count batches; the lr schedule counts updates (steps * this)
+    updates_per_batch: int = 1
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -32,6 +36,9 @@ class GRPOConfig:
             raise ValueError(f"rl.temperature: must be positive (sampling needs it), got {self.temperature}")
         if self.max_new_tokens < 1:
             raise ValueError(f"rl.max_new_tokens: must be at least 1, got {self.max_new_tokens}")
+        if self.updates_per_batch < 1:
+            raise ValueError(f"rl.updates_per_batch: must be at least 1 (1: one update per batch of rollouts), "
+                             f"got {self.updates_per_batch}")
         if self.loss_mean not in LOSS_MEANS:
             raise ValueError(f"rl.loss_mean: {self.loss_mean!r}; choose from {list(LOSS_MEANS)}")
 

@@ -97,17 +97,29 @@ class JudgeScorer:
         self.judge, self.prompt = judge, prompt
 
     def __call__(self, source: TrajectorySource, edited: np.ndarray) -> tuple[Optional[float], str]:
+        [(score, reason, error)] = self.score_all([(source.instruction, source.image, edited)])
+        return (None, f"no judge reply ({error})") if error is not None else (score, reason)
+
+    def score_all(self, asks: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> list[
+            tuple[Optional[float], str, Optional[str]]]:
+        """(score 0-10 or None, reason, error) for each (instruction, source, edited), asked in one call (the
+        judge's `concurrency` bounds what is in flight); `error` is set, and the score None, when no reply came."""
         from .judge import JudgeRequest
 
-        [reply] = self.judge.ask([JudgeRequest(self.prompt.format(instruction=source.instruction),
-                                               [source.image, edited])])
-        if not reply.ok:
-            return None, f"no judge reply ({reply.error})"
-        m = _SCORE.search(reply.text or "")
-        if m is None or not 0 <= float(m.group(1)) <= 10:
-            return None, f"judge reply without a score 0-10: {(reply.text or '')[:80]!r}"
-        reason = _REASON.search(reply.text or "")
-        return float(m.group(1)), reason.group(1).strip() if reason else ""
+        replies = self.judge.ask([JudgeRequest(self.prompt.format(instruction=instruction), [source, edited])
+                                  for instruction, source, edited in asks])
+        out = []
+        for reply in replies:
+            if not reply.ok:
+                out.append((None, "", reply.error or "no reply"))
+                continue
+            m = _SCORE.search(reply.text or "")
+            if m is None or not 0 <= float(m.group(1)) <= 10:
+                out.append((None, f"judge reply without a score 0-10: {(reply.text or '')[:80]!r}", None))
+                continue
+            reason = _REASON.search(reply.text or "")
+            out.append((float(m.group(1)), reason.group(1).strip() if reason else "", None))
+        return out
 
 
 def part_file(out: Path, shard: Shard) -> Path:

@@ -36,6 +36,10 @@ class StageContext:
     # several ranks: each runs the same modules every step whatever its batch holds (FSDP2 and ZeRO-3 gather and
     # reduce per module, and ZeRO-3 checks that the ranks' module orders agree)
     same_modules: bool = False
+    micro: int = 0  # this micro-batch's index in the rank's step
+    # the update over this step's micro-batches (a stage's `updates_per_batch`): 0 is the first; a stage that
+    # samples (rl) samples on it and reuses what it sampled on the later ones
+    update: int = 0
 
 
 class Stage:
@@ -67,6 +71,11 @@ class Stage:
     @property
     def mix(self) -> dict[str, float]:
         return dict(self.config.mix) or dict(self.default_mix)
+
+    @property
+    def updates_per_batch(self) -> int:
+        """Optimiser updates the trainer makes over each step's micro-batches (the rl stage's PPO epochs)."""
+        return int(getattr(self.config, "updates_per_batch", 1))
 
     # -- model ----------------------------------------------------------------------------------
     def prepare(self, model: "ReasonEditModel") -> None:

@@ -7,8 +7,10 @@ get `group_size` sampled replies each, drawn from the step's generator (seeded p
 resumed run samples what the uninterrupted run did). The reward, built by the top layer and handed to the
 trainer, scores all the micro-batch's replies at once (an editor executes think replies; the oracle or a judge
 scores them); a parsing reply earns `format_weight` more. Advantages are normalised within each group; the loss
-is GRPO's clipped surrogate with a k3 KL to the reference (the reasoner with its adapter disabled), one update per
-batch of rollouts. Its count is the number of replies, known before the forward, so the trainer normalises
+is GRPO's clipped surrogate with a k3 KL to the reference (the reasoner with its adapter disabled), over
+`updates_per_batch` updates per batch of rollouts: the first samples, rewards and scores them (the ratio is 1 there,
+its gradient not), the later ones reuse them with the first's log-probs as the sampling policy's, so the ratio moves
+and the clip acts (PPO's epochs). Its count is the number of replies, known before the forward, so the trainer normalises
 across micro-batches and ranks as for any other loss.
 """
 
@@ -87,6 +89,7 @@ class RLStage(Stage):
     def __init__(self, config: "RLConfig"):
         super().__init__(config)
         self._figures = LossTotals.zeros(self.figures)  # each figure's (sum, count) since the last take_figures
+        self._rollouts: dict[int, BatchRollouts] = {}  # micro-batch index -> its rollouts, while updates remain
 
     @property
     def mix(self) -> dict[str, float]:
@@ -144,34 +147,65 @@ class RLStage(Stage):
 
     def loss_sums(self, model: ReasonEditModel, batch: PackedBatch, ctx: StageContext) -> dict[str, LossSum]:
         c, reasoner = self.config, model.reasoner
-        g = c.group_size
+        g, last = c.group_size, ctx.update == self.updates_per_batch - 1
         prompts = [seg.prompt() for seg in batch.items]
+        if ctx.update == 0:
+            batch_rollouts = self._roll_out(reasoner, batch, prompts, ctx.generator)
+            if not last:  # the later updates of this step reuse them
+                self._rollouts[ctx.micro] = batch_rollouts
+        else:
+            batch_rollouts = self._rollouts.pop(ctx.micro) if last else self._rollouts[ctx.micro]
+        replies, advantages, ref, old = (batch_rollouts.replies, batch_rollouts.advantages, batch_rollouts.ref,
+                                         batch_rollouts.old)
+        logp, mask = rollout_logprobs(reasoner, prompts, replies, g, temperature=c.temperature)  # (B * G, T)
+        if ctx.update == 0 and not last:
+            batch_rollouts.old = logp.detach()  # the sampling policy's: the ratio's denominator from now on
+        total, stats = grpo_loss_sum(logp, advantages.to(logp.device), mask, old_logp=old, ref_logp=ref,
+                                     clip_low=c.clip_low, clip_high=c.clip_high, beta=c.beta, loss_mean=c.loss_mean)
+        n = len(replies)
+        if c.loss_mean == "token":  # DAPO's token mean within the micro-batch, weighted by its replies beyond it
+            total = LossSum(total.sum * (n / total.count.clamp_min(1.0)), torch.full_like(total.count, n))
+        tokens = mask.sum()
+        if ctx.update == 0:  # what the rollouts earned, once per batch of them
+            rewards, value, parsed = batch_rollouts.rewards, batch_rollouts.value, batch_rollouts.parsed
+            self._add_figures(reward=(rewards.sum(), n),
+                              reward_std=(rewards.view(-1, g).std(dim=1, correction=0).sum(), n // g),  # GRPO's signal
+                              score=(value.sum(), n), parse_rate=(parsed.sum(), n), reply_length=(tokens, n))
+        # the policy's drift: over every update (the clip acts from the second on)
+        self._add_figures(kl=(stats["kl"] * tokens, tokens), clip_fraction=(stats["clip_fraction"] * tokens, tokens))
+        return {"grpo": total}
+
+    def _roll_out(self, reasoner, batch: PackedBatch, prompts: list, generator: torch.Generator) -> "BatchRollouts":
+        """Sample G replies per prompt (no dropout: the replies come from the policy itself), reward them, and
+        score them under the reference when the KL needs it."""
+        c, g = self.config, self.config.group_size
         training = reasoner.model.training
-        reasoner.model.eval()  # rollouts without dropout: the replies come from the policy itself
+        reasoner.model.eval()
         try:
-            replies = sample_replies(reasoner, prompts, g, ctx.generator, c.temperature, c.max_new_tokens)
+            replies = sample_replies(reasoner, prompts, g, generator, c.temperature, c.max_new_tokens)
         finally:
             reasoner.model.train(training)
         stops = stop_ids(reasoner)
         texts = [reply_text(reasoner.tokenizer, r, stops) for r in replies]
         rewards, value, parsed = self.rewards(batch.items, texts)  # (B * G,) each
-        advantages = group_advantages(rewards, g)
         ref = None
         if c.beta > 0:
             ref, _ = rollout_logprobs(reasoner, prompts, replies, g, reference=True, temperature=c.temperature)
-        logp, mask = rollout_logprobs(reasoner, prompts, replies, g, temperature=c.temperature)  # (B * G, T)
-        total, stats = grpo_loss_sum(logp, advantages.to(logp.device), mask, ref_logp=ref, clip_low=c.clip_low,
-                                     clip_high=c.clip_high, beta=c.beta, loss_mean=c.loss_mean)
-        n = len(replies)
-        if c.loss_mean == "token":  # DAPO's token mean within the micro-batch, weighted by its replies beyond it
-            total = LossSum(total.sum * (n / total.count.clamp_min(1.0)), torch.full_like(total.count, n))
-        tokens = mask.sum()
-        self._add_figures(reward=(rewards.sum(), n),
-                          reward_std=(rewards.view(-1, g).std(dim=1, correction=0).sum(), n // g),  # GRPO's signal
-                          score=(value.sum(), n), parse_rate=(parsed.sum(), n), kl=(stats["kl"] * tokens, tokens),
-                          clip_fraction=(stats["clip_fraction"] * tokens, tokens), reply_length=(tokens, n))
-        return {"grpo": total}
+        return BatchRollouts(replies, rewards, value, parsed, group_advantages(rewards, g), ref)
 
 
-__all__ = ["ROLE_KINDS", "RLStage", "Reward", "RewardFn", "Rollout", "reply_text",
+@dataclass
+class BatchRollouts:
+    """A micro-batch's rollouts, kept over its step's updates (`rl.updates_per_batch`)."""
+
+    replies: list  # (B * G) token tensors
+    rewards: torch.Tensor  # (B * G,) total: task reward + format_weight when it parsed
+    value: torch.Tensor  # (B * G,) the task reward
+    parsed: torch.Tensor  # (B * G,)
+    advantages: torch.Tensor  # (B * G,) normalised within each group
+    ref: torch.Tensor | None  # (B * G, T) the reference's log-probs, when beta > 0
+    old: torch.Tensor | None = None  # (B * G, T) the sampling policy's, set by the first update
+
+
+__all__ = ["BatchRollouts", "ROLE_KINDS", "RLStage", "Reward", "RewardFn", "Rollout", "reply_text",
            "rollout_meta"]

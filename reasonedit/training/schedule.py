@@ -20,4 +20,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, min_ratio))
 
 
-__all__ = ["make_scheduler", "warmup_cosine"]
+def stage_scheduler(optimizer: torch.optim.Optimizer, sc) -> torch.optim.lr_scheduler.LambdaLR:
+    """A stage's schedule: its `warmup_steps` and `steps` count batches, the schedule counts optimiser updates
+    (the rl stage makes `updates_per_batch` of them per batch)."""
+    k = int(getattr(sc, "updates_per_batch", 1))
+    return make_scheduler(optimizer, sc.warmup_steps * k, sc.steps * k, sc.min_lr_ratio)
+
+
+__all__ = ["make_scheduler", "stage_scheduler", "warmup_cosine"]

@@ -80,14 +80,35 @@ class Stepper:
 
     def step(self, micro: Sequence[PackedBatch], at: int) -> StepOutcome:
         """Forward and backward each micro-batch (gradients accumulate), then update once: clipped, and only
-        when the loss and the gradient norm are finite, else the gradients are dropped."""
-        stage, world = self.stage, self.world
+        when the loss and the gradient norm are finite, else the gradients are dropped. A stage with
+        `updates_per_batch` K > 1 (rl) gets K such updates over the same micro-batches; the outcome holds their
+        mean losses and gradient norm and the first one's lr. A first update that is not finite leaves the model
+        as it was (the trainer tries the step again on the next batches); a later one ends the step's updates."""
         # every micro-batch of the step first: its token counts normalise every term (on the device after the
         # all-reduce: the losses are scaled there, nothing waits for them)
         counts, tokens = self.global_counts(micro)
+        outcomes = []
+        for update in range(self.stage.updates_per_batch):
+            outcome = self._update(micro, at, update, counts, tokens)
+            outcomes.append(outcome)
+            if not outcome.applied:
+                break
+        if len(outcomes) == 1 or not outcomes[0].applied:
+            return outcomes[0]
+        done = [o for o in outcomes if o.applied]
+        mean = lambda values: torch.stack(values).mean()  # noqa: E731
+        return StepOutcome(True, any(o.stop for o in outcomes),
+                           {t: mean([o.losses[t] for o in done]) for t in done[0].losses},
+                           mean([o.total for o in done]), mean([o.grad_norm.float() for o in done]), tokens,
+                           outcomes[0].lr)
+
+    def _update(self, micro: Sequence[PackedBatch], at: int, update: int, counts: Mapping, tokens: torch.Tensor
+                ) -> StepOutcome:
+        """One update over the micro-batches: each one's forward and backward, then the clipped, finite update."""
+        stage, world = self.stage, self.world
         totals = LossTotals.zeros(stage.terms)
         for i, batch in enumerate(micro):
-            ctx = self.context(at, i)
+            ctx = self.context(at, i, update)
             with self.accumulating(last=i == len(micro) - 1):
                 with self.autocast():
                     sums = self.forward(batch, ctx)
@@ -103,7 +124,7 @@ class Stepper:
         total = stage.combine({t: v.float() for t, v in losses.items()})
         lr = self.lr()
         grad_norm, finite = self.update(total)
-        # the step's one host read: the skip rule and SIGTERM change what the loop does next
+        # the update's one host read: the skip rule and SIGTERM change what the loop does next
         applied, stop = torch.stack([finite.to(reduced.device), reduced[n] > 0]).tolist()
         if applied:
             self.apply()
@@ -130,11 +151,11 @@ class Stepper:
             return dict(zip(terms, reduced[:len(terms)].tolist())), reduced[len(terms)]
         return dict(zip(terms, reduced[:len(terms)])), reduced[len(terms)]
 
-    def context(self, at: int, i: int) -> StageContext:
+    def context(self, at: int, i: int, update: int = 0) -> StageContext:
         world = self.world
         return StageContext(self.flow_matching, step_generator(self.seed, self.stage.number, at,
                                                                i * world.world_size + world.rank),
-                            world.device, self.cache, same_modules=world.world_size > 1)
+                            world.device, self.cache, same_modules=world.world_size > 1, micro=i, update=update)
 
     def autocast(self):
         return (torch.autocast("cuda", dtype=torch.bfloat16) if self.world.device.type == "cuda"

@@ -41,7 +41,7 @@ from .ema import GeneratorEMA
 from .metrics import MetricsSink, ProgressWindow, plot_figures
 from .output import LATENT_CACHE, prepare_output, writing
 from .resume import check_resume, run_config
-from .schedule import make_scheduler
+from .schedule import stage_scheduler
 from .step import DeepSpeedStepper, StepRecords, Stepper
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def optimisation(stage: Stage, model: ReasonEditModel, tc: TrainConfig, world: W
     fused = fused_adamw(compile_enabled(tc.compile, world.device, parallel), params)
     optimizer = torch.optim.AdamW(params, lr=sc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
                                   **({"fused": True} if fused else {}))
-    return module, optimizer, make_scheduler(optimizer, sc.warmup_steps, sc.steps, sc.min_lr_ratio), params
+    return module, optimizer, stage_scheduler(optimizer, sc), params
 
 
 def stage_data(cfg: ExperimentConfig, stage: Stage, model: ReasonEditModel, data: Sources, out: Path,

@@ -24,7 +24,7 @@ import torch
 from reasonedit.config import PACKAGE_CONFIGS, ConfigError, StageConfig, TrainConfig
 
 from .distributed import World
-from .schedule import make_scheduler
+from .schedule import stage_scheduler
 
 log = logging.getLogger(__name__)
 LAUNCH_JSONS = PACKAGE_CONFIGS / "deepspeed"  # shipped with the package; launch/deepspeed/ in a checkout
@@ -163,7 +163,7 @@ def initialize(module: torch.nn.Module, tc: TrainConfig, sc: StageConfig, stage_
     params = [p for p in module.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=module, model_parameters=params, config=ds,
-        lr_scheduler=lambda opt: make_scheduler(opt, sc.warmup_steps, sc.steps, sc.min_lr_ratio))
+        lr_scheduler=lambda opt: stage_scheduler(opt, sc))
     log.info("deepspeed: ZeRO-%d from %s, %s, %d micro-batch(es) per rank per step", ds["zero_optimization"]["stage"],
              path, "bf16" if ds["bf16"]["enabled"] else "float32", sc.grad_accum)
     return engine
