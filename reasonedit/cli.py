@@ -498,6 +498,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if reward is not None:
+            reward.close()  # the judge client's connections (rl.reward=judge)
     if res.history:
         first, last = res.history[0], res.history[-1]
         terms = [k for k in first if k not in ("lr",)]
