@@ -79,9 +79,7 @@ def phase_totals(traces) -> dict[str, float]:
 def fresh(editor: GeneratorEditor) -> None:
     """Empty the editor's condition prefix cache and its counters, as in a new process."""
     if editor.prefix_cache is not None:
-        cache = editor.prefix_cache
-        cache.clear()
-        cache.computed = cache.prefills = cache.prefix_tokens = cache.hits = cache.prompts = cache.uncached = 0
+        editor.prefix_cache.reset()
 
 
 def prefix_counts(editor: GeneratorEditor) -> str:

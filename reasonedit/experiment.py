@@ -451,9 +451,7 @@ def rl_judge(cfg: ExperimentConfig, cache: Path | None = None):
     from .eval.judge import Judge, JudgeSettings
     from .eval.trajectories import JudgeScorer
 
-    r = cfg.rl
-    if not r.judge_url.startswith(("http://", "https://")):
-        raise ValueError(f"rl.judge_url: {r.judge_url!r}; rl.reward=judge needs the judge's http(s) base URL")
+    r = cfg.rl  # validated: rl.reward=judge has an http(s) rl.judge_url
     try:
         settings = JudgeSettings.resolve(r.judge_url, r.judge_model or None, None, timeout=r.judge_timeout,
                                          retries=r.judge_retries, concurrency=r.judge_concurrency)

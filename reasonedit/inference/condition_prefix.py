@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from reasonedit.inference.lru import LRU
 from reasonedit.models import prompts
 from reasonedit.models.attention import PackedAttention
 from reasonedit.models.processor import Image
@@ -88,20 +88,23 @@ class ConditionPrefixCache:
     """
 
     def __init__(self, reasoner: "Reasoner", capacity: int = 32, backend: str = "auto"):
-        if capacity < 1:
-            raise ValueError(f"ConditionPrefixCache capacity: must be at least 1, got {capacity}")
+        self._store: LRU[bytes, ConditionPrefix] = LRU(capacity, "ConditionPrefixCache")
         self.reasoner = reasoner
         self.capacity = capacity
         self.backend = backend
-        self._store: OrderedDict[bytes, ConditionPrefix] = OrderedDict()
         self._vision_end = single_token_id(reasoner.tokenizer, VISION_END_TOKEN)
-        self.computed = self.prefills = self.prefix_tokens = self.hits = self.prompts = self.uncached = 0
+        self.reset()
 
     def __len__(self) -> int:
         return len(self._store)
 
     def clear(self) -> None:
         self._store.clear()
+
+    def reset(self) -> None:
+        """Empty the store and zero the counters: the cache as a new process starts with it."""
+        self.clear()
+        self.computed = self.prefills = self.prefix_tokens = self.hits = self.prompts = self.uncached = 0
 
     # -- prompts ----------------------------------------------------------------------------------------
 
@@ -147,12 +150,6 @@ class ConditionPrefixCache:
                                 p.prefix_length)
                 for i, p in enumerate(todo)]
 
-    def _put(self, key: bytes, prefix: ConditionPrefix) -> None:
-        self._store[key] = prefix
-        self._store.move_to_end(key)
-        while len(self._store) > self.capacity:
-            self._store.popitem(last=False)
-
     # -- states -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -176,9 +173,9 @@ class ConditionPrefixCache:
         found: dict[bytes, ConditionPrefix] = {}
         todo: dict[bytes, _Prompt] = {}
         for _, p in cached:
-            if p.key in self._store:
-                self._store.move_to_end(p.key)
-                found[p.key] = self._store[p.key]
+            stored = self._store.get(p.key)
+            if stored is not None:
+                found[p.key] = stored
                 self.hits += 1
             elif p.key in todo:
                 self.hits += 1  # the negative prompt, or a second instruction, about a source this call computes
@@ -187,7 +184,7 @@ class ConditionPrefixCache:
         if todo:
             for key, prefix in zip(todo, self._prefill(list(todo.values()))):
                 found[key] = prefix
-                self._put(key, prefix)
+                self._store.put(key, prefix)
         self.prompts += len(cached)
         for (i, p), s in zip(cached, self._suffixes([p for _, p in cached], [found[p.key] for _, p in cached])):
             out[i] = s

@@ -8,9 +8,9 @@ source and instruction) reads it back. Only descriptions that parsed are kept: a
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Optional
 
+from reasonedit.inference.lru import LRU
 from reasonedit.inference.vision_cache import image_key
 
 
@@ -18,10 +18,8 @@ class TargetDescriptions:
     """Least-recently-used store of `capacity` parsed target descriptions; `hits` answers read back."""
 
     def __init__(self, capacity: int = 256):
-        if capacity < 1:
-            raise ValueError(f"TargetDescriptions capacity: must be at least 1, got {capacity}")
+        self._store: LRU[tuple[bytes, str], tuple[str, str]] = LRU(capacity, "TargetDescriptions")
         self.capacity = capacity
-        self._store: OrderedDict[tuple[bytes, str], tuple[str, str]] = OrderedDict()
         self._lock = threading.Lock()  # OpenAIThinker reflects from a thread pool
         self.hits = 0
 
@@ -34,16 +32,12 @@ class TargetDescriptions:
         with self._lock:
             found = self._store.get(key)
             if found is not None:
-                self._store.move_to_end(key)
                 self.hits += 1
             return found
 
     def put(self, key: tuple[bytes, str], raw: str, description: str) -> None:
         with self._lock:
-            self._store[key] = (raw, description)
-            self._store.move_to_end(key)
-            while len(self._store) > self.capacity:
-                self._store.popitem(last=False)
+            self._store.put(key, (raw, description))
 
     def __len__(self) -> int:
         return len(self._store)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessorList
 
 from reasonedit.inference import cancel
+from reasonedit.inference.lru import LRU
 from reasonedit.inference.vision_cache import image_key
 from reasonedit.models.processor import Messages, image_parts
 from reasonedit.models.rollout import CACHE_KWARG
@@ -69,11 +70,9 @@ class PrefixCache:
     """
 
     def __init__(self, reasoner: "Reasoner", capacity: int = 32):
-        if capacity < 1:
-            raise ValueError(f"PrefixCache capacity: must be at least 1, got {capacity}")
+        self._store: LRU[bytes, Prefix] = LRU(capacity, "PrefixCache")
         self.reasoner = reasoner
         self.capacity = capacity
-        self._store: OrderedDict[bytes, Prefix] = OrderedDict()
         self._vision_end = single_token_id(reasoner.tokenizer, VISION_END_TOKEN)
         self.prefills = self.prefix_tokens = self.hits = self.misses = self.uncached = 0
 
@@ -115,9 +114,9 @@ class PrefixCache:
         found: dict[bytes, Prefix] = {}
         todo: dict[bytes, _Prompt] = {}
         for p in prompts:
-            if p.key in self._store:
-                self._store.move_to_end(p.key)
-                found[p.key] = self._store[p.key]
+            stored = self._store.get(p.key)
+            if stored is not None:
+                found[p.key] = stored
                 self.hits += 1
             elif p.key in todo:
                 self.hits += 1  # a second prompt about a source this batch prefills anyway
@@ -143,14 +142,8 @@ class PrefixCache:
             for b, p in enumerate(group):
                 found[p.key] = Prefix([(k[b:b + 1], v[b:b + 1]) for k, v in layers], length)
                 if keep:
-                    self._put(p.key, found[p.key])
+                    self._store.put(p.key, found[p.key])
         return found
-
-    def _put(self, key: bytes, prefix: Prefix) -> None:
-        self._store[key] = prefix
-        self._store.move_to_end(key)
-        while len(self._store) > self.capacity:
-            self._store.popitem(last=False)
 
     # -- answers ----------------------------------------------------------------------------------------
 

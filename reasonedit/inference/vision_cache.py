@@ -12,7 +12,6 @@ default is the stronger `prefix_cache` (the language model's KV over system prom
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from reasonedit.inference.lru import LRU
 from reasonedit.models.processor import Messages, image_parts
 
 if TYPE_CHECKING:
@@ -34,33 +34,12 @@ def image_key(image) -> bytes:
     return h.digest()
 
 
-class VisionCache:
+class VisionCache(LRU[bytes, torch.Tensor]):
     """Least-recently-used store of per-image vision embeddings ((tokens, hidden) tensors)."""
 
     def __init__(self, capacity: int = 32):
-        if capacity < 1:
-            raise ValueError(f"VisionCache capacity: must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        super().__init__(capacity, "VisionCache")
         self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._store)
-
-    def get(self, key: bytes) -> torch.Tensor | None:
-        value = self._store.get(key)
-        if value is not None:
-            self._store.move_to_end(key)
-        return value
-
-    def put(self, key: bytes, value: torch.Tensor) -> None:
-        self._store[key] = value
-        self._store.move_to_end(key)
-        while len(self._store) > self.capacity:
-            self._store.popitem(last=False)
-
-    def clear(self) -> None:
-        self._store.clear()
 
 
 def image_embeddings(reasoner: "Reasoner", images: Sequence, pixel_values: torch.Tensor, grid: torch.Tensor,
