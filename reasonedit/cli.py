@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUTPUT_DIR/stage3/model, else stage1/model; rewarded by rl.editor; writes OUTPUT_DIR/rl/)")
     train.add_argument("--start", type=Path, help="model folder to start from (default: the previous stage's)")
     train.add_argument("--data", type=Path, help="dataset folder (default: the stage's stageN.data, else "
-                       "OUTPUT_DIR/data)")
+                       "OUTPUT_DIR/data); --stage rl also takes a `data trajectories` folder or its rl_prompts.jsonl "
+                       "(as rl.prompts)")
     train.add_argument("--out", type=Path, help="stage folder to write (default: OUTPUT_DIR/stage<N>)")
     train.add_argument("--deepspeed", type=Path, metavar="JSON", help="train with DeepSpeed ZeRO-2/3 from this JSON "
                        "(launch/deepspeed/zero2.json, zero3.json); same as train.parallel=deepspeed "
@@ -482,7 +483,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   "run the models step")
         raise FileNotFoundError(f"--start {start}: not a model folder (no reasonedit.json) nor a diffusers folder "
                                 f"(no model_index.json); {before} first or pass --start DIR")
+    if n == "rl" and args.data is not None and not (args.data / "manifest.json").is_file() and (
+            (args.data.is_file() and args.data.suffix == ".jsonl") or (args.data / "rl_prompts.jsonl").is_file()):
+        # a `reasonedit data trajectories` folder (or its rl_prompts.jsonl): its prompts, as rl.prompts
+        if cfg.rl.prompts and Path(cfg.rl.prompts).resolve() != args.data.resolve():
+            raise ValueError(f"--data {args.data} and rl.prompts={cfg.rl.prompts}: two sets of prompts; give one")
+        cfg.rl.prompts, cfg.rl.data, args.data = str(args.data), [], None  # --data wins over rl.data, as for a dataset
     if args.data is not None:
+        if n == "rl" and cfg.rl.prompts:
+            raise ValueError(f"--data {args.data} and rl.prompts={cfg.rl.prompts}: the prompts take the dataset's "
+                             "place; give one of the two")
         if not (args.data / "manifest.json").is_file():
             raise FileNotFoundError(f"--data {args.data}: no dataset (no manifest.json); run `reasonedit data synth` "
                                     "or pass --data")

@@ -205,8 +205,13 @@ def stage_name(number: int | str) -> str:
 
 def stage_sources(cfg: ExperimentConfig, number: int | str, out: Path) -> list[tuple[Path, float]]:
     """The datasets stage N (0: pretrain, "rl") trains on: its `data` list, or the run's own dataset
-    (output_dir/data)."""
+    (output_dir/data); the rl stage with rl.prompts: the dataset derived from them (`rl_prompt_dataset`)."""
     name = stage_name(number)
+    if name == "rl" and cfg.rl.prompts:  # in place of the stage's datasets
+        if cfg.rl.data:
+            raise ValueError(f"rl.prompts ({cfg.rl.prompts}) and rl.data ({[s.path for s in cfg.rl.data]}): the "
+                             "prompts take the datasets' place; give one of the two")
+        return [(rl_prompt_dataset(cfg, out), 1.0)]
     sources = getattr(cfg, name).data
     if not sources:
         if not (out / "data" / MANIFEST).is_file() and "data" not in cfg.steps:
@@ -278,6 +283,64 @@ def _validate_stage(cfg: ExperimentConfig, number: int, start: Path, end: Path, 
     log.info("%s: val loss %s", stage.name, ", ".join(
         f"{t} {report['before'][t]:.4f} -> {report['after'][t]:.4f}" for t in stage.terms))
     return report
+
+
+# what each rl.reward needs of a think prompt's meta, beyond its source image and request
+RL_PROMPT_NEEDS = {"oracle": ("target_scene",), "judge": ()}
+
+
+def rl_prompt_dataset(cfg: ExperimentConfig, out: Path) -> Path:
+    """The dataset the rl stage trains on with rl.prompts: each prompt of the file (`data.trajectories.
+    read_rl_prompts`, every line checked, and against what rl.reward needs) as a thinking pair whose target is
+    its meta.target_scene rendered in cfg.world. Written once to OUTPUT_DIR/rl/prompts-<sha of the file and the
+    world> and reused while the file is unchanged; nothing is written when a line is bad."""
+    import hashlib
+
+    from reasonedit.shapes.world import Scene
+
+    from .data.trajectories import (PROMPT_DATASET_VERSION, TrajectoryError, prompt_records, read_rl_prompts,
+                                    rl_prompts_file, write_prompt_dataset)
+    from .eval.images import read_rgb
+
+    r = cfg.rl
+    if "think" not in r.roles:
+        raise ValueError(f"rl.roles: {list(r.roles)}; rl.prompts holds think prompts (an image and a request), so "
+                         "rl.roles must include think")
+    if r.mix and set(r.mix) != {"thinking_pair"}:
+        raise ValueError(f"rl.mix: {dict(r.mix)}; with rl.prompts the stage trains on their think prompts alone "
+                         "(thinking_pair); leave rl.mix unset")
+    path = rl_prompts_file(r.prompts)
+    prompts = read_rl_prompts(path)  # every time: a reused dataset must suit this run's reward too
+    needs = RL_PROMPT_NEEDS.get(r.reward, ())
+    world = ShapesWorld(cfg.world)
+    targets = {}
+    for p in prompts:
+        for need in needs:
+            if need not in p.meta:
+                raise TrajectoryError(f"{path}:{p.line}: field 'meta.{need}' is missing; rl.reward={r.reward} needs "
+                                      f"it to score think replies (collect the trajectories from a shapes dataset, "
+                                      "or set rl.reward=judge)")
+        if "target_scene" in p.meta:
+            try:
+                targets[p.key] = Scene.from_dict(p.meta["target_scene"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise TrajectoryError(f"{path}:{p.line}: field 'meta.target_scene' is no shapes scene "
+                                      f"({type(e).__name__}: {e})") from None
+    world_doc = json.dumps(asdict(cfg.world), sort_keys=True, default=str)
+    digest = hashlib.sha256(path.read_bytes() + f"\n{world_doc}\n{PROMPT_DATASET_VERSION}".encode()).hexdigest()
+    folder = out / "rl" / f"prompts-{digest[:16]}"
+    if (folder / MANIFEST).is_file():
+        log.info("rl: %s already holds the %d prompts of %s; reusing it", folder, len(prompts), path)
+        return folder
+
+    def target(p):
+        return world.render(targets[p.key]) if p.key in targets else None
+
+    write_prompt_dataset(folder, prompt_records(prompts, read_rgb, target),
+                         {"rl_prompts": {"file": str(path.resolve()), "sha256": digest, "prompts": len(prompts)},
+                          "world": json.loads(world_doc)})
+    log.info("rl: %d prompts of %s written as thinking pairs to %s", len(prompts), path, folder)
+    return folder
 
 
 def rl_start(out: Path) -> Path:
@@ -754,5 +817,6 @@ def run_experiment(tree: DictConfig, cfg: ExperimentConfig, progress: Callable |
     return result
 
 
-__all__ = ["RANK_STEPS", "RunResult", "STEPS", "ShapesReward", "launch_rank", "latest_model", "pretrain_start",
-           "rl_judge", "rl_reward", "rl_start", "run_experiment", "stage_name", "step_pretrain", "step_rl"]
+__all__ = ["RANK_STEPS", "RL_PROMPT_NEEDS", "RunResult", "STEPS", "ShapesReward", "launch_rank", "latest_model",
+           "pretrain_start", "rl_judge", "rl_prompt_dataset", "rl_reward", "rl_start", "run_experiment", "stage_name",
+           "step_pretrain", "step_rl"]

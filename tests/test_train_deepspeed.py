@@ -1,6 +1,8 @@
 """The DeepSpeed JSON is filled from the experiment config before `deepspeed.initialize`; a JSON that cannot
 be used stops with the key and the file. (The runs themselves, ZeRO-2 and ZeRO-3 on 2 gloo ranks against
-DDP, are in tests/test_train_distributed.py, next to the DDP run they are compared with.)"""
+DDP, are in tests/test_train_distributed.py, next to the DDP run they are compared with.) The rl stage (GRPO) under
+ZeRO-2 on 2 ranks through launch/deepspeed.sh trains what one process does and resumes exactly; under ZeRO-3 (one
+rank, the same launcher) it trains what the plain loop does."""
 
 import json
 
@@ -99,3 +101,109 @@ def test_deepspeed_accumulates_micro_batches_as_the_plain_loop_does(start_model,
     assert len(plain.history) == len(zero.history) == 2
     for a, b in zip(plain.history, zero.history):
         assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6) for k in a), (a, b)
+
+
+# -- the rl stage (GRPO) under the deepspeed launcher ----------------------------------------------------------------
+RL_ARGS = ["rl.steps=2", "rl.warmup_steps=0", "rl.lr=5e-3", "rl.group_size=2", "rl.max_new_tokens=4",
+           "rl.reasoner_budget=512", "rl.beta=0.5", "rl.reference=base", "rl.updates_per_batch=2", "batches.window=4",
+           "train.log_every=1", "train.checkpoint_every=1", "train.keep_last=3"]
+
+
+def _rl_layout(root, start, data):
+    """OUTPUT_DIR with the rl stage's default start model (stage1/model) and data (OUTPUT_DIR/data)."""
+    (root / "stage1").mkdir(parents=True)
+    (root / "stage1" / "model").symlink_to(start)
+    (root / "data").symlink_to(data)
+    return root
+
+
+def _rl_run(root, ranks=0, ds_config="zero2.json", extra=()):
+    """`reasonedit train --stage rl` with 2 micro-batches per step in all: through launch/deepspeed.sh (the deepspeed
+    launcher, `--deepspeed launch/deepspeed/<ds_config>`, gloo on the CPU) on `ranks` ranks, or (ranks 0) one plain
+    process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    overrides = [f"output_dir={root}", *RL_ARGS, f"rl.grad_accum={2 // max(ranks, 1)}", *extra]
+    if ranks:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(NPROC_PER_NODE=str(ranks), MASTER_PORT=str(port), DS_CONFIG=str(ZERO2.parent / ds_config),
+                   PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        command = [str(ROOT / "launch" / "deepspeed.sh"), "rl", str(DEMO), *overrides]
+    else:
+        command = [sys.executable, "-m", "reasonedit", "train", "--config", str(DEMO), "--stage", "rl", *overrides]
+    res = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    return json.loads((root / "rl" / "history.json").read_text()), res.stderr
+
+
+def _assert_same_run(a_root, a, b_root, b, what):
+    from tests.test_rl_stage import FIGURES, lora_weights
+
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for k in ("grpo", "lr", *FIGURES):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-5), (what, k, x[k], y[k])
+    wa, wb = lora_weights(a_root / "rl" / "model"), lora_weights(b_root / "rl" / "model")
+    assert wa.keys() == wb.keys() and max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5, what
+
+
+@pytest.fixture(scope="module")
+def rl_plain(start_model, small_dataset, tmp_path_factory):  # noqa: F811
+    """The rl stage, 2 steps of 2 micro-batches in one plain process: OUTPUT_DIR and history."""
+    root = _rl_layout(tmp_path_factory.mktemp("rl_plain"), start_model, small_dataset)
+    history, _ = _rl_run(root)
+    return root, history
+
+
+@pytest.fixture(scope="module")
+def rl_zero2(start_model, small_dataset, tmp_path_factory):  # noqa: F811
+    """The rl stage, 2 steps under ZeRO-2 on 2 ranks: its OUTPUT_DIR, history and launch log."""
+    root = _rl_layout(tmp_path_factory.mktemp("rl_zero2"), start_model, small_dataset)
+    history, log = _rl_run(root, 2)
+    return root, history, log
+
+
+def test_rl_under_deepspeed_zero2_on_two_ranks_equals_one_process(rl_zero2, rl_plain):
+    """GRPO's rollouts (sampled inside the engine's forward, on the reasoner it wraps), its two updates per batch
+    (two engine steps per optimiser step, the schedule counting updates) and its figures, under ZeRO-2 on 2 ranks:
+    what one process with 2 micro-batches trains."""
+    root, two, log = rl_zero2
+    assert "deepspeed on 2 rank(s)" in log and "ZeRO-2" in log
+    assert (root / "rl" / "checkpoints" / "step_00000002" / "deepspeed").is_dir()  # DeepSpeed's optimizer state
+    _assert_same_run(*rl_plain, root, two, "zero2")
+
+
+def test_rl_under_deepspeed_zero2_resumes_exactly(rl_zero2, tmp_path):
+    """The ZeRO-2 run's last checkpoint removed (as if killed inside step 2), the same launch resumes from
+    DeepSpeed's own files of step 1 and lands where the uninterrupted run did, bitwise."""
+    import shutil
+
+    from tests.test_rl_stage import lora_weights
+
+    done, whole, _ = rl_zero2
+    root = tmp_path / "killed"
+    shutil.copytree(done, root, symlinks=True)
+    shutil.rmtree(root / "rl" / "checkpoints" / "step_00000002")
+    shutil.rmtree(root / "rl" / "model")
+    resumed, log = _rl_run(root, 2)
+    assert "resumed from" in log and "at step 1" in log
+    assert resumed == whole  # losses and rollout figures, floats compared exactly
+    w_whole, w_resumed = lora_weights(done / "rl" / "model"), lora_weights(root / "rl" / "model")
+    assert w_whole.keys() == w_resumed.keys() and all(torch.equal(w_whole[k], w_resumed[k]) for k in w_whole)
+
+
+def test_rl_under_deepspeed_zero3_trains_what_the_plain_loop_trains(rl_plain, start_model, small_dataset,  # noqa: F811
+                                                                    tmp_path):
+    """ZeRO-3 (one rank, 2 micro-batches) partitions the LoRA the rollouts sample with: the engine's hooks gather it
+    for generation and the reference's log-probs as for the loss's forward, so GRPO updates as plain PyTorch does."""
+    root = _rl_layout(tmp_path, start_model, small_dataset)
+    history, log = _rl_run(root, 1, "zero3.json")
+    assert "ZeRO-3" in log
+    _assert_same_run(*rl_plain, root, history, "zero3")

@@ -80,6 +80,9 @@ class GeneratorConfig:
     rope_theta: float = 10000.0  # RoPE base
     rope_scale: float = 1.0  # RoPE positions are multiplied by this: > 1 separates neighbouring tokens more
     qk_norm_init: float = 1.0  # initial gain of the q/k RMSNorms (the initial attention logit scale)
+    # > 0: image queries and keys start with a shared bias along the height/width RoPE dims, so each image token
+    # attends to its own (h, w) in every image from the first step (the route a copy needs); 0: diffusers' init
+    qk_position_init: float = 0.0
 
 
 @dataclass
@@ -235,6 +238,8 @@ class ModelConfig:
                     "rope_scale", "qk_norm_init"):
             if getattr(g, key) <= 0:
                 raise bad(f"generator.{key}", f"must be positive, got {getattr(g, key)}")
+        if g.qk_position_init < 0:
+            raise bad("generator.qk_position_init", f"must be 0 (off) or positive, got {g.qk_position_init}")
 
     def _validate_qwen_image_vae(self, bad) -> None:
         v = self.vae

@@ -20,6 +20,11 @@ class GRPOConfig:
     # their log-probs under the sampling policy fixed (PPO's epochs), so from the second on the ratio leaves 1 and
     # the clip acts. `steps` and `warmup_steps` count batches; the lr schedule counts updates (steps * this)
     updates_per_batch: int = 1
+    # the prompts to train on in place of the stage's datasets: an rl_prompts.jsonl, or the folder `reasonedit data
+    # trajectories --out` wrote one to. Each line becomes a think prompt (its source image and request; the oracle
+    # reward needs its meta.target_scene), written once as a dataset under OUTPUT_DIR/rl/prompts-<sha of the file>
+    # and reused; "" (unset): the stage's datasets (rl.data, else OUTPUT_DIR/data)
+    prompts: str = ""
 
     def validate(self) -> None:
         if self.group_size < 2:

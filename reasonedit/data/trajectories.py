@@ -27,7 +27,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from .samples import RECORD_DECISIONS, ReflectionSample, ThinkingPair
 log = logging.getLogger(__name__)
 
 TRAJECTORY_VERSION = 1
+RL_PROMPTS_FILE = "rl_prompts.jsonl"  # `write_outputs`' high-variance prompts, one JSON object a line
 DEFAULT_RATIO = (1, 1, 1)  # Success : Reflection : Failed
 
 
@@ -335,7 +336,8 @@ def write_outputs(folder: str | os.PathLike, result: FilterResult, load_image: C
                   *, shard_size: int = 1000, split: str = "train", settings: Optional[FilterSettings] = None) -> dict:
     """Write what `result` holds under `folder`: `sft/` (a dataset of reflection samples and thinking pairs in
     `split`, with its manifest: what `reasonedit train --data` reads), `rl_prompts.jsonl` (one high-variance
-    prompt a line: key, instruction, source image file, meta, scores) and `filter.json` (the counts). Each
+    prompt a line: key, instruction, source image file, meta, scores, and the best round's instruction as
+    `reference`: what `rl.prompts` reads, `read_rl_prompts`) and `filter.json` (the counts). Each
     appears whole or not at all, an older one replaced only once the new one is whole."""
     from ..publish import atomic_write_text
     from .samples import SCHEMA_VERSION
@@ -356,15 +358,150 @@ def write_outputs(folder: str | os.PathLike, result: FilterResult, load_image: C
                              "settings": asdict(settings) if settings is not None else {},
                              "counts": {split: counts}, "shards": {split: shards}})
     lines = [json.dumps({"key": t.key, "instruction": t.instruction, "source": t.source, "category": t.category,
-                         "scores": t.scores, "spread": spread(t), "meta": t.meta}, sort_keys=True, allow_nan=False)
+                         "scores": t.scores, "spread": spread(t), "reference": t.rounds[t.best].instruction,
+                         "meta": t.meta}, sort_keys=True, allow_nan=False)
              for t in result.rl]
-    atomic_write_text(folder / "rl_prompts.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write_text(folder / RL_PROMPTS_FILE, "".join(line + "\n" for line in lines))
     counts = result.counts()
     atomic_write_text(folder / "filter.json", json.dumps(counts, indent=2, sort_keys=True) + "\n")
     return counts
 
 
-__all__ = ["DEFAULT_RATIO", "FilterResult", "FilterSettings", "TRAJECTORY_VERSION", "Trajectory", "TrajectoryError",
+# -- the RL prompts, as the rl stage reads them (`rl.prompts`) ---------------------------------------------------
+PROMPT_DATASET_VERSION = 1  # of the dataset `write_prompt_dataset` derives; a new one is built when it changes
+
+
+@dataclass
+class RLPrompt:
+    """One line of an rl_prompts.jsonl: a source image and the request the rl stage's think rollouts answer."""
+
+    key: str
+    instruction: str
+    source: Path  # the source image's file, resolved against the folder holding the file
+    line: int  # where it was read: errors about it name `file:line`
+    reference: str = ""  # the best round's concrete instruction: sizes the packed row, never a label
+    category: str = ""
+    scores: list = field(default_factory=list)
+    spread: float = 0.0
+    meta: dict = field(default_factory=dict)  # the source record's (shapes data: source_scene, target_scene, edits)
+
+
+def rl_prompts_file(path: str | os.PathLike, what: str = "rl.prompts") -> Path:
+    """`path` itself when it is a file, else `path`/rl_prompts.jsonl (a `reasonedit data trajectories` folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RL_PROMPTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist; give an rl_prompts.jsonl or the folder "
+                                "`reasonedit data trajectories --out` wrote it to")
+    return path
+
+
+_PROMPT_FIELDS = {"key": str, "instruction": str, "source": str}  # required, non-empty
+_PROMPT_OPTIONAL = {"reference": (str,), "category": (str,), "scores": (list,), "spread": (int, float),
+                    "meta": (dict,)}
+
+
+def read_rl_prompts(path: str | os.PathLike) -> list[RLPrompt]:
+    """Every prompt of an rl_prompts.jsonl, each checked: JSON, the required fields (key, instruction, source)
+    non-empty strings, the optional ones of their type, keys unique, the source image present. The first bad line
+    is a TrajectoryError naming the file, the line and the field; an empty file is one too."""
+    path = Path(path)
+    out, seen = [], {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrajectoryError(f"{where}: not JSON ({e}); fix or remove the line") from None
+        if not isinstance(doc, dict):
+            raise TrajectoryError(f"{where}: a {type(doc).__name__}, not a JSON object with key, instruction, source")
+        for name, kind in _PROMPT_FIELDS.items():
+            if name not in doc:
+                raise TrajectoryError(f"{where}: field {name!r} is missing; each line needs key, instruction and "
+                                      "source (what `reasonedit data trajectories` writes)")
+            if not isinstance(doc[name], kind) or not doc[name].strip():
+                raise TrajectoryError(f"{where}: field {name!r} is {doc[name]!r}; expected a non-empty string")
+        for name, kinds in _PROMPT_OPTIONAL.items():
+            if name in doc and not isinstance(doc[name], kinds):
+                raise TrajectoryError(f"{where}: field {name!r} is {doc[name]!r}; expected a "
+                                      f"{' or '.join(k.__name__ for k in kinds)}")
+        if doc["key"] in seen:
+            raise TrajectoryError(f"{where}: field 'key' {doc['key']!r} repeats line {seen[doc['key']]}; keys name "
+                                  "the prompts' records and must be unique")
+        seen[doc["key"]] = number
+        source = Path(doc["source"])
+        source = source if source.is_absolute() else path.parent / source
+        if not source.is_file():
+            raise TrajectoryError(f"{where}: field 'source': the image {source} does not exist (a relative path is "
+                                  f"read from {path.parent}); copy the trajectories' images/ folder with the file")
+        out.append(RLPrompt(doc["key"], doc["instruction"], source, number, doc.get("reference", ""),
+                            doc.get("category", ""), list(doc.get("scores", [])), float(doc.get("spread", 0.0)),
+                            dict(doc.get("meta", {}))))
+    if not out:
+        raise TrajectoryError(f"{path}: holds no prompts (an empty file: no trajectory's scores spread more than "
+                              "--rl-spread); collect more trajectories or lower --rl-spread")
+    return out
+
+
+def prompt_records(prompts: Sequence[RLPrompt], load_image: Callable[[Path], np.ndarray],
+                   target_image: Callable[[RLPrompt], Optional[np.ndarray]]) -> Iterable[ThinkingPair]:
+    """Each prompt as the thinking pair the rl stage's think role rolls out from: its source image and request,
+    the best round's instruction as the reference answer, `target_image(prompt)` as the target (None: the source
+    stands in, for rewards that need no target) and the prompt's meta, with where it came from."""
+    for p in prompts:
+        image = load_image(p.source)
+        target = target_image(p)
+        reference = p.reference.strip() or p.instruction
+        meta = {**p.meta, "rl_prompt": {"line": p.line, "scores": p.scores, "spread": p.spread}}
+        yield ThinkingPair(p.key, image, p.instruction, reference, [reference], p.category or "rl_prompt",
+                           image if target is None else target, meta=meta)
+
+
+def write_prompt_dataset(out: str | os.PathLike, records: Iterable[ThinkingPair], manifest: dict,
+                         split: str = "train", shard_size: int = 1000) -> Path:
+    """Write `records` as a dataset at `out`, built in a hidden sibling and renamed into place whole: a process
+    that finds `out` already there (another rank built it first) keeps that one, so ranks may race safely."""
+    import shutil
+    import tempfile
+
+    from .samples import SCHEMA_VERSION
+    from .shards import write_manifest, write_records
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the staging name is one `publish.clear_interrupted` tidies when a kill leaves it behind
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        (staging / split).mkdir()
+        written = [0]
+
+        def counted() -> Iterator[ThinkingPair]:
+            for r in records:
+                written[0] += 1
+                yield r
+        shards = write_records(counted(), staging / split, ThinkingPair.KIND, shard_size)
+        count = written[0]
+        write_manifest(staging, {"schema_version": SCHEMA_VERSION, "generator": "reasonedit.data.trajectories",
+                                 **manifest, "counts": {split: {ThinkingPair.KIND: count}},
+                                 "shards": {split: {ThinkingPair.KIND: shards}}})
+        staging.chmod(0o755)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if not (out / "manifest.json").is_file():
+                raise
+            log.info("%s: built by another process meanwhile; keeping that one", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+__all__ = ["DEFAULT_RATIO", "FilterResult", "FilterSettings", "PROMPT_DATASET_VERSION", "RLPrompt", "RL_PROMPTS_FILE",
+           "TRAJECTORY_VERSION", "Trajectory", "TrajectoryError",
            "TrajectoryRound", "UnrolledSample", "append_trajectory", "balance", "best_index", "filter_trajectories",
            "is_high_variance", "keep", "merge", "parse_ratio", "read_trajectories", "recover", "spread", "to_records",
-           "truncate", "unroll", "write_outputs"]
+           "truncate", "unroll", "prompt_records", "read_rl_prompts", "rl_prompts_file",
+           "write_outputs", "write_prompt_dataset"]

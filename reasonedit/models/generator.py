@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 ROPE_THETA = 10000
 TIMESTEP_CHANNELS = 256
 # ours, not diffusers': for generators trained from scratch (defaults = diffusers' behaviour)
-FROM_SCRATCH_FIELDS = ("rope_theta", "rope_scale", "qk_norm_init")
+FROM_SCRATCH_FIELDS = ("rope_theta", "rope_scale", "qk_norm_init", "qk_position_init")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -422,6 +422,30 @@ class GeneratorBlock(nn.Module):
 # The model
 # ----------------------------------------------------------------------------------------------------
 
+def init_position_attention(model: "PackedQwenImageTransformer", magnitude: float) -> None:
+    """Give every image query and key of every head one shared bias along the height and width RoPE dims,
+    `magnitude` per component (the rest of the projection starts as usual, about 0.6 per component).
+
+    q.k of two tokens then starts as a sum of cos(angle * offset) over those dims: largest where the height
+    and width offsets are 0, so from the first step each image token attends to the tokens at its own
+    (h, w): itself, and the same place in each source image (the frame dims carry no bias). That is the
+    route a copy needs; a random tiny generator otherwise spends most of a CPU budget finding it. The text
+    stream's projections are left alone. An initialisation only: the weights carry it, and training is free
+    to move it.
+    """
+    cfg = model.config
+    frame_dims = cfg.axes_dims_rope[0]
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            attn = block.attn
+            shared = torch.zeros(cfg.num_attention_heads, cfg.attention_head_dim)
+            # random signs, the same for q and k: each pair of dims adds 2 * magnitude^2 * cos(angle * offset)
+            signs = torch.randint(0, 2, (cfg.num_attention_heads, (cfg.attention_head_dim - frame_dims) // 2, 2))
+            shared[:, frame_dims:] = (signs.float() * 2 - 1).flatten(1) * magnitude
+            for proj in (attn.to_q, attn.to_k):
+                proj.bias.copy_(shared.flatten().to(proj.bias))
+
+
 class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
     """The generator MMDiT: diffusers' QwenImageTransformer2DModel, run over packed rows.
 
@@ -430,7 +454,8 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
     with t = 0 (and the text stream and output norm with the target's t), exactly as diffusers does.
     Three fields are ours, for models trained from scratch, and their defaults are diffusers' behaviour:
     `rope_theta` and `rope_scale` (RoPE base and a position multiplier: small grids need angles that tell
-    neighbouring tokens apart) and `qk_norm_init` (the initial q/k RMSNorm gain, i.e. attention sharpness).
+    neighbouring tokens apart), `qk_norm_init` (the initial q/k RMSNorm gain, i.e. attention sharpness) and
+    `qk_position_init` (a locality prior for copying: see `init_position_attention`).
     """
 
     _supports_gradient_checkpointing = True
@@ -455,6 +480,7 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
         rope_theta: float = ROPE_THETA,
         rope_scale: float = 1.0,
         qk_norm_init: float = 1.0,
+        qk_position_init: float = 0.0,
     ):
         super().__init__()
         if sum(axes_dims_rope) != attention_head_dim or any(d % 2 for d in axes_dims_rope):
@@ -484,6 +510,8 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
                     attn = block.attn
                     for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k):
                         norm.weight.fill_(qk_norm_init)
+        if qk_position_init:
+            init_position_attention(self, qk_position_init)
 
     def pack(self, samples: Sequence[GeneratorSample], *, sources_at_t0: bool = False) -> PackedGeneratorBatch:
         """`pack_generator_samples` with this model's patch size and RoPE kind."""
@@ -549,5 +577,6 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
 __all__ = [
     "FROM_SCRATCH_FIELDS", "GeneratorBlock", "GeneratorSample", "JointAttention", "PackedGeneratorBatch",
     "PackedQwenImageTransformer", "ROPE_THETA", "RotaryPositions", "TimestepConditioning", "apply_rotary",
+    "init_position_attention",
     "pack_generator_samples", "patchify", "target_predictions", "unpatchify",
 ]

@@ -67,7 +67,8 @@ def build_generator(config: ModelConfig, seed: int = 0) -> PackedQwenImageTransf
             num_layers=g.num_layers, attention_head_dim=g.attention_head_dim,
             num_attention_heads=g.num_attention_heads, joint_attention_dim=g.joint_attention_dim,
             axes_dims_rope=tuple(g.axes_dims_rope), zero_cond_t=g.zero_cond_t, rope_theta=g.rope_theta,
-            rope_scale=g.rope_scale, qk_norm_init=g.qk_norm_init)
+            rope_scale=g.rope_scale, qk_norm_init=g.qk_norm_init,
+            qk_position_init=g.qk_position_init)
     return model
 
 

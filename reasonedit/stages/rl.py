@@ -2,10 +2,12 @@
 
 Each record gives one segment per rewarded role (think for a thinking pair, decide for a reflection sample), made
 by the preprocessor as for stage 1, so packing, the loader and its exact resume are unchanged; the segment keeps
-what the reward needs of its record (`rollout_meta`, plain data, so a checkpoint of the packer's window holds it). A micro-batch's prompts (each segment's tokens before its answer)
-get `group_size` sampled replies each, drawn from the step's generator (seeded per step and micro-batch, so a
-resumed run samples what the uninterrupted run did). The reward, built by the top layer and handed to the
-trainer, scores all the micro-batch's replies at once (an editor executes think replies; the oracle or a judge
+what the reward needs of its record (`rollout_meta`, plain data, so a checkpoint of the packer's window holds it).
+With `rl.prompts` the records are the thinking pairs the top layer derives from an rl_prompts.jsonl
+(`experiment.rl_prompt_dataset`), so the mix is thinking pairs alone. A micro-batch's prompts (each segment's
+tokens before its answer) get `group_size` sampled replies each, drawn from the step's generator (seeded per
+step and micro-batch, so a resumed run samples what the uninterrupted run did). The reward, built by the top
+layer and handed to the trainer, scores all the micro-batch's replies at once (an editor executes think replies; the oracle or a judge
 scores them); a parsing reply earns `format_weight` more. Advantages are normalised within each group; the loss
 is GRPO's clipped surrogate with a k3 KL to the reference (the reasoner with its adapter disabled), over
 `updates_per_batch` updates per batch of rollouts: the first samples, rewards and scores them (the ratio is 1 there,
@@ -95,6 +97,8 @@ class RLStage(Stage):
     def mix(self) -> dict[str, float]:
         if self.config.mix:
             return dict(self.config.mix)
+        if getattr(self.config, "prompts", ""):  # rl.prompts: its think prompts, as thinking pairs, and nothing else
+            return {"thinking_pair": 1.0}
         kinds = {ROLE_KINDS[r] for r in self.config.roles}
         return {k: w for k, w in self.default_mix.items() if k in kinds}
 
