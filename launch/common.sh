@@ -1,6 +1,6 @@
 # Sourced by the launchers: check the arguments and set STAGE, CONFIG and the remaining overrides.
 if [ $# -lt 2 ]; then
-    echo "usage: $0 STAGE CONFIG [key=value ...]   (STAGE is 1, 2 or 3)" >&2
+    echo "usage: $0 STAGE CONFIG [key=value ...]   (STAGE is 0, 1, 2, 3 or rl)" >&2
     exit 2
 fi
 STAGE=$1 CONFIG=$2
