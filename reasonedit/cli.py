@@ -538,6 +538,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if fits else EXIT_ERROR
 
 
+def _close_process_group() -> None:
+    """Tear down the process group a command under torchrun or deepspeed joined, before the interpreter exits:
+    left to the exit, gloo's threads are sometimes destroyed still running, and the rank aborts ("terminate called
+    without an active exception") after its work is done, failing the launch."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -590,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             OutputError) as e:
         print(f"reasonedit: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        _close_process_group()
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 
