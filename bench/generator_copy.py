@@ -11,8 +11,9 @@ and scores the result on the first `--edits` held-out test edits with the exact 
 (`reasonedit.eval.heldout.generator_figures`, 12 sampling steps, guidance 1): edits that keep every unchanged
 cell, unchanged cells kept, concrete edits exactly right, mean oracle score against returning the source. It
 prints, per init, the share of attention each target token starts with on its own place (first block), then
-the trained figures, how much its flow-matching error on those edits rises when the instruction is replaced by
-a blank prompt (whether the generator reads the text at all), and last the ratio of unchanged cells kept. About 3 minutes per init on one thread.
+the trained figures, its flow-matching error on those edits with their own instructions, another edit's and a
+blank prompt (whether the generator reads what the instruction says), and last the ratio of unchanged cells
+kept. About 3 minutes per init on one thread.
 
 Measured on the demo world (`--run` made from configs/experiment/shapes_demo.yaml, one thread, another run on
 the other core), 600 steps: at the start a target token puts 4 % of its image attention on its own place at
@@ -108,9 +109,10 @@ def score(model_dir: Path, run: Path, config: str, edits: int) -> dict[str, floa
                                  guidance=1.0, seed=0)
 
 
-def text_use(model_dir: Path, run: Path, edits: int) -> tuple[float, float]:
-    """Flow-matching MSE on held-out edits (timesteps 0.3, 0.6, 0.9, fixed noise) with each edit's instruction and
-    with a blank prompt: how much the generator's prediction leans on the text."""
+def text_use(model_dir: Path, run: Path, edits: int) -> dict[str, float]:
+    """Flow-matching MSE on held-out edits (timesteps 0.3, 0.6, 0.9, fixed noise) with each edit's instruction, with
+    the next edit's instruction (the same kind of text, the wrong content) and with a blank prompt: whether the
+    generator's prediction reads what the instruction says, or only that there is one."""
     from reasonedit.eval.heldout import HeldOut
     from reasonedit.models.generator import GeneratorSample
     from reasonedit.models.model import ReasonEditModel
@@ -120,7 +122,8 @@ def text_use(model_dir: Path, run: Path, edits: int) -> tuple[float, float]:
     with torch.no_grad():
         sources = model.encode_images([p.source for p in pairs])
         targets = model.encode_images([p.target for p in pairs])
-        prompts = {"instruction": [p.instruction for p in pairs], "blank": [" "] * len(pairs)}
+        own = [p.instruction for p in pairs]
+        prompts = {"own": own, "another": own[1:] + own[:1], "blank": [" "] * len(pairs)}
         errors = {}
         for name, texts in prompts.items():
             states = model.encode_condition([[p.source] for p in pairs], texts)
@@ -135,7 +138,7 @@ def text_use(model_dir: Path, run: Path, edits: int) -> tuple[float, float]:
                 predicted = model.predict(samples, sources_at_t0=True)
                 total += sum(float((p - v).pow(2).mean()) for p, v in zip(predicted, velocity)) / len(pairs)
             errors[name] = total / 3
-    return errors["instruction"], errors["blank"]
+    return errors
 
 
 def main() -> None:
@@ -161,9 +164,10 @@ def main() -> None:
         seconds = train(args.config, args.run, model, work / tag / "stage2", args.steps, args.mix)
         figures = score(work / tag / "stage2" / "model", args.run, args.config, args.edits)
         rows.append((value, seconds, figures))
-        with_text, blank = text_use(work / tag / "stage2" / "model", args.run, args.edits)
-        print(f"qk_position_init {value:g}: flow-matching MSE on the held-out edits with their instructions "
-              f"{with_text:.4f}, with a blank prompt {blank:.4f}", flush=True)
+        text = text_use(work / tag / "stage2" / "model", args.run, args.edits)
+        print(f"qk_position_init {value:g}: flow-matching MSE on the held-out edits with their own instructions "
+              f"{text['own']:.4f}, with the next edit's {text['another']:.4f}, with a blank prompt "
+              f"{text['blank']:.4f}", flush=True)
         print(f"qk_position_init {value:g}: stage 2 {args.steps} steps in {seconds:.0f} s | edits keeping every "
               f"unchanged cell {figures['copy']:.1%} | unchanged cells kept {figures['copy_cells']:.1%} | concrete "
               f"{figures['concrete']:.1%} | mean score {figures['score']:.2f} (source {figures['source_score']:.2f})",

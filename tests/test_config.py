@@ -21,6 +21,16 @@ def test_overrides_change_any_setting_with_its_type():
     assert cfg.world.grid == 7 and cfg.data.splits == ("train",) and cfg.output_dir == "runs/x"
 
 
+def test_a_mapping_override_replaces_the_files_mapping_and_a_section_override_merges():
+    shapes_demo = ROOT / "configs" / "experiment" / "shapes_demo.yaml"
+    _, cfg = load_config(shapes_demo)
+    assert cfg.stage2.mix == {"edit_pair": 1.0}  # the file's
+    _, cfg = load_config(shapes_demo, ["stage2.mix={text_to_image: 1.0}"])
+    assert cfg.stage2.mix == {"text_to_image": 1.0}  # not {edit_pair: 1, text_to_image: 1}
+    _, cfg = load_config(shapes_demo, ["stage2={steps: 70}"])  # a section is still merged key by key
+    assert cfg.stage2.steps == 70 and cfg.stage2.mix == {"edit_pair": 1.0} and cfg.stage2.lr == 1e-3
+
+
 def test_a_group_override_swaps_the_whole_preset():
     _, cfg = load_config(DEMO, ["model=qwen-image-edit", "model.path=/models/qwen-image-edit"])
     assert cfg.model.generator.num_layers == 60 and cfg.model.reasoner.hidden_size == 3584

@@ -548,6 +548,12 @@ class ConfigLoader:
             raise ConfigError(f"{label}: {e}") from None
         except yaml.YAMLError as e:  # the value is read as YAML, which refuses control characters such as NUL
             raise ConfigError(f"{label}: {str(e).splitlines()[0]}") from None
+        if value.lstrip().startswith("{"):
+            node = OmegaConf.select(self.cfg, key, default=None)
+            if isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict:
+                # a mapping field (a stage's mix): the override is the whole new value, not keys merged into the
+                # file's (stage2.mix={text_to_image: 1} over a file's {edit_pair: 1} must not train on both)
+                OmegaConf.update(self.cfg, key, {}, merge=False)
         self.merge(OmegaConf.to_container(parsed), label)
 
     def source_of(self, key: str) -> str:
