@@ -56,30 +56,10 @@ def with_init(start: Path, dest: Path, value: float) -> Path:
 
 
 def own_place_attention(model_dir: Path) -> float:
-    """The mean share of its image attention (first block, one random 8x8-latent edit sample) that each target
-    token puts on the tokens at its own (h, w): itself and the same place in the source."""
-    from reasonedit.models.generator import GeneratorSample, PackedQwenImageTransformer, apply_rotary
+    """`reasonedit.models.generator.own_place_attention` of the generator saved under model_dir."""
+    from reasonedit.models.generator import PackedQwenImageTransformer, own_place_attention as share
 
-    g = PackedQwenImageTransformer.from_pretrained(model_dir / "generator").eval()
-    c, rng = g.config, torch.Generator().manual_seed(0)
-    text = 8
-    sample = GeneratorSample(text_states=torch.randn(text, c.joint_attention_dim, generator=rng),
-                             target=torch.randn(c.out_channels, 8, 8, generator=rng),
-                             sources=[torch.randn(c.out_channels, 8, 8, generator=rng)], timestep=0.5)
-    batch, attn, seen = g.pack([sample], sources_at_t0=True), g.transformer_blocks[0].attn, {}
-    hook = attn.register_forward_hook(lambda mod, args, out: seen.update(img=args[0]))
-    with torch.no_grad():
-        g(batch)
-        hook.remove()
-        shape = (c.num_attention_heads, c.attention_head_dim)
-        rope = g.pos_embed(batch.positions[text:])  # the row is text, then the target's tokens, then the source's
-        q = apply_rotary(attn.norm_q(attn.to_q(seen["img"]).unflatten(-1, shape)), rope)
-        k = apply_rotary(attn.norm_k(attn.to_k(seen["img"]).unflatten(-1, shape)), rope)
-        weights = (torch.einsum("ihd,jhd->hij", q, k) / c.attention_head_dim ** 0.5).softmax(-1)
-    hw = batch.positions[text:, 1:]
-    own = (hw[:, None] == hw[None]).all(-1).float()
-    targets = (8 // c.patch_size) ** 2
-    return float((weights * own).sum(-1)[:, :targets].mean())
+    return share(PackedQwenImageTransformer.from_pretrained(model_dir / "generator").eval())
 
 
 def train(config: str, run: Path, start: Path, out: Path, steps: int, mix: str) -> float:

@@ -26,10 +26,11 @@ class OutputError(RuntimeError):
 
 
 @contextlib.contextmanager
-def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder; on a clean exit it becomes `path`, on an exception it is removed. A symlink
     at `path` is refused (OutputError) before anything is written: the folder would replace the link, not fill
-    what it points to."""
+    what it points to. keep_existing: a `path` that exists when the staging folder is done (another process
+    published the same content first) is kept and the staging folder dropped, so processes may race safely."""
     path = Path(path)
     if path.is_symlink():
         raise OutputError(f"{path} is a symbolic link (to {os.readlink(path)}); nothing was written: remove the link "
@@ -39,6 +40,14 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         staging.chmod(0o755)
+        if keep_existing:
+            try:
+                os.rename(staging, path)
+            except OSError:
+                if not path.exists():
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)  # the other process's copy stands
+            return
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
             os.replace(path, old)

@@ -315,34 +315,14 @@ def test_from_scratch_fields_are_saved_and_their_defaults_keep_diffusers_behavio
     assert torch.equal(model.eval()(model.pack(s)), back.eval()(back.pack(s)))
 
 
-def _own_place_attention(model: PackedQwenImageTransformer) -> float:
-    """Mean attention mass (first block, image tokens among themselves) that each target token puts on the
-    tokens at its own (h, w): itself and the same place in the source."""
-    from reasonedit.models.generator import GeneratorSample, apply_rotary
-    g = torch.Generator().manual_seed(0)
-    s = GeneratorSample(text_states=torch.randn(5, 32, generator=g), target=torch.randn(4, 8, 8, generator=g),
-                        sources=[torch.randn(4, 8, 8, generator=g)], timestep=0.5)
-    batch, attn, seen = model.pack([s], sources_at_t0=True), model.transformer_blocks[0].attn, {}
-    hook = attn.register_forward_hook(lambda mod, args, out: seen.update(img=args[0]))
-    with torch.no_grad():
-        model(batch)
-        hook.remove()
-        heads = lambda proj, norm: norm(proj(seen["img"]).unflatten(-1, (2, 16)))  # noqa: E731
-        rope = model.pos_embed(batch.positions[5:])  # text first, then the target's 16 tokens, then the source's
-        q, k = apply_rotary(heads(attn.to_q, attn.norm_q), rope), apply_rotary(heads(attn.to_k, attn.norm_k), rope)
-        weights = (torch.einsum("ihd,jhd->hij", q, k) / 4.0).softmax(-1)
-    hw = batch.positions[5:, 1:]
-    own = (hw[:, None] == hw[None]).all(-1).float()
-    return float((weights * own).sum(-1)[:, :16].mean())
-
-
 def test_qk_position_init_makes_tokens_attend_to_their_own_place_and_is_saved(tmp_path):
     plain = PackedQwenImageTransformer(**TINY, rope_theta=100.0, rope_scale=2.0, qk_norm_init=2.0)
     torch.manual_seed(0)
     prior = PackedQwenImageTransformer(**TINY, rope_theta=100.0, rope_scale=2.0, qk_norm_init=2.0,
                                        qk_position_init=1.5)
     # 2 of the 32 image tokens share a target token's (h, w): 1/16 of the mass when attention ignores position
-    assert _own_place_attention(plain) < 0.15 < 0.5 < _own_place_attention(prior)
+    from reasonedit.models.generator import own_place_attention
+    assert own_place_attention(plain, text_tokens=5) < 0.15 < 0.5 < own_place_attention(prior, text_tokens=5)
     frame = TINY["axes_dims_rope"][0]
     bias = prior.transformer_blocks[0].attn.to_q.bias.view(2, 16)
     assert torch.all(bias[:, :frame] == 0) and torch.all(bias[:, frame:].abs() == 1.5)  # height and width dims only

@@ -27,7 +27,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -464,38 +464,17 @@ def write_prompt_dataset(out: str | os.PathLike, records: Iterable[ThinkingPair]
                          split: str = "train", shard_size: int = 1000) -> Path:
     """Write `records` as a dataset at `out`, built in a hidden sibling and renamed into place whole: a process
     that finds `out` already there (another rank built it first) keeps that one, so ranks may race safely."""
-    import shutil
-    import tempfile
-
+    from ..publish import staged_folder
     from .samples import SCHEMA_VERSION
     from .shards import write_manifest, write_records
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # the staging name is one `publish.clear_interrupted` tidies when a kill leaves it behind
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_folder(out, keep_existing=True) as staging:
         (staging / split).mkdir()
-        written = [0]
-
-        def counted() -> Iterator[ThinkingPair]:
-            for r in records:
-                written[0] += 1
-                yield r
-        shards = write_records(counted(), staging / split, ThinkingPair.KIND, shard_size)
-        count = written[0]
+        shards = write_records(records, staging / split, ThinkingPair.KIND, shard_size)
         write_manifest(staging, {"schema_version": SCHEMA_VERSION, "generator": "reasonedit.data.trajectories",
-                                 **manifest, "counts": {split: {ThinkingPair.KIND: count}},
+                                 **manifest, "counts": {split: {ThinkingPair.KIND: sum(x["count"] for x in shards)}},
                                  "shards": {split: {ThinkingPair.KIND: shards}}})
-        staging.chmod(0o755)
-        try:
-            os.rename(staging, out)
-        except OSError:
-            if not (out / "manifest.json").is_file():
-                raise
-            log.info("%s: built by another process meanwhile; keeping that one", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -446,6 +446,34 @@ def init_position_attention(model: "PackedQwenImageTransformer", magnitude: floa
                 proj.bias.copy_(shared.flatten().to(proj.bias))
 
 
+def own_place_attention(model: "PackedQwenImageTransformer", size: int = 8, text_tokens: int = 8,
+                        seed: int = 0) -> float:
+    """The mean share of its image attention (first block) that each target token of one random edit sample
+    (a `size` x `size` latent target and source, `text_tokens` text states) puts on the tokens at its own
+    (h, w): itself and the same place in the source. What `qk_position_init` sets at the start."""
+    c, rng = model.config, torch.Generator().manual_seed(seed)
+    sample = GeneratorSample(text_states=torch.randn(text_tokens, c.joint_attention_dim, generator=rng),
+                             target=torch.randn(c.out_channels, size, size, generator=rng),
+                             sources=[torch.randn(c.out_channels, size, size, generator=rng)], timestep=0.5)
+    batch, attn, seen = model.pack([sample], sources_at_t0=True), model.transformer_blocks[0].attn, {}
+    hook = attn.register_forward_hook(lambda mod, args, out: seen.update(img=args[0]))
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        hook.remove()
+    shape = (c.num_attention_heads, c.attention_head_dim)
+    with torch.no_grad():
+        rope = model.pos_embed(batch.positions[text_tokens:])  # the row: text, the target's tokens, the source's
+        q = apply_rotary(attn.norm_q(attn.to_q(seen["img"]).unflatten(-1, shape)), rope)
+        k = apply_rotary(attn.norm_k(attn.to_k(seen["img"]).unflatten(-1, shape)), rope)
+        weights = (torch.einsum("ihd,jhd->hij", q, k) / c.attention_head_dim ** 0.5).softmax(-1)
+    hw = batch.positions[text_tokens:, 1:]
+    own = (hw[:, None] == hw[None]).all(-1).float()
+    targets = (size // c.patch_size) ** 2
+    return float((weights * own).sum(-1)[:, :targets].mean())
+
+
 class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
     """The generator MMDiT: diffusers' QwenImageTransformer2DModel, run over packed rows.
 
@@ -577,6 +605,6 @@ class PackedQwenImageTransformer(ModelMixin, ConfigMixin):
 __all__ = [
     "FROM_SCRATCH_FIELDS", "GeneratorBlock", "GeneratorSample", "JointAttention", "PackedGeneratorBatch",
     "PackedQwenImageTransformer", "ROPE_THETA", "RotaryPositions", "TimestepConditioning", "apply_rotary",
-    "init_position_attention",
+    "init_position_attention", "own_place_attention",
     "pack_generator_samples", "patchify", "target_predictions", "unpatchify",
 ]

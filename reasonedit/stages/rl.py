@@ -97,7 +97,7 @@ class RLStage(Stage):
     def mix(self) -> dict[str, float]:
         if self.config.mix:
             return dict(self.config.mix)
-        if getattr(self.config, "prompts", ""):  # rl.prompts: its think prompts, as thinking pairs, and nothing else
+        if self.config.prompts:  # rl.prompts: its think prompts, as thinking pairs, and nothing else
             return {"thinking_pair": 1.0}
         kinds = {ROLE_KINDS[r] for r in self.config.roles}
         return {k: w for k, w in self.default_mix.items() if k in kinds}
