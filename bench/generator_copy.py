@@ -62,10 +62,11 @@ def own_place_attention(model_dir: Path) -> float:
     return share(PackedQwenImageTransformer.from_pretrained(model_dir / "generator").eval())
 
 
-def train(config: str, run: Path, start: Path, out: Path, steps: int, mix: str) -> float:
+def train(config: str, run: Path, start: Path, out: Path, steps: int, mix: str, overrides: tuple[str, ...] = ()) -> float:
+    """`reasonedit train --stage 2` from `start` on DIR/data for `steps` (and `mix`, `overrides`); its wall time."""
     command = [sys.executable, "-m", "reasonedit", "train", "--config", config, "--stage", "2", "--start", str(start),
                "--data", str(run / "data"), "--out", str(out), f"output_dir={run}", f"stage2.steps={steps}",
-               "train.checkpoint_every=0"]
+               "train.checkpoint_every=0", *overrides]
     if mix:
         command.append("stage2.mix={" + ", ".join(f"{k}: {v}" for k, v in
                                                   (kv.split("=") for kv in mix.split(","))) + "}")
